@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the main job) and `make test` (the tests).
+# Both create .venv on first use and reuse it afterwards.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (onnxruntime-training has no wheels beyond 3.11)"; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m edgeblock.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x tests
+
+bench: $(STAMP)
+	$(BIN)/edgeblock bench memory --json
+
+clean:
+	rm -rf $(VENV) build *.egg-info
