@@ -1,0 +1,116 @@
+"""Timestep-aware dynamic patch sampling (DiT-BlockSkip), numpy-only.
+
+A draw at noise level t in [0, 1] (1 = pure noise) takes a square crop of side
+f(t) * S from an S x S image at a random position and resizes it, antialiased,
+to the fixed training resolution R. The host and the device share this code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+SCHEDULE_KINDS = ("linear", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class PatchSchedule:
+    """f(t): the crop side as a fraction of the image side, non-decreasing in t.
+
+    kind:     "linear" f = f_min + (f_max - f_min) * t
+              "cosine" f = f_min + (f_max - f_min) * (1 - cos(pi t)) / 2
+              "step"   f takes `levels` equally spaced values from f_min to
+                       f_max, switching at equally spaced t thresholds
+    """
+
+    kind: str = "linear"
+    f_min: float = 0.5
+    f_max: float = 1.0
+    levels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"patch schedule kind {self.kind!r} is not one of {SCHEDULE_KINDS}")
+        if not (0.0 < self.f_min <= self.f_max <= 1.0):
+            raise ValueError(
+                f"patch schedule needs 0 < f_min <= f_max <= 1, got f_min={self.f_min}, f_max={self.f_max}"
+            )
+        if self.kind == "step" and self.levels < 2:
+            raise ValueError(f"a step schedule needs levels >= 2, got {self.levels}")
+
+    def scale(self, t: float | np.ndarray) -> np.ndarray:
+        """f(t) for t in [0, 1] (values outside are clipped)."""
+        t = np.clip(np.asarray(t, dtype=np.float64), 0.0, 1.0)
+        span = self.f_max - self.f_min
+        if self.kind == "linear":
+            return self.f_min + span * t
+        if self.kind == "cosine":
+            return self.f_min + span * (1.0 - np.cos(math.pi * t)) / 2.0
+        # step: level k for t in [k/levels, (k+1)/levels), the last level includes t = 1
+        k = np.minimum(np.floor(t * self.levels), self.levels - 1)
+        return self.f_min + span * k / (self.levels - 1)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "f_min": self.f_min, "f_max": self.f_max, "levels": self.levels}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PatchSchedule":
+        return cls(**{k: d[k] for k in ("kind", "f_min", "f_max", "levels") if k in d})
+
+
+@dataclass(frozen=True)
+class CropBox:
+    top: int
+    left: int
+    size: int
+
+
+@dataclass
+class PatchSampler:
+    """Draws crops for training at resolution `train_res` from images of any size >= it."""
+
+    schedule: PatchSchedule = field(default_factory=PatchSchedule)
+    train_res: int = 32
+
+    def __post_init__(self) -> None:
+        if self.train_res < 1:
+            raise ValueError(f"train_res must be positive, got {self.train_res}")
+
+    def crop_box(self, rng: np.random.Generator, height: int, width: int, t: float) -> CropBox:
+        """A square crop of side round(f(t) * min(H, W)), uniformly placed inside the image."""
+        side = min(height, width)
+        size = int(round(float(self.schedule.scale(t)) * side))
+        size = max(1, min(size, side))
+        top = int(rng.integers(0, height - size + 1))
+        left = int(rng.integers(0, width - size + 1))
+        return CropBox(top, left, size)
+
+    def sample(self, rng: np.random.Generator, image: np.ndarray, t: float) -> tuple[np.ndarray, CropBox]:
+        """Crop `image` (H, W, C) for noise level t and resize it to (R, R, C) float32."""
+        if image.ndim != 3:
+            raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+        box = self.crop_box(rng, image.shape[0], image.shape[1], t)
+        return resize(crop(image, box), self.train_res), box
+
+
+def crop(image: np.ndarray, box: CropBox) -> np.ndarray:
+    return image[box.top : box.top + box.size, box.left : box.left + box.size]
+
+
+def resize(image: np.ndarray, res: int) -> np.ndarray:
+    """Antialiased resize of an (H, W, C) array to (res, res, C), float32, per channel.
+
+    Pillow's resampling widens its filter by the reduction factor, so downscaling
+    is antialiased; each channel goes through a 32-bit float image, losslessly.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.shape[0] == res and img.shape[1] == res:
+        return img.copy()
+    out = np.empty((res, res, img.shape[2]), dtype=np.float32)
+    for c in range(img.shape[2]):
+        ch = Image.fromarray(np.ascontiguousarray(img[:, :, c]))
+        out[:, :, c] = np.asarray(ch.resize((res, res), Image.Resampling.BICUBIC), dtype=np.float32)
+    return out

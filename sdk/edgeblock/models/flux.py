@@ -1,0 +1,103 @@
+"""FLUX (FluxTransformer2DModel): double-stream then single-stream blocks on an (image, text) pair.
+
+Latents are packed p x p into tokens outside the model (p = 2 for FLUX.1 with
+its 16-channel VAE, 4 for the built-in 3-channel pixel model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+from torch import Tensor, nn
+
+from .base import DiTAdapter, DiTInputs, State, patchify, unpatchify
+
+
+class FluxAdapter(DiTAdapter):
+    family = "flux"
+    model_class = FluxTransformer2DModel
+    text_layout = "txt_first"  # FluxAttnProcessor concatenates [text, image]
+    prologue_names = ("x_embedder", "time_text_embed", "context_embedder", "pos_embed")
+    epilogue_names = ("norm_out", "proj_out")
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+
+    def _zero_blocks(self) -> dict:
+        return {"num_layers": 0, "num_single_layers": 0}
+
+    def default_latent_channels(self) -> int:
+        return self.config.get("in_channels", 64) // 4
+
+    @property
+    def pack(self) -> int:
+        p = math.isqrt(self.config.get("in_channels", 64) // self.latent_channels)
+        if p * p * self.latent_channels != self.config.get("in_channels", 64):
+            raise ValueError(
+                f"FLUX in_channels={self.config.get('in_channels')} is not latent_channels="
+                f"{self.latent_channels} times a square packing factor"
+            )
+        return p
+
+    @staticmethod
+    def image_ids(h: int, w: int) -> Tensor:
+        """(h*w, 3) positional ids (0, row, col) of packed tokens, as the FLUX pipeline makes them."""
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] = torch.arange(h)[:, None]
+        ids[..., 2] = torch.arange(w)[None, :]
+        return ids.reshape(h * w, 3)
+
+    def _model_args(self, x: DiTInputs) -> dict[str, Any]:
+        b, c, h, w = x.latents.shape
+        p = self.pack
+        if h % p or w % p:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the packing factor {p}")
+        return {
+            "hidden_states": patchify(x.latents, p),
+            "encoder_hidden_states": x.text,
+            "pooled_projections": x.pooled,
+            "timestep": x.timestep / 1000.0,  # the model multiplies by 1000 itself
+            "img_ids": self.image_ids(h // p, w // p),
+            "txt_ids": torch.zeros(x.text.shape[1], 3),
+            "guidance": x.guidance if self.config.get("guidance_embeds") else None,
+        }
+
+    def prologue(self, x: DiTInputs) -> tuple[State, dict[str, Any]]:
+        m, a = self.shell, self._model_args(x)
+        img = m.x_embedder(a["hidden_states"])  # (B, N, D)
+        t = a["timestep"].to(img.dtype) * 1000
+        if a["guidance"] is not None:
+            temb = m.time_text_embed(t, a["guidance"].to(img.dtype) * 1000, a["pooled_projections"])
+        else:
+            temb = m.time_text_embed(t, a["pooled_projections"])  # (B, D)
+        txt = m.context_embedder(a["encoder_hidden_states"])  # (B, Lt, D)
+        rotary = m.pos_embed(torch.cat((a["txt_ids"], a["img_ids"]), dim=0))  # (cos, sin), (Lt+N, head_dim)
+        b, c, h, w = x.latents.shape
+        return (img, txt), {"temb": temb, "rotary": rotary, "shape": (c, h, w)}
+
+    def run_block(self, block: nn.Module, i: int, state: State, ctx: dict[str, Any]) -> State:
+        img, txt = state
+        txt, img = block(
+            hidden_states=img,
+            encoder_hidden_states=txt,
+            temb=ctx["temb"],
+            image_rotary_emb=ctx["rotary"],
+            joint_attention_kwargs=None,
+        )
+        return (img, txt)
+
+    def epilogue(self, state: State, ctx: dict[str, Any]) -> Tensor:
+        img = self.shell.norm_out(state[0], ctx["temb"])
+        tokens = self.shell.proj_out(img)  # (B, N, C p p)
+        c, h, w = ctx["shape"]
+        return unpatchify(tokens, c, h, w, self.pack)
+
+    def attention_to_mask(self, block: nn.Module) -> nn.Module:
+        return block.attn
+
+    def reference_forward(self, model: nn.Module, x: DiTInputs) -> Tensor:
+        a = self._model_args(x)
+        out = model(**a, return_dict=False)[0]
+        c, h, w = x.latents.shape[1:]
+        return unpatchify(out, c, h, w, self.pack)
