@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random-initialised diffusers DiTs of every supported family."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+FAMILIES = ("flux", "sd3", "pixart", "sana")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def make_inputs(preset, batch=2, size=None, seed=0, t=None):
+    """Random DiTInputs for a preset at latent side `size`."""
+    from edgeblock.models import DiTInputs
+
+    g = torch.Generator().manual_seed(seed)
+    size = size or preset.latent_size
+    ts = t if t is not None else torch.linspace(200.0, 800.0, batch)
+    mask = None
+    if preset.class_name in ("PixArtTransformer2DModel", "SanaTransformer2DModel"):
+        mask = torch.ones(batch, preset.text_len)
+        mask[:, -2:] = 0  # padding at the end, as a tokenizer leaves it
+    return DiTInputs(
+        latents=torch.randn(batch, preset.latent_channels, size, size, generator=g),
+        timestep=ts,
+        text=torch.randn(batch, preset.text_len, preset.text_dim, generator=g),
+        pooled=torch.randn(batch, preset.pooled_dim, generator=g) if preset.pooled_dim else None,
+        text_mask=mask,
+    )

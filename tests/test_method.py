@@ -1,0 +1,169 @@
+"""The block-skip method against the full model, on tiny random configs of every family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_inputs
+from edge_runtime.patch_sampling import PatchSchedule
+from edgeblock.method.blockskip import BlockSkipModel, SkipPlan, precompute
+from edgeblock.method.lora import LoRASpec, randomize_lora
+from edgeblock.method.train import Conditioning, MethodConfig, Trainer
+from edgeblock.models import LoadedModel, adapter_from_module, objective_from_scheduler
+from edgeblock.models.presets import TINY
+
+
+def _setup(family):
+    preset = TINY[family]
+    model = preset.build(seed=1)
+    return preset, model, adapter_from_module(model, preset.latent_channels)
+
+
+def _plans(n):
+    return [(0,), (n - 1,), (1, 3), (1, 2), tuple(range(n))]
+
+
+def test_skip_plan_segments_cover_the_blocks():
+    plan = SkipPlan.make(7, [2, 5])
+    segs = [(s.kind, s.start, s.end) for s in plan.segments()]
+    assert segs == [("block", 2, 2), ("gap", 3, 4), ("block", 5, 5), ("gap", 6, 6)]
+    assert plan.skipped == (0, 1, 3, 4, 6)
+    assert plan.record_points() == {1, 2, 4, 5, 6}
+
+
+@pytest.mark.parametrize("blocks,msg", [([], "no trainable block"), ([0, 9], "out of range"), ([-1], "out of range")])
+def test_skip_plan_rejects_bad_blocks(blocks, msg):
+    with pytest.raises(ValueError, match=msg):
+        SkipPlan.make(5, blocks)
+
+
+def test_zero_lora_skip_graph_equals_full_model(family):
+    preset, model, adapter = _setup(family)
+    x = make_inputs(preset, batch=2)
+    with torch.no_grad():
+        ref = adapter.reference_forward(model, x)
+    assert ref.abs().mean() > 1e-3  # a non-trivial prediction
+    for blocks in _plans(adapter.num_blocks):
+        plan = SkipPlan.make(adapter.num_blocks, blocks)
+        net = BlockSkipModel(adapter, plan, LoRASpec(rank=2))
+        (pre,) = precompute(adapter, plan, [(x, torch.zeros_like(ref))])
+        with torch.no_grad():
+            out = net(pre)
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-5, f"{family} blocks {blocks}: max abs error {err}"
+
+
+def test_nonzero_lora_changes_the_prediction(family):
+    preset, model, adapter = _setup(family)
+    x = make_inputs(preset, batch=1)
+    plan = SkipPlan.make(adapter.num_blocks, (1, 2))
+    net = BlockSkipModel(adapter, plan, LoRASpec(rank=2))
+    randomize_lora(net, seed=3, scale=0.2)
+    (pre,) = precompute(adapter, plan, [(x, torch.zeros(1))])
+    with torch.no_grad():
+        ref = adapter.reference_forward(model, x)
+        out = net(pre)
+    assert (out - ref).abs().max().item() > 1e-4
+
+
+def _loaded(adapter, family):
+    return LoadedModel(adapter, objective_from_scheduler(None, family), None, None)
+
+
+def _images(preset, n=1, seed=0):
+    rng = np.random.default_rng(seed)
+    s = preset.latent_size
+    return rng.standard_normal((n, s, s, preset.latent_channels)).astype(np.float32)
+
+
+def _cond(preset):
+    x = make_inputs(preset, batch=1, seed=7)
+    return Conditioning(x.text, x.pooled, x.text_mask)
+
+
+def test_all_blocks_trainable_at_full_resolution_gives_standard_gradients(family):
+    preset, model, adapter = _setup(family)
+    loaded, images, cond = _loaded(adapter, family), _images(preset), _cond(preset)
+    full = preset.latent_size
+    std = Trainer(loaded, MethodConfig("standard_lora", lora=LoRASpec(rank=2), seed=5), cond, images)
+    bs = Trainer(
+        loaded,
+        MethodConfig(
+            "blockskip",
+            blocks=tuple(range(adapter.num_blocks)),
+            lora=LoRASpec(rank=2),
+            schedule=PatchSchedule(f_min=1.0, f_max=1.0),
+            train_res=full,
+            seed=5,
+        ),
+        cond,
+        images,
+    )
+    randomize_lora(std.net, seed=11)
+    randomize_lora(bs.net, seed=11)
+    chunk_std, chunk_bs = std.chunk(), bs.chunk()
+    assert torch.equal(chunk_std[0].latents, chunk_bs[0].latents)  # f = 1 at full resolution: the same draw
+    loss_std = std.train_on(chunk_std)
+    loss_bs = bs.train_on(bs.precompute([chunk_bs])[0])
+    assert abs(loss_std - loss_bs) <= 1e-6 * max(1.0, abs(loss_std))
+    g_std, g_bs = std.net.lora_parameters(), bs.net.lora_parameters()
+    assert g_std.keys() == g_bs.keys() and len(g_std) > 0
+    nonzero = 0
+    for k in g_std:
+        a, b = g_std[k].grad, g_bs[k].grad
+        assert a is not None and b is not None, k
+        scale = a.abs().max()
+        if scale == 0:  # unreachable from the loss (e.g. the text query of SD3's last block)
+            assert b.abs().max() == 0, k
+            continue
+        nonzero += 1
+        rel = ((a - b).abs().max() / scale).item()
+        assert rel <= 1e-5, f"{family} {k}: relative gradient difference {rel}"
+    assert nonzero >= 0.8 * len(g_std)  # the comparison is not empty
+
+
+def test_skipped_blocks_get_no_gradient_and_can_be_deleted(family, monkeypatch):
+    preset, model, adapter = _setup(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded, images, cond = _loaded(adapter, family), _images(preset, n=2), _cond(preset)
+    cfg = MethodConfig("blockskip", blocks=(1, 3), lora=LoRASpec(rank=2), seed=2)
+    tr = Trainer(loaded, cfg, cond, images)
+    pre = tr.precompute([tr.chunk(), tr.chunk()])
+    # After the precompute, no block may be built again and the prologue is released.
+    def refuse(i):
+        raise AssertionError(f"block {i} built during the training step")
+
+    monkeypatch.setattr(adapter, "build_block", refuse)
+    adapter.drop_prologue()
+    assert set(tr.net.blocks.keys()) == {"1", "3"}
+    losses = [tr.train_on(p) for p in pre]
+    assert all(np.isfinite(losses))
+    for name, p in tr.net.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    # The training step moved LoRA tensors and nothing of the base model.
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in tr.net.lora_parameters().values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for i in (1, 3):
+        prefix = adapter.block_names[i] + "."
+        block_sd = {k: v for k, v in tr.net.blocks[str(i)].state_dict().items() if "lora_" not in k}
+        for k, v in block_sd.items():
+            assert torch.equal(v, before[prefix + k.replace(".base_layer", "")]), k
+
+
+def test_patch_variant_trains_on_the_low_resolution():
+    preset, model, adapter = _setup("flux")
+    loaded, images, cond = _loaded(adapter, "flux"), _images(preset), _cond(preset)
+    tr = Trainer(loaded, MethodConfig("blockskip", blocks=(2,), lora=LoRASpec(rank=2), seed=1), cond, images)
+    x, target = tr.chunk()
+    assert x.latents.shape[-1] == preset.latent_size // 2 and target.shape == x.latents.shape
+    first = tr.step()
+    assert first["precompute_s"] > 0 and first["step_s"] > 0 and np.isfinite(first["loss"])
+    state = tr.lora_state()
+    assert all(k.startswith("single_transformer_blocks.0.") for k in state)
+    assert any("lora_B.weight" in k for k in state) and not any(".default" in k for k in state)
