@@ -71,8 +71,14 @@ def _masked_sdpa(*args, **kwargs):
 @contextlib.contextmanager
 def masked_attention(module: nn.Module, mask: TextKeyMask) -> Iterator[None]:
     """While `module` runs inside this context, its attention ignores the masked text keys."""
-    pre = module.register_forward_pre_hook(lambda *_: _ACTIVE.append(mask))
-    post = module.register_forward_hook(lambda *_: _ACTIVE.pop())
+    def enter(*_):
+        _ACTIVE.append(mask)
+
+    def leave(*_):  # a forward hook's return value would replace the output: return None
+        _ACTIVE.pop()
+
+    pre = module.register_forward_pre_hook(enter)
+    post = module.register_forward_hook(leave)
     torch.nn.functional.scaled_dot_product_attention = _masked_sdpa
     try:
         yield
