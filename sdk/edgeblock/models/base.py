@@ -187,8 +187,12 @@ class DiTAdapter:
     def build_block(self, i: int) -> nn.Module:
         """Block i with real weights, frozen, in eval mode."""
         self.check_block_index(i)
-        block = copy.deepcopy(self.skeleton_block(i)).to_empty(device="cpu")
+        # Assign the loaded tensors into a meta copy: no second allocation of the weights.
+        block = copy.deepcopy(self.skeleton_block(i))
         load_into(block, self.weights.load(self.block_names[i]), self.block_names[i])
+        left = [n for n, t in list(block.named_parameters()) + list(block.named_buffers()) if t.is_meta]
+        if left:
+            raise ValueError(f"{self.block_names[i]}: tensors {left[:5]} were not in the weights")
         return block.eval().requires_grad_(False)
 
     def block_param_count(self, i: int) -> int:

@@ -1,0 +1,158 @@
+"""`edgeblock bench memory`: one training step of each variant, each in a fresh process.
+
+Prints peak tensor bytes, peak process memory (RSS high-water above the
+process's baseline after imports), step time, and the precompute time per
+draw for the skip variants. A variant builds only the blocks it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+
+from ..method.train import VARIANTS
+
+TIMED_STEPS = 2
+
+
+def _cache_root() -> str:
+    return os.environ.get("EDGEBLOCK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "edgeblock"))
+
+
+def bench_model_dir() -> str:
+    """The random-initialised FLUX-shaped benchmark model, saved once as a diffusers folder."""
+    from ..models.presets import BENCH_FLUX
+
+    key = hashlib.sha256(json.dumps(asdict(BENCH_FLUX), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = os.path.join(_cache_root(), f"bench-flux-{key}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        model = BENCH_FLUX.build(seed=0)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(path))
+        model.save_pretrained(tmp, safe_serialization=True)
+        with open(os.path.join(tmp, "edgeblock.json"), "w") as f:
+            json.dump({"latent_channels": BENCH_FLUX.latent_channels, "latent_size": BENCH_FLUX.latent_size}, f)
+        del model
+        os.replace(tmp, path)
+    return path
+
+
+def run_variant(variant: str, model: str, blocks: tuple[int, ...] | None, seed: int = 0) -> dict:
+    """Inside the child process: build, (precompute,) train one step at batch 1; measure."""
+    import numpy as np
+    import torch
+
+    from ..method.train import Conditioning, MethodConfig, Trainer, middle_blocks
+    from ..models import load_model
+    from .tracker import TensorMemoryTracker, reset_rss_peak, rss_bytes, rss_peak_bytes
+
+    torch.manual_seed(seed)
+    meta = _model_meta(model)
+    baseline = rss_bytes()
+    reset_rss_peak()
+    tracker = TensorMemoryTracker()
+    with tracker:
+        loaded = load_model(model)
+        a = loaded.adapter
+        size, ch = meta["latent_size"], a.latent_channels
+        g = torch.Generator().manual_seed(seed)
+        text_dim = a.config.get("joint_attention_dim") or a.config["caption_channels"]
+        pooled_dim = a.config.get("pooled_projection_dim")
+        cond = Conditioning(
+            torch.randn(1, meta["text_len"], text_dim, generator=g),
+            torch.randn(1, pooled_dim, generator=g) if pooled_dim else None,
+        )
+        images = np.random.default_rng(seed).standard_normal((1, size, size, ch)).astype(np.float32)
+        chosen = blocks or middle_blocks(a.num_blocks)
+        trainer = Trainer(loaded, MethodConfig(variant, blocks=chosen, seed=seed), cond, images)
+        first = trainer.step()
+    timed = [trainer.step() for _ in range(TIMED_STEPS)]
+    uses_skip = trainer.cfg.uses_skip
+    return {
+        "peak_bytes": int(tracker.peak),
+        "peak_rss_bytes": int(rss_peak_bytes() - baseline),
+        "step_s": float(np.mean([t["step_s"] for t in timed])),
+        "precompute_s": float(np.mean([t["precompute_s"] for t in timed])) if uses_skip else 0.0,
+        "loss": float(first["loss"]),
+        "trainable_blocks": list(trainer.plan.trainable),
+        "tokens": int((trainer.chunk()[0].latents.shape[-1] // _pack(a)) ** 2),
+    }
+
+
+def _pack(adapter) -> int:
+    return getattr(adapter, "pack", adapter.config.get("patch_size", 1))
+
+
+def _model_meta(model: str) -> dict:
+    """Benchmark shapes from the folder's edgeblock.json (default: a 64x64 latent, 64 text tokens)."""
+    from ..models import builtin_dir
+
+    root = builtin_dir() if model == "builtin" else model
+    meta = {"latent_size": 64, "text_len": 64}
+    for path in (os.path.join(root, "edgeblock.json"), os.path.join(root, "transformer", "edgeblock.json")):
+        if os.path.exists(path):
+            with open(path) as f:
+                meta.update({k: v for k, v in json.load(f).items() if k in ("latent_size", "text_len")})
+    return meta
+
+
+def run(model: str | None, blocks: tuple[int, ...] | None, variants=VARIANTS, progress=None) -> dict:
+    """The whole table: each variant in its own interpreter so high-water marks do not mix."""
+    path = model if model and model != "bench-flux" else bench_model_dir()
+    if model == "builtin":
+        path = "builtin"
+    from ..models import load_model
+
+    adapter = load_model(path).adapter
+    result: dict = {
+        "model": {
+            "path": path,
+            "family": adapter.family,
+            "params": adapter.param_count(),
+            "num_blocks": adapter.num_blocks,
+            "batch": 1,
+        }
+    }
+    del adapter
+    for v in variants:
+        cmd = [sys.executable, "-m", "edgeblock.bench.memory", "--child", v, "--model", path]
+        if blocks:
+            cmd += ["--blocks", ",".join(map(str, blocks))]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark variant {v} failed:\n{proc.stderr[-3000:]}")
+        result[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if progress:
+            progress(v, result[v])
+    if "standard_lora" in result and "blockskip" in result:
+        s, b = result["standard_lora"], result["blockskip"]
+        result["ratios"] = {
+            "blockskip_peak_bytes_vs_standard": b["peak_bytes"] / s["peak_bytes"],
+            "blockskip_peak_rss_vs_standard": b["peak_rss_bytes"] / max(s["peak_rss_bytes"], 1),
+            "blockskip_time_vs_standard": (b["step_s"] + b["precompute_s"]) / s["step_s"],
+        }
+    return result
+
+
+def _child(argv: list[str]) -> None:
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--child", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--blocks", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    blocks = tuple(int(b) for b in a.blocks.split(",")) if a.blocks else None
+    print(json.dumps(run_variant(a.child, a.model, blocks)))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -1,0 +1,91 @@
+"""Measure memory: live tensor bytes (a dispatch mode over every aten op) and process RSS high-water.
+
+PyTorch keeps no allocator statistics on the CPU, so the tensor tracker
+watches every storage an op creates until it is freed, plus any tensors
+registered up front.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Peak bytes of live tensor storages while active (weights, activations, gradients, optimizer state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def register(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self._add(t)
+        self._update_peak()
+
+    def _add(self, t: torch.Tensor) -> bool:
+        if t.device.type == "meta":
+            return False
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return False
+        key = st._cdata
+        if key in self._live and not self._live[key][0].expired():
+            return False
+        n = st.nbytes()
+        self._live[key] = (StorageWeakRef(st), n)
+        self.current += n
+        return True
+
+    def _sweep(self) -> None:
+        dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
+        for k in dead:
+            self.current -= self._live.pop(k)[1]
+
+    def _update_peak(self) -> None:
+        if self.current > self.peak:
+            self._sweep()  # only count what is really alive
+            self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        added = False
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                added |= self._add(t)
+        if added:
+            self._update_peak()
+        return out
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def rss_peak_bytes() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark for this process (Linux clear_refs)."""
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")

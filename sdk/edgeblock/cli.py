@@ -1,0 +1,132 @@
+"""The `edgeblock` command line: the only place errors become exit codes and messages.
+
+Subcommands mirror docs/ and ../shared/DESIGN.md: select, bench memory, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("edgeblock")
+
+
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks wants comma-separated block indices like 3,4; got {text!r}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .method.selection import bar_chart, score_blocks, selection_report, write_report
+    from .models import load_model
+    from .selection_data import calibration_set
+
+    loaded = load_model(args.model)
+    items = calibration_set(args.model, loaded, args.images, args.token, args.class_noun, args.prompt, args.res, args.count)
+    total = len(items) * len(args.noise_levels) * args.noises
+    with tqdm(total=total, desc="selection", unit="draw", disable=args.quiet) as bar:
+        scores = score_blocks(
+            loaded.adapter,
+            loaded.objective,
+            items,
+            noise_levels=args.noise_levels,
+            noises=args.noises,
+            seed=args.seed,
+            progress=lambda done, _: bar.update(done - bar.n),
+        )
+    report = selection_report(loaded.adapter, scores, args.top_k, args.contiguous)
+    report.update({"model": args.model, "token": args.token, "class_noun": args.class_noun, "calibration": {
+        "items": len(items), "noise_levels": list(args.noise_levels), "noises": args.noises, "seed": args.seed}})
+    write_report(report, args.out)
+    chart = args.chart or os.path.splitext(args.out)[0] + ".png"
+    bar_chart(scores, loaded.adapter.block_names, report["selected"], chart)
+    print(f"selected blocks {report['selected']} -> {args.out} (chart {chart})")
+    for r in report["ranking"][: min(8, len(scores))]:
+        print(f"  #{r['rank']:<2} block {r['block']:>3} {r['name']:<32} {r['score']:.4f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what != "memory":
+        raise ValueError(f"unknown benchmark {args.what!r}; available: memory")
+    from .bench import memory
+
+    def show(v, r):
+        if not args.json:
+            print(
+                f"{v:<14} peak tensors {r['peak_bytes'] / 2**20:8.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB"
+                f"  step {r['step_s']:.3f} s  precompute {r['precompute_s']:.3f} s  ({r['tokens']} tokens)"
+            )
+        else:
+            print(f"[bench] {v} done", file=sys.stderr)
+
+    result = memory.run(args.model, args.blocks, progress=show)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif "ratios" in result:
+        for k, v in result["ratios"].items():
+            print(f"{k}: {v:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeblock", description="On-device DiT personalization (DiT-BlockSkip)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("select", help="rank blocks for personalization by cross-attention masking")
+    s.add_argument("--model", required=True, help="`builtin` or a local diffusers pipeline directory")
+    s.add_argument("--out", required=True, help="ranked JSON report (a bar chart PNG is written beside it)")
+    s.add_argument("--images", nargs="*", default=None, help="subject images (default: procedural shapes)")
+    s.add_argument("--token", default="sks", help="the rare subject token")
+    s.add_argument("--class-noun", default=None, help="the subject's class noun (default: from the calibration images)")
+    s.add_argument("--prompt", default=None, help="calibration prompt containing {token} and {noun}")
+    s.add_argument("--top-k", type=int, default=2)
+    s.add_argument("--contiguous", action="store_true", help="choose the best contiguous window of k blocks")
+    s.add_argument("--noise-levels", type=_floats, default=(0.25, 0.5, 0.75))
+    s.add_argument("--noises", type=int, default=2)
+    s.add_argument("--count", type=int, default=4, help="calibration images when none are given")
+    s.add_argument("--res", type=int, default=None, help="calibration image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chart", default=None)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_select)
+
+    b = sub.add_parser("bench", help="benchmarks that print figures")
+    b.add_argument("what", choices=["memory"])
+    b.add_argument("--model", default=None, help="default: the FLUX-shaped >=100M benchmark config")
+    b.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks for the skip variants")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"edgeblock {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
