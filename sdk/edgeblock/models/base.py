@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from edge_runtime import flow
 
 # A block's state: (image tokens, text tokens) for joint-attention families,
 # (image tokens,) for cross-attention families. A None entry is a stream that ended.
@@ -238,20 +240,9 @@ def state_sub(a: State, b: State) -> State:
     return tuple(None if x is None else x - y for x, y in zip(a, b))
 
 
-def patchify(latents: Tensor, p: int) -> Tensor:
-    """(B, C, H, W) -> (B, (H/p)(W/p), C p p), channel-major within a patch (FLUX packing)."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // p, p, w // p, p)  # (B, C, h, p, w, q)
-    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, q)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def unpatchify(tokens: Tensor, c: int, h: int, w: int, p: int) -> Tensor:
-    """Inverse of patchify."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h // p, w // p, c, p, p)  # (B, h, w, C, p, q)
-    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, q)
-    return x.reshape(b, c, h, w)
+# FLUX-style packing (channel-major within a patch) is shared with the device: edge_runtime.flow.
+patchify = flow.pack
+unpatchify = flow.unpack
 
 
 def unpatchify_last(tokens: Tensor, c: int, h: int, w: int, p: int) -> Tensor:

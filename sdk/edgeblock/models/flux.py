@@ -13,6 +13,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
+from edge_runtime import flow
+
 from .base import DiTAdapter, DiTInputs, State, patchify, unpatchify
 
 
@@ -40,14 +42,6 @@ class FluxAdapter(DiTAdapter):
             )
         return p
 
-    @staticmethod
-    def image_ids(h: int, w: int) -> Tensor:
-        """(h*w, 3) positional ids (0, row, col) of packed tokens, as the FLUX pipeline makes them."""
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] = torch.arange(h)[:, None]
-        ids[..., 2] = torch.arange(w)[None, :]
-        return ids.reshape(h * w, 3)
-
     def _model_args(self, x: DiTInputs) -> dict[str, Any]:
         b, c, h, w = x.latents.shape
         p = self.pack
@@ -58,7 +52,7 @@ class FluxAdapter(DiTAdapter):
             "encoder_hidden_states": x.text,
             "pooled_projections": x.pooled,
             "timestep": x.timestep / 1000.0,  # the model multiplies by 1000 itself
-            "img_ids": self.image_ids(h // p, w // p),
+            "img_ids": torch.from_numpy(flow.image_ids(h // p, w // p)),
             "txt_ids": torch.zeros(x.text.shape[1], 3),
             "guidance": x.guidance if self.config.get("guidance_embeds") else None,
         }
