@@ -83,10 +83,21 @@ def build_model(cfg: dict):
     return FluxTransformer2DModel(**cfg)
 
 
-def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1) -> float:
+def progress(step: int, total: int, wall_s: float, max_minutes: float | None) -> float:
+    """Fraction of the run done: by steps, or by wall time when a budget is set (whichever is further)."""
+    p = step / max(1, total)
+    if max_minutes:
+        p = max(p, wall_s / (60.0 * max_minutes))
+    return min(1.0, p)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1,
+          p: float | None = None) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to final_frac * base over progress p."""
     if step < warmup:
         return base * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    if p is None:
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -116,8 +127,11 @@ def save_ckpt(ckpt_dir: str, state: dict) -> None:
 
 def write_csv(out: str, history: list, log_every: int) -> None:
     rows = []
-    for i in range(log_every, len(history) + 1, log_every):
-        chunk = history[i - log_every:i]
+    ends = list(range(log_every, len(history) + 1, log_every))
+    if len(history) % log_every:
+        ends.append(len(history))
+    for i in ends:
+        chunk = history[max(0, i - log_every):i]
         rows.append((i, float(np.mean([h[0] for h in chunk])), chunk[-1][1], chunk[-1][2]))
     tmp = os.path.join(out, "loss.csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -169,8 +183,9 @@ def train(args) -> None:
 
     t0 = time.time()
     wall0 = wall
-    while step < args.steps:
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
+    while progress(step, args.steps, wall, args.max_minutes) < 1.0:
+        lr = lr_at(step, args.steps, args.lr, args.warmup,
+                   p=progress(step, args.steps, wall, args.max_minutes) if args.max_minutes else None)
         for g in opt.param_groups:
             g["lr"] = lr
         x0, caps = next(data)
@@ -187,13 +202,14 @@ def train(args) -> None:
             torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
         step += 1
         wall = wall0 + time.time() - t0
-        history.append((float(loss), lr, wall))
-        if step % args.log_every == 0 or step == args.steps:
+        history.append((loss.item(), lr, wall))
+        done = progress(step, args.steps, wall, args.max_minutes) >= 1.0
+        if step % args.log_every == 0 or done:
             recent = np.mean([h[0] for h in history[-args.log_every:]])
             print(f"step {step}/{args.steps} loss {recent:.4f} lr {lr:.2e} "
                   f"wall {wall:.0f}s ({wall / step:.3f} s/step)", flush=True)
             write_csv(out, history, args.log_every)
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or done:
             checkpoint()
     if not args.no_finalize:
         finalize(out, ckpt_dir, args)
@@ -235,7 +251,7 @@ def loss_curve_png(history: list, path: str, window: int = 50) -> None:
 
     d.rectangle([L, T, W - R, H - Bm], outline="black")
     for e in range(math.floor(ly0), math.ceil(ly1) + 1):
-        for m in (1, 2, 5):
+        for m in ((1, 2, 5) if ly1 - ly0 > 1 else (1, 1.5, 2, 3, 4, 5, 6, 7, 8)):
             v = m * 10 ** e
             if lo <= v <= hi * 1.05:
                 _, y = px(1, v)
@@ -351,14 +367,14 @@ top left". Every training batch is fresh; no image is seen twice.
 | optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
 | EMA | decay {targs.get("ema")} (exported weights are the EMA) |
 | caption dropout | {targs.get("caption_dropout")} (empty prompt, for classifier-free guidance) |
-| steps | {info["step"]} |
+| steps | {info["step"]} (budget: {targs.get("steps")} steps or {targs.get("max_minutes")} min, whichever first) |
 | batch | {info["batch"]} |
 | seed | {targs.get("seed")} |
 | hardware | 2 CPU cores, torch {torch.__version__}, {targs.get("threads")} threads |
 | wall time | {info["wall_s"] / 60:.1f} min ({info["wall_s"] / max(1, info["step"]):.2f} s/step) |
 | final loss | {info["final_loss"]:.4f} (mean of the last 200 steps) |
 
-Reproduce: `python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {info["step"]} --batch {info["batch"]} --seed {targs.get("seed")} --dim {targs.get("dim")} --double {targs.get("double")} --single {targs.get("single")}`
+Reproduce: `python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {targs.get("steps")} --max-minutes {targs.get("max_minutes")} --lr {targs.get("lr")} --batch {info["batch"]} --seed {targs.get("seed")} --dim {targs.get("dim")} --double {targs.get("double")} --single {targs.get("single")}`
 (checkpoints go to `ckpt/`, kept out of git; `--resume` continues a run,
 `--finalize` rewrites these artifacts from the last checkpoint).
 
@@ -384,6 +400,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="wall-time budget: stop (and finish the cosine decay) by then even if --steps is not reached")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")

