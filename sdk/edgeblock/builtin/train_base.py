@@ -238,7 +238,7 @@ def loss_curve_png(history: list, path: str, window: int = 50) -> None:
         return
     k = min(window, len(losses))
     smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-    xs_s = np.arange(k, len(losses) + 1)
+    xs_s = np.arange(k, len(losses) + 1) - (k - 1) // 2  # centred window
     lo = max(1e-4, float(np.percentile(losses, 0.5)))
     hi = float(max(losses[: max(1, len(losses) // 50)].max(), smooth.max()))
     ly0, ly1 = math.log10(lo), math.log10(hi * 1.05)
