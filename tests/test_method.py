@@ -167,3 +167,23 @@ def test_patch_variant_trains_on_the_low_resolution():
     state = tr.lora_state()
     assert all(k.startswith("single_transformer_blocks.0.") for k in state)
     assert any("lora_B.weight" in k for k in state) and not any(".default" in k for k in state)
+
+
+def test_model_from_config_and_from_saved_directory_agree(tmp_path):
+    from edgeblock.models import load_model, model_from_config
+
+    preset = TINY["sd3"]
+    model = preset.build(seed=2)
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    loaded = load_model(str(tmp_path))
+    assert loaded.adapter.family == "sd3" and loaded.objective.kind == "flow"
+    x = make_inputs(preset, batch=1)
+    with torch.no_grad():
+        ref = loaded.adapter.reference_forward(model, x)
+        s, ctx = loaded.adapter.prologue(x)
+        for i in range(loaded.adapter.num_blocks):
+            s = loaded.adapter.run_block(loaded.adapter.build_block(i), i, s, ctx)
+        assert (loaded.adapter.epilogue(s, ctx) - ref).abs().max() <= 1e-5
+    fresh = model_from_config(str(tmp_path / "transformer" / "config.json"), preset.latent_channels)
+    assert fresh.adapter.num_blocks == loaded.adapter.num_blocks
+    assert fresh.adapter.param_count() == sum(p.numel() for p in model.parameters())

@@ -53,6 +53,21 @@ def adapter_from_module(model: nn.Module, latent_channels: int | None = None) ->
     return cls(dict(model.config), WeightSource.from_module(model), latent_channels)
 
 
+def model_from_config(config: dict | str, latent_channels: int | None = None, seed: int = 0) -> LoadedModel:
+    """A random-initialised model of a diffusers transformer config (a dict or a config.json path)."""
+    import diffusers
+    import torch
+
+    if isinstance(config, str):
+        config = _read_json(config)
+    cls = adapter_class(config.get("_class_name"))
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    model = getattr(diffusers, cls.model_class.__name__)(**kwargs)
+    adapter = cls(dict(model.config), WeightSource.from_module(model), latent_channels)
+    return LoadedModel(adapter, objective_from_scheduler(None, cls.family), None, None)
+
+
 def builtin_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "builtin", "model")
 
@@ -105,4 +120,5 @@ __all__ = [
     "WeightSource",
     "adapter_from_module",
     "load_model",
+    "model_from_config",
 ]
