@@ -187,3 +187,19 @@ def test_model_from_config_and_from_saved_directory_agree(tmp_path):
     fresh = model_from_config(str(tmp_path / "transformer" / "config.json"), preset.latent_channels)
     assert fresh.adapter.num_blocks == loaded.adapter.num_blocks
     assert fresh.adapter.param_count() == sum(p.numel() for p in model.parameters())
+
+
+def test_half_precision_checkpoint_is_cast_on_load(tmp_path):
+    from edgeblock.models import load_model
+
+    preset = TINY["flux"]
+    model = preset.build(seed=0)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    loaded = load_model(str(tmp_path), latent_channels=preset.latent_channels)
+    block = loaded.adapter.build_block(0)
+    assert all(p.dtype == torch.float32 for p in block.parameters())
+    x = make_inputs(preset, batch=1)
+    with torch.no_grad():
+        s, ctx = loaded.adapter.prologue(x)
+        s = loaded.adapter.run_block(block, 0, s, ctx)
+    assert s[0].dtype == torch.float32 and torch.isfinite(s[0]).all()

@@ -114,8 +114,10 @@ class WeightSource:
         return out
 
 
-def load_into(module: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
-    """Load a module's persistent tensors, refusing missing or unexpected ones."""
+def load_into(module: nn.Module, tensors: dict[str, Tensor], what: str, dtype: torch.dtype | None = None) -> None:
+    """Load a module's persistent tensors (floating ones cast to `dtype`), refusing missing or unexpected ones."""
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     expected = set(module.state_dict().keys())
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
@@ -140,15 +142,22 @@ class DiTAdapter:
     epilogue_names: ClassVar[tuple[str, ...]]
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
 
-    def __init__(self, config: dict, weights: WeightSource, latent_channels: int | None = None):
+    def __init__(
+        self,
+        config: dict,
+        weights: WeightSource,
+        latent_channels: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.config = dict(config)
         self.weights = weights
+        self.dtype = dtype  # checkpoints stored in bf16/fp16 are cast on load
         init_keys = self._init_keys()
         self._cfg = {k: v for k, v in self.config.items() if k in init_keys}
         with torch.device("meta"):
             self._skeleton = self.model_class(**self._cfg)
         self.block_names = [f"{lst}.{i}" for lst in self.block_lists for i in range(len(getattr(self._skeleton, lst)))]
-        self.shell = self.model_class(**{**self._cfg, **self._zero_blocks()})
+        self.shell = self.model_class(**{**self._cfg, **self._zero_blocks()}).to(dtype)
         self.shell.eval().requires_grad_(False)
         for name in self.prologue_names + self.epilogue_names:
             self._load_part(name)
@@ -169,9 +178,9 @@ class DiTAdapter:
     def _load_part(self, name: str) -> None:
         obj = getattr(self.shell, name)
         if isinstance(obj, nn.Parameter):  # held directly by the model, e.g. scale_shift_table
-            obj.data = self.weights.get(name)
+            obj.data = self.weights.get(name).to(self.dtype)
             return
-        load_into(obj, self.weights.load(name), name)
+        load_into(obj, self.weights.load(name), name, self.dtype)
 
     # ---- the block graph ------------------------------------------------------
     @property
@@ -191,7 +200,7 @@ class DiTAdapter:
         self.check_block_index(i)
         # Assign the loaded tensors into a meta copy: no second allocation of the weights.
         block = copy.deepcopy(self.skeleton_block(i))
-        load_into(block, self.weights.load(self.block_names[i]), self.block_names[i])
+        load_into(block, self.weights.load(self.block_names[i]), self.block_names[i], self.dtype)
         left = [n for n, t in list(block.named_parameters()) + list(block.named_buffers()) if t.is_meta]
         if left:
             raise ValueError(f"{self.block_names[i]}: tensors {left[:5]} were not in the weights")
