@@ -83,6 +83,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.run import run_eval
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    results = run_eval(args.out, model=args.model, quick=args.quick, steps=args.steps, seed=args.seed,
+                       blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet)
+    with open(os.path.join(args.out, "results.md")) as f:
+        print(f.read())
+    print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .generate import generate_images
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"-o {args.output}: no such directory {out_dir}")
+    image = generate_images(args.model, [args.prompt], seed=args.seed, steps=args.steps, guidance=args.guidance,
+                            adapter=args.adapter)[0]
+    Image.fromarray(image).save(args.output)
+    print(f"{args.output}: {image.shape[1]}x{image.shape[0]} ({args.prompt!r}, seed {args.seed}, {args.steps} steps)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeblock", description="On-device DiT personalization (DiT-BlockSkip)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -112,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks for the skip variants")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="personalization benchmark: quality and memory table, sample grid")
+    e.add_argument("--out", required=True, help="directory for results.json, results.md and grid.png")
+    e.add_argument("--model", default="builtin", help="`builtin` or a directory laid out like it")
+    e.add_argument("--quick", action="store_true", help="one subject, two prompts, a few steps (smoke test)")
+    e.add_argument("--steps", type=int, default=None, help="training steps per subject and variant (default 300)")
+    e.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks of the skip rows (default: selection)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
+    e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="text to image with the built-in model, in this process")
+    g.add_argument("--model", default="builtin", help="`builtin` or a directory laid out like it")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("-o", "--output", required=True, help="PNG to write")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--adapter", default=None, help="LoRA adapter .safetensors (edgeblock format)")
+    g.set_defaults(func=cmd_generate)
     return p
 
 

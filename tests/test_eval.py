@@ -1,0 +1,258 @@
+"""The benchmark: shipped subjects, the metrics' behaviour on known images, DreamBench metrics, a quick run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from edgeblock.builtin import world
+from edgeblock.eval import metrics
+from edgeblock.eval.subjects import DESIGNS, TOKEN, load_subjects, render_subject
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def subjects():
+    return load_subjects()
+
+
+# ---- subjects ---------------------------------------------------------------------------------------
+
+
+def test_shipped_subjects_are_novel_designs_with_five_references(subjects):
+    assert len(subjects) >= 4
+    assert len({s.name for s in subjects}) == len(subjects)
+    for s in subjects:
+        assert s.noun in world.SHAPES and len(s.colours) == 2  # a world class, never a plain one-colour shape
+        assert s.images.shape == (5, 64, 64, 3) and s.images.dtype == np.uint8
+        assert len({(r.position, r.background, r.scale) for r in s.references}) == 5
+
+
+def test_reference_pngs_match_their_renders(subjects):
+    by_name = {d.name: d for d in DESIGNS}
+    for s in subjects:
+        for ref, img in zip(s.references, s.images):
+            fresh = render_subject(by_name[s.name], ref.position, ref.background, ref.scale)
+            assert np.abs(fresh.astype(int) - img.astype(int)).mean() < 1.0, (s.name, ref.file)
+
+
+def test_prompts_ask_for_contexts_no_reference_shows(subjects):
+    for s in subjects:
+        ref_bgs = {r.background for r in s.references}
+        ref_pos = {r.position for r in s.references}
+        assert len(s.prompts) >= 4
+        for p in s.prompts:
+            assert p.text.startswith(f"a {TOKEN} {s.noun} on a {p.background} background, ")
+            assert p.text.endswith(p.position)
+            assert p.background not in ref_bgs and p.background not in s.colours
+            assert p.position not in ref_pos
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+
+
+def test_background_and_position_are_read_from_the_references(subjects):
+    for s in subjects:
+        for ref, img in zip(s.references, s.images):
+            assert metrics.background_accuracy(img, ref.background) == 1.0
+            assert metrics.position_accuracy(img, ref.position) == 1.0
+            wrong = next(p for p in world.POSITIONS if p != ref.position)
+            assert metrics.prompt_fidelity(img, ref.background, wrong) == {
+                "background_acc": 1.0, "position_acc": 0.0, "prompt_fidelity": 0.5}
+
+
+def test_metrics_on_world_images_and_blank_images():
+    spec = world.Spec("circle", "red", "large", "bottom left", "green")
+    img = world.render(spec)
+    assert metrics.prompt_fidelity(img, "green", "bottom left")["prompt_fidelity"] == 1.0
+    assert metrics.background_accuracy(img, "blue") == 0.0
+    d = metrics.describe(img)
+    assert metrics.similarity(d, d) == pytest.approx(1.0)
+    assert d.colour.argmax() == world.COLOUR_NAMES.index("red")
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    assert metrics.describe(blank) is None
+    assert metrics.subject_fidelity(blank, [d]) == 0.0 and metrics.position_accuracy(blank, "center") == 0.0
+    with pytest.raises(ValueError, match="unknown colour"):
+        metrics.background_accuracy(img, "teal")
+    with pytest.raises(ValueError, match="expected an"):
+        metrics.describe(img[..., 0])
+
+
+def test_subject_fidelity_scores_references_high_and_other_shapes_low(subjects):
+    """The metric's calibration, stated: with the shipped subjects, a reference scores about 0.83 against its
+    own subject's other references, about 0.05 against other subjects and about 0.10 against plain world
+    shapes of the same class in every colour; every reference scores its own subject highest."""
+    r = metrics.reference_check(subjects)
+    assert r["same_subject"] > 0.75, r
+    assert r["cross_subject"] < 0.15, r
+    assert r["plain_shapes"] < 0.2, r
+    assert r["same_subject"] - max(r["cross_subject"], r["plain_shapes"]) > 0.5, r
+    assert r["own_subject_best"] == 1.0, r
+    # every subject: same > cross for each pair, and plain shapes of any class stay below the subject itself
+    descs = {s.name: [metrics.describe(im) for im in s.images] for s in subjects}
+    for s in subjects:
+        own = np.mean([metrics.subject_fidelity(im, descs[s.name][:k] + descs[s.name][k + 1:]) for k, im in enumerate(s.images)])
+        plain = [metrics.subject_fidelity(im, descs[s.name]) for im in metrics.plain_shapes()]
+        assert max(plain) < own, (s.name, own, max(plain))
+        for o in subjects:
+            if o.name != s.name:
+                assert np.mean([metrics.subject_fidelity(im, descs[o.name]) for im in s.images]) < own - 0.4
+
+
+def test_metrics_are_deterministic(subjects):
+    s = subjects[0]
+    a = metrics.reference_check(subjects[:2])
+    b = metrics.reference_check(subjects[:2])
+    assert a == b
+    descs = [metrics.describe(im) for im in s.images]
+    assert metrics.subject_fidelity(s.images[0], descs) == metrics.subject_fidelity(s.images[0].copy(), descs)
+
+
+# ---- DreamBench metrics from tiny random local weights ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dino_dir(tmp_path_factory):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = tmp_path_factory.mktemp("dino")
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                    image_size=32, patch_size=8)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from pipelines import clip_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = tmp_path_factory.mktemp("clip")
+    tok = clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 24, "eos_token_id": len(tok) - 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+def test_dreambench_metrics_from_local_folders(subjects, dino_dir, clip_dir):
+    from edgeblock.eval.dreambench import DreamBench, strip_token
+
+    bench = DreamBench(dino_dir, clip_dir)
+    refs = subjects[0].images
+    out = bench.score(refs[:2], refs[:1], ["a sks star on a green background, top", "a sks star"])
+    assert set(out) == {"dino", "clip_i", "clip_t"}
+    assert all(v.shape == (2,) and np.all(np.abs(v) <= 1.0 + 1e-5) for v in out.values())
+    assert out["dino"][0] == pytest.approx(1.0, abs=1e-5)  # an image against itself
+    assert out["clip_i"][0] == pytest.approx(1.0, abs=1e-5)
+    again = bench.score(refs[:2], refs[:1], ["a sks star on a green background, top", "a sks star"])
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+    assert strip_token("a sks star on a green background, top") == "a star on a green background, top"
+    assert set(DreamBench(dino_dir, None).score(refs[:1], refs, ["a sks star"])) == {"dino"}
+
+
+def test_dreambench_refuses_a_folder_without_weights(tmp_path):
+    from edgeblock.eval.dreambench import DreamBench
+
+    with pytest.raises(ValueError, match="local transformers model folder"):
+        DreamBench(dino=str(tmp_path))
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_model(tmp_path_factory):
+    """`builtin` where its weights are committed, else a random model laid out like it (behaviour only)."""
+    from pixel_models import builtin_present, tiny_pixel_model
+
+    if builtin_present():
+        return "builtin"
+    return tiny_pixel_model(tmp_path_factory.mktemp("pixel-model"))
+
+
+@pytest.mark.slow
+def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, clip_dir, capsys):
+    from edgeblock.cli import main
+    from edgeblock.eval.run import ROWS
+
+    out = tmp_path / "eval"
+    rc = main(["eval", "--out", str(out), "--model", eval_model, "--quick", "--quiet",
+               "--dino", dino_dir, "--clip", clip_dir])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["rows"]) == list(ROWS)
+    for name, row in res["rows"].items():
+        for k in ("subject_fidelity", "prompt_fidelity", "background_acc", "position_acc"):
+            assert 0.0 <= row[k] <= 1.0, (name, k, row[k])
+        for k in ("dino", "clip_i", "clip_t"):
+            assert -1.0 <= row[k] <= 1.0, (name, k, row[k])
+        assert row["total_s"] > 0
+        if name == "base":
+            assert row["peak_train_mib"] is None and row["step_s"] is None
+        else:
+            assert row["peak_train_mib"] > 0 and row["step_s"] > 0 and np.isfinite(row["final_loss"])
+    # the method's memory claim holds even here: skipping blocks and training on patches holds less
+    rows = res["rows"]
+    assert rows["blockskip"]["peak_train_mib"] < rows["skip"]["peak_train_mib"] < rows["standard_lora"]["peak_train_mib"]
+    assert rows["patch"]["peak_train_mib"] < rows["standard_lora"]["peak_train_mib"]
+    assert set(res["targets"]) >= {"subject_fidelity_ratio", "prompt_fidelity_diff", "met"}
+    assert res["reference_check"]["same_subject"] > res["reference_check"]["cross_subject"]
+    ((name, subj),) = res["per_subject"].items()
+    assert len(subj["prompts"]) == 2 and len(subj["blocks"]) == 2 and len(subj["block_scores"]) > 2
+    md = (out / "results.md").read_text()
+    assert "| row |" in md and all(f"| {r} |" in md for r in ROWS)
+    with Image.open(out / "grid.png") as g:
+        assert g.width >= 120 + 5 * 128 and g.height >= 6 * 128
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_eval_refuses_models_it_cannot_generate_with(tmp_path, capsys):
+    from edgeblock.cli import main
+
+    rc = main(["eval", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "missing"), "--quick", "--quiet"])
+    assert rc == 2 and "no such directory" in capsys.readouterr().err
+    (tmp_path / "pipe" / "transformer").mkdir(parents=True)
+    (tmp_path / "pipe" / "transformer" / "config.json").write_text("{}")
+    rc = main(["eval", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "pipe"), "--quick", "--quiet"])
+    assert rc == 2 and "built-in model family" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsys):
+    from edgeblock.cli import main
+
+    rc = main(["eval", "--out", str(tmp_path / "o"), "--model", eval_model, "--quick", "--quiet", "--blocks", "0,99"])
+    assert rc == 2 and "--blocks [0, 99]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        from edgeblock.eval.run import EvalConfig
+
+        EvalConfig.make("builtin", quick=True, steps=0)
+
+
+def test_score_agrees_with_the_separate_metrics(subjects):
+    s = subjects[1]
+    refs = [metrics.describe(im) for im in s.images[1:]]
+    img, ref = s.images[0], s.references[0]
+    got = metrics.score(img, refs, ref.background, "center")
+    assert got["subject_fidelity"] == metrics.subject_fidelity(img, refs)
+    assert {k: got[k] for k in ("background_acc", "position_acc", "prompt_fidelity")} == metrics.prompt_fidelity(
+        img, ref.background, "center")
+
+
+def test_largest_component_is_eight_connected():
+    m = np.zeros((8, 8), bool)
+    m[1, 1] = m[2, 2] = m[3, 3] = True  # a diagonal: one region of 3
+    m[6, 0:2] = True  # a separate region of 2
+    out = metrics._largest_component(m)
+    assert out.sum() == 3 and out[1, 1] and out[3, 3] and not out[6, 0]
+    assert not metrics._largest_component(np.zeros((4, 4), bool)).any()
