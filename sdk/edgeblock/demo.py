@@ -20,31 +20,8 @@ from tqdm import tqdm
 
 log = logging.getLogger("edgeblock.demo")
 
-# The demo's subject: a two-colour design the shapes world never draws.
-SUBJECT_NOUN = "star"
-PROMPTS = [
-    "a sks star on a green background, center",
-    "a sks star on a yellow background, top left",
-    "a red circle on a blue background, center",
-]
-
-
-def subject_images(n: int = 5, size: int = 64, seed: int = 0) -> np.ndarray:
-    """A purple star with a white ring inside it, at varied places on varied backgrounds: (N, H, W, 3) in [-1, 1]."""
-    from PIL import Image, ImageDraw
-
-    from .builtin import world
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        spec = world.Spec("star", "purple", "large", world.POSITIONS[[0, 2, 4, 6, 8][k % 5]], ["orange", "blue", "white", "green", "black"][k % 5])
-        img = Image.fromarray(world.render(spec, size))
-        cx, cy = world.position_centre(spec.position, size)
-        r = world.SIZE_FRAC["large"] * size * 0.45 * (1 + 0.1 * rng.standard_normal())
-        ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], outline=(245, 245, 245), width=2)
-        out.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    return np.stack(out)
+# The demo's subject: one of the held-out eval subjects (a purple star with a white ring inside).
+SUBJECT = "ringstar"
 
 
 def _save_grid(images: np.ndarray, path: str, scale: int = 3) -> None:
@@ -82,15 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     loaded = load_model("builtin")
     adapter = loaded.adapter
+    from .eval.subjects import load_subjects
+
     text = load_text_stack("builtin")
-    images = subject_images()
+    subject = load_subjects(names=[SUBJECT])[0]
+    images = subject.model_images()
+    prompts = [p.text for p in subject.prompts[:3]] + ["a red circle on a blue background, center"]
     _save_grid(images, os.path.join(args.out, "subject.png"))
     print(f"[1/4] model: built-in FLUX-architecture DiT, {adapter.param_count() / 1e6:.2f}M parameters, {adapter.num_blocks} blocks")
 
     # Selection: mask the subject token and class noun, one block at a time.
-    sentence = f"a sks {SUBJECT_NOUN}"
+    sentence = subject.train_prompt
     cond = text.encode([sentence])
-    positions = text.positions(sentence, ["sks", SUBJECT_NOUN])
+    positions = text.positions(sentence, ["sks", subject.noun])
     latents = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     items = [CalibrationItem(latents[i : i + 1], cond, positions) for i in range(3)]
     with tqdm(total=len(items) * 3 * 2, desc="[2/4] selection", unit="draw") as bar:
@@ -120,16 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # Generation with and without the adapter: the trained blocks are drop-in replacements.
     from .builtin.pipeline import generate, load_builtin
+    from .eval.run import swapped_blocks
 
     transformer, encoder = load_builtin()
-    base = generate(transformer, encoder, PROMPTS, seed=1, steps=20, guidance=3.0, return_float=True)
-    for i in blocks:
-        lst, j = adapter.block_names[i].split(".")
-        getattr(transformer, lst)[int(j)] = trainer.net.blocks[str(i)]
-    tuned = generate(transformer, encoder, PROMPTS, seed=1, steps=20, guidance=3.0, return_float=True)
+    base = generate(transformer, encoder, prompts, seed=1, steps=20, guidance=3.0, return_float=True)
+    with swapped_blocks(transformer, adapter.block_names, {i: trainer.net.blocks[str(i)] for i in blocks}):
+        tuned = generate(transformer, encoder, prompts, seed=1, steps=20, guidance=3.0, return_float=True)
     _save_grid(base.permute(0, 2, 3, 1).numpy(), os.path.join(args.out, "generate_base.png"))
     _save_grid(tuned.permute(0, 2, 3, 1).numpy(), os.path.join(args.out, "generate_adapter.png"))
-    print(f"      prompts: {PROMPTS}")
+    print(f"      prompts: {prompts}")
 
     if not args.skip_bench:
         from .bench import memory
