@@ -1,0 +1,436 @@
+"""ONNX Runtime training artifacts for the block-skip training graph, and a host-side runner.
+
+The training graph is the torch BlockSkipModel step at the fixed training shape:
+trainable blocks (LoRA) + residual adds + epilogue + MSE loss against `target`,
+exported with TrainingMode.TRAINING, constant folding off, opset 15 (LayerNorm
+then exports as basic ops: ORT's gradient builder fails on a one-output
+LayerNormalization). `generate_artifacts` then adds the gradient graph with only
+the LoRA parameters the loss can reach trainable, and an AdamW optimizer model
+that is torch.optim.AdamW (ORT's AdamWOptimizer in adam_mode 0; the stock block
+is the Hugging Face variant, adam_mode 1, eps 1e-6, no weight decay).
+
+Graph inputs (by name, see onnx_export for the conventions): `state.<slot>` (the
+state entering the first trainable block), the `ctx.*` tensors the graph reads,
+`gap_<s>_<e>.<slot>` (summed residuals, segment order), `target`. Output: `loss`.
+Trainable parameters carry the published LoRA names
+(`transformer_blocks.3.attn.to_q.lora_A.weight`), as in trainable/infer.onnx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from ..method.blockskip import BlockSkipModel, Precomputed, SkipPlan
+from ..method.lora import LoRASpec
+from ..models.base import DiTAdapter
+from .onnx_export import (
+    EXTERNAL_DATA_THRESHOLD,
+    MAX_IR_VERSION,
+    CtxLayout,
+    _np,
+    export_module,
+    flatten_state,
+    gap_prefix,
+    lora_name,
+    save_onnx,
+)
+
+TRAIN_OPSET = 15
+ARTIFACTS = {
+    "training": "training_model.onnx",
+    "eval": "eval_model.onnx",
+    "optimizer": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",
+}
+SPEC_FILE = "training_spec.json"
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    """torch.optim.AdamW's defaults; the ORT optimizer model is built with the same numbers."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+    def torch(self, params) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+
+def _blocks():
+    from onnxruntime.training import onnxblock
+    from onnxruntime.training.onnxblock.optim.optim import AdamWOptimizer
+
+    class _TorchAdamWOptimizer(AdamWOptimizer):
+        """AdamWOptimizer node in adam_mode 0: PyTorch's AdamW (decay before the update, bias
+        correction on m and v), where the stock block writes adam_mode 1 (Hugging Face)."""
+
+        def build(self, learning_rate_name, step_name, parameter_sequence_name, gradient_sequence_name,
+                  first_order_moment_sequence_name, second_order_moment_sequence_name):
+            from onnxruntime.training.onnxblock import _graph_utils
+
+            return self._build_optimizer_node(
+                [learning_rate_name, step_name, parameter_sequence_name, gradient_sequence_name,
+                 first_order_moment_sequence_name, second_order_moment_sequence_name],
+                _graph_utils.generate_graph_name("adamw.updated_flag"),
+                "AdamWOptimizer",
+                {
+                    "alpha": self._betas[0], "beta": self._betas[1], "epsilon": self._eps,
+                    "weight_decay": self._weight_decay, "correct_bias": 1 if self._bias_correction else 0,
+                    "adam_mode": 0,
+                },
+            )
+
+    class TorchAdamW(onnxblock.optim.AdamW):
+        def __init__(self, cfg: AdamWConfig):
+            super().__init__(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            self._adamw = _TorchAdamWOptimizer(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+    class OutputLoss(onnxblock.Block):
+        """The loss is already an output of the exported graph: pick it by name (the stock
+        MSELoss block would take the first graph output, whatever it is)."""
+
+        def __init__(self, name: str = "loss"):
+            super().__init__()
+            self._name = name
+
+        def build(self, *outputs: str) -> str:
+            if self._name not in outputs:
+                raise ValueError(f"the training graph has no output {self._name!r} (outputs: {outputs})")
+            return self._name
+
+    return TorchAdamW, OutputLoss
+
+
+@dataclass
+class TrainingSpec:
+    """What generate_artifacts produced and how to feed it (JSON-able; saved as training_spec.json)."""
+
+    artifact_dir: str
+    inputs: list[str]  # user inputs of the training graph, in order
+    input_shapes: dict[str, list[int]]
+    requires_grad: list[str]  # trainable LoRA parameters (published names)
+    frozen: list[str]  # every other parameter in the checkpoint
+    unreachable: list[str]  # LoRA parameters the loss cannot reach (not trainable)
+    lora: dict[str, dict[str, Any]]  # published LoRA name -> {block, param, shape}
+    gaps: list[str]  # gap_<s>_<e> prefixes, segment order
+    opset: int = TRAIN_OPSET
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=lambda: dict(ARTIFACTS))
+
+    def path(self, what: str) -> str:
+        return os.path.join(self.artifact_dir, self.files[what])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self) -> str:
+        p = os.path.join(self.artifact_dir, SPEC_FILE)
+        with open(p, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        return p
+
+    @classmethod
+    def load(cls, artifact_dir: str) -> TrainingSpec:
+        with open(os.path.join(artifact_dir, SPEC_FILE)) as f:
+            d = json.load(f)
+        d["artifact_dir"] = artifact_dir
+        return cls(**d)
+
+    def feeds(self, pre: Precomputed) -> dict[str, np.ndarray]:
+        """The training graph's inputs from one precomputed chunk."""
+        named = training_inputs(pre, self.gaps)
+        missing = [n for n in self.inputs if n not in named]
+        if missing:
+            raise KeyError(f"precomputed chunk lacks {missing}")
+        return {n: _np(named[n]).astype(np.float32, copy=False) for n in self.inputs}
+
+
+def training_inputs(pre: Precomputed, gaps: Sequence[str]) -> dict[str, Tensor]:
+    named = flatten_state(pre.entry)
+    named.update(CtxLayout.of(pre.ctx).tensors(pre.ctx, with_hw=False))
+    for key, r in zip(gaps, pre.residuals):
+        named.update(flatten_state(r, key))
+    named["target"] = pre.target
+    return named
+
+
+def reachable_lora(net: BlockSkipModel, pre: Precomputed, seed: int = 0) -> tuple[list[str], list[str]]:
+    """LoRA parameters (BlockSkipModel names) that do / do not influence the loss.
+
+    One autograd step with every LoRA tensor temporarily random (with B = 0 every
+    A would get a zero gradient): a parameter is unreachable when its gradient
+    is None (no path: e.g. the text-stream output LoRA of a block whose text
+    output the loss never reads) or exactly zero everywhere (a path that carries
+    nothing: e.g. the text-query LoRA of SD3's context-pre-only last block, whose
+    text outputs are dropped after the joint attention). Values are restored.
+    """
+    params = dict(net.lora_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    g = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for n in sorted(params):
+                params[n].copy_(torch.randn(params[n].shape, generator=g) * 0.05)
+        with torch.enable_grad():
+            loss = torch.nn.functional.mse_loss(net(pre), pre.target)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    reach = [n for n, gr in zip(params, grads) if gr is not None and bool(gr.abs().max() > 0)]
+    return reach, [n for n in params if n not in reach]
+
+
+@contextlib.contextmanager
+def _quiet_ort(severity: int = 3):
+    """generate_artifacts and Module loading log at INFO/WARNING through ORT's default logger."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(severity)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # ORT's default (WARNING); there is no getter
+
+
+def _published(adapter: DiTAdapter, module_name: str) -> str:
+    """`3.attn.to_q.lora_A.default.weight` (BlockSkipModel.lora_parameters) -> published LoRA name."""
+    i, rest = module_name.split(".", 1)
+    return lora_name(adapter, int(i), rest)
+
+
+def export_training_artifacts(
+    adapter: DiTAdapter,
+    plan: SkipPlan,
+    lora: LoRASpec,
+    pre: Precomputed,
+    out_dir: str,
+    *,
+    net: BlockSkipModel | None = None,
+    optimizer: AdamWConfig = AdamWConfig(),
+    external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    keep_base: bool = False,
+) -> TrainingSpec:
+    """Export the training graph at the shapes of `pre` and generate the ORT training artifacts in out_dir.
+
+    `net` carries the LoRA initialisation (default: a fresh BlockSkipModel, B = 0);
+    its current LoRA values go into the checkpoint. Writes training_model.onnx,
+    eval_model.onnx, optimizer_model.onnx, checkpoint and training_spec.json
+    (plus base_model.onnx, the exported forward + loss, with keep_base).
+    """
+    import shutil
+    import tempfile
+
+    base_dir = out_dir if keep_base else tempfile.mkdtemp(prefix="edgeblock-train-")
+    try:
+        return _export_training(adapter, plan, lora, pre, out_dir, net, optimizer, external_threshold, base_dir)
+    finally:
+        if not keep_base:
+            shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def _export_training(adapter, plan, lora, pre, out_dir, net, optimizer, external_threshold, base_dir) -> TrainingSpec:
+    from onnxruntime.training import artifacts
+
+    net = net or BlockSkipModel(adapter, plan, lora)
+    if net.plan != plan:
+        raise ValueError(f"net is for plan {net.plan.trainable}, not {plan.trainable}")
+    os.makedirs(out_dir, exist_ok=True)
+    gaps = [gap_prefix(s.start, s.end) for s in plan.segments() if s.kind == "gap"]
+    layout = CtxLayout.of(pre.ctx)
+    example = training_inputs(pre, gaps)
+
+    def fn(named: dict[str, Tensor]) -> dict[str, Tensor]:
+        state = tuple(None if t is None else named[f"state.{slot}"] for slot, t in zip(("image", "text"), pre.entry))
+        rs = [tuple(None if t is None else named[f"{key}.{slot}"] for slot, t in zip(("image", "text"), r)) for key, r in zip(gaps, pre.residuals)]
+        pred = net.run(state, layout.rebuild(named, dynamic=False), rs)
+        return {"loss": torch.nn.functional.mse_loss(pred, named["target"])}
+
+    reach, unreach = reachable_lora(net, pre)
+    module_names = list(net.lora_parameters())
+    rename = {f"parts.net.blocks.{n}": _published(adapter, n) for n in module_names}
+    base_path = os.path.join(base_dir, "base_model.onnx")
+    was_training = net.training
+    try:
+        inputs, _, _, external, _ = export_module(
+            fn, example, base_path, parts={"net": net, "epilogue": adapter.shell}, opset=TRAIN_OPSET, training=True,
+            dynamic=False, rename=rename, external_threshold=external_threshold, adapter=adapter,
+        )
+    finally:
+        net.train(was_training)
+
+    model = onnx.load(base_path)
+    published = {n: _published(adapter, n) for n in module_names}
+    inits = {t.name for t in model.graph.initializer}
+    # LoRA tensors the exporter dropped (no path to the loss) still belong to the adapter, and in
+    # generation they may act (e.g. a text-stream LoRA before blocks that training skips): keep them
+    # as frozen, unused initializers so that the checkpoint holds every LoRA tensor of the adapter.
+    lora_values = net.lora_parameters()
+    missing = [n for n in module_names if published[n] not in inits]
+    for n in missing:
+        model.graph.initializer.append(onnx.numpy_helper.from_array(lora_values[n].detach().numpy().copy(), published[n]))
+        inits.add(published[n])
+    if missing:
+        external = save_onnx(model, base_path, external_threshold)
+    requires_grad = [published[n] for n in reach if published[n] in inits]
+    lost = [published[n] for n in reach if published[n] not in inits]
+    if lost:
+        raise RuntimeError(f"LoRA parameters {lost[:5]} reach the loss in torch but are not initializers of the exported graph")
+    params = {f"parts.net.{n}" for n, _ in net.named_parameters()} | {f"parts.epilogue.{n}" for n, _ in adapter.shell.named_parameters()}
+    params |= set(published.values())
+    frozen = [n for n in (t.name for t in model.graph.initializer) if n in params and n not in requires_grad]
+    if not requires_grad:
+        raise ValueError("no LoRA parameter reaches the loss: nothing to train")
+
+    TorchAdamW, OutputLoss = _blocks()
+    with _quiet_ort(), _cwd(base_dir if external else None), _stderr_to_log():
+        # With a path (graphs over 2 GB) onnxblock writes temp.onnx(.data) into the cwd: keep it out of out_dir.
+        artifacts.generate_artifacts(
+            base_path if external else model,
+            requires_grad=requires_grad,
+            frozen_params=frozen,
+            loss=OutputLoss("loss"),
+            optimizer=TorchAdamW(optimizer),
+            artifact_directory=out_dir,
+        )
+    for what in ("training", "eval", "optimizer"):
+        p = os.path.join(out_dir, ARTIFACTS[what])
+        m = onnx.load(p, load_external_data=False)
+        if m.ir_version > MAX_IR_VERSION:  # ORT 1.19.2 refuses newer IR (FACTS)
+            m.ir_version = MAX_IR_VERSION
+            onnx.save_model(m, p)
+
+    shapes = {n: list(example[n].shape) for n in inputs}
+    lora_desc = {}
+    for n, p in net.lora_parameters().items():
+        i, rest = n.split(".", 1)
+        lora_desc[published[n]] = {"block": int(i), "param": rest, "shape": list(p.shape)}
+    spec = TrainingSpec(
+        artifact_dir=out_dir, inputs=inputs, input_shapes=shapes, requires_grad=requires_grad, frozen=frozen,
+        unreachable=[published[n] for n in unreach], lora=lora_desc, gaps=gaps,
+        optimizer={"type": "AdamW", "adam_mode": 0, **asdict(optimizer)},
+    )
+    spec.save()
+    return spec
+
+
+@contextlib.contextmanager
+def _stderr_to_log():
+    """The gradient-graph builder logs every graph transformer at INFO straight to fd 2, whatever
+    the Python-side severity: send fd 2 to a temporary file for the duration; on failure the
+    error carries the log's tail."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except Exception as e:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            log.seek(0)
+            tail = log.read()[-4000:].decode(errors="replace")
+            raise RuntimeError(f"generate_artifacts failed: {e}\n--- ORT log tail ---\n{tail}") from e
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _cwd(path: str | None):
+    if path is None:
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+class OrtTrainer:
+    """Runs the artifacts with onnxruntime.training.api (CheckpointState, Module, Optimizer).
+
+    In ORT 1.19.2 that import pulls in torch (its amp/optim subpackages); fine on
+    the host. The device side (edge_runtime, no torch) calls the same C API
+    through onnxruntime.capi._pybind_state (load_checkpoint, Module, Optimizer,
+    save_checkpoint) directly.
+    """
+
+    def __init__(self, artifact_dir: str, lr: float | None = None, device: str = "cpu"):
+        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+        self.spec = TrainingSpec.load(artifact_dir)
+        self.state = CheckpointState.load_checkpoint(self.spec.path("checkpoint"))
+        with _quiet_ort():  # "Removing initializer ... not used" warnings of the gradient graph
+            self.module = Module(self.spec.path("training"), self.state, self.spec.path("eval"), device=device)
+            self.optimizer = Optimizer(self.spec.path("optimizer"), self.module)
+        self.optimizer.set_learning_rate(self.spec.optimizer.get("lr", 1e-3) if lr is None else lr)
+        self._names = self.module.input_names()
+
+    def _args(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(_np(feeds[n]), dtype=np.float32) for n in self._names]
+
+    def loss_and_grads(self, feeds: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
+        """Forward + backward without an optimizer step; gradients of the trainable LoRA tensors."""
+        self.module.train()
+        self.module.lazy_reset_grad()
+        loss = float(self.module(*self._args(feeds)))
+        grads = {n: np.array(self.state.parameters[n].grad) for n in self.spec.requires_grad}
+        self.module.lazy_reset_grad()
+        return loss, grads
+
+    def step(self, feeds: Mapping[str, Any]) -> float:
+        """One training step (forward, backward, AdamW); returns the loss before the update."""
+        self.module.train()
+        loss = float(self.module(*self._args(feeds)))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return loss
+
+    def eval_loss(self, feeds: Mapping[str, Any]) -> float:
+        self.module.eval()
+        return float(self.module(*self._args(feeds)))
+
+    def lora_weights(self) -> dict[str, np.ndarray]:
+        """Every LoRA tensor by published name (trainable ones as trained, unreachable ones as initialised)."""
+        return {n: np.array(self.state.parameters[n].data) for n in self.spec.lora if n in self.state.parameters}
+
+    def set_lora_weights(self, weights: Mapping[str, Any]) -> None:
+        for n, v in weights.items():
+            self.state.parameters[n] = np.ascontiguousarray(_np(v), dtype=np.float32)
+
+    def save(self, path: str, include_optimizer_state: bool = True) -> None:
+        from onnxruntime.training.api import CheckpointState
+
+        CheckpointState.save_checkpoint(self.state, path, include_optimizer_state=include_optimizer_state)
+
+
+def load_lora_into(net: BlockSkipModel | nn.Module, adapter: DiTAdapter, weights: Mapping[str, Any]) -> None:
+    """Copy published-name LoRA weights into a BlockSkipModel."""
+    params = dict(net.lora_parameters()) if hasattr(net, "lora_parameters") else {}
+    by_pub = {_published(adapter, n): p for n, p in params.items()}
+    unknown = [n for n in weights if n not in by_pub]
+    if unknown:
+        raise KeyError(f"LoRA tensors {unknown[:5]} are not in the model")
+    with torch.no_grad():
+        for n, v in weights.items():
+            by_pub[n].copy_(torch.as_tensor(np.asarray(_np(v))))
