@@ -1,0 +1,129 @@
+"""The device bundle's manifest.json: schema, writing and validation (numpy-free, torch-free).
+
+The host compiler writes it, the daemon validates it on load: an unknown
+schema version, a missing field or a file whose sha256 differs is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TARGETS = ("cpu", "orin-nano-8gb", "orin-nx-16gb", "agx-orin-32gb", "agx-orin-64gb")
+REQUIRED = (
+    "schema_version",
+    "family",
+    "blocks",
+    "trainable",
+    "train_res",
+    "gen_res",
+    "scheduler",
+    "patch_schedule",
+    "lora",
+    "target",
+    "files",
+)
+
+
+class ManifestError(ValueError):
+    """A bundle that cannot be used: the message says which field or file and why."""
+
+
+@dataclass
+class Manifest:
+    family: str
+    blocks: list[dict[str, Any]]  # [{"index", "name", "role": "trainable" | "frozen", "group"}]
+    trainable: list[int]
+    train_res: int
+    gen_res: int
+    scheduler: dict[str, Any]
+    patch_schedule: dict[str, Any]
+    lora: dict[str, Any]
+    target: str = "cpu"
+    graphs: dict[str, Any] = field(default_factory=dict)  # name -> graph description (inputs, outputs ...)
+    model: dict[str, Any] = field(default_factory=dict)  # source, parameter count, config
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(bundle: str) -> dict[str, str]:
+    """sha256 of every file under the bundle except the manifest, keyed by relative POSIX path."""
+    out = {}
+    for root, _, names in os.walk(bundle):
+        for n in sorted(names):
+            full = os.path.join(root, n)
+            rel = os.path.relpath(full, bundle).replace(os.sep, "/")
+            if rel != MANIFEST:
+                out[rel] = sha256_file(full)
+    return dict(sorted(out.items()))
+
+
+def write_manifest(bundle: str, manifest: Manifest) -> str:
+    """Hash the bundle's files into the manifest and write it atomically."""
+    manifest.files = hash_files(bundle)
+    validate_fields(manifest.to_dict())
+    path = os.path.join(bundle, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def validate_fields(d: dict[str, Any]) -> None:
+    version = d.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"manifest schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ManifestError(f"manifest lacks fields {missing}")
+    if d["target"] not in TARGETS:
+        raise ManifestError(f"manifest target {d['target']!r} is not one of {TARGETS}")
+    n = len(d["blocks"])
+    bad = [b for b in d["trainable"] if not isinstance(b, int) or not 0 <= b < n]
+    if not d["trainable"] or bad:
+        raise ManifestError(f"manifest trainable blocks {d['trainable']} must be a non-empty subset of 0..{n - 1}")
+    for k in ("train_res", "gen_res"):
+        if not isinstance(d[k], int) or d[k] <= 0:
+            raise ManifestError(f"manifest {k} must be a positive integer, got {d[k]!r}")
+
+
+def load_manifest(bundle: str, verify_files: bool = True) -> Manifest:
+    """Read and validate a bundle's manifest; with verify_files, every listed file must match its sha256."""
+    path = os.path.join(bundle, MANIFEST)
+    if not os.path.exists(path):
+        raise ManifestError(f"{bundle} is not a bundle: no {MANIFEST}")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}")
+    validate_fields(d)
+    if verify_files:
+        for rel, digest in d["files"].items():
+            full = os.path.join(bundle, *rel.split("/"))
+            if not os.path.exists(full):
+                raise ManifestError(f"bundle file {rel} listed in the manifest is missing")
+            got = sha256_file(full)
+            if got != digest:
+                raise ManifestError(f"bundle file {rel} is corrupt: sha256 {got[:12]}... differs from the manifest's {digest[:12]}...")
+    known = {f for f in Manifest.__dataclass_fields__}
+    return Manifest(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,71 @@
+"""The bundle manifest: written with hashes, refused when its version, fields or files are wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_runtime.manifest import SCHEMA_VERSION, Manifest, ManifestError, load_manifest, write_manifest
+
+
+def _bundle(tmp_path):
+    (tmp_path / "frozen").mkdir()
+    (tmp_path / "frozen" / "group_00.onnx").write_bytes(b"graph-bytes")
+    (tmp_path / "prologue.onnx").write_bytes(b"prologue")
+    m = Manifest(
+        family="flux",
+        blocks=[{"index": i, "name": f"b{i}", "role": "trainable" if i in (1, 2) else "frozen"} for i in range(4)],
+        trainable=[1, 2],
+        train_res=32,
+        gen_res=64,
+        scheduler={"kind": "flow"},
+        patch_schedule={"kind": "linear", "f_min": 0.5, "f_max": 1.0, "levels": 3},
+        lora={"rank": 4, "alpha": 4.0},
+    )
+    write_manifest(str(tmp_path), m)
+    return tmp_path
+
+
+def test_round_trip_with_hashes(tmp_path):
+    b = _bundle(tmp_path)
+    m = load_manifest(str(b))
+    assert m.schema_version == SCHEMA_VERSION and m.trainable == [1, 2]
+    assert set(m.files) == {"frozen/group_00.onnx", "prologue.onnx"}
+    assert all(len(h) == 64 for h in m.files.values())
+
+
+def test_corrupt_file_is_named(tmp_path):
+    b = _bundle(tmp_path)
+    (b / "frozen" / "group_00.onnx").write_bytes(b"graph-bytez")
+    with pytest.raises(ManifestError, match="frozen/group_00.onnx is corrupt"):
+        load_manifest(str(b))
+    load_manifest(str(b), verify_files=False)  # the fields alone still validate
+
+
+def test_missing_file_and_unknown_version(tmp_path):
+    b = _bundle(tmp_path)
+    (b / "prologue.onnx").unlink()
+    with pytest.raises(ManifestError, match="prologue.onnx listed in the manifest is missing"):
+        load_manifest(str(b))
+    d = json.loads((b / "manifest.json").read_text())
+    d["schema_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
+        load_manifest(str(b), verify_files=False)
+
+
+@pytest.mark.parametrize("field,value,msg", [("trainable", [], "non-empty"), ("trainable", [7], "non-empty subset"),
+                                              ("target", "xavier", "not one of"), ("gen_res", 0, "positive")])
+def test_bad_fields_are_refused(tmp_path, field, value, msg):
+    b = _bundle(tmp_path)
+    d = json.loads((b / "manifest.json").read_text())
+    d[field] = value
+    (b / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=msg):
+        load_manifest(str(b), verify_files=False)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(ManifestError, match="is not a bundle"):
+        load_manifest(str(tmp_path))
