@@ -111,6 +111,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compile.bundle import CompileOptions, compile_bundle
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    opts = CompileOptions(
+        model=args.model, out=args.out, blocks=args.blocks, selection=args.selection, target=args.target,
+        train_res=args.train_res, gen_res=args.gen_res, lora_rank=args.lora_rank, precision=args.precision,
+        verify=False if args.no_verify else None, seed=args.seed,
+    )
+    compile_bundle(opts, progress=print)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeblock", description="On-device DiT personalization (DiT-BlockSkip)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -162,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=3.0)
     g.add_argument("--adapter", default=None, help="LoRA adapter .safetensors (edgeblock format)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("compile", help="compile a model into a verified device bundle (ONNX, ORT training, TensorRT plan)")
+    c.add_argument("--model", required=True, help="`builtin` or a local diffusers pipeline directory")
+    c.add_argument("--out", required=True, help="bundle directory (new, empty, or an existing bundle to update)")
+    c.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks, e.g. 3,4 (default: run selection)")
+    c.add_argument("--selection", default=None, help="a selection.json written by `edgeblock select`")
+    c.add_argument("--target", default="cpu", choices=["cpu", "orin-nano-8gb", "orin-nx-16gb", "agx-orin-32gb", "agx-orin-64gb"])
+    c.add_argument("--train-res", type=int, default=None, help="training crop side in pixels (default: half of --gen-res)")
+    c.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the model's)")
+    c.add_argument("--lora-rank", type=int, default=4)
+    c.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="TensorRT engine precision (ONNX graphs are fp32)")
+    c.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch verification")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_compile)
     return p
 
 

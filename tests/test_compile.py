@@ -1,0 +1,151 @@
+"""`edgeblock compile` on tiny saved pipelines: bundle layout, manifest, verification numbers, reuse,
+and bad input (clear error, exit 2, nothing left behind)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from edgeblock.cli import main
+from edgeblock.compile import bundle as bd
+from pipelines import make_tiny_pipeline
+
+from edge_runtime.manifest import ManifestError, load_manifest
+
+pytest.importorskip("onnxruntime.training")
+
+REL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {f: make_tiny_pipeline(f, root / f) for f in ("flux", "pixart")}
+
+
+def _leftovers(parent, name):
+    return [n for n in os.listdir(parent) if n.startswith(f".{name}.")]
+
+
+def _plan(out):
+    with open(os.path.join(out, "engines", "plan.json")) as f:
+        return json.load(f)
+
+
+def _check_bundle(out, m, verification):
+    assert m.files and all(os.path.exists(os.path.join(out, *p.split("/"))) for p in m.files)
+    for name, g in m.graphs.items():
+        if name != "training":
+            assert g["path"] in m.files, name
+    assert "engines/plan.json" in m.files and "trainable/checkpoint" in m.files
+    assert {"trainable/training_model.onnx", "trainable/eval_model.onnx", "trainable/optimizer_model.onnx"} <= set(m.files)
+    assert all(b["role"] == ("trainable" if b["index"] in m.trainable else "frozen") for b in m.blocks)
+    assert set(m.model["not_exported"]) >= {"text_encoder", "tokenizer"}
+    assert not any(p.startswith(("text_encoder", "vae_")) for p in m.files)  # nothing faked
+    v = verification
+    assert v["ok"] and all(g["max_rel"] <= REL for g in v["graphs"].values())
+    assert set(v["graphs"]) == {g["path"] for n, g in m.graphs.items() if n != "training"}
+    assert all(c["max_rel"] <= REL for c in v["chain"].values())
+    assert v["training"]["loss_rel"] <= REL and v["training"]["grad_max_rel"] <= REL
+    assert v["training"]["curve_max_rel"] <= 0.01
+    assert m.model["verification"] == json.loads(json.dumps(v))
+
+
+def test_flux_bundle_verify_reuse_and_rebuild(pipes, tmp_path, capsys):
+    out = str(tmp_path / "bundle")
+    opts = bd.CompileOptions(pipes["flux"], out, blocks=(1,), gen_res=64, train_res=32, lora_rank=2)
+    r = bd.compile_bundle(opts)
+    assert not r.up_to_date and not _leftovers(tmp_path, "bundle")
+    m = load_manifest(out)
+    assert m.family == "flux" and m.trainable == [1] and (m.train_res, m.gen_res) == (32, 64)
+    assert [b["group"] for b in m.blocks] == ["frozen/group_00", "trainable/infer", "frozen/group_01"]
+    assert m.scheduler and m.patch_schedule["f_min"] == 0.5
+    assert m.lora["rank"] == 2 and m.target == "cpu"
+    _check_bundle(out, m, r.verification)
+    plan = _plan(out)
+    assert [g["onnx"] for g in plan["groups"]] == ["frozen/group_00.onnx", "frozen/group_01.onnx"]
+    g0 = plan["groups"][0]
+    assert g0["refittable"] and g0["precision"] == "fp32" and "TensorRT" in plan["note"]
+    assert g0["onnx_sha256"] == m.files["frozen/group_00.onnx"]
+    tr, gen = g0["profiles"]["training"]["state.image"], g0["profiles"]["generation"]["state.image"]
+    assert tr["min"] == tr["max"] == [1, 4, 32]  # 32 px -> latent 4 -> 2x2 tokens of width 32
+    assert gen["min"][0] == 1 and gen["max"][0] == 2 and gen["opt"][1] == 16
+
+    # unchanged model and arguments: a no-op, through the CLI too
+    before = os.stat(os.path.join(out, "manifest.json")).st_mtime_ns
+    assert bd.compile_bundle(opts).up_to_date
+    capsys.readouterr()
+    assert main(["compile", "--model", pipes["flux"], "--out", out, "--blocks", "1", "--gen-res", "64",
+                 "--train-res", "32", "--lora-rank", "2"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert os.stat(os.path.join(out, "manifest.json")).st_mtime_ns == before
+
+    # a corrupted file and other arguments: rebuilt in place
+    with open(os.path.join(out, "epilogue.onnx"), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ManifestError, match="corrupt"):
+        load_manifest(out)
+    msgs = []
+    r2 = bd.compile_bundle(bd.CompileOptions(pipes["flux"], out, blocks=(1,), gen_res=64, train_res=32, lora_rank=2,
+                                             target="orin-nx-16gb", precision="fp16", verify=False), progress=msgs.append)
+    assert not r2.up_to_date and any("broken bundle" in s for s in msgs)
+    m2 = load_manifest(out)
+    assert m2.target == "orin-nx-16gb" and m2.model["verification"]["run"] is False
+    assert _plan(out)["precision"] == "fp16"
+    assert not _leftovers(tmp_path, "bundle")
+
+
+def test_pixart_bundle_with_selection(pipes, tmp_path):
+    out = str(tmp_path / "b")
+    r = bd.compile_bundle(bd.CompileOptions(pipes["pixart"], out, lora_rank=2))  # default 64 px / 32 px
+    m = load_manifest(out)
+    sel = m.model["selection"]
+    assert sel["method"] == "cross-attention masking" and sel["selected"] == m.trainable and len(m.trainable) == 2
+    assert (m.train_res, m.gen_res) == (32, 64)
+    _check_bundle(out, m, r.verification)
+
+
+def _bad(argv, capsys, match):
+    assert main(["compile", *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+
+
+def test_bad_input_is_refused_and_leaves_nothing(pipes, tmp_path, capsys):
+    out = tmp_path / "out"
+    flux = pipes["flux"]
+    unsupported = tmp_path / "unet"
+    (unsupported / "transformer").mkdir(parents=True)
+    (unsupported / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    _bad(["--model", str(unsupported), "--out", str(out)], capsys, "unsupported transformer class")
+    _bad(["--model", str(tmp_path / "nothing"), "--out", str(out)], capsys, "no such directory")
+    _bad(["--model", flux, "--out", str(out), "--blocks", "1,7"], capsys, "out of range")
+    _bad(["--model", flux, "--out", str(out), "--blocks", ","], capsys, "empty")
+    _bad(["--model", flux, "--out", str(out), "--blocks", "1", "--gen-res", "60"], capsys, "not divisible by 16")
+    _bad(["--model", flux, "--out", str(out), "--blocks", "1", "--gen-res", "64", "--train-res", "40"], capsys,
+         "--train-res 40 is not divisible")
+    _bad(["--model", flux, "--out", str(out), "--blocks", "1", "--lora-rank", "0"], capsys, "--lora-rank")
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps({"selected": [5], "num_blocks": 3}))
+    _bad(["--model", flux, "--out", str(out), "--selection", str(sel)], capsys, "out of range")
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+
+    other = tmp_path / "notabundle"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    _bad(["--model", flux, "--out", str(other), "--blocks", "1"], capsys, "is not a bundle")
+    assert os.listdir(other) == ["keep.txt"]
+
+
+def test_failure_midway_leaves_no_partial_bundle(pipes, tmp_path, monkeypatch):
+    from edgeblock.compile import ort_training
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure in the training export")
+
+    monkeypatch.setattr(ort_training, "export_training_artifacts", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        bd.compile_bundle(bd.CompileOptions(pipes["flux"], str(tmp_path / "b"), blocks=(1,), gen_res=32, train_res=16,
+                                            lora_rank=2), progress=None)
+    assert os.listdir(tmp_path) == []
