@@ -149,3 +149,38 @@ def test_failure_midway_leaves_no_partial_bundle(pipes, tmp_path, monkeypatch):
         bd.compile_bundle(bd.CompileOptions(pipes["flux"], str(tmp_path / "b"), blocks=(1,), gen_res=32, train_res=16,
                                             lora_rank=2), progress=None)
     assert os.listdir(tmp_path) == []
+
+
+def test_builtin_layout_exports_text_encoder(tmp_path, monkeypatch, capsys):
+    """`builtin` (here a tiny pixel-space model laid out like it): MiniLM text_encoder.onnx + tokenizer.json."""
+    import edgeblock.models.pipeline_parts as parts
+    from edgeblock import models
+    from pixel_models import tiny_pixel_model
+
+    root = tiny_pixel_model(tmp_path / "builtin")
+    monkeypatch.setattr(models, "builtin_dir", lambda: root)
+    monkeypatch.setattr(parts, "builtin_dir", lambda: root)
+    out = tmp_path / "b"
+    assert main(["compile", "--model", "builtin", "--out", str(out), "--blocks", "1", "--lora-rank", "2"]) == 0
+    assert "text_encoder.onnx" in capsys.readouterr().out
+    m = load_manifest(str(out))
+    assert (m.train_res, m.gen_res) == (32, 64) and m.model["source"] == "builtin"
+    assert {"text_encoder.onnx", "tokenizer.json"} <= set(m.files) and m.model["not_exported"] == {}
+    assert m.graphs["text_encoder"]["max_length"] == 32
+    v = m.model["verification"]
+    assert v["text_encoder"]["max_rel"] <= REL and all(c["max_rel"] <= REL for c in v["chain"].values())
+    # the device path: tokenizers + ORT give the states the DiT was verified with
+    from edgeblock.compile import onnx_export as ox
+    from edgeblock.models.pipeline_parts import BuiltinTextStack
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.enable_padding(length=32)
+    tok.enable_truncation(32)
+    e = tok.encode("a photo of sks dog")
+    import numpy as np
+
+    got = ox.run_onnx(str(out / "text_encoder.onnx"), {"input_ids": np.array([e.ids], np.int64),
+                                                        "attention_mask": np.array([e.attention_mask], np.int64)})
+    ref = BuiltinTextStack(32).encode(["a photo of sks dog"])
+    assert ox.compare(got, {"text": ref.text, "pooled": ref.pooled}).max_rel <= REL
