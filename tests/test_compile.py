@@ -47,6 +47,8 @@ def _check_bundle(out, m, verification):
     assert v["ok"] and all(g["max_rel"] <= REL for g in v["graphs"].values())
     assert set(v["graphs"]) == {g["path"] for n, g in m.graphs.items() if n != "training"}
     assert all(c["max_rel"] <= REL for c in v["chain"].values())
+    lo = v["chain"]["generation_lora"]  # the ORT-trained adapter in the infer graphs acts as in torch
+    assert lo["change_vs_base_rel"] > 100 * max(lo["max_rel"], 1e-7)
     assert v["training"]["loss_rel"] <= REL and v["training"]["grad_max_rel"] <= REL
     assert v["training"]["curve_max_rel"] <= 0.01
     assert m.model["verification"] == json.loads(json.dumps(v))
@@ -98,7 +100,7 @@ def test_flux_bundle_verify_reuse_and_rebuild(pipes, tmp_path, capsys):
 
 def test_pixart_bundle_with_selection(pipes, tmp_path):
     out = str(tmp_path / "b")
-    r = bd.compile_bundle(bd.CompileOptions(pipes["pixart"], out, lora_rank=2))  # default 64 px / 32 px
+    r = bd.compile_bundle(bd.CompileOptions(pipes["pixart"], out, lora_rank=2, select_count=1))  # 64 px / 32 px
     m = load_manifest(out)
     sel = m.model["selection"]
     assert sel["method"] == "cross-attention masking" and sel["selected"] == m.trainable and len(m.trainable) == 2

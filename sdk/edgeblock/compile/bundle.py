@@ -699,6 +699,24 @@ def verify_bundle(adapter, plan, lora, specs, rel, tspec, pre, x_gen, x_tr, sess
         failures.append(f"training step: loss rel {loss_rel:.2e}, grad rel {grad_rel:.2e} > {bound:.0e}")
     if curve_rel > CURVE_BOUND:
         failures.append(f"ten training steps: loss curves differ by {curve_rel:.2%} > {CURVE_BOUND:.0%}")
+    # the chain with a non-zero adapter (the ORT-trained LoRA) vs torch with the same LoRA, generation shape
+    trained = trainer.lora_weights()
+    ot.load_lora_into(net, adapter, trained)
+    with torch.no_grad():
+        state, ctx = adapter.prologue(x_gen)
+        for i in range(adapter.num_blocks):
+            block = net.blocks[str(i)] if i in plan.trainable else adapter.build_block(i)
+            state = adapter.run_block(block, i, state, ctx)
+        ref = adapter.epilogue(state, ctx)
+    acc = ox.run_chain(specs, {**ox.prologue_inputs(x_gen), **trained}, sessions)
+    r = ox.compare({"prediction": acc["prediction"]}, {"prediction": ref})
+    change = ox.compare({"prediction": ref}, {"prediction": pred_gen}).max_rel
+    result["chain"]["generation_lora"] = {"shape": list(ref.shape), "max_abs": r.max_abs, "max_rel": r.max_rel,
+                                          "change_vs_base_rel": change}
+    _say(progress, f"[compile]   chain with the ORT-trained LoRA: max abs {r.max_abs:.2e}  rel {r.max_rel:.2e} "
+                   f"(the LoRA changes the prediction by {change:.2e} rel)")
+    if not r.ok(bound):
+        failures.append(f"chain with LoRA: rel {r.max_rel:.2e} > {bound:.0e}")
     result["ok"] = not failures
     if failures:
         raise RuntimeError("verification failed (no bundle written): " + "; ".join(failures))
