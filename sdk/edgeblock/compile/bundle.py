@@ -302,7 +302,8 @@ def compile_bundle(opts: CompileOptions, progress: Callable[[str], None] | None 
         selection_report = run_selection(opts.model, loaded, train_res, opts.select_count, opts.seed)
         blocks = tuple(selection_report["selected"])
     else:
-        _say(progress, f"[compile] 2/7 select: trainable blocks {list(blocks)} given")
+        _say(progress, f"[compile] 2/7 select: trainable blocks {list(blocks)} from "
+                       f"{'--selection ' + opts.selection if opts.selection else '--blocks'}")
     _say(progress, f"[compile]   trainable blocks {list(blocks)} of {adapter.num_blocks}")
 
     parent = os.path.dirname(os.path.abspath(opts.out))
