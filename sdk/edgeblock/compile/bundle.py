@@ -396,7 +396,9 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
     # 5. shapes at both profiles (ORT chain, zero LoRA) -> TensorRT build plan
     _say(progress, "[compile] 5/7 shapes: ORT chain at the training and generation shapes -> engines/plan.json")
     zero = {n: np.zeros(d["shape"], np.float32) for s in specs for n, d in s.lora.items()}
-    sessions: dict[str, Any] = {}
+    # ORT sessions are kept for the verification (small models); without it each graph's session is
+    # dropped after its run, so the shape pass never holds the whole model in ONNX Runtime at once.
+    sessions: dict[str, Any] | None = {} if verify else None
     x_tr1, _, _ = _inputs(cond, objective, torch.randn(1, c, train_side, train_side, generator=g), 0.5, guidance)
     x_gen1, _, _ = _inputs(cond, objective, torch.randn(1, c, gen_side, gen_side, generator=g), 0.5, guidance)
     shapes_tr, _ = chain_shapes(specs, {**ox.prologue_inputs(x_tr1), **zero}, sessions)
