@@ -64,14 +64,7 @@ def test_ort_training_matches_torch_and_adapter_round_trips(family, blocks, tmp_
 
     # (2b) ten AdamW steps from the same initialisation (torch.optim.AdamW == ORT adam_mode 0)
     opt = cfg.torch([params[n] for n in spec.requires_grad])
-    curve_t, curve_o = [], []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(net(pre), pre.target)
-        loss.backward()
-        opt.step()
-        curve_t.append(loss.item())
-        curve_o.append(trainer.step(feeds))
+    curve_t, curve_o = ot.paired_curves(net, pre, trainer, feeds, opt)
     curve_t, curve_o = np.array(curve_t), np.array(curve_o)
     assert curve_t[-1] < curve_t[0]
     assert np.max(np.abs(curve_o - curve_t) / curve_t) <= 0.01, (curve_t, curve_o)

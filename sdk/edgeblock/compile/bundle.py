@@ -684,14 +684,7 @@ def verify_bundle(adapter, plan, lora, specs, rel, tspec, pre, x_gen, x_tr, sess
     cfg = ot.AdamWConfig(**{k: v for k, v in tspec.optimizer.items() if k in ("lr", "eps", "weight_decay")},
                          betas=tuple(tspec.optimizer.get("betas", (0.9, 0.999))))
     opt = cfg.torch([params[n] for n in tspec.requires_grad])
-    curve_t, curve_o = [], []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(net(pre), pre.target)
-        loss.backward()
-        opt.step()
-        curve_t.append(loss.item())
-        curve_o.append(trainer.step(feeds))
+    curve_t, curve_o = ot.paired_curves(net, pre, trainer, feeds, opt)
     curve_rel = float(np.max(np.abs(np.array(curve_o) - np.array(curve_t)) / np.abs(np.array(curve_t))))
     result["training"] = {"loss_torch": loss_t.item(), "loss_ort": loss_o, "loss_rel": loss_rel, "grad_max_rel": grad_rel,
                           "curve_torch": curve_t, "curve_ort": curve_o, "curve_max_rel": curve_rel,

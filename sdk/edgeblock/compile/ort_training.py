@@ -434,3 +434,18 @@ def load_lora_into(net: BlockSkipModel | nn.Module, adapter: DiTAdapter, weights
     with torch.no_grad():
         for n, v in weights.items():
             by_pub[n].copy_(torch.as_tensor(np.asarray(_np(v))))
+
+
+def paired_curves(net, pre, trainer: "OrtTrainer", feeds, opt, steps: int = 10) -> tuple[list[float], list[float]]:
+    """`steps` optimizer steps of the torch graph and the ORT artifacts side by side: (torch losses, ORT losses)."""
+    import torch
+
+    curve_t, curve_o = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(pre), pre.target)
+        loss.backward()
+        opt.step()
+        curve_t.append(loss.item())
+        curve_o.append(trainer.step(feeds))
+    return curve_t, curve_o
