@@ -13,6 +13,16 @@ torch.set_num_threads(2)
 FAMILIES = ("flux", "sd3", "pixart", "sana")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: a second intra-op thread only adds sync cost (3-10x slower on a busy
+    2-core machine, measured). Opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

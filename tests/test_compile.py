@@ -18,16 +18,7 @@ pytest.importorskip("onnxruntime.training")
 REL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a shared CPU the second thread
-    makes every small matmul wait (measured: a compile 2 s with one thread, 19 s with two)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ IMAGE_SIDE = {"flux": 32, "sd3": 32, "pixart": 32, "sana": 64}
 SCALING = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609), "pixart": (0.13025, 0.0), "sana": (0.41407, 0.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids the thread sync cost (3x faster on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
