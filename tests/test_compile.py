@@ -39,16 +39,24 @@ def _plan(out):
 def _check_bundle(out, m, verification):
     assert m.files and all(os.path.exists(os.path.join(out, *p.split("/"))) for p in m.files)
     for name, g in m.graphs.items():
-        if name != "training":
+        if name == "vae":
+            assert g["vae_encoder"]["path"] in m.files and g["vae_decoder"]["path"] in m.files
+        elif name != "training":
             assert g["path"] in m.files, name
     assert "engines/plan.json" in m.files and "trainable/checkpoint" in m.files
     assert {"trainable/training_model.onnx", "trainable/eval_model.onnx", "trainable/optimizer_model.onnx"} <= set(m.files)
     assert all(b["role"] == ("trainable" if b["index"] in m.trainable else "frozen") for b in m.blocks)
-    assert set(m.model["not_exported"]) >= {"text_encoder", "tokenizer"}
-    assert not any(p.startswith(("text_encoder", "vae_")) for p in m.files)  # nothing faked
+    # text encoders + tokenizers (all families) and the VAE (latent models), verified on the device path
+    assert all(t["file"] in m.files for t in m.graphs["text_encoder"]["tokenizers"])
+    latent = m.model["vae_downsample"] > 1
+    assert ("vae" in m.graphs) == latent and ({"vae_encoder.onnx", "vae_decoder.onnx"} <= set(m.files)) == latent
     v = verification
+    assert v["text_encoder"]["max_rel"] <= REL and set(v["text_encoder"]["per"]) >= {"text"}
+    if latent:
+        assert v["vae"]["max_rel"] <= REL
+        assert {f"{g}@{r}" for g in ("vae_encoder", "vae_decoder") for r in (m.train_res, m.gen_res)} == set(v["vae"]["per"])
     assert v["ok"] and all(g["max_rel"] <= REL for g in v["graphs"].values())
-    assert set(v["graphs"]) == {g["path"] for n, g in m.graphs.items() if n != "training"}
+    assert set(v["graphs"]) == {g["path"] for n, g in m.graphs.items() if n not in ("training", "text_encoder", "vae")}
     assert all(c["max_rel"] <= REL for c in v["chain"].values())
     lo = v["chain"]["generation_lora"]  # the ORT-trained adapter in the infer graphs acts as in torch
     assert lo["change_vs_base_rel"] > 100 * max(lo["max_rel"], 1e-7)
@@ -179,8 +187,8 @@ def test_builtin_layout_exports_text_encoder(tmp_path, monkeypatch, capsys):
     assert "text_encoder.onnx" in capsys.readouterr().out
     m = load_manifest(str(out))
     assert (m.train_res, m.gen_res) == (32, 64) and m.model["source"] == "builtin"
-    assert {"text_encoder.onnx", "tokenizer.json"} <= set(m.files) and m.model["not_exported"] == {}
-    assert m.graphs["text_encoder"]["max_length"] == 32
+    assert {"text_encoder.onnx", "tokenizer.json"} <= set(m.files) and "vae" not in m.graphs
+    assert m.graphs["text_encoder"]["tokenizers"][0]["max_length"] == 32
     v = m.model["verification"]
     assert v["text_encoder"]["max_rel"] <= REL and all(c["max_rel"] <= REL for c in v["chain"].values())
     # the device path: tokenizers + ORT give the states the DiT was verified with

@@ -21,11 +21,11 @@ A bundle is rebuilt only when its fingerprint (sha256 of the model files compile
 normalised arguments, the edgeblock version and the manifest schema) changes; otherwise compile
 reports it up to date and returns.
 
-Text: for `builtin`, the MiniLM text encoder is exported to text_encoder.onnx (input_ids,
-attention_mask -> text (B, L, 384), pooled (B, 384): token states and the mean-pooled, L2-normalised
-sentence embedding) with tokenizer.json (the HF `tokenizers` file), verified against torch.
-Not exported yet (recorded in the manifest under model.not_exported): the text encoders and
-tokenizers of diffusers pipelines (CLIP/T5/Gemma), and the VAE encoder/decoder of latent models.
+Text and VAE (compile/encoders.py): text_encoder.onnx composes the family's text encoders as its
+diffusers pipeline does (builtin: MiniLM states + pooled; FLUX: CLIP pooled + T5; SD3: two CLIPs
++ T5; PixArt: T5 + mask; Sana: Gemma-2 + mask), with each tokenizer as a `tokenizers` JSON file
+and its padding spec; latent models also get vae_encoder.onnx / vae_decoder.onnx. Both are
+verified through the device's own code path (edge_runtime/text.py) against torch.
 """
 
 from __future__ import annotations
@@ -63,15 +63,6 @@ MODEL_PARTS = (
     "model_index.json", "edgeblock.json", "config.json", "transformer", "scheduler", "vae",
     "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
 )
-NOT_EXPORTED_TEXT = {
-    "text_encoder": "not exported yet for diffusers pipelines (CLIP/T5/Gemma): the device cannot encode prompts "
-                    "from this bundle alone",
-    "tokenizer": "not exported yet for diffusers pipelines",
-}
-NOT_EXPORTED_VAE = {
-    "vae_encoder": "not exported yet (latent models only)",
-    "vae_decoder": "not exported yet (latent models only)",
-}
 TENSORRT_NOTE = (
     "TensorRT is not installable on the compiling host: this plan is data only. Engines are specific to the "
     "TensorRT version and GPU; build them where both are (the device at first start, or a host of the same "
@@ -420,21 +411,23 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         _say(progress, f"[compile] 6/7 verify: skipped ({why})")
         verification["skipped"] = why
 
-    # text encoder (builtin only, for now)
-    text_desc, not_exported = None, {}
-    if builtin:
-        _say(progress, "[compile]   text_encoder.onnx + tokenizer.json (MiniLM)")
-        text_desc = export_builtin_text(text, tmp, verify)
-        if verify:
-            r = text_desc["verification"]
-            verification["text_encoder"] = r
-            _say(progress, f"[compile]   text_encoder.onnx            max abs {r['max_abs']:.2e}  rel {r['max_rel']:.2e}")
-            if r["max_rel"] > REL_BOUND["fp32"]:
-                raise RuntimeError(f"verification failed (no bundle written): text_encoder.onnx rel {r['max_rel']:.2e}")
-    else:
-        not_exported.update(NOT_EXPORTED_TEXT)
+    # text encoder(s) + tokenizers; VAE of latent models
+    from ..models.pipeline_parts import load_codec
+    from .encoders import export_text_encoder, export_vae
+
+    extra: dict[str, dict] = {}
+    _say(progress, "[compile]   text_encoder.onnx + tokenizer files")
+    extra["text_encoder"] = export_text_encoder(text, tmp, verify)
     if downsample > 1:
-        not_exported.update(NOT_EXPORTED_VAE)
+        _say(progress, "[compile]   vae_encoder.onnx + vae_decoder.onnx")
+        extra["vae"] = export_vae(load_codec(opts.model), tmp, train_res, gen_res, verify, seed=opts.seed)
+    if verify:
+        for name, d in extra.items():
+            r = d["verification"]
+            verification[name] = r
+            _say(progress, f"[compile]   {name:<28s} max abs {r['max_abs']:.2e}  rel {r['max_rel']:.2e}")
+            if r["max_rel"] > REL_BOUND["fp32"]:
+                raise RuntimeError(f"verification failed (no bundle written): {name} rel {r['max_rel']:.2e}")
 
     # 7. manifest
     chain = ox.generation_chain(plan)
@@ -453,8 +446,8 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         d["path"] = rel[s.path]
         graphs[rel[s.path][: -len(".onnx")]] = d
     graphs["training"] = tdict
-    if text_desc is not None:
-        graphs["text_encoder"] = {k: v for k, v in text_desc.items() if k != "verification"}
+    for name, d in extra.items():
+        graphs[name] = {k: v for k, v in d.items() if k != "verification"}
     model = {
         "source": "builtin" if builtin else os.path.abspath(opts.model),
         "family": adapter.family,
@@ -472,7 +465,6 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         "precision": opts.precision,
         "generation_chain": [{"kind": k, "blocks": run} for k, run in chain],
         "selection": selection_report if selection_report is not None else {"given": list(blocks)},
-        "not_exported": not_exported,
         "verification": verification,
         "engines": "engines/plan.json",
     }
@@ -484,66 +476,6 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         target=opts.target, graphs=graphs, model=model,
     )
     return manifest, verification
-
-
-def export_builtin_text(stack, out_dir: str, verify: bool = True) -> dict:
-    """The built-in MiniLM text encoder -> text_encoder.onnx + tokenizer.json (see the module docstring)."""
-    import torch
-
-    from ..builtin.text import model_dir
-    from . import onnx_export as ox
-
-    enc = stack.encoder
-    model, tok, length = enc.model, enc.tokenizer, stack.length
-
-    class TextGraph(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            states = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            return states, torch.nn.functional.normalize(pooled, p=2, dim=-1)
-
-    path = os.path.join(out_dir, "text_encoder.onnx")
-    ex = tok([PROMPT, "a"], padding="max_length", truncation=True, max_length=length, return_tensors="pt")
-    impl = getattr(model.config, "_attn_implementation", None)
-    try:
-        model.config._attn_implementation = "eager"  # the traced sdpa mask path bakes in the example shape
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes
-            torch.onnx.export(
-                TextGraph().eval(), (ex["input_ids"], ex["attention_mask"]), path, dynamo=False, opset_version=ox.OPSET,
-                input_names=["input_ids", "attention_mask"], output_names=["text", "pooled"], do_constant_folding=True,
-                dynamic_axes={"input_ids": {0: "batch", 1: "text_tokens"}, "attention_mask": {0: "batch", 1: "text_tokens"},
-                              "text": {0: "batch", 1: "text_tokens"}, "pooled": {0: "batch"}},
-            )
-    finally:
-        model.config._attn_implementation = impl
-    import onnx
-
-    m = onnx.load(path)
-    if m.ir_version > ox.MAX_IR_VERSION:
-        m.ir_version = ox.MAX_IR_VERSION
-        onnx.save_model(m, path)
-    shutil.copyfile(os.path.join(model_dir(), "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
-    desc: dict[str, Any] = {
-        "kind": "text_encoder", "path": "text_encoder.onnx", "tokenizer": "tokenizer.json", "model": "all-MiniLM-L6-v2",
-        "inputs": ["input_ids", "attention_mask"], "outputs": ["text", "pooled"], "opset": ox.OPSET,
-        "max_length": length, "padding": "max_length", "truncation": True, "dtype": "int64",
-        "feeds": {"text": "the prologue's `text` input", "pooled": "the prologue's `pooled` input", "mask": None},
-    }
-    if verify:
-        prompts = [PROMPT, "a red cat on the beach in the snow"]
-        cond = stack.encode(prompts)
-        t = tok(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
-        got = ox.run_onnx(path, {"input_ids": t["input_ids"].astype(np.int64), "attention_mask": t["attention_mask"].astype(np.int64)})
-        r = ox.compare(got, {"text": cond.text, "pooled": cond.pooled})
-        desc["verification"] = {"max_abs": r.max_abs, "max_rel": r.max_rel}
-    return desc
 
 
 def chain_shapes(specs, feeds, sessions) -> tuple[dict[str, dict[str, list[int]]], dict[str, np.ndarray]]:
