@@ -46,3 +46,19 @@ def make_inputs(preset, batch=2, size=None, seed=0, t=None):
         pooled=torch.randn(batch, preset.pooled_dim, generator=g) if preset.pooled_dim else None,
         text_mask=mask,
     )
+
+
+@pytest.fixture(scope="session")
+def builtin_bundle(tmp_path_factory):
+    """The real built-in model compiled once per test session (blocks 0, 2 trainable; verified)."""
+    pytest.importorskip("onnxruntime.training")
+    from edgeblock.compile import bundle as bd
+
+    out = str(tmp_path_factory.mktemp("builtin-bundle") / "bundle")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = bd.compile_bundle(bd.CompileOptions("builtin", out, blocks=(0, 2), lora_rank=4), progress=None)
+    finally:
+        torch.set_num_threads(n)
+    return out, result

@@ -206,3 +206,14 @@ def test_builtin_layout_exports_text_encoder(tmp_path, monkeypatch, capsys):
                                                         "attention_mask": np.array([e.attention_mask], np.int64)})
     ref = BuiltinTextStack(32).encode(["a photo of sks dog"])
     assert ox.compare(got, {"text": ref.text, "pooled": ref.pooled}).max_rel <= REL
+
+
+def test_real_builtin_model_compiles_and_verifies(builtin_bundle):
+    """The committed built-in model end to end: every graph, the chain, the training step, the text encoder."""
+    out, r = builtin_bundle
+    m = load_manifest(out)
+    assert m.family == "flux" and m.model["source"] == "builtin" and m.trainable == [0, 2]
+    assert (m.train_res, m.gen_res) == (32, 64) and m.model["vae_downsample"] == 1
+    _check_bundle(out, m, r.verification)
+    plan = _plan(out)
+    assert [g["blocks"] for g in plan["groups"]] == [[1], [3, 4, 5]]

@@ -67,19 +67,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     def show(v, r):
         if not args.json:
+            tensors = f"{r['peak_bytes'] / 2**20:8.1f} MiB" if r["peak_bytes"] is not None else "       -    "
+            pre = f"{r['precompute_s']:.3f} s" if r["precompute_s"] is not None else "(as blockskip)"
             print(
-                f"{v:<14} peak tensors {r['peak_bytes'] / 2**20:8.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB"
-                f"  step {r['step_s']:.3f} s  precompute {r['precompute_s']:.3f} s  ({r['tokens']} tokens)"
+                f"{v:<14} peak tensors {tensors}  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB"
+                f"  step {r['step_s']:.3f} s  precompute {pre}  ({r['tokens']} tokens)"
             )
         else:
             print(f"[bench] {v} done", file=sys.stderr)
 
-    result = memory.run(args.model, args.blocks, progress=show)
+    result = memory.run(args.model, args.blocks, progress=show, runtime=args.runtime)
     if args.json:
         print(json.dumps(result, indent=2))
-    elif "ratios" in result:
-        for k, v in result["ratios"].items():
+    else:
+        for k, v in result.get("ratios", {}).items():
             print(f"{k}: {v:.3f}")
+        for k, v in result.get("ort_vs_torch_blockskip", {}).items():
+            print(f"ort_blockskip_{k}_vs_torch_blockskip: {v:.3f}")
     return 0
 
 
@@ -124,6 +128,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from edge_runtime.engines import build_engines
+
+    if args.workspace_mb is not None and args.workspace_mb <= 0:
+        raise ValueError(f"--workspace-mb must be positive, got {args.workspace_mb}")
+    workspace = args.workspace_mb * 2**20 if args.workspace_mb is not None else None
+    built = build_engines(args.bundle, cache_dir=args.cache_dir, workspace_bytes=workspace, progress=print, force=args.force)
+    for g in built["groups"]:
+        how = "cached" if g["cached"] else f"built in {g['build_s']:.1f} s"
+        print(f"  {g['onnx']:<28} -> {g['engine']} ({how}, {g['precision']}, profiles {', '.join(g['profiles'])})")
+    print(f"engines for TensorRT {built['tensorrt_version']} on {built['gpu_name']}: {args.bundle}/engines/built.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeblock", description="On-device DiT personalization (DiT-BlockSkip)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -151,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["memory"])
     b.add_argument("--model", default=None, help="default: the FLUX-shaped >=100M benchmark config")
     b.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks for the skip variants")
+    b.add_argument("--runtime", choices=["torch", "ort"], default="torch",
+                   help="ort: add the ONNX Runtime training step (the device trainer) as ort_blockskip")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -189,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch verification")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_compile)
+
+    be = sub.add_parser("build-engines", help="build and cache the TensorRT engines of a bundle's frozen groups (on the device)")
+    be.add_argument("bundle", metavar="BUNDLE", help="a bundle written by `edgeblock compile`")
+    be.add_argument("--cache-dir", default=None, help="engine cache directory (default: BUNDLE/engines/cache)")
+    be.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace limit in MiB (default: TensorRT's)")
+    be.add_argument("--force", action="store_true", help="rebuild engines even when the cache has them")
+    be.set_defaults(func=cmd_build_engines)
     return p
 
 

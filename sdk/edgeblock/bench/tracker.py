@@ -7,12 +7,12 @@ registered up front.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from edge_runtime.memstat import reset_rss_peak, rss_bytes, rss_peak_bytes  # noqa: F401 - re-exported
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -65,27 +65,3 @@ class TensorMemoryTracker(TorchDispatchMode):
         return out
 
 
-def rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def rss_peak_bytes() -> int:
-    return _status_kb("VmHWM") * 1024
-
-
-def reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark for this process (Linux clear_refs)."""
-    try:
-        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kb(field: str) -> int:
-    with open(f"/proc/{os.getpid()}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")

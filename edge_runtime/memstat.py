@@ -1,0 +1,32 @@
+"""Process memory figures from /proc (Linux, Jetson included): current RSS and its high-water mark."""
+
+from __future__ import annotations
+
+import os
+
+
+def _status_kb(field: str, pid: int | None = None) -> int:
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/{pid or 'self'}/status")
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    return _status_kb("VmRSS", pid) * 1024
+
+
+def rss_peak_bytes(pid: int | None = None) -> int:
+    """VmHWM: the RSS high-water mark since start or the last reset_rss_peak()."""
+    return _status_kb("VmHWM", pid) * 1024
+
+
+def reset_rss_peak(pid: int | None = None) -> bool:
+    """Reset the kernel's RSS high-water mark (Linux clear_refs); False where that is not allowed."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

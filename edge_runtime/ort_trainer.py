@@ -1,0 +1,156 @@
+"""On-device LoRA training with the bundle's ONNX Runtime training artifacts (torch-free).
+
+`onnxruntime.training.api` would do this, but in onnxruntime-training 1.19.2 importing that
+package pulls in torch (its amp/optim subpackages). The device never imports torch, so this
+module drives the same C API (`onnxruntime.capi._pybind_state`: load_checkpoint, Module,
+Optimizer, save_checkpoint) directly.
+
+The artifacts (trainable/ in a bundle, see the compiler's ort_training.py): training_model.onnx,
+eval_model.onnx, optimizer_model.onnx (AdamW as torch.optim.AdamW), checkpoint (the LoRA
+initialisation) and training_spec.json (input order and shapes, trainable LoRA names, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+SPEC_FILE = "training_spec.json"
+
+
+class TrainingError(RuntimeError):
+    """The training artifacts cannot be used here (missing files, no ORT training build, bad feeds)."""
+
+
+def _capi():
+    try:
+        from onnxruntime.capi import _pybind_state as C
+
+        C.load_checkpoint  # noqa: B018 - present only in onnxruntime-training builds
+    except (ImportError, AttributeError) as e:
+        raise TrainingError(
+            "this onnxruntime has no on-device training API (install onnxruntime-training, or on Jetson "
+            "build ONNX Runtime with --enable_training_apis); the torch trainer backend can be used instead"
+        ) from e
+    return C
+
+
+def load_spec(artifact_dir: str) -> dict[str, Any]:
+    path = os.path.join(artifact_dir, SPEC_FILE)
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError as e:
+        raise TrainingError(f"{path} is missing: not a training artifact directory") from e
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{path} is not valid JSON: {e}") from e
+    for key in ("inputs", "input_shapes", "requires_grad", "lora", "files"):
+        if key not in spec:
+            raise TrainingError(f"{path}: missing field {key!r}")
+    return spec
+
+
+class OrtTrainer:
+    """One LoRA training session over the artifacts: step(feeds) -> loss, weights in and out, checkpoints.
+
+    checkpoint: a checkpoint to start from (default: the artifacts' initial one); a checkpoint saved
+    with include_optimizer_state=True resumes AdamW's moments and step count as well.
+    """
+
+    def __init__(self, artifact_dir: str, lr: float | None = None, checkpoint: str | None = None,
+                 threads: int | None = None):
+        C = _capi()
+        self.dir = artifact_dir
+        self.spec = load_spec(artifact_dir)
+        files = self.spec["files"]
+
+        def path(what: str) -> str:
+            p = os.path.join(artifact_dir, files[what])
+            if not os.path.exists(p):
+                raise TrainingError(f"training artifact {files[what]} is missing from {artifact_dir}")
+            return p
+
+        self._state = C.load_checkpoint(os.fspath(checkpoint or path("checkpoint")))
+        opts = C.SessionOptions()
+        opts.log_severity_level = 3  # "Removing initializer ... not used" notes of the gradient graph
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        self._module = C.Module(path("training"), self._state, path("eval"), device, opts)
+        self._optimizer = C.Optimizer(path("optimizer"), self._state, device, opts)
+        self.lr = float(self.spec.get("optimizer", {}).get("lr", 1e-3) if lr is None else lr)
+        self._optimizer.set_learning_rate(self.lr)
+        self.inputs: list[str] = list(self.spec["inputs"])
+        self.shapes = {k: tuple(v) for k, v in self.spec["input_shapes"].items()}
+
+    # ------------------------------------------------------------------ steps
+    def _args(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise TrainingError(f"training feeds lack {missing}")
+        out = []
+        for n in self.inputs:
+            a = np.ascontiguousarray(feeds[n], dtype=np.float32)
+            if a.shape != self.shapes[n]:
+                raise TrainingError(f"training input {n}: shape {a.shape}, the artifacts take {self.shapes[n]}")
+            out.append(a)
+        return out
+
+    def _run(self, feeds: Mapping[str, Any], train: bool) -> float:
+        C = _capi()
+        fetches = C.OrtValueVector()
+        if train:
+            self._module.train_step(self._args(feeds), fetches)
+        else:
+            self._module.eval_step(self._args(feeds), fetches)
+        return float(np.asarray(fetches[0].numpy()).reshape(()))
+
+    def step(self, feeds: Mapping[str, Any]) -> float:
+        """Forward, backward, AdamW update; the loss before the update."""
+        loss = self._run(feeds, True)
+        self._optimizer.optimizer_step()
+        self._module.lazy_reset_grad()
+        return loss
+
+    def loss_and_grads(self, feeds: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
+        """Forward + backward without an update: the loss and each trainable LoRA tensor's gradient."""
+        self._module.lazy_reset_grad()
+        loss = self._run(feeds, True)
+        grads = {}
+        for n in self.spec["requires_grad"]:
+            g = self._state.get_parameter(n).grad
+            grads[n] = np.array(g.numpy()) if g.has_value() else None
+        self._module.lazy_reset_grad()
+        return loss, grads
+
+    def eval_loss(self, feeds: Mapping[str, Any]) -> float:
+        return self._run(feeds, False)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.lr = float(lr)
+        self._optimizer.set_learning_rate(self.lr)
+
+    # ------------------------------------------------------------------ weights
+    def lora_weights(self) -> dict[str, np.ndarray]:
+        """Every LoRA tensor of the checkpoint by published name (unreachable ones as initialised)."""
+        return {n: np.array(self._state.get_parameter(n).data.numpy()) for n in self.spec["lora"]
+                if self._state.has_parameter(n)}
+
+    def set_lora_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
+
+        for n, v in weights.items():
+            if not self._state.has_parameter(n):
+                raise TrainingError(f"{n} is not a parameter of these training artifacts")
+            self._state.copy_parameter_from(n, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, np.float32))._ortvalue)
+
+    def save_checkpoint(self, path: str, include_optimizer_state: bool = True) -> None:
+        """Write the training state to `path` atomically (tmp file + rename)."""
+        C = _capi()
+        tmp = f"{path}.tmp-{os.getpid()}"
+        C.save_checkpoint(self._state, os.fspath(tmp), include_optimizer_state)
+        os.replace(tmp, path)
