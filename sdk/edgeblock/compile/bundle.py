@@ -464,6 +464,7 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         "compile_args": opts.fingerprint_args(),
         "precision": opts.precision,
         "generation_chain": [{"kind": k, "blocks": run} for k, run in chain],
+        "sampler": sampler_config(loaded.root, objective),
         "selection": selection_report if selection_report is not None else {"given": list(blocks)},
         "verification": verification,
         "engines": "engines/plan.json",
@@ -476,6 +477,29 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         target=opts.target, graphs=graphs, model=model,
     )
     return manifest, verification
+
+
+def sampler_config(root: str | None, objective) -> dict[str, Any]:
+    """How the device samples (edge_runtime/sampler.py), from the pipeline's scheduler_config.json.
+
+    Flow models: Euler over sigmas 1 -> 0 with the scheduler's shift, or FLUX's resolution-dependent
+    (dynamic) shift; epsilon models: DDIM (eta 0) over the DDPM betas.
+    """
+    cfg: dict[str, Any] = {}
+    path = os.path.join(root, "scheduler", "scheduler_config.json") if root else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cfg = json.load(f)
+    if objective.kind == "flow":
+        out: dict[str, Any] = {"kind": "flow_euler", "shift": float(cfg.get("shift", 1.0)),
+                               "dynamic_shift": bool(cfg.get("use_dynamic_shifting", False))}
+        if out["dynamic_shift"]:
+            out.update(base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.15)),
+                       base_seq_len=int(cfg.get("base_image_seq_len", 256)),
+                       max_seq_len=int(cfg.get("max_image_seq_len", 4096)))
+        return out
+    return {"kind": "ddim", **{k: v for k, v in objective.to_dict().items() if k != "kind"},
+            "steps_offset": int(cfg.get("steps_offset", 0)), "set_alpha_to_one": bool(cfg.get("set_alpha_to_one", True))}
 
 
 def chain_shapes(specs, feeds, sessions) -> tuple[dict[str, dict[str, list[int]]], dict[str, np.ndarray]]:

@@ -1,0 +1,378 @@
+"""DiT-BlockSkip personalization on the device, from a bundle alone (torch-free).
+
+A job: subject images -> draws -> frozen precompute -> LoRA training steps -> adapter.
+
+Draw i (deterministic in (seed, i), so a resumed job regenerates exactly the draws it had):
+a noise level t from the training distribution (logit-normal for flow models, uniform DDPM step
+for epsilon models), an image, a square crop of side f(t) x the image side (the bundle's patch
+schedule: small crops at low noise, the whole image at high noise), resized to the training
+resolution, VAE-encoded (latent models), and Gaussian noise.
+
+The frozen model's pass over a draw (zero LoRA) gives the training graph its inputs: the state
+entering the first trainable block, the prologue's context, and each frozen gap's residual
+(out - in of the group). Two orders:
+- online: per step, the whole chain for that step's draw (all graphs held);
+- bank: every draw up front, then each graph over all draws with its weights loaded once and
+  released, the states kept on disk (bank/); the peak is about the larger of one graph's
+  inference and the training step. Both give the training step the same numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .patch_sampling import PatchSampler, PatchSchedule
+from .runtime import Bundle
+from .sampler import alphas_cumprod
+
+PRECOMPUTE_MODES = ("bank", "online")
+
+
+class PersonalizeError(ValueError):
+    """Bad input for a personalization job (the message names the limit or the problem)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ImageLimits:
+    max_images: int = 16
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    min_side: int = 16
+
+
+def decode_images(blobs: list[bytes], limits: ImageLimits, side: int) -> tuple[list[np.ndarray], list[bytes]]:
+    """PNG/JPEG bytes -> (square images (side, side, 3) float32 in [-1, 1], the same as PNG bytes).
+
+    Each image is centre-cropped to a square and resized to `side` (the generation resolution: the
+    whole image is what f = 1 crops). Errors name the limit broken.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not blobs:
+        raise PersonalizeError("no images: give 1 to max_images images")
+    if len(blobs) > limits.max_images:
+        raise PersonalizeError(f"{len(blobs)} images, more than max_images={limits.max_images}")
+    out, pngs = [], []
+    for i, data in enumerate(blobs):
+        if len(data) > limits.max_image_bytes:
+            raise PersonalizeError(f"image {i}: {len(data)} bytes, more than max_image_bytes={limits.max_image_bytes}")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format not in ("PNG", "JPEG"):
+                    raise PersonalizeError(f"image {i}: format {im.format}, only PNG and JPEG are accepted")
+                w, h = im.size
+                if w * h > limits.max_image_pixels:
+                    raise PersonalizeError(f"image {i}: {w}x{h} pixels, more than max_image_pixels={limits.max_image_pixels}")
+                if min(w, h) < limits.min_side:
+                    raise PersonalizeError(f"image {i}: {w}x{h}, smaller than min_side={limits.min_side}")
+                rgb = im.convert("RGB")
+                rgb.load()
+        except PersonalizeError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            raise PersonalizeError(f"image {i}: not a decodable PNG/JPEG ({type(e).__name__})") from e
+        s = min(w, h)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        sq = rgb.crop(box).resize((side, side), Image.Resampling.BICUBIC) if (s != side or w != h) else rgb
+        buf = io.BytesIO()
+        sq.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+        out.append(np.asarray(sq, dtype=np.float32) / 127.5 - 1.0)
+    return out, pngs
+
+
+def images_from_pngs(pngs: list[bytes]) -> list[np.ndarray]:
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for p in pngs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Draws
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Draw:
+    index: int
+    image: int
+    t: float  # noise level in [0, 1], 1 = noise
+    k: int | None  # DDPM step (epsilon models)
+    box: tuple[int, int, int]  # top, left, size
+    timestep: float  # what the prologue reads (0..1000 scale)
+
+
+class DrawPlan:
+    """Deterministic draws of a job: draw(i) depends only on (seed, i)."""
+
+    def __init__(self, bundle: Bundle, images: list[np.ndarray], seed: int):
+        m = bundle.manifest
+        self.bundle, self.images, self.seed = bundle, images, int(seed)
+        self.objective = m.scheduler
+        ps = dict(m.patch_schedule)
+        self.sampler = PatchSampler(PatchSchedule.from_dict(ps), int(m.train_res))
+        self.train_res = int(m.train_res)
+        if self.objective.get("kind") == "epsilon":
+            self._ab = alphas_cumprod(self.objective)
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(i)])
+
+    def draw(self, i: int) -> Draw:
+        rng = self.rng(i)
+        if self.objective.get("kind") == "epsilon":
+            n = int(self.objective.get("num_train_timesteps", 1000))
+            k = int(rng.integers(0, n))
+            t, ts = k / (n - 1), float(k)
+        else:
+            mean, std = float(self.objective.get("logit_mean", 0.0)), float(self.objective.get("logit_std", 1.0))
+            t = 1.0 / (1.0 + math.exp(-(mean + std * float(rng.standard_normal()))))
+            k, ts = None, t * 1000.0
+        img = int(rng.integers(0, len(self.images)))
+        h, w = self.images[img].shape[:2]
+        box = self.sampler.crop_box(rng, h, w, t)
+        return Draw(i, img, t, k, (box.top, box.left, box.size), ts)
+
+    def prologue_feeds(self, d: Draw, text: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(prologue inputs for draw d, its training target)."""
+        from .patch_sampling import CropBox, crop, resize
+
+        img = self.images[d.image]
+        x = resize(crop(img, CropBox(*d.box)), self.train_res).transpose(2, 0, 1)[None]
+        x0 = self.bundle.vae_encode(np.ascontiguousarray(x, dtype=np.float32))
+        eps = self.rng(d.index + 1_000_003).standard_normal(x0.shape).astype(np.float32)
+        if d.k is not None:
+            ab = float(self._ab[d.k])
+            xt, target = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps, eps
+        else:
+            xt, target = (1 - d.t) * x0 + d.t * eps, eps - x0
+        feeds = {"latents": xt.astype(np.float32), "timestep": np.array([d.timestep], np.float32), **text}
+        if self.bundle.model.get("guidance_embeds"):
+            feeds["guidance"] = np.array([1.0], np.float32)
+        return feeds, target.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen pass: one graph at a time over a draw's accumulated tensors
+# ---------------------------------------------------------------------------------------------
+class FrozenPass:
+    """Walks the chain for a draw and collects the training graph's inputs."""
+
+    def __init__(self, bundle: Bundle, training_inputs: list[str]):
+        self.bundle = bundle
+        self.inputs = list(training_inputs)
+        names = bundle.chain_names[:-1]  # the epilogue is part of the training graph
+        kinds = [bundle.graphs[n]["kind"] for n in names]
+        first = kinds.index("trainable_infer")
+        self.names = names
+        self.first_trainable = first
+
+    def step(self, pos: int, acc: dict[str, np.ndarray], rec: dict[str, np.ndarray]) -> None:
+        """Run graph `pos` of the chain on acc (advancing it) and record what training reads."""
+        b = self.bundle
+        name = self.names[pos]
+        g = b.graphs[name]
+        if pos == self.first_trainable:
+            rec.update({k: v for k, v in acc.items() if k.startswith("state.")})
+        out = b.run(name, acc)
+        if pos > self.first_trainable and g["kind"] == "group":
+            prefix = f"gap_{g['blocks'][0]}_{g['blocks'][-1]}"
+            for slot, oname in (g.get("state_out") or {}).items():
+                key = f"{prefix}.{slot}"
+                if key in self.inputs:
+                    rec[key] = out[oname] - acc[f"state.{slot}"]
+        b.advance(name, acc, out)
+        if pos == 0:
+            rec.update({k: v for k, v in acc.items() if k.startswith("ctx.") and k in self.inputs})
+
+    def feeds(self, rec: dict[str, np.ndarray], target: np.ndarray) -> dict[str, np.ndarray]:
+        rec = {**rec, "target": target}
+        missing = [n for n in self.inputs if n not in rec]
+        if missing:
+            raise RuntimeError(f"the frozen pass did not produce training inputs {missing}")
+        return {n: np.ascontiguousarray(rec[n], dtype=np.float32) for n in self.inputs}
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class JobOptions:
+    token: str
+    class_noun: str
+    steps: int
+    learning_rate: float
+    seed: int
+    checkpoint_every: int
+    precompute: str = "online"
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.precompute not in PRECOMPUTE_MODES:
+            raise PersonalizeError(f"precompute must be one of {PRECOMPUTE_MODES}, got {self.precompute!r}")
+        if not self.prompt:
+            self.prompt = f"a {self.token} {self.class_noun}"
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Progress:
+    """Callbacks of a running job (all optional)."""
+
+    event: Callable[..., None] = lambda kind, **kw: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def _npz_save(path: str, arrays: dict[str, np.ndarray]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _npz_load(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclass
+class JobResult:
+    weights: dict[str, np.ndarray]
+    losses: list[float] = field(default_factory=list)
+    final_loss: float = float("nan")
+    seconds: float = 0.0
+    precompute_s: float = 0.0
+    steps_s: float = 0.0
+
+
+def make_trainer(bundle: Bundle, backend: str, lr: float, checkpoint: str | None):
+    art = os.path.join(bundle.root, "trainable")
+    if backend == "torch":
+        from .torch_trainer import TorchTrainer
+
+        return TorchTrainer(art, lr=lr, checkpoint=checkpoint)
+    from .ort_trainer import OrtTrainer
+
+    return OrtTrainer(art, lr=lr, checkpoint=checkpoint)
+
+
+def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir: str, *,
+            trainer_backend: str = "ort", progress: Progress | None = None, start_step: int = 0,
+            on_checkpoint: Callable[[int], None] | None = None) -> JobResult:
+    """Train an adapter; checkpoints to work_dir/checkpoint every opts.checkpoint_every steps.
+
+    start_step > 0 resumes from work_dir/checkpoint (written at that step). Raises Cancelled when
+    progress.should_stop() turns true (checked before each step; the checkpoint stays consistent).
+    """
+    progress = progress or Progress()
+    t_start = time.perf_counter()
+    os.makedirs(work_dir, exist_ok=True)
+    ckpt = os.path.join(work_dir, "checkpoint")
+    progress.event("encoding")
+    text = bundle.encode_prompts([opts.prompt])
+    plan = DrawPlan(bundle, images, opts.seed)
+    trainer = make_trainer(bundle, trainer_backend, opts.learning_rate, ckpt if start_step > 0 else None)
+    frozen = FrozenPass(bundle, trainer.inputs)
+    n = opts.steps
+    result = JobResult(weights={})
+    pre_s = 0.0
+    if opts.precompute == "bank":
+        t0 = time.perf_counter()
+        bank = os.path.join(work_dir, "bank")
+        _bank(bundle, plan, frozen, text, range(start_step, n), bank, progress)
+        pre_s = time.perf_counter() - t0
+    step_s = 0.0
+    for i in range(start_step, n):
+        if progress.should_stop():
+            raise Cancelled(f"cancelled before step {i + 1}")
+        t0 = time.perf_counter()
+        if opts.precompute == "bank":
+            feeds = _npz_load(os.path.join(work_dir, "bank", f"{i:06d}.feeds.npz"))
+        else:
+            feeds = _online_feeds(plan, frozen, text, i)
+        t1 = time.perf_counter()
+        pre_s += t1 - t0
+        loss = trainer.step(feeds)
+        step_s += time.perf_counter() - t1
+        result.losses.append(loss)
+        progress.event("step", step=i + 1, total=n, loss=loss)
+        if opts.checkpoint_every and (i + 1) % opts.checkpoint_every == 0 and i + 1 < n:
+            trainer.save_checkpoint(ckpt)
+            if on_checkpoint:
+                on_checkpoint(i + 1)
+            progress.event("checkpoint", step=i + 1, total=n)
+    result.weights = trainer.lora_weights()
+    result.final_loss = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
+    result.seconds = time.perf_counter() - t_start
+    result.precompute_s, result.steps_s = pre_s, step_s
+    return result
+
+
+def _online_feeds(plan: DrawPlan, frozen: FrozenPass, text, i: int) -> dict[str, np.ndarray]:
+    feeds, target = plan.prologue_feeds(plan.draw(i), text)
+    acc, rec = dict(feeds), {}
+    for pos in range(len(frozen.names)):
+        frozen.step(pos, acc, rec)
+    return frozen.feeds(rec, target)
+
+
+def _bank(bundle: Bundle, plan: DrawPlan, frozen: FrozenPass, text, steps, bank: str, progress: Progress) -> None:
+    """Each graph over every draw, weights loaded once and released; states on disk between graphs."""
+    steps = list(steps)
+    os.makedirs(bank, exist_ok=True)
+    todo = [i for i in steps if not os.path.exists(os.path.join(bank, f"{i:06d}.feeds.npz"))]
+    if not todo:
+        return
+    total = len(frozen.names) + 1
+    for i in todo:  # draws: crop, encode, noise (VAE encoder only)
+        feeds, target = plan.prologue_feeds(plan.draw(i), text)
+        _npz_save(os.path.join(bank, f"{i:06d}.acc.npz"), {**feeds, "target": target})
+    bundle.release_all()
+    progress.event("precomputing", progress=1 / total)
+    for pos, name in enumerate(frozen.names):
+        for i in todo:
+            if progress.should_stop():
+                raise Cancelled("cancelled during the precompute")
+            a = _npz_load(os.path.join(bank, f"{i:06d}.acc.npz"))
+            rp = os.path.join(bank, f"{i:06d}.rec.npz")
+            rec = _npz_load(rp) if pos > 0 else {}
+            target = a.pop("target")
+            frozen.step(pos, a, rec)
+            _npz_save(os.path.join(bank, f"{i:06d}.acc.npz"), {**a, "target": target})
+            _npz_save(rp, rec)
+        bundle.release(name)
+        progress.event("precomputing", progress=(pos + 2) / total)
+    for i in todo:
+        a = _npz_load(os.path.join(bank, f"{i:06d}.acc.npz"))
+        rec = _npz_load(os.path.join(bank, f"{i:06d}.rec.npz"))
+        _npz_save(os.path.join(bank, f"{i:06d}.feeds.npz"), frozen.feeds(rec, a["target"]))
+        for suffix in ("acc", "rec"):
+            os.remove(os.path.join(bank, f"{i:06d}.{suffix}.npz"))
+
+
+def choose_precompute(bundle: Bundle, requested: str = "") -> str:
+    """The bundle's memory plan: bank when the frozen groups' weights are large (> 256 MiB), else online."""
+    if requested:
+        if requested not in PRECOMPUTE_MODES:
+            raise PersonalizeError(f"precompute must be one of {PRECOMPUTE_MODES} or empty, got {requested!r}")
+        return requested
+    plan = bundle.model.get("memory_plan", {})
+    if plan.get("precompute") in PRECOMPUTE_MODES:
+        return plan["precompute"]
+    params = int(bundle.model.get("parameters", 0))
+    return "bank" if params * 4 > 256 * 2**20 else "online"
+
+
+__all__ = ["Bundle", "Cancelled", "DrawPlan", "FrozenPass", "ImageLimits", "JobOptions", "JobResult", "PersonalizeError",
+           "Progress", "choose_precompute", "decode_images", "images_from_pngs", "run_job", "Any"]

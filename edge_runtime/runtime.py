@@ -1,0 +1,262 @@
+"""A compiled bundle at run time: graph sessions, the inference chain, prompt encoding, VAE, generation.
+
+Torch-free. Graphs are named as in manifest.graphs ("prologue", "frozen/group_00",
+"trainable/infer", "epilogue", ...). Frozen groups run on TensorRT engines when they are built
+for this machine and TensorRT is present, else on ONNX Runtime (the best available execution
+provider). Sessions are opened on first use and may be released (`release`) so a bank
+precompute holds one group's weights at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import flow
+from .manifest import Manifest, load_manifest
+from .sampler import sample
+
+
+class RuntimeError_(RuntimeError):
+    """A bundle that cannot run here, or a request it cannot serve."""
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    order = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in order if p in have] or have
+
+
+class Bundle:
+    """Sessions over one bundle's graphs (thread-safe opening; ORT sessions run concurrently)."""
+
+    def __init__(self, root: str, providers: list[str] | None = None, threads: int | None = None,
+                 use_tensorrt: bool | None = None, verify_files: bool = True):
+        self.root = os.path.abspath(root)
+        self.manifest: Manifest = load_manifest(self.root, verify_files=verify_files)
+        m = self.manifest
+        self.graphs = m.graphs
+        self.model = m.model
+        self.providers = providers or ort_providers()
+        self.threads = threads
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.chain = self._chain()
+        self.lora_shapes: dict[str, tuple[int, ...]] = {}
+        for name in self.chain_names:
+            for n, d in self.graphs[name].get("lora", {}).items():
+                self.lora_shapes[n] = tuple(d["shape"])
+        self.latent_channels = int(self.model["latent_channels"])
+        self.downsample = int(self.model.get("vae_downsample", 1))
+        self.multiple = int(self.model.get("resolution_multiple", 1))
+        self.executor = "onnxruntime"
+        self._trt: dict[str, Any] = {}
+        if use_tensorrt is not False:
+            try:
+                from .engines import engines_status
+
+                st = engines_status(self.root)
+                if st.get("backend") == "tensorrt":
+                    self.executor = "tensorrt"
+            except Exception:  # noqa: BLE001 - no engines / no TensorRT: ONNX Runtime runs the groups
+                if use_tensorrt:
+                    raise
+
+    # ------------------------------------------------------------------ graphs
+    def _chain(self) -> list[str]:
+        """Graph names in generation order: prologue, each run (frozen group / infer graph), epilogue."""
+        by_block = {b["index"]: b["group"] for b in self.manifest.blocks}
+        names = ["prologue"]
+        for run in self.model["generation_chain"]:
+            g = by_block[run["blocks"][0]]
+            if g not in self.graphs:
+                raise RuntimeError_(f"manifest: graph {g!r} of blocks {run['blocks']} is not described")
+            names.append(g)
+        names.append("epilogue")
+        self.chain_names = names
+        return names
+
+    def graph_path(self, name: str) -> str:
+        return os.path.join(self.root, *self.graphs[name]["path"].split("/"))
+
+    def session(self, name: str):
+        s = self._sessions.get(name)
+        if s is not None:
+            return s
+        with self._lock:
+            s = self._sessions.get(name)
+            if s is None:
+                s = self._open(name)
+                self._sessions[name] = s
+        return s
+
+    def _open(self, name: str):
+        g = self.graphs.get(name, {})
+        if self.executor == "tensorrt" and g.get("kind") == "group":
+            from .engines import TrtGroup
+
+            return _TrtSession(TrtGroup.from_bundle(self.root, g["path"]))
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+        path = self.graph_path(name) if name in self.graphs else os.path.join(self.root, name)
+        return ort.InferenceSession(path, opts, providers=self.providers)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            s = self._sessions.pop(name, None)
+        if s is not None and hasattr(s, "close"):
+            s.close()
+
+    def release_all(self) -> None:
+        for n in list(self._sessions):
+            self.release(n)
+
+    def run(self, name: str, acc: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None
+            ) -> dict[str, np.ndarray]:
+        """Run one chain graph on the accumulated tensors; returns its outputs by name."""
+        sess = self.session(name)
+        feeds = {}
+        for i in sess.get_inputs():
+            n = i.name
+            if n in acc:
+                feeds[n] = acc[n]
+            elif n in self.lora_shapes:
+                feeds[n] = lora[n] if lora is not None and n in lora else np.zeros(self.lora_shapes[n], np.float32)
+            else:
+                raise RuntimeError_(f"{name}: no value for input {n!r}")
+        outs = sess.run(None, feeds)
+        return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
+
+    def advance(self, name: str, acc: dict[str, np.ndarray], out: Mapping[str, np.ndarray]) -> None:
+        """Fold a graph's outputs into the accumulated tensors (out.<slot> -> state.<slot>)."""
+        g = self.graphs[name]
+        state_in, state_out = g.get("state_in") or [], g.get("state_out") or []
+        for slot in state_in:
+            if state_out and slot not in state_out:
+                acc.pop(f"state.{slot}", None)
+        for n, v in out.items():
+            acc[f"state.{n[4:]}" if n.startswith("out.") else n] = v
+
+    def predict(self, feeds: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None,
+                names: Iterable[str] | None = None) -> np.ndarray:
+        """The model's prediction (B, C, h, w) for prologue feeds (latents, timestep, text, ...)."""
+        acc = dict(feeds)
+        for name in names or self.chain_names:
+            self.advance(name, acc, self.run(name, acc, lora))
+        return acc["prediction"]
+
+    # ------------------------------------------------------------------ text, VAE
+    def text_encoder(self):
+        te = getattr(self, "_text", None)
+        if te is None:
+            if "text_encoder" not in self.graphs:
+                raise RuntimeError_("this bundle has no text encoder (recompile it with a current edgeblock)")
+            from .text import TextEncoder
+
+            te = self._text = TextEncoder(self.root, self.graphs["text_encoder"], self.providers)
+        return te
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """prompts -> the prologue's text feeds: text, pooled (if any), text_mask (if any)."""
+        out = self.text_encoder().encode(prompts)
+        feeds = {"text": out["text"]}
+        if "pooled" in out:
+            feeds["pooled"] = out["pooled"]
+        if "mask" in out:
+            feeds["text_mask"] = out["mask"]
+        return feeds
+
+    def vae_encode(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1] -> model-space latents (identity for pixel-space models)."""
+        if self.downsample == 1 and "vae" not in self.graphs:
+            return images.astype(np.float32)
+        sess = self.session(self.graphs["vae"]["vae_encoder"]["path"])
+        return sess.run(None, {"images": images.astype(np.float32)})[0]
+
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        if self.downsample == 1 and "vae" not in self.graphs:
+            return np.clip(latents, -1.0, 1.0)
+        sess = self.session(self.graphs["vae"]["vae_decoder"]["path"])
+        return sess.run(None, {"latents": latents.astype(np.float32)})[0]
+
+    # ------------------------------------------------------------------ generation
+    def sizes(self) -> list[int]:
+        """Generation sides (pixels) the bundle serves: the training and the generation resolution."""
+        return sorted({int(self.manifest.gen_res), int(self.manifest.train_res)})
+
+    def generate(self, prompt: str, *, seed: int = 0, steps: int = 30, guidance: float = 3.0,
+                 size: int | None = None, lora: Mapping[str, np.ndarray] | None = None,
+                 noise: np.ndarray | None = None, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """One image (H, W, 3) uint8 for `prompt`.
+
+        Models with a guidance embedding (FLUX-dev) take `guidance` as an input; the others use
+        classifier-free guidance against the empty prompt (batch 2) when guidance != 1.
+        """
+        size = int(size or self.manifest.gen_res)
+        if size % self.multiple:
+            raise RuntimeError_(f"size {size} is not a multiple of {self.multiple}")
+        side = size // self.downsample
+        if noise is None:
+            noise = np.random.default_rng(seed).standard_normal((1, self.latent_channels, side, side)).astype(np.float32)
+        embedded = bool(self.model.get("guidance_embeds"))
+        cfg_on = (not embedded) and guidance != 1.0
+        text = self.encode_prompts([prompt, ""] if cfg_on else [prompt])
+
+        def predict(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+            b = 2 if cfg_on else 1
+            feeds = {"latents": np.concatenate([x] * b) if b > 1 else x, "timestep": np.concatenate([t] * b) if b > 1 else t,
+                     **text}
+            if embedded:
+                feeds["guidance"] = np.full((x.shape[0],), guidance, np.float32)
+            pred = self.predict(feeds, lora)
+            if cfg_on:
+                c, u = pred[:1], pred[1:]
+                return u + guidance * (c - u)
+            return pred
+
+        tokens = (side // max(1, self.multiple // self.downsample)) ** 2
+        x = sample(predict, noise, steps, self.model.get("sampler", {"kind": "flow_euler"}), tokens, on_step)
+        img = self.vae_decode(x)[0]
+        return to_uint8(img)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return np.round((np.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+
+
+class _TrtSession:
+    """ORT-session-like wrapper over a TensorRT group (get_inputs/get_outputs/run)."""
+
+    class _Name:
+        def __init__(self, name: str):
+            self.name = name
+
+    def __init__(self, group):
+        self.group = group
+
+    def get_inputs(self):
+        return [self._Name(n) for n in self.group.inputs]
+
+    def get_outputs(self):
+        return [self._Name(n) for n in self.group.outputs]
+
+    def run(self, _names, feeds):
+        out = self.group.run(feeds)
+        return [out[n] for n in self.group.outputs]
+
+    def close(self):
+        self.group.close()
+
+
+__all__ = ["Bundle", "RuntimeError_", "to_uint8", "flow"]

@@ -1,0 +1,217 @@
+"""The daemon's state directory: adapters and jobs, written atomically with checksums.
+
+    STATE/adapters/<id>/adapter.safetensors   LoRA weights (published names, float32)
+    STATE/adapters/<id>/adapter.json          metadata + sha256 of the weights (written last)
+    STATE/jobs/<id>/job.json                  request options, state, step, checkpoint step
+    STATE/jobs/<id>/images/NN.png             the decoded subject images (a resumed job reads them)
+    STATE/jobs/<id>/checkpoint                ORT training checkpoint (with optimizer state)
+    STATE/jobs/<id>/bank/                     precomputed states (bank mode)
+
+Every file is written to a temporary name, fsynced and renamed, and the directory fsynced: a
+crash or power loss leaves the old file or the new one, never half of one. An adapter exists
+only once its adapter.json exists; that file records the weights' sha256, checked on load.
+Ids are 32 lowercase hex characters; anything else is refused before it touches a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import safetensors_np
+
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class StoreError(ValueError):
+    """Bad id, unknown adapter/job or a corrupt file; the message says which."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise StoreError(f"{what} must be 32 lowercase hex characters, got {value[:80]!r}" if isinstance(value, str)
+                         else f"{what} must be a string")
+    return value
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def atomic_json(path: str, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Store:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.adapters_dir = os.path.join(self.root, "adapters")
+        self.jobs_dir = os.path.join(self.root, "jobs")
+        os.makedirs(self.adapters_dir, exist_ok=True)
+        os.makedirs(self.jobs_dir, exist_ok=True)
+        self._lock = threading.Lock()
+        self._clean_partial()
+
+    def _clean_partial(self) -> None:
+        """Adapter folders without adapter.json (a crash between the two writes) and temp files go."""
+        for name in os.listdir(self.adapters_dir):
+            d = os.path.join(self.adapters_dir, name)
+            if not ID_RE.match(name) or not os.path.exists(os.path.join(d, "adapter.json")):
+                shutil.rmtree(d, ignore_errors=True)
+        for dirpath, _dirs, files in os.walk(self.root):
+            for n in files:
+                if ".tmp-" in n:
+                    with _suppress():
+                        os.remove(os.path.join(dirpath, n))
+
+    # ------------------------------------------------------------------ adapters
+    def adapter_dir(self, adapter_id: str) -> str:
+        return os.path.join(self.adapters_dir, check_id(adapter_id, "adapter id"))
+
+    def save_adapter(self, weights: Mapping[str, np.ndarray], meta: dict[str, Any], adapter_id: str | None = None) -> dict:
+        adapter_id = adapter_id or new_id()
+        d = self.adapter_dir(adapter_id)
+        os.makedirs(d, exist_ok=True)
+        data = safetensors_np.dumps({k: np.asarray(v, np.float32) for k, v in weights.items()},
+                                    {"format": "edgeblock-lora", "adapter_id": adapter_id})
+        atomic_write(os.path.join(d, "adapter.safetensors"), data)
+        info = {**meta, "id": adapter_id, "sha256": sha256_bytes(data), "size_bytes": len(data),
+                "created": meta.get("created", time.time())}
+        atomic_json(os.path.join(d, "adapter.json"), info)
+        _fsync_dir(self.adapters_dir)
+        return info
+
+    def get_adapter(self, adapter_id: str) -> dict:
+        p = os.path.join(self.adapter_dir(adapter_id), "adapter.json")
+        if not os.path.exists(p):
+            raise NotFound(f"unknown adapter {adapter_id}")
+        return read_json(p)
+
+    def list_adapters(self) -> list[dict]:
+        out = []
+        for name in sorted(os.listdir(self.adapters_dir)):
+            p = os.path.join(self.adapters_dir, name, "adapter.json")
+            if ID_RE.match(name) and os.path.exists(p):
+                with _suppress():
+                    out.append(read_json(p))
+        return sorted(out, key=lambda a: a.get("created", 0))
+
+    def load_adapter(self, adapter_id: str) -> tuple[dict[str, np.ndarray], dict]:
+        info = self.get_adapter(adapter_id)
+        with open(os.path.join(self.adapter_dir(adapter_id), "adapter.safetensors"), "rb") as f:
+            data = f.read()
+        if sha256_bytes(data) != info["sha256"]:
+            raise StoreError(f"adapter {adapter_id}: weights do not match their sha256 (corrupt file)")
+        return safetensors_np.loads(data)[0], info
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        d = self.adapter_dir(adapter_id)
+        if not os.path.exists(os.path.join(d, "adapter.json")):
+            raise NotFound(f"unknown adapter {adapter_id}")
+        trash = os.path.join(self.adapters_dir, f".trash-{adapter_id}-{os.getpid()}")
+        os.replace(d, trash)  # atomic: the adapter disappears at once
+        _fsync_dir(self.adapters_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ jobs
+    def job_dir(self, job_id: str) -> str:
+        return os.path.join(self.jobs_dir, check_id(job_id, "job id"))
+
+    def save_job(self, job: dict) -> None:
+        d = self.job_dir(job["id"])
+        os.makedirs(d, exist_ok=True)
+        job = {**job, "updated": time.time()}
+        atomic_json(os.path.join(d, "job.json"), job)
+
+    def get_job(self, job_id: str) -> dict:
+        p = os.path.join(self.job_dir(job_id), "job.json")
+        if not os.path.exists(p):
+            raise NotFound(f"unknown job {job_id}")
+        return read_json(p)
+
+    def list_jobs(self) -> list[dict]:
+        out = []
+        for name in sorted(os.listdir(self.jobs_dir)):
+            p = os.path.join(self.jobs_dir, name, "job.json")
+            if ID_RE.match(name) and os.path.exists(p):
+                with _suppress():
+                    out.append(read_json(p))
+        return sorted(out, key=lambda j: j.get("created", 0))
+
+    def save_job_images(self, job_id: str, pngs: list[bytes]) -> None:
+        d = os.path.join(self.job_dir(job_id), "images")
+        os.makedirs(d, exist_ok=True)
+        for i, data in enumerate(pngs):
+            atomic_write(os.path.join(d, f"{i:02d}.png"), data)
+
+    def job_images(self, job_id: str) -> list[bytes]:
+        d = os.path.join(self.job_dir(job_id), "images")
+        out = []
+        for n in sorted(os.listdir(d)):
+            if n.endswith(".png"):
+                with open(os.path.join(d, n), "rb") as f:
+                    out.append(f.read())
+        return out
+
+    def drop_job_work(self, job_id: str) -> None:
+        """A finished job keeps job.json only (its images, checkpoint and bank are removed)."""
+        d = self.job_dir(job_id)
+        for n in ("images", "bank"):
+            shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+        for n in ("checkpoint",):
+            with _suppress():
+                os.remove(os.path.join(d, n))
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, (OSError, ValueError))
