@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench proto venv clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (onnxruntime-training has no wheels beyond 3.11)"; exit 1; }
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/edgeblock bench memory --json
+
+# Regenerate the gRPC stubs (edge_runtime/api/) from proto/edgeblock/v1/edgeblock.proto.
+proto: $(STAMP)
+	$(BIN)/python -m edge_runtime.api.generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info

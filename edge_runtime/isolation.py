@@ -15,12 +15,15 @@ import sys
 HOST_FRAMEWORKS = ("torch", "transformers", "diffusers", "peft")
 
 
-def block_host_frameworks(names: tuple[str, ...] = HOST_FRAMEWORKS) -> None:
+def block_host_frameworks(names: tuple[str, ...] = HOST_FRAMEWORKS, strict: bool = True) -> list[str]:
+    """Block `names`; returns those already imported (strict: raise instead, as a device process must)."""
     loaded = [n for n in names if sys.modules.get(n) is not None]
-    if loaded:
+    if loaded and strict:
         raise RuntimeError(f"{', '.join(loaded)} already imported in this process; block before importing them")
     for n in names:
-        sys.modules[n] = None  # type: ignore[assignment]
+        if n not in loaded:
+            sys.modules[n] = None  # type: ignore[assignment]
+    return loaded
 
 
 def host_frameworks_loaded(names: tuple[str, ...] = HOST_FRAMEWORKS) -> list[str]:

@@ -269,11 +269,14 @@ def make_trainer(bundle: Bundle, backend: str, lr: float, checkpoint: str | None
 
 def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir: str, *,
             trainer_backend: str = "ort", progress: Progress | None = None, start_step: int = 0,
-            on_checkpoint: Callable[[int], None] | None = None) -> JobResult:
+            on_checkpoint: Callable[[int], None] | None = None,
+            checkpoint_on_stop: Callable[[], bool] | None = None) -> JobResult:
     """Train an adapter; checkpoints to work_dir/checkpoint every opts.checkpoint_every steps.
 
     start_step > 0 resumes from work_dir/checkpoint (written at that step). Raises Cancelled when
-    progress.should_stop() turns true (checked before each step; the checkpoint stays consistent).
+    progress.should_stop() turns true (checked before each step; the checkpoint stays consistent);
+    if checkpoint_on_stop() is then true (a shutdown, not a cancel), the steps done so far are
+    checkpointed first, so the job resumes exactly there.
     """
     progress = progress or Progress()
     t_start = time.perf_counter()
@@ -295,7 +298,11 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     step_s = 0.0
     for i in range(start_step, n):
         if progress.should_stop():
-            raise Cancelled(f"cancelled before step {i + 1}")
+            if checkpoint_on_stop is not None and checkpoint_on_stop() and i > start_step:
+                trainer.save_checkpoint(ckpt)
+                if on_checkpoint:
+                    on_checkpoint(i)
+            raise Cancelled(f"stopped before step {i + 1}")
         t0 = time.perf_counter()
         if opts.precompute == "bank":
             feeds = _npz_load(os.path.join(work_dir, "bank", f"{i:06d}.feeds.npz"))

@@ -1,6 +1,7 @@
 """The `edgeblock` command line: the only place errors become exit codes and messages.
 
-Subcommands mirror docs/ and ../shared/DESIGN.md: select, bench memory, ...
+Subcommands mirror docs/ and ../shared/DESIGN.md: select, bench memory, compile, serve, personalize,
+generate, adapters, ...
 """
 
 from __future__ import annotations
@@ -100,19 +101,234 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"-o {args.output}: no such directory {out_dir}")
+    if args.server:
+        return _generate_remote(args)
+    if args.size is not None:
+        raise ValueError("--size needs --server (in-process generation uses the model's size)")
     from PIL import Image
 
     from .generate import generate_images
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"-o {args.output}: no such directory {out_dir}")
-    image = generate_images(args.model, [args.prompt], seed=args.seed, steps=args.steps, guidance=args.guidance,
-                            adapter=args.adapter)[0]
+    model = args.model or "builtin"
+    seed = 0 if args.seed is None else args.seed
+    steps = 30 if args.steps is None else args.steps
+    guidance = 3.0 if args.guidance is None else args.guidance
+    image = generate_images(model, [args.prompt], seed=seed, steps=steps, guidance=guidance, adapter=args.adapter)[0]
     Image.fromarray(image).save(args.output)
-    print(f"{args.output}: {image.shape[1]}x{image.shape[0]} ({args.prompt!r}, seed {args.seed}, {args.steps} steps)")
+    print(f"{args.output}: {image.shape[1]}x{image.shape[0]} ({args.prompt!r}, seed {seed}, {steps} steps)")
     return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        raise ValueError("--model and --server are exclusive (the daemon serves its bundle's model)")
+    with _client(args) as c:
+        r = c.generate(args.prompt, adapter_id=args.adapter or "", seed=args.seed or 0, steps=args.steps or 0,
+                       guidance=args.guidance or 0.0, size=args.size or 0)
+    _write_atomic(args.output, r.png)
+    adapter = f", adapter {r.adapter_id}" if r.adapter_id else ""
+    print(f"{args.output}: {r.size}x{r.size} ({args.prompt!r}, seed {r.seed}, {r.steps} steps, "
+          f"guidance {r.guidance:g}{adapter}) in {r.time_s:.2f} s")
+    return 0
+
+
+# -- the edge daemon and its clients ------------------------------------------------------------------
+
+def _read_token(path: str | None, flag: str) -> str | None:
+    """The bearer token from a file (stripped), else $EDGEBLOCK_TOKEN, else None."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+        with open(path) as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"{flag} {path}: the file is empty")
+        return token
+    return os.environ.get("EDGEBLOCK_TOKEN", "").strip() or None
+
+
+def _client(args: argparse.Namespace):
+    if not getattr(args, "server", None):
+        raise ValueError("--server ADDR (host:port of `edgeblock serve`) is required")
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    try:
+        from .client import EdgeClient
+    except ImportError as e:
+        raise RuntimeError(f"the daemon client needs grpcio ({e}); pip install 'edgeblock[device]'") from None
+    return EdgeClient(args.server, token=_read_token(args.auth_token_file, "--auth-token-file"), tls_ca=args.tls_ca,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, timeout=args.timeout)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _as_dict(msg) -> dict:
+    """A message as plain JSON values: enum names, numbers as numbers (uint64 too), float32 rounded."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    def value(f, v):
+        if f.type == F.TYPE_MESSAGE:
+            return _as_dict(v)
+        if f.type == F.TYPE_ENUM:
+            return f.enum_type.values_by_number[v].name if v in f.enum_type.values_by_number else v
+        if f.type == F.TYPE_FLOAT:
+            return float(f"{v:.7g}")
+        if f.type == F.TYPE_BYTES:
+            return len(v)
+        return v
+
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == F.LABEL_REPEATED
+        out[f.name] = [value(f, x) for x in v] if repeated else value(f, v)
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    for flag in ("bundle", "tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+    if args.max_concurrent_generations is not None and args.max_concurrent_generations < 1:
+        raise ValueError(f"--max-concurrent-generations must be at least 1, got {args.max_concurrent_generations}")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    from edge_runtime.server import ServerConfig, serve_forever
+
+    kwargs = dict(
+        bundle=args.bundle, listen=args.listen, state_dir=args.state, token=_read_token(args.token_file, "--token-file"),
+        allow_insecure_remote=args.allow_insecure_remote, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, trainer=args.trainer,
+    )
+    # Unset limits are left to ServerConfig's defaults.
+    for flag in ("max_concurrent_generations", "max_queue"):
+        if getattr(args, flag) is not None:
+            kwargs[flag] = getattr(args, flag)
+    rc = serve_forever(ServerConfig(**kwargs))
+    return rc if isinstance(rc, int) else 0
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    for flag in ("steps", "seed", "checkpoint_every"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.lr < 0:
+        raise ValueError(f"--lr must be >= 0, got {args.lr}")
+    with _client(args) as c:
+        from .client import pb
+
+        Kind = pb.JobEvent.Kind
+        stream = c.personalize(args.images, token=args.token, class_noun=args.class_noun, steps=args.steps,
+                               learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                               name=args.name, precompute=args.precompute)
+        bar = tqdm(total=None, desc="connecting", unit="step", disable=args.json or args.quiet, dynamic_ncols=True)
+        postfix: dict = {}
+        try:
+            for ev in stream:
+                if args.json:
+                    print(json.dumps(_as_dict(ev)), flush=True)
+                kind = Kind.Name(ev.kind) if ev.kind in Kind.values() else str(ev.kind)
+                if ev.kind == Kind.STEP:
+                    if ev.total_steps and bar.total != ev.total_steps:
+                        bar.total = ev.total_steps
+                    bar.set_description_str("training", refresh=False)
+                    postfix["loss"] = f"{ev.loss:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(max(ev.step - bar.n, 0))
+                elif ev.kind == Kind.QUEUED:
+                    bar.set_description_str(f"queued ({ev.queue_position} ahead)" if ev.queue_position else "queued")
+                elif ev.kind == Kind.ENCODING:
+                    bar.set_description_str("encoding")
+                elif ev.kind == Kind.PRECOMPUTING:
+                    bar.set_description_str(f"precomputing {ev.progress:.0%}")
+                elif ev.kind == Kind.CHECKPOINT:
+                    postfix["checkpoint"] = ev.step
+                    bar.set_postfix(postfix)
+                elif ev.kind == Kind.DONE:
+                    bar.close()
+                    if not args.json:
+                        print(f"job {ev.job_id} done in {ev.elapsed_s:.1f} s: adapter {ev.adapter_id}", file=sys.stderr)
+                        print(ev.adapter_id)
+                    return 0
+                elif ev.kind in (Kind.FAILED, Kind.CANCELLED):
+                    bar.close()
+                    what = "failed" if ev.kind == Kind.FAILED else "was cancelled"
+                    print(f"edgeblock personalize: error: job {ev.job_id} {what}: {ev.message or kind}", file=sys.stderr)
+                    return 1
+            bar.close()
+            print(f"edgeblock personalize: error: the stream of job {stream.job_id or '?'} ended without DONE",
+                  file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            bar.close()
+            if stream.job_id:
+                try:
+                    job = c.cancel_job(stream.job_id)
+                    state = pb.Job.State.Name(job.state)
+                    print(f"interrupted: cancelled job {stream.job_id} ({state}, step {job.step})", file=sys.stderr)
+                except (RuntimeError, OSError) as e:  # ClientError; the daemon still cancels when the stream goes
+                    print(f"interrupted: CancelJob {stream.job_id} failed ({e}); closing the stream", file=sys.stderr)
+            else:
+                print("interrupted before the job started; closing the stream", file=sys.stderr)
+            stream.cancel()
+            return 130
+        finally:
+            bar.close()
+
+
+def _created(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "ls":
+            adapters = c.list_adapters()
+            if args.json:
+                print(json.dumps([_as_dict(a) for a in adapters], indent=2))
+                return 0
+            rows = [("ID", "NAME", "TOKEN", "STEPS", "FINAL LOSS", "CREATED")]
+            rows += [(a.id, a.name, a.token, str(a.steps), f"{a.final_loss:.4f}", _created(a.created)) for a in adapters]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            if not adapters:
+                print("(no adapters)", file=sys.stderr)
+            return 0
+        if args.action == "rm":
+            if c.delete_adapter(args.id):
+                print(f"deleted {args.id}")
+                return 0
+            print(f"edgeblock adapters: error: {args.id} was not deleted", file=sys.stderr)
+            return 1
+        data, filename = c.export_adapter(args.id)
+        path = args.output or os.path.basename(filename or "") or f"{args.id}.safetensors"
+        out_dir = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"-o {path}: no such directory {out_dir}")
+        _write_atomic(path, data)
+        print(f"{path}: {len(data)} bytes (adapter {args.id}, safetensors, diffusers/PEFT names)")
+        return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -186,14 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="text to image with the built-in model, in this process")
-    g.add_argument("--model", default="builtin", help="`builtin` or a directory laid out like it")
+    g = sub.add_parser("generate", help="text to image: in this process (--model) or on an edge daemon (--server)")
+    g.add_argument("--model", default=None, help="`builtin` (default) or a directory laid out like it; not with --server")
     g.add_argument("--prompt", required=True)
     g.add_argument("-o", "--output", required=True, help="PNG to write")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=3.0)
-    g.add_argument("--adapter", default=None, help="LoRA adapter .safetensors (edgeblock format)")
+    g.add_argument("--seed", type=int, default=None, help="default 0 (with --server: the daemon's default seed)")
+    g.add_argument("--steps", type=int, default=None, help="default 30 (with --server: the bundle's default)")
+    g.add_argument("--guidance", type=float, default=None, help="default 3.0 (with --server: the bundle's default)")
+    g.add_argument("--adapter", default=None,
+                   help="LoRA adapter .safetensors (edgeblock format); with --server: an adapter id on the daemon")
+    g.add_argument("--size", type=int, default=None, help="image side in pixels, one of the bundle's sizes (--server only)")
+    _client_flags(g, required=False)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("compile", help="compile a model into a verified device bundle (ONNX, ORT training, TensorRT plan)")
@@ -216,7 +435,68 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace limit in MiB (default: TensorRT's)")
     be.add_argument("--force", action="store_true", help="rebuild engines even when the cache has them")
     be.set_defaults(func=cmd_build_engines)
+
+    sv = sub.add_parser("serve", help="run the edge daemon (gRPC) on a compiled bundle")
+    sv.add_argument("--bundle", required=True, help="a bundle written by `edgeblock compile`")
+    sv.add_argument("--listen", default="127.0.0.1:50051", help="host:port (default 127.0.0.1:50051, loopback only)")
+    sv.add_argument("--state", required=True, help="state directory: adapters, jobs, checkpoints")
+    sv.add_argument("--token-file", default=None,
+                    help="file holding the bearer token clients must send (default: $EDGEBLOCK_TOKEN); "
+                         "required to listen beyond loopback")
+    sv.add_argument("--allow-insecure-remote", action="store_true",
+                    help="allow listening beyond loopback without TLS (the token then travels in clear)")
+    sv.add_argument("--tls-cert", default=None, help="server certificate (PEM)")
+    sv.add_argument("--tls-key", default=None, help="server private key (PEM)")
+    sv.add_argument("--tls-client-ca", default=None, help="CA (PEM) that client certificates must chain to (mTLS)")
+    sv.add_argument("--trainer", choices=["auto", "ort", "torch"], default="auto",
+                    help="training backend: ORT training artifacts, torch fallback, or auto (ort when installed)")
+    sv.add_argument("--max-concurrent-generations", type=int, default=None, help="default: the daemon's")
+    sv.add_argument("--max-queue", type=int, default=None, help="queued training jobs beyond which Personalize is refused")
+    sv.set_defaults(func=cmd_serve)
+
+    pz = sub.add_parser("personalize", help="train a LoRA adapter on subject images on an edge daemon")
+    pz.add_argument("--images", nargs="+", required=True, metavar="F", help="subject images (PNG/JPEG)")
+    pz.add_argument("--token", required=True, help="the rare subject token, e.g. sks")
+    pz.add_argument("--class-noun", required=True, help="the subject's class noun, e.g. dog")
+    pz.add_argument("--steps", type=int, default=0, help="training steps (default: the bundle's)")
+    pz.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the bundle's)")
+    pz.add_argument("--seed", type=int, default=0, help="seed of the draws (0: the daemon's default)")
+    pz.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: the daemon's)")
+    pz.add_argument("--name", default="", help="adapter name (default: '{token} {class noun}')")
+    pz.add_argument("--precompute", choices=["", "bank", "online"], default="",
+                    help="precompute mode (default: the daemon's memory plan decides)")
+    pz.add_argument("--json", action="store_true", help="print every event as a JSON line (the last one is DONE)")
+    pz.add_argument("--quiet", action="store_true", help="no progress bar")
+    _client_flags(pz, required=True)
+    pz.set_defaults(func=cmd_personalize)
+
+    ad = sub.add_parser("adapters", help="list, delete or export the adapters on an edge daemon")
+    _client_flags(ad, required=False)
+    ad_sub = ad.add_subparsers(dest="action", required=True)
+    ls = ad_sub.add_parser("ls", help="list adapters")
+    ls.add_argument("--json", action="store_true")
+    _client_flags(ls, required=False, suppress=True)
+    rm = ad_sub.add_parser("rm", help="delete an adapter")
+    rm.add_argument("id", metavar="ID")
+    _client_flags(rm, required=False, suppress=True)
+    ex = ad_sub.add_parser("export", help="write an adapter's LoRA weights as safetensors (diffusers/PEFT names)")
+    ex.add_argument("id", metavar="ID")
+    ex.add_argument("-o", "--output", default=None, help="file to write (default: the name the daemon suggests)")
+    _client_flags(ex, required=False, suppress=True)
+    ad.set_defaults(func=cmd_adapters)
     return p
+
+
+def _client_flags(p: argparse.ArgumentParser, required: bool, suppress: bool = False) -> None:
+    """--server and the connection flags of the daemon's clients. With suppress (a sub-subcommand),
+    unset flags leave the parent's values alone, so they may come before or after the action."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("--server", required=required, default=d(None), metavar="ADDR", help="the daemon's host:port")
+    p.add_argument("--auth-token-file", default=d(None), help="file holding the bearer token (default: $EDGEBLOCK_TOKEN)")
+    p.add_argument("--tls-ca", default=d(None), help="CA (PEM) of the daemon's certificate; without it: plaintext")
+    p.add_argument("--tls-cert", default=d(None), help="client certificate (PEM) for mTLS")
+    p.add_argument("--tls-key", default=d(None), help="client private key (PEM) for mTLS")
+    p.add_argument("--timeout", type=float, default=d(None), help="deadline of each call in seconds (not of training)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # The daemon client's errors (edgeblock.client.ClientError) carry exit_code 1; usage errors are 2.
         print(f"edgeblock {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

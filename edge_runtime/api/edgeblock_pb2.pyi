@@ -1,0 +1,304 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Image(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class PersonalizeRequest(_message.Message):
+    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NOUN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PRECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    token: str
+    class_noun: str
+    steps: int
+    learning_rate: float
+    seed: int
+    checkpoint_every: int
+    name: str
+    precompute: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("kind", "job_id", "step", "total_steps", "loss", "adapter_id", "message", "queue_position", "progress", "elapsed_s")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[JobEvent.Kind]
+        QUEUED: _ClassVar[JobEvent.Kind]
+        ENCODING: _ClassVar[JobEvent.Kind]
+        PRECOMPUTING: _ClassVar[JobEvent.Kind]
+        STEP: _ClassVar[JobEvent.Kind]
+        CHECKPOINT: _ClassVar[JobEvent.Kind]
+        DONE: _ClassVar[JobEvent.Kind]
+        FAILED: _ClassVar[JobEvent.Kind]
+        CANCELLED: _ClassVar[JobEvent.Kind]
+    KIND_UNSPECIFIED: JobEvent.Kind
+    QUEUED: JobEvent.Kind
+    ENCODING: JobEvent.Kind
+    PRECOMPUTING: JobEvent.Kind
+    STEP: JobEvent.Kind
+    CHECKPOINT: JobEvent.Kind
+    DONE: JobEvent.Kind
+    FAILED: JobEvent.Kind
+    CANCELLED: JobEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    kind: JobEvent.Kind
+    job_id: str
+    step: int
+    total_steps: int
+    loss: float
+    adapter_id: str
+    message: str
+    queue_position: int
+    progress: float
+    elapsed_s: float
+    def __init__(self, kind: _Optional[_Union[JobEvent.Kind, str]] = ..., job_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., adapter_id: _Optional[str] = ..., message: _Optional[str] = ..., queue_position: _Optional[int] = ..., progress: _Optional[float] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "adapter_id", "seed", "steps", "guidance", "size")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    adapter_id: str
+    seed: int
+    steps: int
+    guidance: float
+    size: int
+    def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("png", "seed", "steps", "guidance", "size", "adapter_id", "time_s")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_S_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    seed: int
+    steps: int
+    guidance: float
+    size: int
+    adapter_id: str
+    time_s: float
+    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., adapter_id: _Optional[str] = ..., time_s: _Optional[float] = ...) -> None: ...
+
+class Adapter(_message.Message):
+    __slots__ = ("id", "name", "token", "class_noun", "steps", "final_loss", "created", "sha256", "lora_rank", "job_id", "size_bytes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NOUN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    token: str
+    class_noun: str
+    steps: int
+    final_loss: float
+    created: float
+    sha256: str
+    lora_rank: int
+    job_id: str
+    size_bytes: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., final_loss: _Optional[float] = ..., created: _Optional[float] = ..., sha256: _Optional[str] = ..., lora_rank: _Optional[int] = ..., job_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
+
+class GetAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class DeleteAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class DeleteAdapterResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class ExportAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class ExportAdapterResponse(_message.Message):
+    __slots__ = ("safetensors", "filename", "adapter")
+    SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    safetensors: bytes
+    filename: str
+    adapter: Adapter
+    def __init__(self, safetensors: _Optional[bytes] = ..., filename: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "state", "step", "total_steps", "loss", "adapter_id", "message", "checkpoint_step", "created", "updated")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Job.State]
+        QUEUED: _ClassVar[Job.State]
+        RUNNING: _ClassVar[Job.State]
+        DONE: _ClassVar[Job.State]
+        FAILED: _ClassVar[Job.State]
+        CANCELLED: _ClassVar[Job.State]
+    STATE_UNSPECIFIED: Job.State
+    QUEUED: Job.State
+    RUNNING: Job.State
+    DONE: Job.State
+    FAILED: Job.State
+    CANCELLED: Job.State
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: Job.State
+    step: int
+    total_steps: int
+    loss: float
+    adapter_id: str
+    message: str
+    checkpoint_step: int
+    created: float
+    updated: float
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., adapter_id: _Optional[str] = ..., message: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_images", "max_image_bytes", "max_image_pixels", "max_steps", "max_prompt_chars", "max_generate_steps", "max_queue", "max_concurrent_generations")
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    max_images: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_steps: int
+    max_prompt_chars: int
+    max_generate_steps: int
+    max_queue: int
+    max_concurrent_generations: int
+    def __init__(self, max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_generate_steps: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_concurrent_generations: _Optional[int] = ...) -> None: ...
+
+class Defaults(_message.Message):
+    __slots__ = ("steps", "learning_rate", "checkpoint_every", "generate_steps", "guidance", "seed")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    learning_rate: float
+    checkpoint_every: int
+    generate_steps: int
+    guidance: float
+    seed: int
+    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., generate_steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Info(_message.Message):
+    __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_RES_FIELD_NUMBER: _ClassVar[int]
+    GEN_RES_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    parameters: int
+    trainable_blocks: _containers.RepeatedScalarFieldContainer[int]
+    num_blocks: int
+    train_res: int
+    gen_res: int
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    lora_rank: int
+    trainer: str
+    executor: str
+    limits: Limits
+    defaults: Defaults
+    version: str
+    def __init__(self, family: _Optional[str] = ..., parameters: _Optional[int] = ..., trainable_blocks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., train_res: _Optional[int] = ..., gen_res: _Optional[int] = ..., sizes: _Optional[_Iterable[int]] = ..., lora_rank: _Optional[int] = ..., trainer: _Optional[str] = ..., executor: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...

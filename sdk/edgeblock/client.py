@@ -1,0 +1,198 @@
+"""A typed client of the edge daemon (`edgeblock serve`), over the generated stubs in edge_runtime.api.
+
+    from edgeblock.client import ClientError, EdgeClient
+
+    with EdgeClient("jetson.local:50051", token="...", tls_ca="ca.pem") as c:
+        c.wait_ready(10)
+        for ev in c.personalize(["dog1.jpg", "dog2.jpg"], token="sks", class_noun="dog"):
+            ...                                    # JobEvent: QUEUED, ..., STEP, ..., DONE
+        png = c.generate("a photo of sks dog on the beach", adapter_id=ev.adapter_id).png
+
+Every failed call raises ClientError(code, details), code being the gRPC status name
+("NOT_FOUND", "UNAUTHENTICATED", ...). Imports grpcio and the stubs, never torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import grpc
+
+from edge_runtime.api import edgeblock_pb2 as pb
+from edge_runtime.api import edgeblock_pb2_grpc as pb_grpc
+
+__all__ = ["ClientError", "EdgeClient", "JobStream", "pb"]
+
+T = TypeVar("T")
+
+# Images in, PNGs and safetensors out: well beyond gRPC's 4 MiB default. The daemon enforces its own limits.
+_MAX_MESSAGE = 512 * 2**20
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+]
+
+
+class ClientError(RuntimeError):
+    """A failed call: `code` is the gRPC status name (e.g. "NOT_FOUND"), `details` the daemon's message."""
+
+    exit_code = 1  # what the CLI exits with
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> ClientError:
+        code = e.code() if hasattr(e, "code") else None
+        details = e.details() if hasattr(e, "details") else None
+        return cls(code.name if code is not None else "UNKNOWN", details or str(e))
+
+
+def _call(fn: Callable[..., T], *args, **kwargs) -> T:
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as e:
+        raise ClientError.from_rpc(e) from None
+
+
+def _read(path_or_bytes, what: str) -> bytes:
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return bytes(path_or_bytes)
+    path = os.fspath(path_or_bytes)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class JobStream(Iterator["pb.JobEvent"]):
+    """The events of one Personalize call. `job_id` is known from the first event on; `cancel()` ends
+    the stream (the daemon then cancels the job within one step); CancelJob is the explicit way."""
+
+    def __init__(self, call):
+        self._call = call
+        self.job_id = ""
+        self.last: pb.JobEvent | None = None
+
+    def __iter__(self) -> JobStream:
+        return self
+
+    def __next__(self) -> pb.JobEvent:
+        try:
+            ev = next(self._call)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+        if ev.job_id:
+            self.job_id = ev.job_id
+        self.last = ev
+        return ev
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class EdgeClient:
+    """A connection to one edge daemon.
+
+    address: "host:port". token: sent as `authorization: Bearer <token>` on every call.
+    tls_ca: PEM (path or bytes) of the CA that signed the daemon's certificate; without it the
+    channel is plaintext. tls_cert/tls_key: a client certificate for mTLS (with tls_ca).
+    timeout: deadline in seconds of each unary call (None: none); Personalize streams are
+    not bounded by it (training takes as long as it takes)."""
+
+    def __init__(self, address: str, token: str | None = None, tls_ca=None, tls_cert=None, tls_key=None,
+                 timeout: float | None = None):
+        if not address:
+            raise ValueError("no daemon address (host:port)")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+        if tls_cert is not None and tls_ca is None:
+            raise ValueError("a client certificate (mTLS) needs tls_ca too")
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca, "TLS CA"),
+                private_key=_read(tls_key, "TLS key") if tls_key is not None else None,
+                certificate_chain=_read(tls_cert, "TLS certificate") if tls_cert is not None else None,
+            )
+            self.channel = grpc.secure_channel(address, creds, options=_CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.EdgeBlockStub(self.channel)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float | None = None) -> EdgeClient:
+        """Block until the channel is connected; ClientError("UNAVAILABLE") after `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ClientError("UNAVAILABLE", f"{self.address}: not ready within {timeout} s") from None
+        return self
+
+    def _unary(self, method, request, timeout: float | None = None):
+        return _call(method, request, metadata=self._metadata, timeout=timeout if timeout is not None else self.timeout)
+
+    # -- the API -----------------------------------------------------------------------------------
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 Check: "SERVING", "NOT_SERVING", ... ("" = the whole daemon)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        resp = self._unary(health_pb2_grpc.HealthStub(self.channel).Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def info(self) -> pb.Info:
+        return self._unary(self.stub.GetInfo, pb.GetInfoRequest())
+
+    def personalize(self, images: Sequence[bytes | str | os.PathLike], token: str, class_noun: str, steps: int = 0,
+                    learning_rate: float = 0.0, seed: int = 0, checkpoint_every: int = 0, name: str = "",
+                    precompute: str = "", timeout: float | None = None) -> JobStream:
+        """Start a training job; iterate the result for its JobEvents (the last one DONE, FAILED or
+        CANCELLED). Images are PNG/JPEG bytes or paths to such files."""
+        if isinstance(images, (str, bytes, os.PathLike)):
+            raise TypeError("images must be a list of paths or bytes, not a single one")
+        req = pb.PersonalizeRequest(
+            images=[pb.Image(data=_read(im, "image")) for im in images], token=token, class_noun=class_noun,
+            steps=steps, learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, name=name,
+            precompute=precompute,
+        )
+        return JobStream(_call(self.stub.Personalize, req, metadata=self._metadata, timeout=timeout))
+
+    def generate(self, prompt: str, adapter_id: str = "", seed: int = 0, steps: int = 0, guidance: float = 0.0,
+                 size: int = 0) -> pb.GenerateResponse:
+        req = pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, seed=seed, steps=steps, guidance=guidance, size=size)
+        return self._unary(self.stub.Generate, req)
+
+    def list_adapters(self) -> list[pb.Adapter]:
+        return list(self._unary(self.stub.ListAdapters, pb.ListAdaptersRequest()).adapters)
+
+    def get_adapter(self, adapter_id: str) -> pb.Adapter:
+        return self._unary(self.stub.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id))
+
+    def delete_adapter(self, adapter_id: str) -> bool:
+        return self._unary(self.stub.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id)).deleted
+
+    def export_adapter(self, adapter_id: str) -> tuple[bytes, str]:
+        """(safetensors bytes in diffusers/PEFT naming, the file name the daemon suggests)."""
+        resp = self._unary(self.stub.ExportAdapter, pb.ExportAdapterRequest(adapter_id=adapter_id))
+        return resp.safetensors, resp.filename
+
+    def get_job(self, job_id: str) -> pb.Job:
+        return self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    def cancel_job(self, job_id: str) -> pb.Job:
+        return self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))

@@ -1,0 +1,308 @@
+"""The edge daemon end to end over loopback, on the real built-in model's bundle.
+
+The daemon runs as its own process (`python -m edge_runtime.server`); the tests talk to it with
+sdk/edgeblock/client.py only.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from daemon_util import DaemonProc, subject_pngs, wait_job
+from edgeblock.client import ClientError, EdgeClient
+from PIL import Image
+
+from edge_runtime.api import edgeblock_pb2 as pb
+
+pytest.importorskip("onnxruntime.training")
+
+KIND = pb.JobEvent.Kind.Name
+
+
+@pytest.fixture(scope="module")
+def bundle(builtin_bundle):
+    return builtin_bundle[0]
+
+
+@pytest.fixture()
+def daemon(bundle, tmp_path):
+    d = DaemonProc(bundle, str(tmp_path / "state"))
+    yield d
+    d.stop()
+
+
+def _img(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _personalize(c: EdgeClient, steps: int = 12, **kw) -> tuple[list, str]:
+    events = list(c.personalize(subject_pngs(3), token="sks", class_noun="ring", steps=steps, **kw))
+    last = events[-1]
+    assert KIND(last.kind) == "DONE", last
+    return events, last.adapter_id
+
+
+def test_end_to_end_personalize_generate_adapters(daemon, bundle, tmp_path):
+    with EdgeClient(daemon.address, timeout=60) as c:
+        c.wait_ready(20)
+        assert c.health() == "SERVING" and c.health("edgeblock.v1.EdgeBlock") == "SERVING"
+        info = c.info()
+        assert info.family == "flux" and list(info.trainable_blocks) == [0, 2] and info.gen_res == 64
+        assert info.trainer == "ort" and info.executor == "onnxruntime" and 64 in info.sizes
+        events, aid = _personalize(c, steps=12, checkpoint_every=5, learning_rate=2e-3, seed=7)
+        kinds = [KIND(e.kind) for e in events]
+        assert kinds[0] == "QUEUED" and "ENCODING" in kinds and kinds[-1] == "DONE"
+        steps = [e for e in events if KIND(e.kind) == "STEP"]
+        assert [e.step for e in steps] == list(range(1, 13)) and all(e.total_steps == 12 for e in steps)
+        assert all(np.isfinite(e.loss) and e.loss > 0 for e in steps)
+        assert [e.step for e in events if KIND(e.kind) == "CHECKPOINT"] == [5, 10]
+        job = c.get_job(events[0].job_id)
+        assert pb.Job.State.Name(job.state) == "DONE" and job.adapter_id == aid and job.step == 12
+        ads = c.list_adapters()
+        assert [a.id for a in ads] == [aid] and ads[0].token == "sks" and ads[0].steps == 12 and ads[0].lora_rank == 4
+        assert c.get_adapter(aid).sha256 == ads[0].sha256
+
+        base = c.generate("a sks ring on a blue background", steps=4, seed=3)
+        tuned = c.generate("a sks ring on a blue background", steps=4, seed=3, adapter_id=aid)
+        again = c.generate("a sks ring on a blue background", steps=4, seed=3, adapter_id=aid)
+        a, b = _img(base.png), _img(tuned.png)
+        assert a.shape == b.shape == (64, 64, 3) and base.seed == 3 and base.steps == 4 and base.time_s > 0
+        assert np.abs(a.astype(int) - b.astype(int)).max() > 0  # the adapter acts
+        assert tuned.png == again.png  # seeded: reproducible
+
+        data, name = c.export_adapter(aid)
+        assert name.endswith(".safetensors")
+        from safetensors.numpy import load
+
+        exported = load(data)
+        assert exported and all(k.startswith("transformer.") and ".lora_" in k for k in exported)
+        assert any(np.abs(v).max() > 0 for k, v in exported.items() if "lora_B" in k)  # trained, not the init
+        assert c.delete_adapter(aid) and c.list_adapters() == []
+        with pytest.raises(ClientError) as e:
+            c.get_adapter(aid)
+        assert e.value.code == "NOT_FOUND"
+
+
+def test_exported_adapter_loads_into_diffusers_and_matches_the_daemon(daemon):
+    """ExportAdapter's file loads into the diffusers FluxTransformer2DModel of the built-in model and
+    gives the same prediction change the daemon's infer graphs give."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from edgeblock.builtin.pipeline import MODEL_DIR
+    from safetensors.numpy import load
+
+    with EdgeClient(daemon.address, timeout=60) as c:
+        c.wait_ready(20)
+        _, aid = _personalize(c, steps=8, learning_rate=5e-3)
+        data, _ = c.export_adapter(aid)
+    sd = {k: torch.from_numpy(v) for k, v in load(data).items()}
+    tr = FluxTransformer2DModel.from_pretrained(os.path.join(MODEL_DIR, "transformer")).eval()
+    tr.load_lora_adapter(sd, prefix="transformer", adapter_name="sks")
+    loaded = {n: p for n, p in tr.named_parameters() if "lora_" in n}
+    for k, v in sd.items():
+        name = k[len("transformer."):].replace(".weight", ".sks.weight")
+        assert name in loaded, name
+        assert torch.equal(loaded[name].detach(), v)
+
+
+def test_daemon_process_is_torch_free(daemon):
+    with EdgeClient(daemon.address, timeout=60) as c:
+        c.wait_ready(20)
+        _personalize(c, steps=3)
+        c.generate("a red circle", steps=2)
+    with open(f"/proc/{daemon.pid}/maps") as f:
+        maps = f.read()
+    for lib in ("libtorch", "/torch/", "/transformers/", "/diffusers/"):
+        assert lib not in maps, f"{lib} is mapped into the daemon"
+
+
+def test_cancel_job_and_client_going_away(daemon):
+    with EdgeClient(daemon.address, timeout=60) as c:
+        c.wait_ready(20)
+        stream = c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3000)
+        job_id = None
+        for ev in stream:
+            job_id = ev.job_id
+            if KIND(ev.kind) == "STEP" and ev.step >= 2:
+                break
+        t0 = time.time()
+        j = c.cancel_job(job_id)
+        j = wait_job(c, job_id, timeout=30)
+        assert pb.Job.State.Name(j.state) == "CANCELLED" and time.time() - t0 < 10
+        assert j.step < 3000
+        rest = [KIND(e.kind) for e in stream]
+        assert rest and rest[-1] == "CANCELLED"
+
+        # a client that goes away mid-job: the job stops too
+        stream = c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3000)
+        for ev in stream:
+            job_id = ev.job_id
+            if KIND(ev.kind) == "STEP":
+                break
+        stream.cancel()
+        j = wait_job(c, job_id, timeout=30)
+        assert pb.Job.State.Name(j.state) == "CANCELLED"
+        assert c.list_adapters() == []
+        # and the daemon still trains the next job
+        _personalize(c, steps=3)
+
+
+def test_kill_9_mid_training_resumes_from_checkpoint(bundle, tmp_path):
+    state = str(tmp_path / "state")
+    d = DaemonProc(bundle, state)
+    try:
+        with EdgeClient(d.address, timeout=60) as c:
+            c.wait_ready(20)
+            stream = c.personalize(subject_pngs(3), token="sks", class_noun="ring", steps=40, checkpoint_every=5,
+                                   seed=11, learning_rate=2e-3)
+            for ev in stream:
+                job_id = ev.job_id
+                if KIND(ev.kind) == "STEP" and ev.step >= 13:
+                    break
+        d.kill9()
+    finally:
+        d.stop()
+    d2 = DaemonProc(bundle, state)
+    try:
+        with EdgeClient(d2.address, timeout=60) as c:
+            c.wait_ready(20)
+            j = wait_job(c, job_id, timeout=120)
+            assert pb.Job.State.Name(j.state) == "DONE", j.message
+            ads = c.list_adapters()
+            assert [a.id for a in ads] == [j.adapter_id] and ads[0].job_id == job_id
+            resumed, _ = c.export_adapter(j.adapter_id)
+            # the same job run without interruption gives the same adapter (deterministic draws + exact resume)
+            events, aid = _personalize(c, steps=40, checkpoint_every=5, seed=11, learning_rate=2e-3)
+            straight, _ = c.export_adapter(aid)
+    finally:
+        d2.stop()
+    from safetensors.numpy import load
+
+    a, b = load(resumed), load(straight)
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+def test_sigterm_checkpoints_and_exits_0_then_resumes(bundle, tmp_path):
+    state = str(tmp_path / "state")
+    d = DaemonProc(bundle, state)
+    try:
+        with EdgeClient(d.address, timeout=60) as c:
+            c.wait_ready(20)
+            stream = c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=60, checkpoint_every=1000)
+            for ev in stream:
+                job_id = ev.job_id
+                if KIND(ev.kind) == "STEP" and ev.step >= 5:
+                    break
+            assert d.terminate(timeout=60) == 0
+    finally:
+        d.stop()
+    import json
+
+    with open(os.path.join(state, "jobs", job_id, "job.json")) as f:
+        saved = json.load(f)
+    assert saved["state"] == "RUNNING" and saved["checkpoint_step"] >= 5  # checkpointed at the stop
+    d2 = DaemonProc(bundle, state)
+    try:
+        with EdgeClient(d2.address, timeout=60) as c:
+            c.wait_ready(20)
+            j = wait_job(c, job_id, timeout=120)
+            assert pb.Job.State.Name(j.state) == "DONE" and j.step == 60
+    finally:
+        d2.stop()
+
+
+def test_limits_answer_with_the_named_limit(daemon):
+    with EdgeClient(daemon.address, timeout=60) as c:
+        c.wait_ready(20)
+        info = c.info()
+        L = info.limits
+
+        def code(fn, *a, **kw):
+            with pytest.raises(ClientError) as e:
+                r = fn(*a, **kw)
+                if hasattr(r, "__next__"):
+                    list(r)
+            return e.value.code, e.value.details
+
+        cases = [
+            (code(c.personalize, subject_pngs(1) * (L.max_images + 1), "sks", "ring"), "max_images"),
+            (code(c.personalize, [b"not an image"], "sks", "ring"), "decodable"),
+            (code(c.personalize, subject_pngs(1), "sks", "ring", steps=L.max_steps + 1), "max_steps"),
+            (code(c.personalize, subject_pngs(1), "", "ring"), "token"),
+            (code(c.generate, "x" * (L.max_prompt_chars + 1)), "max_prompt_chars"),
+            (code(c.generate, "a cat", steps=L.max_generate_steps + 1), "max_generate_steps"),
+            (code(c.generate, "a cat", size=48), "size"),
+            (code(c.generate, "a cat", adapter_id="../../etc/passwd"), "adapter_id"),
+        ]
+        for (got, details), word in cases:
+            assert got == "INVALID_ARGUMENT" and word in details, (got, details, word)
+        assert code(c.generate, "a cat", adapter_id="0" * 32)[0] == "NOT_FOUND"
+        assert code(c.get_job, "f" * 32)[0] == "NOT_FOUND"
+        assert code(c.export_adapter, "..")[0] == "INVALID_ARGUMENT"
+        big = Image.new("RGB", (4097, 4097))
+        buf = io.BytesIO()
+        big.save(buf, format="PNG")
+        got, details = code(c.personalize, [buf.getvalue()], "sks", "ring")
+        assert got == "INVALID_ARGUMENT" and "max_image_pixels" in details
+        assert c.health() == "SERVING"
+
+
+def test_eight_clients_generate_while_a_job_trains(daemon):
+    with EdgeClient(daemon.address, timeout=120) as c:
+        c.wait_ready(20)
+        stream = c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=40)
+        first = next(iter(stream))
+        results, errors = [], []
+
+        def gen(k: int) -> None:
+            try:
+                with EdgeClient(daemon.address, timeout=120) as ck:
+                    r = ck.generate(f"a red circle, {k}", steps=3, seed=k + 1)
+                    results.append(_img(r.png).shape)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=gen, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors and results == [(64, 64, 3)] * 8
+        rest = [KIND(e.kind) for e in stream]
+        assert rest[-1] == "DONE" and pb.Job.State.Name(c.get_job(first.job_id).state) == "DONE"
+
+
+def test_remote_listen_needs_a_token_and_tokens_are_checked(bundle, tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "edge_runtime.server", "--bundle", bundle, "--listen", "0.0.0.0:0",
+                        "--state", str(tmp_path / "s0")], capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "EDGEBLOCK_TOKEN"})
+    assert p.returncode == 2 and "bearer token" in p.stderr
+    secret = "s3cret-token-0123456789"
+    d = DaemonProc(bundle, str(tmp_path / "s1"), token=secret, listen="0.0.0.0:0")
+    try:
+        with EdgeClient(d.address, timeout=30) as anon:
+            anon.wait_ready(20)
+            assert anon.health() == "SERVING"  # health stays open for probes
+            with pytest.raises(ClientError) as e:
+                anon.info()
+            assert e.value.code == "UNAUTHENTICATED"
+        with EdgeClient(d.address, token="wrong", timeout=30) as bad:
+            with pytest.raises(ClientError) as e:
+                list(bad.personalize(subject_pngs(1), "sks", "ring", steps=2))
+            assert e.value.code == "UNAUTHENTICATED"
+        with EdgeClient(d.address, token=secret, timeout=30) as ok:
+            assert ok.info().family == "flux"
+            _personalize(ok, steps=2)
+    finally:
+        d.stop()
+    assert secret not in d.logs()
