@@ -1,166 +1,230 @@
-"""`make demo`: the method end to end on the built-in model (or the shipped tiny config).
+"""`make demo`: the product end to end on the built-in model.
 
-Select blocks by cross-attention masking, personalize with DiT-BlockSkip on a
-subject the model has not seen, generate with and without the adapter, and
-print the memory table of the four training variants. Outputs go to demo-out/.
+1. compile  the built-in model into a device bundle (cached: a rerun finds it up to date);
+2. serve    start the edge daemon on loopback (its own torch-free process);
+3. personalize  a held-out subject the model has never seen, over gRPC, with a progress bar;
+4. generate a grid of prompts with and without the adapter, over gRPC;
+5. summary  the daemon's peak memory while training and while generating, time per step,
+            generation latency; the daemon is stopped with SIGTERM and must exit 0.
+
+Outputs go to the folder it names (default demo-out/): subject.png, grid.png (row 1 without,
+row 2 with the adapter), generate_*.png, adapter.safetensors (diffusers/PEFT names),
+summary.json, summary.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import re
+import signal
+import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
-import torch
 from tqdm import tqdm
-
-log = logging.getLogger("edgeblock.demo")
 
 # The demo's subject: one of the held-out eval subjects (a purple star with a white ring inside).
 SUBJECT = "ringstar"
+EXTRA_PROMPTS = ["a red circle on a blue background, center"]
 
 
-def _save_grid(images: np.ndarray, path: str, scale: int = 3) -> None:
+def bundle_cache() -> str:
+    root = os.environ.get("EDGEBLOCK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "edgeblock"))
+    return os.path.join(root, "bundles", "builtin")
+
+
+class RssSampler:
+    """Samples a process's RSS (/proc/PID/status) every few ms; peak per named phase."""
+
+    def __init__(self, pid: int, every: float = 0.02):
+        self.pid, self.every = pid, every
+        self.phase: str | None = None
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        from edge_runtime.memstat import rss_bytes
+
+        while not self._stop.is_set():
+            try:
+                r = rss_bytes(self.pid)
+            except (OSError, RuntimeError):
+                return
+            if self.phase:
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+            time.sleep(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(1)
+
+
+def _grid(rows: list[list[np.ndarray]], path: str, scale: int = 3) -> None:
     from PIL import Image
 
-    tiles = [Image.fromarray(((np.clip(im, -1, 1) + 1) * 127.5).round().astype(np.uint8)) for im in images]
-    w, h = tiles[0].size
-    grid = Image.new("RGB", (w * len(tiles), h), "white")
-    for i, t in enumerate(tiles):
-        grid.paste(t, (i * w, 0))
+    h, w = rows[0][0].shape[:2]
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(Image.fromarray(im), (x * w, y * h))
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def start_daemon(bundle: str, state: str, log_path: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "edge_runtime.server", "--bundle", bundle, "--listen", "127.0.0.1:0", "--state", state]
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline().decode()
+        m = re.search(r"\(port (\d+)\)", line)
+        if m:
+            return proc, f"127.0.0.1:{m.group(1)}"
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"the daemon did not start; see {log_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edgeblock-demo")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--steps", type=int, default=300, help="personalization steps")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gen-steps", type=int, default=30)
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the cache)")
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
-    logging.basicConfig(level=logging.WARNING)
-    os.makedirs(args.out, exist_ok=True)
-
-    from .method.lora import LoRASpec
-    from .method.selection import CalibrationItem, bar_chart, score_blocks, selection_report
-    from .method.train import MethodConfig, Trainer
-    from .models import builtin_dir, load_model
-    from .models.pipeline_parts import load_text_stack
-
-    if not os.path.exists(os.path.join(builtin_dir(), "transformer", "config.json")):
-        print("the built-in model's weights are not in this checkout: running on the shipped tiny configuration")
-        return tiny_demo(args)
-    summary: dict = {}
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
-    loaded = load_model("builtin")
-    adapter = loaded.adapter
+    summary: dict = {"subject": SUBJECT}
+
+    # 1. compile (cached)
+    from .compile.bundle import CompileOptions, compile_bundle
+
+    bundle = os.path.abspath(args.bundle or bundle_cache())
+    os.makedirs(os.path.dirname(bundle), exist_ok=True)
+    print(f"[1/5] compile: built-in model -> {bundle}")
+    t0 = time.perf_counter()
+    res = compile_bundle(CompileOptions("builtin", bundle), progress=lambda m: print("      " + m.replace("[compile] ", "")))
+    summary["compile_s"] = time.perf_counter() - t0
+    summary["compile_cached"] = bool(res.up_to_date)
+
+    from edge_runtime.manifest import load_manifest
+
+    from .client import EdgeClient
     from .eval.subjects import load_subjects
 
-    text = load_text_stack("builtin")
+    m = load_manifest(bundle, verify_files=False)
     subject = load_subjects(names=[SUBJECT])[0]
-    images = subject.model_images()
-    prompts = [p.text for p in subject.prompts[:3]] + ["a red circle on a blue background, center"]
-    _save_grid(images, os.path.join(args.out, "subject.png"))
-    print(f"[1/4] model: built-in FLUX-architecture DiT, {adapter.param_count() / 1e6:.2f}M parameters, {adapter.num_blocks} blocks")
+    ref_dir = os.path.join(os.path.dirname(__file__), "eval", "data")
+    pngs = [os.path.join(ref_dir, r.file) for r in subject.references]
+    _grid([[np.asarray(im) for im in subject.images]], os.path.join(out, "subject.png"))
+    prompts = [pr.text for pr in subject.prompts[:3]] + EXTRA_PROMPTS
 
-    # Selection: mask the subject token and class noun, one block at a time.
-    sentence = subject.train_prompt
-    cond = text.encode([sentence])
-    positions = text.positions(sentence, ["sks", subject.noun])
-    latents = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    items = [CalibrationItem(latents[i : i + 1], cond, positions) for i in range(3)]
-    with tqdm(total=len(items) * 3 * 2, desc="[2/4] selection", unit="draw") as bar:
-        scores = score_blocks(adapter, loaded.objective, items, noise_levels=(0.25, 0.5, 0.75), noises=2,
-                              progress=lambda done, _: bar.update(done - bar.n))
-    report = selection_report(adapter, scores, k=2, contiguous=False)
-    with open(os.path.join(args.out, "selection.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    bar_chart(scores, adapter.block_names, report["selected"], os.path.join(args.out, "selection.png"))
-    blocks = tuple(report["selected"])
-    print(f"      selected blocks {list(blocks)} ({', '.join(adapter.block_names[b] for b in blocks)})")
-    summary["selected_blocks"] = list(blocks)
+    # 2. serve
+    state = os.path.join(out, "state")
+    print(f"[2/5] serve: edge daemon on loopback (state {state})")
+    proc, address = start_daemon(bundle, state, os.path.join(out, "daemon.log"))
+    rss = RssSampler(proc.pid)
+    try:
+        with EdgeClient(address, timeout=600) as c:
+            c.wait_ready(60)
+            info = c.info()
+            print(f"      {address}: {info.family}, {info.parameters / 1e6:.2f}M parameters, trainable blocks "
+                  f"{list(info.trainable_blocks)} of {info.num_blocks}, trainer {info.trainer}, executor {info.executor}")
+            summary["daemon"] = {"address": address, "trainer": info.trainer, "executor": info.executor,
+                                 "trainable_blocks": list(info.trainable_blocks)}
 
-    # Personalization with DiT-BlockSkip: patch-sampled draws, precomputed residuals, LoRA on two blocks.
-    cfg = MethodConfig("blockskip", blocks=blocks, lora=LoRASpec(rank=8, alpha=8.0), lr=1e-3, batch=args.batch, seed=0)
-    trainer = Trainer(loaded, cfg, cond, images)
-    losses, pre_s, step_s = [], 0.0, 0.0
-    with tqdm(range(args.steps), desc="[3/4] personalize (blockskip)", unit="step") as bar:
-        for _ in bar:
-            r = trainer.step()
-            losses.append(r["loss"])
-            pre_s += r["precompute_s"]
-            step_s += r["step_s"]
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    summary.update({"train_steps": args.steps, "loss_first20": float(np.mean(losses[:20])),
-                    "loss_last20": float(np.mean(losses[-20:])), "precompute_s_total": pre_s, "step_s_total": step_s})
+            # 3. personalize
+            rss.phase = "personalize"
+            losses: list[float] = []
+            adapter_id, t0 = "", time.perf_counter()
+            with tqdm(total=args.steps, desc=f"[3/5] personalize '{subject.description}' (sks {subject.noun})",
+                      unit="step") as bar:
+                for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=args.steps,
+                                        learning_rate=args.lr, seed=1):
+                    kind = type(ev).Kind.Name(ev.kind)
+                    if kind == "STEP":
+                        losses.append(ev.loss)
+                        bar.update(ev.step - bar.n)
+                        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                    elif kind == "DONE":
+                        adapter_id = ev.adapter_id
+                    elif kind in ("FAILED", "CANCELLED"):
+                        raise RuntimeError(f"personalization {kind.lower()}: {ev.message}")
+            train_s = time.perf_counter() - t0
+            summary["personalize"] = {"steps": args.steps, "seconds": train_s, "s_per_step": train_s / args.steps,
+                                      "loss_first20": float(np.mean(losses[:20])),
+                                      "loss_last20": float(np.mean(losses[-20:])), "adapter_id": adapter_id}
 
-    # Generation with and without the adapter: the trained blocks are drop-in replacements.
-    from .builtin.pipeline import generate, load_builtin
-    from .eval.run import swapped_blocks
+            # 4. generate
+            rss.phase = "generate"
+            rows: list[list[np.ndarray]] = [[], []]
+            times = []
+            import io
 
-    transformer, encoder = load_builtin()
-    base = generate(transformer, encoder, prompts, seed=1, steps=20, guidance=3.0, return_float=True)
-    with swapped_blocks(transformer, adapter.block_names, {i: trainer.net.blocks[str(i)] for i in blocks}):
-        tuned = generate(transformer, encoder, prompts, seed=1, steps=20, guidance=3.0, return_float=True)
-    _save_grid(base.permute(0, 2, 3, 1).numpy(), os.path.join(args.out, "generate_base.png"))
-    _save_grid(tuned.permute(0, 2, 3, 1).numpy(), os.path.join(args.out, "generate_adapter.png"))
-    print(f"      prompts: {prompts}")
+            from PIL import Image
 
-    if not args.skip_bench:
-        from .bench import memory
-
-        print("[4/4] memory table (one training step, batch 1, each variant in a fresh process)")
-        table = memory.run("builtin", blocks, progress=lambda v, r: print(
-            f"      {v:<14} peak tensors {r['peak_bytes'] / 2**20:7.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:7.1f} MiB"
-            f"  step {r['step_s']:.3f} s  precompute {r['precompute_s']:.3f} s  tokens {r['tokens']}"))
-        summary["memory"] = table
+            with tqdm(total=2 * len(prompts), desc="[4/5] generate (without / with the adapter)", unit="image") as bar:
+                for row, aid in ((0, ""), (1, adapter_id)):
+                    for k, prompt in enumerate(prompts):
+                        r = c.generate(prompt, adapter_id=aid, seed=1 + k, steps=args.gen_steps, guidance=3.0)
+                        times.append(r.time_s)
+                        im = np.asarray(Image.open(io.BytesIO(r.png)).convert("RGB"))
+                        rows[row].append(im)
+                        with open(os.path.join(out, f"generate_{'adapter' if aid else 'base'}_{k}.png"), "wb") as f:
+                            f.write(r.png)
+                        bar.update(1)
+            _grid(rows, os.path.join(out, "grid.png"))
+            data, _name = c.export_adapter(adapter_id)
+            with open(os.path.join(out, "adapter.safetensors"), "wb") as f:
+                f.write(data)
+            summary["generate"] = {"prompts": prompts, "steps": args.gen_steps, "guidance": 3.0,
+                                   "latency_s_mean": float(np.mean(times)), "latency_s_max": float(np.max(times))}
+            rss.phase = None
+    finally:
+        rss.stop()
+        # 5. stop: SIGTERM, graceful
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = -9
+    summary["daemon"]["exit_code"] = code
+    summary["daemon"]["peak_rss_bytes"] = {k: int(v) for k, v in rss.peaks.items()}
     summary["total_s"] = time.perf_counter() - t_start
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"done in {summary['total_s']:.0f} s: loss {summary['loss_first20']:.4f} -> {summary['loss_last20']:.4f}; "
-          f"outputs in {os.path.abspath(args.out)}/ (subject.png, selection.png, generate_base.png, generate_adapter.png, summary.json)")
-    return 0
-
-
-def tiny_demo(args: argparse.Namespace) -> int:
-    """Selection, a DiT-BlockSkip run and the memory table on a tiny random FLUX config (random text)."""
-    from .bench import memory
-    from .method.selection import CalibrationItem, score_blocks, selection_report
-    from .method.train import Conditioning, MethodConfig, Trainer
-    from .models import load_model
-    from .models.presets import TINY
-
-    preset = TINY["flux"]
-    path = os.path.join(memory._cache_root(), "tiny-flux")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        preset.build(seed=0).save_pretrained(path, safe_serialization=True)
-        with open(os.path.join(path, "edgeblock.json"), "w") as f:
-            json.dump({"latent_channels": preset.latent_channels, "latent_size": preset.latent_size,
-                       "text_len": preset.text_len}, f)
-    loaded = load_model(path)
-    g = torch.Generator().manual_seed(0)
-    cond = Conditioning(torch.randn(1, preset.text_len, preset.text_dim, generator=g),
-                        torch.randn(1, preset.pooled_dim, generator=g))
-    images = np.random.default_rng(0).standard_normal((3, 16, 16, preset.latent_channels)).astype(np.float32)
-    items = [CalibrationItem(torch.from_numpy(im.transpose(2, 0, 1).copy())[None], cond, (1, 2)) for im in images]
-    scores = score_blocks(loaded.adapter, loaded.objective, items, noise_levels=(0.5,), noises=1)
-    blocks = tuple(selection_report(loaded.adapter, scores, 2, False)["selected"])
-    print(f"selected blocks {list(blocks)}")
-    trainer = Trainer(loaded, MethodConfig("blockskip", blocks=blocks, lr=1e-3), cond, images)
-    losses = [trainer.step()["loss"] for _ in tqdm(range(args.steps), desc="personalize (blockskip)")]
-    print(f"loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
-    if not args.skip_bench:
-        table = memory.run(path, blocks)
-        for v in ("standard_lora", "patch", "skip", "blockskip"):
-            r = table[v]
-            print(f"{v:<14} peak tensors {r['peak_bytes'] / 2**20:7.2f} MiB  step {r['step_s']:.4f} s"
-                  f"  precompute {r['precompute_s']:.4f} s")
-    return 0
+    pr, ge = summary["personalize"], summary["generate"]
+    peaks = summary["daemon"]["peak_rss_bytes"]
+    md = [
+        "# edgeblock demo", "",
+        f"Model: built-in FLUX-architecture DiT ({m.model['parameters'] / 1e6:.2f}M parameters), bundle {bundle}",
+        f"Subject: {subject.description} ('sks {subject.noun}'), {len(pngs)} reference images", "",
+        "| phase | figure |", "|---|---|",
+        f"| compile | {summary['compile_s']:.1f} s ({'cached' if summary['compile_cached'] else 'built'}) |",
+        f"| personalize | {pr['steps']} steps in {pr['seconds']:.1f} s ({pr['s_per_step'] * 1000:.0f} ms/step, precompute included); "
+        f"loss {pr['loss_first20']:.4f} -> {pr['loss_last20']:.4f} |",
+        f"| daemon peak RSS, personalize | {peaks.get('personalize', 0) / 2**20:.0f} MiB |",
+        f"| generate | {ge['steps']} steps, mean {ge['latency_s_mean']:.2f} s / image (max {ge['latency_s_max']:.2f} s) |",
+        f"| daemon peak RSS, generate | {peaks.get('generate', 0) / 2**20:.0f} MiB |",
+        f"| daemon exit on SIGTERM | {code} |", "",
+        "grid.png: row 1 without the adapter, row 2 with it; prompts: " + "; ".join(prompts), "",
+    ]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(md))
+    print("[5/5] summary")
+    print("\n".join("      " + line for line in md[5:12]))
+    print(f"done in {summary['total_s']:.0f} s; outputs in {out}/ (grid.png, subject.png, adapter.safetensors, summary.md)")
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":
