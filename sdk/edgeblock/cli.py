@@ -62,8 +62,10 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "daemon":
+        return _bench_daemon(args)
     if args.what != "memory":
-        raise ValueError(f"unknown benchmark {args.what!r}; available: memory")
+        raise ValueError(f"unknown benchmark {args.what!r}; available: memory, daemon")
     from .bench import memory
 
     def show(v, r):
@@ -85,6 +87,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{k}: {v:.3f}")
         for k, v in result.get("ort_vs_torch_blockskip", {}).items():
             print(f"ort_blockskip_{k}_vs_torch_blockskip: {v:.3f}")
+    return 0
+
+
+def _bench_daemon(args: argparse.Namespace) -> int:
+    from .bench import daemon
+
+    models = [args.model] if args.model else ["builtin", "bench"]
+    say = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    results = {}
+    for m in models:
+        results[m] = daemon.run(m, steps=args.steps or 20, gen_steps=args.gen_steps, blocks=args.blocks, progress=say)
+        if not args.json:
+            print(daemon.format_table(results[m]))
+    if args.json:
+        print(json.dumps(results, indent=2))
     return 0
 
 
@@ -382,8 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_select)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
-    b.add_argument("what", choices=["memory"])
-    b.add_argument("--model", default=None, help="default: the FLUX-shaped >=100M benchmark config")
+    b.add_argument("what", choices=["memory", "daemon"],
+                   help="memory: the method's training variants; daemon: the edge daemon beside torch")
+    b.add_argument("--model", default=None,
+                   help="memory: default the FLUX-shaped >=100M benchmark config; daemon: builtin, bench (the >=100M "
+                        "FLUX-shaped config laid out like builtin) or a builtin-layout directory (default: both)")
+    b.add_argument("--steps", type=int, default=None, help="daemon: personalization steps (default 20)")
+    b.add_argument("--gen-steps", type=int, default=10, help="daemon: sampling steps of the timed generation")
     b.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks for the skip variants")
     b.add_argument("--runtime", choices=["torch", "ort"], default="torch",
                    help="ort: add the ONNX Runtime training step (the device trainer) as ort_blockskip")

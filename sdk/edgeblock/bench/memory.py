@@ -83,6 +83,7 @@ def run_variant(variant: str, model: str, blocks: tuple[int, ...] | None, seed: 
     return {
         "peak_bytes": int(tracker.peak),
         "peak_rss_bytes": int(rss_peak_bytes() - baseline),
+        "peak_rss_total_bytes": int(rss_peak_bytes()),  # the whole process (imports included)
         "step_s": float(np.mean([t["step_s"] for t in timed])),
         "precompute_s": float(np.mean([t["precompute_s"] for t in timed])) if uses_skip else 0.0,
         "loss": float(first["loss"]),

@@ -449,7 +449,7 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
     for name, d in extra.items():
         graphs[name] = {k: v for k, v in d.items() if k != "verification"}
     model = {
-        "source": "builtin" if builtin else os.path.abspath(opts.model),
+        "source": "builtin" if opts.model == "builtin" else os.path.abspath(opts.model),
         "family": adapter.family,
         "parameters": int(params),
         "num_blocks": adapter.num_blocks,

@@ -80,9 +80,22 @@ class PipelineDir:
 
 
 def is_builtin(spec: str) -> bool:
+    """`builtin`, its directory, or a directory laid out like it (a pixel-space FLUX transformer/ with
+    MiniLM text: edgeblock.json says pixel_space, and there is no model_index.json)."""
     if spec == "builtin":
         return True
-    return os.path.isdir(spec) and os.path.realpath(spec) == os.path.realpath(builtin_dir())
+    if not os.path.isdir(spec):
+        return False
+    if os.path.realpath(spec) == os.path.realpath(builtin_dir()):
+        return True
+    meta = os.path.join(spec, "edgeblock.json")
+    if os.path.exists(os.path.join(spec, "model_index.json")) or not os.path.exists(meta):
+        return False
+    try:
+        with open(meta) as f:
+            return bool(json.load(f).get("pixel_space")) and os.path.isdir(os.path.join(spec, "transformer"))
+    except (OSError, ValueError):
+        return False
 
 
 def read_pipeline(spec: str) -> PipelineDir:

@@ -1,0 +1,183 @@
+"""`edgeblock bench daemon`: the edge daemon's memory and speed beside the torch reference processes.
+
+For a model (`builtin`, or `bench`: a >= 100M-parameter FLUX-shaped transformer laid out like the
+built-in model, i.e. pixel space with MiniLM text, 128x128 RGB packed 4x4 = 1024 tokens at the
+generation resolution, 256 at the training resolution):
+
+1. compile it (cached; verification off: this measures, docs/compile.md verifies);
+2. start the daemon (`python -m edge_runtime.server`) and sample its RSS every 20 ms while it
+   personalizes (N steps, precompute included: the whole job from request to adapter) and while it
+   generates (one image);
+3. run the torch reference processes (edgeblock.bench.memory children: standard LoRA and block
+   skip, one training step at batch 1 each) on the same model.
+
+Figures: peak RSS (whole process, imports included, for both the daemon and torch), seconds per
+personalization step (precompute included), generation latency; ratios daemon / torch standard
+LoRA. Each run on an otherwise idle machine; the numbers are printed, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+BENCH_PIXEL = dict(  # BENCH_FLUX's transformer width and depth, with the built-in model's text and pixel I/O
+    patch_size=1, in_channels=48, out_channels=48, num_layers=3, num_single_layers=6, attention_head_dim=128,
+    num_attention_heads=6, joint_attention_dim=384, pooled_projection_dim=384, guidance_embeds=False,
+    axes_dims_rope=[16, 56, 56],
+)
+BENCH_PIXEL_META = {"latent_channels": 3, "latent_size": 128, "text_len": 32, "pixel_space": True}
+
+
+def _cache_root() -> str:
+    return os.environ.get("EDGEBLOCK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "edgeblock"))
+
+
+def bench_pixel_dir() -> str:
+    """The random-initialised >= 100M pixel-space FLUX model, saved once (builtin layout)."""
+    key = hashlib.sha256(json.dumps([BENCH_PIXEL, BENCH_PIXEL_META], sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(_cache_root(), f"bench-pixel-flux-{key}")
+    if not os.path.exists(os.path.join(path, "transformer", "config.json")):
+        import tempfile
+
+        import torch
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(**BENCH_PIXEL)
+        os.makedirs(_cache_root(), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=_cache_root())
+        model.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
+        with open(os.path.join(tmp, "edgeblock.json"), "w") as f:
+            json.dump(BENCH_PIXEL_META, f)
+        os.replace(tmp, path)
+    return path
+
+
+def model_dir(model: str) -> str:
+    if model == "builtin":
+        return "builtin"
+    if model == "bench":
+        return bench_pixel_dir()
+    return model
+
+
+def bundle_for(model: str, blocks: tuple[int, ...] | None, progress) -> str:
+    from ..compile.bundle import CompileOptions, compile_bundle
+
+    path = model_dir(model)
+    key = hashlib.sha256(json.dumps([os.path.abspath(path) if path != "builtin" else path, list(blocks or [])]).encode())
+    out = os.path.join(_cache_root(), "bundles", f"bench-{model if model in ('builtin', 'bench') else 'custom'}-"
+                                                  f"{key.hexdigest()[:10]}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    compile_bundle(CompileOptions(path, out, blocks=blocks, verify=False), progress=progress)
+    return out
+
+
+def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tuple[int, ...] | None = None,
+        precompute: str = "", torch_reference: bool = True, progress=None) -> dict:
+    from ..client import EdgeClient
+    from ..demo import RssSampler, start_daemon
+    from . import memory
+
+    say = progress or (lambda m: None)
+    say(f"[bench daemon] compile {model} (cached after the first run)")
+    bundle = bundle_for(model, blocks, lambda m: say("  " + m))
+    from edge_runtime.manifest import load_manifest
+
+    man = load_manifest(bundle, verify_files=False)
+    trainable = tuple(man.trainable)
+    result: dict = {"model": {"name": model, "path": model_dir(model), "parameters": man.model["parameters"],
+                              "num_blocks": man.model["num_blocks"], "trainable_blocks": list(trainable),
+                              "train_res": man.train_res, "gen_res": man.gen_res, "bundle": bundle}}
+    import tempfile
+
+    state = tempfile.mkdtemp(prefix="edgeblock-bench-state-")
+    say("[bench daemon] daemon: personalize + generate")
+    proc, address = start_daemon(bundle, state, os.path.join(state, "daemon.log"))
+    rss = RssSampler(proc.pid, every=0.01)
+    try:
+        from ..eval.subjects import load_subjects
+
+        subject = load_subjects(names=["ringstar"])[0]
+        ref_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "eval", "data")
+        pngs = [os.path.join(ref_dir, r.file) for r in subject.references]
+        with EdgeClient(address, timeout=3600) as c:
+            c.wait_ready(120)
+            info = c.info()
+            idle = rss.peaks.get(None, 0)
+            rss.phase = "personalize"
+            t0 = time.perf_counter()
+            last = None
+            for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps, seed=1,
+                                    precompute=precompute):
+                last = ev
+            job_s = time.perf_counter() - t0
+            if type(last).Kind.Name(last.kind) != "DONE":
+                raise RuntimeError(f"the benchmark job did not finish: {last}")
+            rss.phase = "generate"
+            t0 = time.perf_counter()
+            g = c.generate("a sks star on a blue background", adapter_id=last.adapter_id, steps=gen_steps, seed=1)
+            gen_wall = time.perf_counter() - t0
+            rss.phase = None
+        from edge_runtime.memstat import rss_peak_bytes
+
+        hwm = rss_peak_bytes(proc.pid)
+    finally:
+        rss.stop()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    with open(os.path.join(state, "jobs", last.job_id, "job.json")) as f:
+        job = json.load(f)
+    result["daemon"] = {
+        "trainer": info.trainer, "executor": info.executor, "precompute": job["options"]["precompute"],
+        "steps": steps, "job_s": job_s, "s_per_step": job_s / steps,
+        "peak_rss_personalize_bytes": int(rss.peaks.get("personalize", 0)),
+        "peak_rss_generate_bytes": int(rss.peaks.get("generate", 0)),
+        "peak_rss_hwm_bytes": int(hwm), "idle_rss_bytes": int(idle),
+        "generate_steps": gen_steps, "generate_latency_s": float(g.time_s), "generate_wall_s": gen_wall,
+    }
+    if torch_reference:
+        say("[bench daemon] torch reference processes (standard_lora, blockskip)")
+        path = model_dir(model)
+        table = memory.run(path if path != "builtin" else "builtin", trainable,
+                           variants=("standard_lora", "blockskip"))
+        result["torch"] = {}
+        for v in ("standard_lora", "blockskip"):
+            r = table[v]
+            result["torch"][v] = {"peak_rss_bytes": r["peak_rss_total_bytes"], "peak_rss_above_imports_bytes":
+                                  r["peak_rss_bytes"], "s_per_step": r["step_s"] + (r["precompute_s"] or 0.0),
+                                  "tokens": r["tokens"]}
+        s = result["torch"]["standard_lora"]
+        d = result["daemon"]
+        result["ratios"] = {
+            "daemon_peak_rss_vs_torch_standard_lora": d["peak_rss_personalize_bytes"] / s["peak_rss_bytes"],
+            "daemon_s_per_step_vs_torch_standard_lora": d["s_per_step"] / s["s_per_step"],
+            "daemon_peak_rss_vs_torch_blockskip": d["peak_rss_personalize_bytes"] / result["torch"]["blockskip"]["peak_rss_bytes"],
+        }
+    return result
+
+
+def format_table(r: dict) -> str:
+    mb = 2**20
+    d = r["daemon"]
+    lines = [f"model {r['model']['name']}: {r['model']['parameters'] / 1e6:.1f}M parameters, trainable blocks "
+             f"{r['model']['trainable_blocks']}, train {r['model']['train_res']}px, generate {r['model']['gen_res']}px",
+             f"daemon ({d['trainer']}, {d['executor']}, {d['precompute']} precompute): personalize peak RSS "
+             f"{d['peak_rss_personalize_bytes'] / mb:.0f} MiB, {d['s_per_step']:.3f} s/step (whole job, {d['steps']} steps); "
+             f"generate peak RSS {d['peak_rss_generate_bytes'] / mb:.0f} MiB, {d['generate_latency_s']:.2f} s "
+             f"({d['generate_steps']} steps)"]
+    for v, t in r.get("torch", {}).items():
+        lines.append(f"torch {v:<14} peak RSS {t['peak_rss_bytes'] / mb:.0f} MiB, {t['s_per_step']:.3f} s/step "
+                     f"(precompute included, {t['tokens']} tokens)")
+    for k, v in r.get("ratios", {}).items():
+        lines.append(f"{k}: {v:.3f}")
+    return "\n".join(lines)
+
