@@ -259,6 +259,8 @@ class Daemon:
                                         int(self.bundle.manifest.gen_res))
         except PersonalizeError as e:
             raise InvalidArgument(str(e)) from e
+        except Exception as e:  # Pillow raises e.g. SyntaxError on a corrupt PNG chunk
+            raise InvalidArgument(f"an image is not a decodable PNG/JPEG ({type(e).__name__})") from e
         opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode)
         with self.lock:
             if self.queued >= L.max_queue + (0 if self.current is not None else 1):
@@ -608,6 +610,58 @@ def _servicer_class():
     return Servicer
 
 
+class _Undecodable:
+    """A request whose bytes are not a valid message of its type (its deserializer failed)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _decode_interceptor(service: str):
+    """A request that does not parse is INVALID_ARGUMENT, not grpc's INTERNAL "Exception deserializing request!"."""
+    import grpc
+
+    def lenient(deserialize):
+        def parse(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception as e:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field, ...
+                return _Undecodable(e)
+
+        return parse
+
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request is not a valid protobuf message of its type ({type(request.error).__name__})")
+
+    class Decode(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            handler = continuation(details)
+            if handler is None or not details.method.startswith(f"/{service}/") or handler.request_streaming:
+                return handler
+            kw = {"request_deserializer": lenient(handler.request_deserializer),
+                  "response_serializer": handler.response_serializer}
+            if handler.response_streaming:
+                inner_stream = handler.unary_stream
+
+                def behavior_stream(request, context):
+                    if isinstance(request, _Undecodable):
+                        refuse(request, context)
+                    yield from inner_stream(request, context)
+
+                return grpc.unary_stream_rpc_method_handler(behavior_stream, **kw)
+            inner = handler.unary_unary
+
+            def behavior(request, context):
+                if isinstance(request, _Undecodable):
+                    refuse(request, context)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(behavior, **kw)
+
+    return Decode()
+
+
 def _auth_interceptor(token: str, service: str):
     import grpc
 
@@ -657,6 +711,7 @@ class Server:
         self.cfg = cfg
         self.daemon = Daemon(cfg)
         interceptors = [_auth_interceptor(cfg.token, SERVICE_NAME)] if cfg.token else []
+        interceptors.append(_decode_interceptor(SERVICE_NAME))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="edgeblock-rpc"),
                                   interceptors=interceptors,
                                   options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import safetensors_np
 
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
 
 class StoreError(ValueError):
