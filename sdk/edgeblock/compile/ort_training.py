@@ -51,6 +51,9 @@ ARTIFACTS = {
     "eval": "eval_model.onnx",
     "optimizer": "optimizer_model.onnx",
     "checkpoint": "checkpoint",
+    # Every parameter the training/eval graphs read, by their parameter-input names, float32: the
+    # torch trainer backend (edge_runtime/torch_trainer.py) cannot read ORT's checkpoint format.
+    "params": "params.safetensors",
 }
 SPEC_FILE = "training_spec.json"
 
@@ -146,6 +149,7 @@ class TrainingSpec:
         with open(os.path.join(artifact_dir, SPEC_FILE)) as f:
             d = json.load(f)
         d["artifact_dir"] = artifact_dir
+        d["files"] = {**ARTIFACTS, **d.get("files", {})}  # specs written before "params" existed
         return cls(**d)
 
     def feeds(self, pre: Precomputed) -> dict[str, np.ndarray]:
@@ -228,8 +232,10 @@ def export_training_artifacts(
 
     `net` carries the LoRA initialisation (default: a fresh BlockSkipModel, B = 0);
     its current LoRA values go into the checkpoint. Writes training_model.onnx,
-    eval_model.onnx, optimizer_model.onnx, checkpoint and training_spec.json
-    (plus base_model.onnx, the exported forward + loss, with keep_base).
+    eval_model.onnx, optimizer_model.onnx, checkpoint, params.safetensors (the
+    checkpoint's parameters by graph input name, float32: what the torch trainer
+    backend reads) and training_spec.json (plus base_model.onnx, the exported
+    forward + loss, with keep_base).
     """
     import shutil
     import tempfile
@@ -313,6 +319,9 @@ def _export_training(adapter, plan, lora, pre, out_dir, net, optimizer, external
             m.ir_version = MAX_IR_VERSION
             onnx.save_model(m, p)
 
+    _write_params(model, os.path.dirname(base_path), [*requires_grad, *frozen], inputs,
+                  os.path.join(out_dir, ARTIFACTS["params"]), os.path.join(out_dir, ARTIFACTS["eval"]))
+
     shapes = {n: list(example[n].shape) for n in inputs}
     lora_desc = {}
     for n, p in net.lora_parameters().items():
@@ -325,6 +334,35 @@ def _export_training(adapter, plan, lora, pre, out_dir, net, optimizer, external
     )
     spec.save()
     return spec
+
+
+def _write_params(model: onnx.ModelProto, base_dir: str, names: Sequence[str], inputs: Sequence[str], path: str,
+                  eval_path: str) -> None:
+    """params.safetensors: the value of every checkpoint parameter (trainable LoRA at its initialisation,
+    unreachable LoRA, frozen base weights) by the name the training and eval graphs take it as, float32.
+
+    The eval graph's parameter inputs are checked against it: every graph input that is not a user
+    input must be in the file (that is what the torch trainer feeds).
+    """
+    from safetensors.numpy import save_file
+
+    want = set(names)
+    values = {}
+    for t in model.graph.initializer:
+        if t.name in want:
+            a = onnx.numpy_helper.to_array(t, base_dir)  # base_dir: external data of graphs over 2 GB
+            values[t.name] = np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else a.dtype)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise RuntimeError(f"parameters {missing[:5]} are not initializers of the exported training graph")
+    graph_params = [i.name for i in onnx.load(eval_path, load_external_data=False).graph.input if i.name not in set(inputs)]
+    unknown = [n for n in graph_params if n not in values]
+    if unknown:
+        raise RuntimeError(f"the eval graph takes parameters {unknown[:5]} that params.safetensors would not hold")
+    save_file(values, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # save_file creates 0600; the bundle's other files follow the umask
 
 
 @contextlib.contextmanager
