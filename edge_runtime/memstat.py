@@ -30,3 +30,19 @@ def reset_rss_peak(pid: int | None = None) -> bool:
         return True
     except OSError:
         return False
+
+
+def trim_heap() -> bool:
+    """Return freed heap memory to the OS (glibc malloc_trim); False where that is not available.
+
+    After a graph's session is released its memory is free inside the process but glibc keeps much of
+    it mapped; trimming makes the next phase's peak start from what is really in use.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

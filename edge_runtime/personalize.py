@@ -284,17 +284,26 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     ckpt = os.path.join(work_dir, "checkpoint")
     progress.event("encoding")
     text = bundle.encode_prompts([opts.prompt])
+    bundle.release_text_encoder()  # not needed again by this job
     plan = DrawPlan(bundle, images, opts.seed)
-    trainer = make_trainer(bundle, trainer_backend, opts.learning_rate, ckpt if start_step > 0 else None)
-    frozen = FrozenPass(bundle, trainer.inputs)
+    from .ort_trainer import load_spec
+
+    frozen = FrozenPass(bundle, list(load_spec(os.path.join(bundle.root, "trainable"))["inputs"]))
     n = opts.steps
     result = JobResult(weights={})
     pre_s = 0.0
     if opts.precompute == "bank":
+        # the bank runs before the trainer exists: the job's peak is the larger of the two, not their sum
         t0 = time.perf_counter()
         bank = os.path.join(work_dir, "bank")
         _bank(bundle, plan, frozen, text, range(start_step, n), bank, progress)
         pre_s = time.perf_counter() - t0
+    from .memstat import trim_heap
+
+    trim_heap()
+    trainer = make_trainer(bundle, trainer_backend, opts.learning_rate, ckpt if start_step > 0 else None)
+    if list(trainer.inputs) != frozen.inputs:
+        raise RuntimeError(f"training inputs {trainer.inputs} differ from the spec's {frozen.inputs}")
     step_s = 0.0
     for i in range(start_step, n):
         if progress.should_stop():
