@@ -1,0 +1,98 @@
+"""The device's numpy samplers against the diffusers schedulers they stand in for, and the two
+precompute orders of a personalization job on the real built-in bundle."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from edge_runtime import sampler
+
+
+def test_flow_sigmas_match_flow_match_euler_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # sigmas linspace(1, 1/N, N), shifted, then 0: as FluxPipeline passes them (SD3's pipeline lets the
+    # scheduler space timesteps itself, which differs slightly: a known gap, docs/daemon.md)
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    s.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20))
+    ours = sampler.flow_sigmas(20, {"shift": 3.0}, image_tokens=256)
+    assert np.allclose(ours, s.sigmas.numpy(), atol=1e-6)
+    # FLUX: resolution-dependent shift (mu from the image token count), as FluxPipeline computes it
+    cfg = {"dynamic_shift": True, "base_shift": 0.5, "max_shift": 1.15, "base_seq_len": 256, "max_seq_len": 4096}
+    d = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                        base_image_seq_len=256, max_image_seq_len=4096)
+    tokens = 1024
+    mu = (1.15 - 0.5) / (4096 - 256) * tokens + (0.5 - (1.15 - 0.5) / (4096 - 256) * 256)
+    d.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20), mu=mu)
+    assert np.allclose(sampler.flow_sigmas(20, cfg, tokens), d.sigmas.numpy(), atol=1e-5)
+
+
+def test_ddim_matches_diffusers_ddim_scheduler():
+    import torch
+    from diffusers import DDIMScheduler
+
+    cfg = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+           "steps_offset": 1, "set_alpha_to_one": False}
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                        steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
+    ref.set_timesteps(10)
+    assert list(sampler.ddim_timesteps(10, cfg)) == [int(t) for t in ref.timesteps]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+
+    def eps(x, t):  # a fixed, state-dependent "model"
+        return np.tanh(x * w + t[:, None, None, None] / 1000.0).astype(np.float32)
+
+    x0 = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ours = sampler.sample_ddim(eps, x0, 10, cfg)
+    x = torch.from_numpy(x0.copy())
+    for t in ref.timesteps:
+        e = torch.from_numpy(eps(x.numpy(), np.array([float(t)], np.float32)))
+        x = ref.step(e, t, x, eta=0.0).prev_sample
+    assert np.abs(ours - x.numpy()).max() <= 1e-5 * np.abs(x.numpy()).max()
+
+
+@pytest.fixture(scope="module")
+def builtin_runtime(builtin_bundle):
+    pytest.importorskip("onnxruntime.training")
+    from edge_runtime.runtime import Bundle
+
+    return Bundle(builtin_bundle[0], threads=1)
+
+
+def test_bank_and_online_precompute_train_the_same_adapter(builtin_runtime, tmp_path):
+    from daemon_util import subject_pngs
+
+    from edge_runtime.personalize import ImageLimits, JobOptions, decode_images, run_job
+
+    imgs, _ = decode_images(subject_pngs(3), ImageLimits(), builtin_runtime.manifest.gen_res)
+    out = {}
+    for mode in ("online", "bank"):
+        o = JobOptions("sks", "ring", steps=6, learning_rate=3e-3, seed=5, checkpoint_every=0, precompute=mode)
+        out[mode] = run_job(builtin_runtime, o, imgs, str(tmp_path / mode))
+    a, b = out["online"], out["bank"]
+    assert a.losses == b.losses
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert any(np.abs(v).max() > 0 for k, v in a.weights.items() if "lora_B" in k)  # it trained
+    assert not any((tmp_path / "bank" / "bank").glob("*.acc.npz"))  # intermediate states cleaned up
+
+
+def test_device_generation_equals_the_torch_reference_sampler(builtin_runtime):
+    """Same noise: the ONNX chain + numpy sampler gives the torch pipeline's image."""
+    import edgeblock.builtin.pipeline as P
+    import torch
+
+    prompt = "a large red circle on a blue background, center"
+    noise = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    ours = builtin_runtime.generate(prompt, steps=6, guidance=3.0, noise=noise)
+    tr, te = P.load_builtin()
+    real = torch.randn
+    P.torch.randn = lambda *a, **k: torch.from_numpy(noise.copy())
+    try:
+        ref = P.generate(tr, te, [prompt], steps=6, guidance=3.0)[0]
+    finally:
+        P.torch.randn = real
+    assert ours.shape == ref.shape == (64, 64, 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
