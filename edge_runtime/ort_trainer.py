@@ -77,10 +77,8 @@ class OrtTrainer:
         self._state = C.load_checkpoint(os.fspath(checkpoint or path("checkpoint")))
         opts = C.SessionOptions()
         opts.log_severity_level = 3  # "Removing initializer ... not used" notes of the gradient graph
-        # no CPU memory arena: the step's transient buffers go back instead of staying at the arena's
-        # high-water mark (measured on a 120M-model bundle: 198 MiB resident after steps instead of 321)
-        opts.enable_cpu_mem_arena = False
-        opts.add_session_config_entry("session.disable_prepacking", "1")  # as edge_runtime.runtime
+        # The CPU memory arena and weight pre-packing stay on for training: without the arena the 120M
+        # bench step took 1.18-1.23x torch's time (docs/bench.md); the job's peak is not in the steps.
         if threads:
             opts.intra_op_num_threads = int(threads)
         device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
