@@ -19,12 +19,13 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
+from .fileio import atomic_json, atomic_write, sha256_file
 
 PLAN = "engines/plan.json"
 BUILT = "engines/built.json"
@@ -151,35 +152,6 @@ def default_cache_dir(bundle_dir: str) -> str:
 def engine_file(cache_dir: str, group: Mapping[str, Any], key: str) -> str:
     """`<cache_dir>/<group stem>-<key[:16]>.engine`."""
     return os.path.join(cache_dir, f"{_stem(group)}-{key[:16]}.engine")
-
-
-def _sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Temp file beside `path`, fsync, rename: a crash never leaves a partial file at `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _rel_or_abs(bundle_dir: str, path: str) -> str:
@@ -384,7 +356,7 @@ def build_engines(bundle_dir: str, cache_dir: str | None = None, workspace_bytes
         onnx_path = _bundle_path(bundle_dir, rel)
         if not os.path.isfile(onnx_path):
             raise EngineError(f"{bundle_dir}: {rel} named in the plan is missing")
-        sha = _sha256_file(onnx_path)
+        sha = sha256_file(onnx_path)
         if sha != g["onnx_sha256"]:
             raise EngineError(f"{rel}: sha256 {sha[:12]}... differs from the plan's {g['onnx_sha256'][:12]}...: "
                               "the bundle is corrupt, compile it again")
@@ -403,8 +375,8 @@ def build_engines(bundle_dir: str, cache_dir: str | None = None, workspace_bytes
             seconds, cached = time.perf_counter() - t0, False
             if not accepted:
                 _say(progress, f"{stem}: the timing cache at {timing_path} was made by another TensorRT or GPU; replaced")
-            _atomic_write(path, blob)
-            _atomic_write(timing_path, timing_blob)
+            atomic_write(path, blob)
+            atomic_write(timing_path, timing_blob)
             _say(progress, f"{stem}: built in {seconds:.1f} s -> {path} ({len(blob) / 2**20:.1f} MiB)")
         records.append({
             "onnx": rel,
@@ -428,7 +400,7 @@ def build_engines(bundle_dir: str, cache_dir: str | None = None, workspace_bytes
         "workspace_bytes": workspace_bytes,
         "groups": records,
     }
-    _atomic_write_json(_bundle_path(bundle_dir, BUILT), built)
+    atomic_json(_bundle_path(bundle_dir, BUILT), built)
     _say(progress, f"done: {sum(not r['cached'] for r in records)} built, {sum(r['cached'] for r in records)} cached "
                    f"-> {BUILT}")
     return built

@@ -6,11 +6,12 @@ schema version, a missing field or a file whose sha256 differs is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .fileio import atomic_json, sha256_file  # noqa: F401 - sha256_file is part of this module's API
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -54,14 +55,6 @@ class Manifest:
         return asdict(self)
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_files(bundle: str) -> dict[str, str]:
     """sha256 of every file under the bundle except the manifest, keyed by relative POSIX path."""
     out = {}
@@ -79,12 +72,7 @@ def write_manifest(bundle: str, manifest: Manifest) -> str:
     manifest.files = hash_files(bundle)
     validate_fields(manifest.to_dict())
     path = os.path.join(bundle, MANIFEST)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_json(path, manifest.to_dict())
     return path
 
 

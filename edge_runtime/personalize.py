@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -390,5 +389,5 @@ def choose_precompute(bundle: Bundle, requested: str = "") -> str:
     return "bank" if params * 4 > 256 * 2**20 else "online"
 
 
-__all__ = ["Bundle", "Cancelled", "DrawPlan", "FrozenPass", "ImageLimits", "JobOptions", "JobResult", "PersonalizeError",
-           "Progress", "choose_precompute", "decode_images", "images_from_pngs", "run_job", "Any"]
+__all__ = ["Cancelled", "DrawPlan", "FrozenPass", "ImageLimits", "JobOptions", "JobResult", "PersonalizeError",
+           "Progress", "choose_precompute", "decode_images", "images_from_pngs", "run_job"]

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from . import flow
 from .manifest import Manifest, load_manifest
 from .sampler import sample
 
@@ -274,4 +273,4 @@ class _TrtSession:
         self.group.close()
 
 
-__all__ = ["Bundle", "RuntimeError_", "to_uint8", "flow"]
+__all__ = ["Bundle", "RuntimeError_", "to_uint8"]

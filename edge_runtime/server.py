@@ -218,11 +218,9 @@ class Daemon:
     def _finish(self, rec: JobRecord, state: str, message: str = "") -> None:
         rec.data.update(state=state, message=message)
         self.store.save_job(rec.data)
-        kind = {"DONE": "DONE", "FAILED": "FAILED", "CANCELLED": "CANCELLED"}[state]
-        self._emit(rec, kind, message=message, adapter_id=rec.data["adapter_id"] if state == "DONE" else "",
+        self._emit(rec, state, message=message, adapter_id=rec.data["adapter_id"] if state == "DONE" else "",
                    step=int(rec.data.get("step", 0)), total_steps=int(rec.data["options"]["steps"]))
-        if state in ("DONE", "CANCELLED", "FAILED"):
-            self.store.drop_job_work(rec.id)
+        self.store.drop_job_work(rec.id)
 
     # ------------------------------------------------------------------ submit
     def submit(self, request) -> JobRecord:

@@ -7,8 +7,8 @@
     STATE/jobs/<id>/checkpoint                ORT training checkpoint (with optimizer state)
     STATE/jobs/<id>/bank/                     precomputed states (bank mode)
 
-Every file is written to a temporary name, fsynced and renamed, and the directory fsynced: a
-crash or power loss leaves the old file or the new one, never half of one. An adapter exists
+Every file goes through edge_runtime.fileio.atomic_write (temporary name, fsync, rename, directory
+fsync): a crash or power loss leaves the old file or the new one, never half of one. An adapter exists
 only once its adapter.json exists; that file records the weights' sha256, checked on load.
 Ids are 32 lowercase hex characters; anything else is refused before it touches a path.
 """
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import safetensors_np
+from .fileio import _fsync_dir, atomic_json, atomic_write
 
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -50,33 +51,6 @@ def check_id(value: str, what: str = "id") -> str:
         raise StoreError(f"{what} must be 32 lowercase hex characters, got {value[:80]!r}" if isinstance(value, str)
                          else f"{what} must be a string")
     return value
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def atomic_json(path: str, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def read_json(path: str) -> Any:

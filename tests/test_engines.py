@@ -21,6 +21,7 @@ from edgeblock.cli import main
 from pipelines import make_tiny_pipeline
 
 from edge_runtime import engines as en
+from edge_runtime.fileio import atomic_json, atomic_write
 from edge_runtime.manifest import load_manifest
 
 pytest.importorskip("onnxruntime.training")  # compile writes the ORT training artifacts
@@ -204,7 +205,7 @@ def test_engines_status_matches_built_json_to_this_machine(bundle, tmp_path, mon
         open(path, "wb").close()
         groups.append({"onnx": g["onnx"], "engine": en._rel_or_abs(d, path), "key": key, "profiles": ["training", "generation"]})
     built = {"version": 1, "status": "built", "tensorrt_version": "10.3.0", "gpu_name": "Orin sm_87 16SM", "groups": groups}
-    en._atomic_write_json(os.path.join(d, en.BUILT), built)
+    atomic_json(os.path.join(d, en.BUILT), built)
     assert groups[0]["engine"].startswith("engines/cache/group_00-")
 
     st = en.engines_status(d)
@@ -222,15 +223,15 @@ def test_engines_status_matches_built_json_to_this_machine(bundle, tmp_path, mon
     # another ONNX file (a recompiled bundle): the key no longer matches
     other = json.loads(json.dumps(plan))
     other["groups"][1]["onnx_sha256"] = "0" * 64
-    en._atomic_write_json(os.path.join(d, en.PLAN), other)
+    atomic_json(os.path.join(d, en.PLAN), other)
     st = en.engines_status(d)
     assert st["backend"] == "onnxruntime" and "group_01.onnx was built for another ONNX file" in st["reason"]
     # same ONNX, another precision: also another engine
     other = json.loads(json.dumps(plan))
     other["groups"][0]["precision"] = "fp16"
-    en._atomic_write_json(os.path.join(d, en.PLAN), other)
+    atomic_json(os.path.join(d, en.PLAN), other)
     assert "another ONNX file or build settings" in en.engines_status(d)["reason"]
-    en._atomic_write_json(os.path.join(d, en.PLAN), plan)
+    atomic_json(os.path.join(d, en.PLAN), plan)
     assert en.engines_status(d)["backend"] == "tensorrt"
 
     os.remove(os.path.join(d, *groups[0]["engine"].split("/")))
@@ -243,7 +244,7 @@ def test_engines_status_matches_built_json_to_this_machine(bundle, tmp_path, mon
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "x" / "a.engine"
-    en._atomic_write(str(path), b"one")
+    atomic_write(str(path), b"one")
     assert path.read_bytes() == b"one"
 
     def boom(*a):
@@ -251,7 +252,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(en.os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
-        en._atomic_write(str(path), b"two")
+        atomic_write(str(path), b"two")
     assert path.read_bytes() == b"one" and os.listdir(tmp_path / "x") == ["a.engine"]
 
 

@@ -49,34 +49,43 @@ def bench_model_dir() -> str:
     return path
 
 
-def run_variant(variant: str, model: str, blocks: tuple[int, ...] | None, seed: int = 0) -> dict:
-    """Inside the child process: build, (precompute,) train one step at batch 1; measure."""
+def _trainer(variant: str, model: str, blocks: tuple[int, ...] | None, seed: int):
+    """The variant's Trainer on one random image and random text of the model's benchmark shapes."""
     import numpy as np
     import torch
 
     from ..method.train import Conditioning, MethodConfig, Trainer, middle_blocks
     from ..models import load_model
-    from .tracker import TensorMemoryTracker, reset_rss_peak, rss_bytes, rss_peak_bytes
 
     torch.manual_seed(seed)
     meta = _model_meta(model)
+    loaded = load_model(model)
+    a = loaded.adapter
+    size, ch = meta["latent_size"], a.latent_channels
+    g = torch.Generator().manual_seed(seed)
+    text_dim = a.config.get("joint_attention_dim") or a.config["caption_channels"]
+    pooled_dim = a.config.get("pooled_projection_dim")
+    cond = Conditioning(torch.randn(1, meta["text_len"], text_dim, generator=g),
+                        torch.randn(1, pooled_dim, generator=g) if pooled_dim else None)
+    images = np.random.default_rng(seed).standard_normal((1, size, size, ch)).astype(np.float32)
+    chosen = blocks or middle_blocks(a.num_blocks)
+    return Trainer(loaded, MethodConfig(variant, blocks=chosen, seed=seed), cond, images)
+
+
+def run_variant(variant: str, model: str, blocks: tuple[int, ...] | None, seed: int = 0) -> dict:
+    """Inside the child process: build, (precompute,) train one step at batch 1; measure."""
+    import numpy as np
+
+    # the method's and the models' imports happen before the baseline, so they are not counted
+    from ..method import train  # noqa: F401
+    from ..models import load_model  # noqa: F401
+    from .tracker import TensorMemoryTracker, reset_rss_peak, rss_bytes, rss_peak_bytes
+
     baseline = rss_bytes()
     reset_rss_peak()
     tracker = TensorMemoryTracker()
     with tracker:
-        loaded = load_model(model)
-        a = loaded.adapter
-        size, ch = meta["latent_size"], a.latent_channels
-        g = torch.Generator().manual_seed(seed)
-        text_dim = a.config.get("joint_attention_dim") or a.config["caption_channels"]
-        pooled_dim = a.config.get("pooled_projection_dim")
-        cond = Conditioning(
-            torch.randn(1, meta["text_len"], text_dim, generator=g),
-            torch.randn(1, pooled_dim, generator=g) if pooled_dim else None,
-        )
-        images = np.random.default_rng(seed).standard_normal((1, size, size, ch)).astype(np.float32)
-        chosen = blocks or middle_blocks(a.num_blocks)
-        trainer = Trainer(loaded, MethodConfig(variant, blocks=chosen, seed=seed), cond, images)
+        trainer = _trainer(variant, model, blocks, seed)
         first = trainer.step()
     timed = [trainer.step() for _ in range(TIMED_STEPS)]
     uses_skip = trainer.cfg.uses_skip
@@ -88,7 +97,7 @@ def run_variant(variant: str, model: str, blocks: tuple[int, ...] | None, seed: 
         "precompute_s": float(np.mean([t["precompute_s"] for t in timed])) if uses_skip else 0.0,
         "loss": float(first["loss"]),
         "trainable_blocks": list(trainer.plan.trainable),
-        "tokens": int((trainer.chunk()[0].latents.shape[-1] // _pack(a)) ** 2),
+        "tokens": int((trainer.chunk()[0].latents.shape[-1] // _pack(trainer.model.adapter)) ** 2),
     }
 
 
@@ -125,25 +134,11 @@ def _ort_key(model: str, blocks: tuple[int, ...] | None, seed: int) -> str:
 def prepare_ort(model: str, blocks: tuple[int, ...] | None, out_dir: str, seed: int = 0) -> dict:
     """Inside a torch child: the blockskip variant's first draw, precomputed; its training artifacts + feeds."""
     import numpy as np
-    import torch
 
     from ..compile.ort_training import export_training_artifacts
-    from ..method.train import Conditioning, MethodConfig, Trainer, middle_blocks
-    from ..models import load_model
 
-    torch.manual_seed(seed)
-    meta = _model_meta(model)
-    loaded = load_model(model)
-    a = loaded.adapter
-    size, ch = meta["latent_size"], a.latent_channels
-    g = torch.Generator().manual_seed(seed)
-    text_dim = a.config.get("joint_attention_dim") or a.config["caption_channels"]
-    pooled_dim = a.config.get("pooled_projection_dim")
-    cond = Conditioning(torch.randn(1, meta["text_len"], text_dim, generator=g),
-                        torch.randn(1, pooled_dim, generator=g) if pooled_dim else None)
-    images = np.random.default_rng(seed).standard_normal((1, size, size, ch)).astype(np.float32)
-    trainer = Trainer(loaded, MethodConfig("blockskip", blocks=blocks or middle_blocks(a.num_blocks), seed=seed),
-                      cond, images)
+    trainer = _trainer("blockskip", model, blocks, seed)
+    a = trainer.model.adapter
     (pre,) = trainer.precompute([trainer.chunk()])
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir))
     spec = export_training_artifacts(a, trainer.plan, trainer.cfg.lora, pre, tmp, net=trainer.net)

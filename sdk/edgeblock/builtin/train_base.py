@@ -28,7 +28,7 @@ import torch
 from edge_runtime import flow
 
 from . import world
-from .pipeline import generate, transformer_inputs
+from .pipeline import generate
 from .text import EMBED_DIM, MiniLMTextEncoder
 
 SIZE = 64

@@ -36,13 +36,13 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from edge_runtime.fileio import sha256_file
 from edge_runtime.manifest import (
     MANIFEST,
     TARGETS,
@@ -92,7 +92,7 @@ class CompileOptions:
             d.pop(k)
         d["blocks"] = list(self.blocks) if self.blocks is not None else None
         if self.selection:
-            d["selection_sha256"] = _sha256_file(self.selection)
+            d["selection_sha256"] = sha256_file(self.selection)
         return d
 
 
@@ -103,14 +103,6 @@ class CompileResult:
     manifest: Manifest
     verification: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_files(root: str) -> list[str]:
@@ -134,7 +126,7 @@ def fingerprint(root: str, opts: CompileOptions) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"args": opts.fingerprint_args(), "version": __version__, "schema": SCHEMA_VERSION}, sort_keys=True).encode())
     for rel in model_files(root):
-        h.update(rel.encode() + b"\0" + _sha256_file(os.path.join(root, *rel.split("/"))).encode() + b"\n")
+        h.update(rel.encode() + b"\0" + sha256_file(os.path.join(root, *rel.split("/"))).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -533,7 +525,7 @@ def tensorrt_plan(specs, rel, shapes_tr, shapes_gen, precision, gen_batch, root)
         path = rel[s.path]
         groups.append({
             "onnx": path,
-            "onnx_sha256": _sha256_file(os.path.join(root, *path.split("/"))),
+            "onnx_sha256": sha256_file(os.path.join(root, *path.split("/"))),
             "blocks": s.blocks,
             "engine": "engines/" + os.path.basename(path)[: -len(".onnx")] + ".engine",
             "profiles": {
