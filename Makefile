@@ -25,7 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/edgeblock bench memory --json
 
-# Regenerate the gRPC stubs (edge_runtime/api/) from proto/edgeblock/v1/edgeblock.proto.
+# Regenerate the gRPC stubs (edge_runtime/api/) and docs/api.md from proto/edgeblock/v1/edgeblock.proto.
 proto: $(STAMP)
 	$(BIN)/python -m edge_runtime.api.generate
 

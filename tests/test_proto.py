@@ -98,3 +98,44 @@ def test_the_service_has_exactly_the_declared_rpcs():
     for name in rpcs:
         assert callable(getattr(pb_grpc.EdgeBlockServicer, name))
     assert callable(pb_grpc.add_EdgeBlockServicer_to_server)
+
+
+def test_api_doc_equals_a_fresh_rendering_of_the_proto(tmp_path, capsys):
+    pytest.importorskip("grpc_tools")
+    from edge_runtime.api.generate import DOCS_API, api_markdown, check_api_doc, main
+
+    assert check_api_doc(), "stale docs/api.md: run `make proto` (python -m edge_runtime.api.generate)"
+    stale = tmp_path / "api.md"
+    stale.write_text(api_markdown().replace("Train a LoRA adapter", "Train an adapter"))
+    assert not check_api_doc(str(stale))
+    assert main(["--docs", str(stale), "--check"]) == 1
+    assert f"stale API reference {stale}" in capsys.readouterr().err
+    assert DOCS_API == os.path.join(REPO, "docs", "api.md")
+
+
+def test_api_doc_names_every_rpc_message_field_and_enum_value():
+    with open(os.path.join(REPO, "docs", "api.md"), encoding="utf-8") as f:
+        doc = f.read()
+    svc = pb.DESCRIPTOR.services_by_name["EdgeBlock"]
+    assert "## service EdgeBlock" in doc
+    for m in svc.methods:
+        assert f"### rpc {m.name}\n" in doc
+        stream = "stream " if m.server_streaming else ""
+        assert f"    rpc {m.name}({m.input_type.name}) returns ({stream}{m.output_type.name})\n" in doc
+
+    def walk(msg, prefix=""):
+        name = prefix + msg.name
+        assert f"### message {name}\n" in doc
+        section = doc.split(f"### message {name}\n", 1)[1].split("\n### ", 1)[0]
+        for field in msg.fields:
+            assert f"| `{field.name}` | {field.number} |" in section, (name, field.name)
+        for enum in msg.enum_types:
+            esection = doc.split(f"### enum {name}.{enum.name}\n", 1)[1].split("\n### ", 1)[0]
+            for v in enum.values:
+                assert f"| `{v.name}` | {v.number} |" in esection, (enum.name, v.name)
+        for nested in msg.nested_types:
+            walk(nested, name + ".")
+
+    assert pb.DESCRIPTOR.message_types_by_name
+    for msg in pb.DESCRIPTOR.message_types_by_name.values():
+        walk(msg)

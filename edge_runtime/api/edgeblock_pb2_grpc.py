@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class EdgeBlockStub:
-    """The edge daemon's service.
+    """The edge daemon's service. One training job runs at a time, up to
+    Limits.max_queue wait behind it; generations run beside it, up to
+    Limits.max_concurrent_generations at once.
     """
 
     def __init__(self, channel):
@@ -83,27 +85,35 @@ class EdgeBlockStub:
 
 
 class EdgeBlockServicer:
-    """The edge daemon's service.
+    """The edge daemon's service. One training job runs at a time, up to
+    Limits.max_queue wait behind it; generations run beside it, up to
+    Limits.max_concurrent_generations at once.
     """
 
     def Personalize(self, request, context):
         """Train a LoRA adapter on 1..N subject images. Streams progress events until the
-        job is done, failed or cancelled. If the client goes away, the job is cancelled
-        within one training step (its last checkpoint is kept).
+        job is done, failed or cancelled (the last event is DONE, FAILED or CANCELLED).
+        Errors before the job starts: INVALID_ARGUMENT (a limit, a bad image, a bad
+        option), RESOURCE_EXHAUSTED (the queue is full), UNAVAILABLE (the daemon is
+        shutting down). If the client goes away, the job is cancelled before its next
+        training step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Generate one image (PNG), optionally with an adapter.
+        """Generate one image (PNG), optionally with an adapter. INVALID_ARGUMENT for a
+        limit or a size the bundle does not serve, NOT_FOUND for an unknown adapter,
+        RESOURCE_EXHAUSTED when no generation slot frees within the call's deadline
+        (600 s without one), DEADLINE_EXCEEDED when the deadline passes while sampling.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """The adapters in the daemon's state directory.
+        """The adapters in the daemon's state directory, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,8 +135,8 @@ class EdgeBlockServicer:
 
     def ExportAdapter(self, request, context):
         """The adapter's LoRA weights as safetensors in the diffusers/PEFT naming
-        (`transformer.<module>.lora_A.weight`), loadable by a diffusers pipeline of the
-        same model (`pipe.load_lora_weights`).
+        (`transformer.<module>.lora_A.weight`), for diffusers' LoRA loaders on the same
+        model (tested with the transformer's `load_lora_adapter(sd, prefix="transformer")`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,14 +150,15 @@ class EdgeBlockServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Stop a queued or running job within one training step; its state stays consistent.
+        """Stop a queued or running job before its next training step and return its
+        state. A cancelled job is final: its checkpoint is removed and it does not resume.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetInfo(self, request, context):
-        """What the daemon serves: model, resolutions, defaults and limits.
+        """What the daemon serves: model, resolutions, trainer and executor, defaults and limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,7 +221,9 @@ def add_EdgeBlockServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EdgeBlock:
-    """The edge daemon's service.
+    """The edge daemon's service. One training job runs at a time, up to
+    Limits.max_queue wait behind it; generations run beside it, up to
+    Limits.max_concurrent_generations at once.
     """
 
     @staticmethod
