@@ -90,6 +90,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan.predict import PlanOptions, format_plan, plan
+    from .plan.targets import targets
+
+    if args.table:
+        from .plan.table import fits_table
+
+        print(fits_table(args.table_out))
+        return 0
+    if not args.config:
+        raise ValueError("--config is required (a transformer config.json, its folder, `builtin`, or a shipped name: "
+                         "flux1-dev, sd35-medium, pixart-sigma-xl-2-1024, sana-600m-1024, sana-1600m-1024)")
+    names = list(targets()) if args.target == "all" else [args.target]
+    results = {}
+    for t in names:
+        results[t] = plan(PlanOptions(args.config, t, train_res=args.train_res, gen_res=args.gen_res, blocks=args.blocks,
+                                      precision=args.precision, lora_rank=args.lora_rank, precompute=args.precompute))
+    if args.json:
+        print(json.dumps(results[names[0]] if len(names) == 1 else results, indent=2))
+    else:
+        print("\n\n".join(format_plan(r) for r in results.values()))
+    return 0
+
+
 def _bench_daemon(args: argparse.Namespace) -> int:
     from .bench import daemon
 
@@ -411,6 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ort: add the ONNX Runtime training step (the device trainer) as ort_blockskip")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plan", help="predict the peak memory of each device phase from a transformer config.json")
+    pl.add_argument("--config", default=None,
+                    help="diffusers transformer config.json (or its folder), `builtin`, or a shipped name: flux1-dev, "
+                         "sd35-medium, pixart-sigma-xl-2-1024, sana-600m-1024, sana-1600m-1024")
+    pl.add_argument("--target", default="orin-nx-16gb",
+                    help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, host-cpu, or all")
+    pl.add_argument("--train-res", type=int, default=None, help="training crop side in pixels (default: gen-res / 2)")
+    pl.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the family's)")
+    pl.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks (default: the two middle blocks)")
+    pl.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                    help="frozen and generation weights (default: fp16 on Jetson, fp32 on host-cpu)")
+    pl.add_argument("--lora-rank", type=int, default=4)
+    pl.add_argument("--precompute", choices=["bank", "online"], default=None,
+                    help="default: the daemon's rule (bank above 256 MiB of transformer weights)")
+    pl.add_argument("--table", action="store_true", help="print the what-fits-where table of the shipped configs")
+    pl.add_argument("--table-out", default=None, help="with --table: also write it (Markdown) to this file")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("eval", help="personalization benchmark: quality and memory table, sample grid")
     e.add_argument("--out", required=True, help="directory for results.json, results.md and grid.png")

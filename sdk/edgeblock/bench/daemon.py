@@ -39,8 +39,16 @@ def _cache_root() -> str:
 
 def bench_pixel_dir() -> str:
     """The random-initialised >= 100M pixel-space FLUX model, saved once (builtin layout)."""
-    key = hashlib.sha256(json.dumps([BENCH_PIXEL, BENCH_PIXEL_META], sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(_cache_root(), f"bench-pixel-flux-{key}")
+    return pixel_model_dir(BENCH_PIXEL, BENCH_PIXEL_META, "bench-pixel-flux")
+
+
+def pixel_model_dir(config: dict, meta: dict, name: str = "pixel-flux") -> str:
+    """A random-initialised FluxTransformer2DModel of `config`, laid out like the built-in model, saved once.
+
+    `meta` is the folder's edgeblock.json (latent_channels, latent_size, text_len, pixel_space).
+    """
+    key = hashlib.sha256(json.dumps([config, meta], sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(_cache_root(), f"{name}-{key}")
     if not os.path.exists(os.path.join(path, "transformer", "config.json")):
         import tempfile
 
@@ -48,12 +56,12 @@ def bench_pixel_dir() -> str:
         from diffusers import FluxTransformer2DModel
 
         torch.manual_seed(0)
-        model = FluxTransformer2DModel(**BENCH_PIXEL)
+        model = FluxTransformer2DModel(**config)
         os.makedirs(_cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=_cache_root())
         model.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
         with open(os.path.join(tmp, "edgeblock.json"), "w") as f:
-            json.dump(BENCH_PIXEL_META, f)
+            json.dump(meta, f)
         os.replace(tmp, path)
     return path
 
@@ -79,7 +87,8 @@ def bundle_for(model: str, blocks: tuple[int, ...] | None, progress) -> str:
 
 
 def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tuple[int, ...] | None = None,
-        precompute: str = "", torch_reference: bool = True, progress=None) -> dict:
+        precompute: str = "", torch_reference: bool = True, progress=None,
+        reference_variants: tuple[str, ...] = ("standard_lora", "blockskip")) -> dict:
     from ..client import EdgeClient
     from ..demo import RssSampler, start_daemon
     from . import memory
@@ -109,13 +118,16 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
         with EdgeClient(address, timeout=3600) as c:
             c.wait_ready(120)
             info = c.info()
-            idle = rss.peaks.get(None, 0)
-            rss.phase = "personalize"
+            from edge_runtime.memstat import rss_bytes
+
+            idle = rss_bytes(proc.pid)
+            rss.phase = "encode"
             t0 = time.perf_counter()
             last = None
             for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps, seed=1,
                                     precompute=precompute):
                 last = ev
+                rss.phase = _phase(ev, rss.phase)
             job_s = time.perf_counter() - t0
             if type(last).Kind.Name(last.kind) != "DONE":
                 raise RuntimeError(f"the benchmark job did not finish: {last}")
@@ -139,18 +151,22 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
     result["daemon"] = {
         "trainer": info.trainer, "executor": info.executor, "precompute": job["options"]["precompute"],
         "steps": steps, "job_s": job_s, "s_per_step": job_s / steps,
-        "peak_rss_personalize_bytes": int(rss.peaks.get("personalize", 0)),
+        "peak_rss_personalize_bytes": int(max(rss.peaks.get(k, 0) for k in JOB_PHASES)),
+        # the job's phases as its event stream marks them: encode (request -> first PRECOMPUTING),
+        # precompute (bank: until the last group is done; online mode interleaves it with train),
+        # train (trainer construction, steps, adapter save)
+        **{f"peak_rss_{k}_bytes": int(rss.peaks.get(k, 0)) for k in JOB_PHASES},
         "peak_rss_generate_bytes": int(rss.peaks.get("generate", 0)),
         "peak_rss_hwm_bytes": int(hwm), "idle_rss_bytes": int(idle),
         "generate_steps": gen_steps, "generate_latency_s": float(g.time_s), "generate_wall_s": gen_wall,
     }
     if torch_reference:
-        say("[bench daemon] torch reference processes (standard_lora, blockskip)")
+        say(f"[bench daemon] torch reference processes ({', '.join(reference_variants)})")
         path = model_dir(model)
         table = memory.run(path if path != "builtin" else "builtin", trainable,
-                           variants=("standard_lora", "blockskip"))
+                           variants=reference_variants)
         result["torch"] = {}
-        for v in ("standard_lora", "blockskip"):
+        for v in reference_variants:
             r = table[v]
             result["torch"][v] = {"peak_rss_bytes": r["peak_rss_total_bytes"], "peak_rss_above_imports_bytes":
                                   r["peak_rss_bytes"], "s_per_step": r["step_s"] + (r["precompute_s"] or 0.0),
@@ -160,9 +176,24 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
         result["ratios"] = {
             "daemon_peak_rss_vs_torch_standard_lora": d["peak_rss_personalize_bytes"] / s["peak_rss_bytes"],
             "daemon_s_per_step_vs_torch_standard_lora": d["s_per_step"] / s["s_per_step"],
-            "daemon_peak_rss_vs_torch_blockskip": d["peak_rss_personalize_bytes"] / result["torch"]["blockskip"]["peak_rss_bytes"],
         }
+        if "blockskip" in result["torch"]:
+            result["ratios"]["daemon_peak_rss_vs_torch_blockskip"] = (
+                d["peak_rss_personalize_bytes"] / result["torch"]["blockskip"]["peak_rss_bytes"])
     return result
+
+
+JOB_PHASES = ("encode", "precompute", "train")
+
+
+def _phase(ev, current: str | None) -> str | None:
+    """The job phase a progress event opens (the RSS sampler attributes samples to it)."""
+    kind = type(ev).Kind.Name(ev.kind)
+    if kind == "PRECOMPUTING":
+        return "train" if ev.progress >= 1.0 else "precompute"  # 1.0: every frozen group done
+    if kind in ("STEP", "CHECKPOINT"):
+        return "train"
+    return current
 
 
 def format_table(r: dict) -> str:

@@ -1,0 +1,94 @@
+"""The planner's measured constants: how process memory follows weights and activations here.
+
+Fitted to `edgeblock bench daemon` runs (the daemon's phase peaks and the torch reference
+processes) on the built-in model and two other FLUX-shaped configurations (CALIBRATION_MODELS),
+on the 2-core x86 CPU host; tests/test_plan.py re-measures them and checks the planner's
+predictions within 15%. Numbers and date in docs/plan.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Calibration:
+    daemon_base_bytes: int  # the daemon process after imports, before the bundle's first session
+    torch_base_bytes: int  # a torch process after importing torch + diffusers, before the model
+    session_weight_factor: float  # resident bytes of an ONNX Runtime inference session per weight byte
+    online_session_factor: float  # frozen sessions opened beside the live trainer (online precompute)
+    text_session_factor: float  # the same for the text encoder session (embedding tables dominate small ones)
+    inference_activation_factor: float  # peak transient activation elements per unit of the largest block
+    train_weight_factor: float  # ORT training session: resident bytes per weight byte of the trained graph
+    ort_train_linear_factor: float  # ORT training: saved + transient elements per linear unit of the trained blocks
+    ort_train_attention_factor: float  # ... per attention unit (the exported graph materialises softmax(QK^T))
+    torch_weight_factor: float  # a torch module's resident bytes per weight byte
+    torch_train_linear_factor: float  # torch autograd: elements per linear unit of the whole model
+    torch_train_attention_factor: float  # ... per attention unit (SDPA kernels keep no queries x keys matrix)
+
+
+HOST_CPU = Calibration(  # least-squares fit on relative error, 13 figures, 2026-11-22 (docs/plan.md)
+    daemon_base_bytes=int(138 * MiB),  # fitted; the idle daemon measures 79 MiB, a job adds decoding/feeds/heap
+    torch_base_bytes=int(447 * MiB),
+    session_weight_factor=2.03,
+    online_session_factor=3.48,
+    text_session_factor=1.25,
+    inference_activation_factor=3.36,
+    train_weight_factor=1.90,
+    ort_train_linear_factor=1.78,
+    ort_train_attention_factor=5.41,
+    torch_weight_factor=1.0,
+    torch_train_linear_factor=4.50,
+    torch_train_attention_factor=0.0,
+)
+
+
+
+# builtin-layout pixel FLUX configs the calibration and its test measure (besides the built-in model)
+def _cfg(dim: int, heads: int, double: int, single: int) -> dict:
+    return dict(patch_size=1, in_channels=48, out_channels=48, num_layers=double, num_single_layers=single,
+                attention_head_dim=dim // heads, num_attention_heads=heads, joint_attention_dim=384,
+                pooled_projection_dim=384, guidance_embeds=False, axes_dims_rope=[16, 56, 56])
+
+
+def _meta(side: int) -> dict:
+    return {"latent_channels": 3, "latent_size": side, "text_len": 32, "pixel_space": True}
+
+
+CALIBRATION_MODELS = {
+    "cal-a": (_cfg(384, 3, 2, 4), _meta(64)),  # 20.5M parameters, 64 px
+    "cal-b": (_cfg(512, 4, 2, 6), _meta(128)),  # ~42M parameters, 128 px
+}
+
+
+def measured_vs_predicted(bench: dict, cal: Calibration = HOST_CPU) -> dict[str, tuple[int, int]]:
+    """{figure: (predicted, measured)} for one `edgeblock bench daemon` result on this host.
+
+    The prediction uses only the model's config.json (and its edgeblock.json), the bundle's trainable
+    blocks and precompute mode, and the host-cpu target. Online precompute interleaves the frozen pass
+    with training, so its job is compared as one peak.
+    """
+    import os
+
+    from .predict import PlanOptions, plan
+
+    model = bench["model"]
+    d = bench["daemon"]
+    path = model["path"]
+    config = "builtin" if path == "builtin" else os.path.join(path, "transformer", "config.json")
+    r = plan(PlanOptions(config, "host-cpu", train_res=model["train_res"], gen_res=model["gen_res"],
+                         blocks=tuple(model["trainable_blocks"]), precompute=d["precompute"]), cal)
+    bs, sl = r["methods"]["blockskip"], r["methods"]["standard_lora"]
+    out = {}
+    if d["precompute"] == "bank":
+        out["blockskip_precompute"] = (bs["precompute"]["peak_bytes"],
+                                       max(d["peak_rss_encode_bytes"], d["peak_rss_precompute_bytes"]))
+        out["blockskip_train"] = (bs["train"]["peak_bytes"], d["peak_rss_train_bytes"])
+    else:
+        out["blockskip_job"] = (bs["job_peak_bytes"], d["peak_rss_personalize_bytes"])
+    out["generate"] = (bs["generate"]["peak_bytes"], d["peak_rss_generate_bytes"])
+    if "torch" in bench:
+        out["standard_lora_train"] = (sl["train"]["peak_bytes"], bench["torch"]["standard_lora"]["peak_rss_bytes"])
+    return out

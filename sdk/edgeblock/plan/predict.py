@@ -1,0 +1,239 @@
+"""`edgeblock plan`: predicted peak memory of each device phase, from a transformer config alone.
+
+Phases (each the peak resident bytes of one process):
+- precompute: everything before the first training step. DiT-BlockSkip: text encoding, then the
+  frozen groups over every draw (bank: one group resident at a time; online: see train). Standard
+  LoRA: text encoding (and VAE encoding) of the training data.
+- train: the training step. DiT-BlockSkip: the ORT training session of the trainable blocks and
+  the epilogue at the training resolution (+ every frozen group when the precompute is online).
+  Standard LoRA: a torch process holding the whole transformer, LoRA on every block, at the
+  generation resolution (the reference the method is measured against).
+- generate: the daemon sampling one image at the generation resolution (text encoder, every
+  graph, VAE decoder), the same for both methods.
+
+Each phase = the process's fixed runtime cost (targets.py) + weights x a resident factor +
+activation elements (inventory units x measured factors) x bytes, with the factors fitted on this
+host (calibration.py) and reused for every target; the Jetson runtime costs are estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .calibration import HOST_CPU, Calibration
+from .inventory import Inventory, block_units, load_inventory
+from .targets import GiB, MiB, Target, get_target
+
+PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    config: str
+    target: str = "orin-nx-16gb"
+    train_res: int | None = None
+    gen_res: int | None = None
+    blocks: tuple[int, ...] | None = None
+    precision: str | None = None  # frozen / generation weights; default: the target's (fp16 Jetson, fp32 CPU)
+    lora_rank: int = 4
+    precompute: str | None = None  # bank | online; default: the daemon's rule (bank above 256 MiB of weights)
+    guidance_batch: int | None = None  # generation batch: 2 with classifier-free guidance, 1 with a guidance embed
+    text_encoders: tuple[str, ...] | None = None
+
+
+def _lora_params(inv: Inventory, indices, rank: int) -> int:
+    from torch import nn
+
+    n = 0
+    for i in indices:
+        lst, j = inv.blocks[i].name.split(".")
+        for name, m in getattr(inv._model, lst)[int(j)].named_modules():
+            if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS):
+                n += rank * (m.in_features + m.out_features)
+    return n
+
+
+def frozen_groups(num_blocks: int, trainable: tuple[int, ...]) -> list[list[int]]:
+    """Maximal runs of skipped blocks (the bundle's frozen/group_NN.onnx)."""
+    groups, run = [], []
+    for i in range(num_blocks):
+        if i in trainable:
+            if run:
+                groups.append(run)
+            run = []
+        else:
+            run.append(i)
+    if run:
+        groups.append(run)
+    return groups
+
+
+def _units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int, int]:
+    """(sum over the blocks, max over the blocks) of linear + attention units."""
+    per = [sum(block_units(inv, i, tokens, batch)) for i in indices]
+    return (sum(per), max(per)) if per else (0, 0)
+
+
+def _split_units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int, int]:
+    """(linear units, attention units) summed over the blocks."""
+    lin = att = 0
+    for i in indices:
+        a, b = block_units(inv, i, tokens, batch)
+        lin, att = lin + a, att + b
+    return lin, att
+
+
+def _vae_decode_act(inv: Inventory, res: int) -> int:
+    # a decoder holds ~6 feature maps of its full-resolution width at its peak (estimate, not calibrated)
+    return 0 if inv.pixel_space else 6 * inv.vae_channels * res * res
+
+
+def _phase(runtime: int, weights: int, activations: int, **extra: int) -> dict:
+    parts = {"runtime_bytes": int(runtime), "weights_bytes": int(weights), "activations_bytes": int(activations),
+             **{k: int(v) for k, v in extra.items()}}
+    return {"peak_bytes": int(sum(parts.values())), "parts": parts}
+
+
+def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None = None) -> dict:
+    t: Target = get_target(opts.target)
+    if t.measured:  # the calibration host: its runtime costs are the calibration's own
+        import dataclasses
+
+        t = dataclasses.replace(t, daemon_runtime_bytes=cal.daemon_base_bytes, torch_runtime_bytes=cal.torch_base_bytes)
+    inv = inv or load_inventory(opts.config, opts.text_encoders)
+    gen_res = int(opts.gen_res or inv.default_gen_res)
+    train_res = int(opts.train_res or gen_res // 2)
+    if train_res > gen_res:
+        raise ValueError(f"--train-res {train_res} is above --gen-res {gen_res}: patch sampling trains on smaller crops")
+    n_gen, n_train = inv.tokens(gen_res), inv.tokens(train_res)
+    L = len(inv.blocks)
+    if opts.blocks:
+        for b in opts.blocks:
+            if not 0 <= b < L:
+                raise ValueError(f"block {b} out of range: this model has blocks 0..{L - 1}")
+        trainable = tuple(sorted(set(opts.blocks)))
+    else:
+        start = max(0, (L - 2) // 2)
+        trainable = (start, start + 1)
+    if opts.precision is not None and opts.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
+    wb = PRECISIONS[opts.precision] if opts.precision else t.weight_bytes
+    ab = min(wb, 4) if t.gpu else 4  # activations at inference (fp16 engines on Jetson)
+    groups = frozen_groups(L, trainable)
+    block_params = [b.params for b in inv.blocks]
+    prologue = inv.shell_params - inv.epilogue_params
+    total_params = inv.parameters
+    precompute = opts.precompute or ("bank" if total_params * 4 > 256 * MiB else "online")
+    if precompute not in ("bank", "online"):
+        raise ValueError(f"--precompute must be bank or online, got {precompute!r}")
+    gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
+
+    sw, ia = cal.session_weight_factor, cal.inference_activation_factor
+    text_w = inv.text_encoder_params * wb * cal.text_session_factor
+    vae_enc_w = inv.vae_encoder_params * wb * sw
+    vae_dec_w = inv.vae_decoder_params * wb * sw
+
+    # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
+    group_w = [sum(block_params[i] for i in g) * wb * sw for g in groups]
+    group_act = [_units(inv, g, n_train, 1)[1] * ia * ab for g in groups]
+    if groups:
+        k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
+        bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * wb * sw, group_act[k])
+    else:
+        bank_peak = _phase(t.daemon_runtime_bytes, prologue * wb * sw, 0)
+    encode = _phase(t.daemon_runtime_bytes, text_w + vae_enc_w, 0)
+    bs_pre = max(encode, bank_peak, key=lambda p: p["peak_bytes"]) if precompute == "bank" else encode
+    trained_params = sum(block_params[i] for i in trainable) + inv.epilogue_params
+    lora = _lora_params(inv, trainable, opts.lora_rank)
+    t_lin, t_att = _split_units(inv, trainable, n_train, 1)
+    train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor) * 4
+    online_w = (sum(group_w) + prologue * wb * sw) / sw * cal.online_session_factor if precompute == "online" else 0
+    bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
+                      lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
+    gen_w = text_w + total_params * wb * sw + vae_dec_w
+    gen_act = _units(inv, range(L), n_gen, gen_batch)[1] * ia * ab + _vae_decode_act(inv, gen_res) * ab
+    generate = _phase(t.daemon_runtime_bytes, gen_w, gen_act)
+
+    # --- standard LoRA: a torch process with the whole model --------------------------------------
+    lora_all = _lora_params(inv, range(L), opts.lora_rank)
+    sl_pre = _phase(t.torch_runtime_bytes, (inv.text_encoder_params + inv.vae_encoder_params) * wb * cal.torch_weight_factor, 0)
+    s_lin, s_att = _split_units(inv, range(L), n_gen, 1)
+    sl_act = (s_lin * cal.torch_train_linear_factor + s_att * cal.torch_train_attention_factor) * (2 if t.gpu else 4)
+    sl_train = _phase(t.torch_runtime_bytes, total_params * wb * cal.torch_weight_factor, sl_act,
+                      lora_state_bytes=lora_all * 4 * 4)
+
+    methods = {
+        "standard_lora": {"precompute": sl_pre, "train": sl_train, "generate": generate},
+        "blockskip": {"precompute": bs_pre, "train": bs_train, "generate": generate},
+    }
+    usable = t.usable_bytes
+    for m in methods.values():
+        for ph in ("precompute", "train", "generate"):
+            m[ph]["fits"] = m[ph]["peak_bytes"] <= usable
+        m["job_peak_bytes"] = max(m["precompute"]["peak_bytes"], m["train"]["peak_bytes"])
+        m["fits"] = all(m[ph]["fits"] for ph in ("precompute", "train", "generate"))
+    result = {
+        "model": {"config": inv.config_path, "class": inv.class_name, "family": inv.family,
+                  "parameters": total_params, "num_blocks": L, "trainable_blocks": list(trainable),
+                  "frozen_groups": [[g[0], g[-1]] for g in groups], "train_res": train_res, "gen_res": gen_res,
+                  "train_tokens": n_train, "gen_tokens": n_gen, "text_tokens": inv.text_tokens,
+                  "text_encoders": list(inv.text_encoders), "text_encoder_params": inv.text_encoder_params,
+                  "pixel_space": inv.pixel_space, "lora_rank": opts.lora_rank, "lora_params": lora,
+                  "precompute": precompute, "generation_batch": gen_batch, "notes": inv.notes},
+        "target": t.as_json(),
+        "precision": {"weights": opts.precision or {2: "fp16", 4: "fp32"}[wb], "training": "fp32"},
+        "methods": methods,
+        "blockskip_vs_standard_lora_job_peak": methods["blockskip"]["job_peak_bytes"] / methods["standard_lora"]["job_peak_bytes"],
+        "calibration": {"host": "x86 CPU, 2 cores", "measured_on_target": t.measured},
+    }
+    result["advice"] = advice(result, inv, groups, group_w, text_w)
+    return result
+
+
+def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
+    """What to change when a phase does not fit (largest lever first)."""
+    usable = r["target"]["usable_bytes"]
+    out = []
+    bs = r["methods"]["blockskip"]
+    gib = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+    for ph in ("precompute", "train", "generate"):
+        p = bs[ph]
+        if p["fits"]:
+            continue
+        over = p["peak_bytes"] - usable
+        msg = f"blockskip {ph}: {gib(p['peak_bytes'])} > usable {gib(usable)} (over by {gib(over)})"
+        if ph == "precompute" and text_w >= p["parts"]["weights_bytes"] * 0.5:
+            msg += (f"; the text encoders ({', '.join(inv.text_encoders)}: {gib(text_w)}) dominate: encode prompts "
+                    "on the host, or quantise them")
+        elif ph == "precompute" and groups:
+            msg += (f"; the largest frozen group ({gib(max(group_w))}) dominates: pick trainable blocks that split the "
+                    "model into smaller runs (--blocks), or a target with more memory")
+        elif ph == "train":
+            msg += "; lower --train-res, train fewer blocks (--blocks), or a lower LoRA rank"
+        elif ph == "generate":
+            msg += ("; every weight is resident while sampling: lower --precision (int8 engines are not built by "
+                    "edgeblock), a smaller --gen-res, or a target with more memory")
+        out.append(msg)
+    if not out:
+        head = usable - max(bs[ph]["peak_bytes"] for ph in ("precompute", "train", "generate"))
+        out.append(f"fits: {gib(head)} headroom on {r['target']['name']} for the largest blockskip phase")
+    if not r["methods"]["standard_lora"]["fits"] and bs["fits"]:
+        out.append("standard LoRA does not fit this target; DiT-BlockSkip does")
+    return out
+
+
+def format_plan(r: dict) -> str:
+    m = r["model"]
+    lines = [f"{m['class']} ({m['family']}), {m['parameters'] / 1e9:.3f}B parameters, {m['num_blocks']} blocks; "
+             f"trainable {m['trainable_blocks']}; train {m['train_res']}px ({m['train_tokens']} tokens), generate "
+             f"{m['gen_res']}px ({m['gen_tokens']} tokens); precompute {m['precompute']}",
+             f"target {r['target']['name']}: usable {r['target']['usable_bytes'] / GiB:.1f} GiB of "
+             f"{r['target']['total_bytes'] / GiB:.1f} GiB ({r['precision']['weights']} weights)",
+             f"{'method':<14} {'precompute':>12} {'train':>12} {'generate':>12}  fits"]
+    for name, meth in r["methods"].items():
+        cells = [f"{meth[ph]['peak_bytes'] / GiB:>10.2f}{'' if meth[ph]['fits'] else ' !':<2}"
+                 for ph in ("precompute", "train", "generate")]
+        lines.append(f"{name:<14} {cells[0]} {cells[1]} {cells[2]}  {'yes' if meth['fits'] else 'no'}   (GiB)")
+    lines += [f"- {a}" for a in r["advice"]]
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Devices the planner plans for: how much memory a job can use there and what the runtimes cost.
+
+Jetson modules share one LPDDR pool between CPU and GPU, so a process's host and device
+allocations come out of the same bytes. `os_reserved_bytes` is what L4T keeps on a headless
+board (firmware carveouts + kernel + system services, no desktop); `daemon_runtime_bytes` and
+`torch_runtime_bytes` are a process's fixed cost (Python, libraries, CUDA context, cuBLAS/cuDNN
+and TensorRT kernels) before any model tensor. For `host-cpu` both are measured on this
+workstation (the calibration); for the Jetson targets they are estimates, not measurements: no
+Jetson was available to this project (docs/plan.md says so).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+GiB = 2**30
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    total_bytes: int
+    os_reserved_bytes: int
+    daemon_runtime_bytes: int  # the edge daemon process before any model tensor
+    torch_runtime_bytes: int  # a torch training process (the standard-LoRA reference) before any model tensor
+    weight_bytes: int  # bytes per parameter of frozen weights at inference (TensorRT FP16 on Jetson)
+    activation_bytes: int  # bytes per activation element at inference
+    gpu: bool
+    measured: bool  # True: the runtime costs were measured on this target
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.total_bytes - self.os_reserved_bytes
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "usable_bytes": self.usable_bytes}
+
+
+def _host_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * GiB
+
+
+# Jetson estimates: 0.9 GiB headless L4T (r36) + carveouts; a daemon with ONNX Runtime's CUDA and
+# TensorRT providers ~1.0 GiB once the CUDA context and kernels are loaded; a torch CUDA process ~1.5 GiB.
+_JETSON_OS = int(0.9 * GiB)
+_JETSON_DAEMON = int(1.0 * GiB)
+_JETSON_TORCH = int(1.5 * GiB)
+
+
+def targets() -> dict[str, Target]:
+    from .calibration import HOST_CPU
+
+    return {
+        "host-cpu": Target("host-cpu", f"this machine's CPU ({os.cpu_count()} cores): ONNX Runtime CPU provider, "
+                           "torch CPU, fp32 (the calibration host)", _host_total(), 0,
+                           HOST_CPU.daemon_base_bytes, HOST_CPU.torch_base_bytes, 4, 4, False, True),
+        "orin-nano-8gb": Target("orin-nano-8gb", "Jetson Orin Nano 8GB (JetPack 6): 8 GB LPDDR5 shared by CPU and GPU",
+                                8 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
+        "orin-nx-16gb": Target("orin-nx-16gb", "Jetson Orin NX 16GB (JetPack 6): 16 GB LPDDR5 shared",
+                               16 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
+        "agx-orin-32gb": Target("agx-orin-32gb", "Jetson AGX Orin 32GB (JetPack 6): 32 GB LPDDR5 shared",
+                                32 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
+        "agx-orin-64gb": Target("agx-orin-64gb", "Jetson AGX Orin 64GB (JetPack 6): 64 GB LPDDR5 shared",
+                                64 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
+    }
+
+
+def get_target(name: str) -> Target:
+    t = targets()
+    if name not in t:
+        raise ValueError(f"unknown target {name!r}; choose one of: {', '.join(t)}")
+    return t[name]

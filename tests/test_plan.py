@@ -1,0 +1,106 @@
+"""`edgeblock plan`: the memory planner's inventory, JSON shape, errors, and its calibration against measurement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgeblock.plan.inventory import load_inventory, shipped_configs
+from edgeblock.plan.predict import PlanOptions, frozen_groups, plan
+
+PHASES = ("precompute", "train", "generate")
+
+
+@pytest.mark.parametrize("name,params", [("flux1-dev", 11.90e9), ("sd35-medium", 2.24e9),
+                                         ("pixart-sigma-xl-2-1024", 0.61e9), ("sana-1600m-1024", 1.60e9),
+                                         ("sana-600m-1024", 0.59e9)])
+def test_shipped_configs_build_on_meta_with_published_sizes(name, params):
+    inv = load_inventory(name)
+    assert abs(inv.parameters / params - 1) < 0.01
+    assert sum(b.params for b in inv.blocks) + inv.shell_params == inv.parameters
+
+
+def test_tokens_follow_each_family_pipeline():
+    assert load_inventory("flux1-dev").tokens(1024) == 4096  # VAE /8, packed 2x2
+    assert load_inventory("sd35-medium").tokens(512) == 1024  # VAE /8, patch 2
+    assert load_inventory("sana-600m-1024").tokens(1024) == 1024  # DC-AE /32, patch 1
+    assert load_inventory("builtin").tokens(64) == 256  # pixels packed 4x4
+
+
+def test_plan_json_has_a_bytes_peak_per_method_and_phase():
+    r = plan(PlanOptions("sana-600m-1024", "orin-nano-8gb"))
+    for method in ("standard_lora", "blockskip"):
+        for ph in PHASES:
+            p = r["methods"][method][ph]
+            assert isinstance(p["peak_bytes"], int) and p["peak_bytes"] > 0
+            assert p["peak_bytes"] == sum(p["parts"].values())
+            assert all(k.endswith("_bytes") for k in p["parts"])
+            assert p["fits"] == (p["peak_bytes"] <= r["target"]["usable_bytes"])
+    assert r["target"]["usable_bytes"] == r["target"]["total_bytes"] - r["target"]["os_reserved_bytes"]
+    assert r["advice"]
+
+
+def test_blockskip_trains_in_a_fraction_of_standard_lora_and_shrinks_with_the_crop():
+    for name in shipped_configs():
+        r = plan(PlanOptions(name, "agx-orin-64gb"))
+        bs, sl = r["methods"]["blockskip"]["train"], r["methods"]["standard_lora"]["train"]
+        assert bs["peak_bytes"] < 0.5 * sl["peak_bytes"], name
+    small = plan(PlanOptions("pixart-sigma-xl-2-1024", "agx-orin-64gb", train_res=256))
+    big = plan(PlanOptions("pixart-sigma-xl-2-1024", "agx-orin-64gb", train_res=512))
+    assert small["methods"]["blockskip"]["train"]["parts"]["activations_bytes"] < \
+        big["methods"]["blockskip"]["train"]["parts"]["activations_bytes"] / 3
+
+
+def test_more_memory_fits_more():
+    a = plan(PlanOptions("sd35-medium", "orin-nano-8gb"))["methods"]["blockskip"]
+    b = plan(PlanOptions("sd35-medium", "agx-orin-64gb"))["methods"]["blockskip"]
+    assert not a["fits"] and b["fits"]
+    assert a["train"]["peak_bytes"] == b["train"]["peak_bytes"]  # same device precision and runtime estimate
+
+
+def test_frozen_groups_are_maximal_skipped_runs():
+    assert frozen_groups(6, (2, 3)) == [[0, 1], [4, 5]]
+    assert frozen_groups(4, (0, 2)) == [[1], [3]]
+    assert frozen_groups(3, (0, 1, 2)) == []
+
+
+@pytest.mark.parametrize("opts,msg", [
+    (dict(target="jetson-tx9"), "unknown target"),
+    (dict(blocks=(99,)), "out of range"),
+    (dict(train_res=2048, gen_res=1024), "above --gen-res"),
+    (dict(gen_res=1000), "not a multiple"),
+    (dict(precision="int3"), "--precision"),
+])
+def test_bad_input_is_a_clear_error(opts, msg):
+    with pytest.raises(ValueError, match=msg):
+        plan(PlanOptions("pixart-sigma-xl-2-1024", **{"target": "orin-nx-16gb", **opts}))
+
+
+def test_cli_json_and_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "edgeblock.cli", "plan", "--config", "sana-600m-1024", "--target",
+                          "orin-nx-16gb", "--blocks", "3,4", "--json"], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert r["model"]["trainable_blocks"] == [3, 4] and r["target"]["name"] == "orin-nx-16gb"
+    bad = subprocess.run([sys.executable, "-m", "edgeblock.cli", "plan", "--config", str(tmp_path / "nope.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "no such file" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["builtin", "cal-b", "bench"])
+def test_prediction_within_15_percent_of_measurement(model):
+    """The planner (config + trainable blocks only) against `bench daemon`'s measured peaks on this host."""
+    pytest.importorskip("onnxruntime.training")
+    from edgeblock.bench import daemon
+    from edgeblock.plan.calibration import CALIBRATION_MODELS, measured_vs_predicted
+
+    m = model if model in ("builtin", "bench") else daemon.pixel_model_dir(*CALIBRATION_MODELS[model], model)
+    result = daemon.run(m, steps=4, gen_steps=1, reference_variants=("standard_lora",))
+    figures = measured_vs_predicted(result)
+    assert "generate" in figures and "standard_lora_train" in figures
+    errors = {k: p / meas - 1 for k, (p, meas) in figures.items()}
+    print(model, {k: round(v, 3) for k, v in errors.items()})
+    assert all(abs(e) <= 0.15 for e in errors.values()), errors
