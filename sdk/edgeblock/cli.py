@@ -106,7 +106,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     results = {}
     for t in names:
         results[t] = plan(PlanOptions(args.config, t, train_res=args.train_res, gen_res=args.gen_res, blocks=args.blocks,
-                                      precision=args.precision, lora_rank=args.lora_rank, precompute=args.precompute))
+                                      precision=args.precision, lora_rank=args.lora_rank, precompute=args.precompute,
+                                      max_group_mb=args.max_group_mb))
     if args.json:
         print(json.dumps(results[names[0]] if len(names) == 1 else results, indent=2))
     else:
@@ -379,7 +380,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     opts = CompileOptions(
         model=args.model, out=args.out, blocks=args.blocks, selection=args.selection, target=args.target,
         train_res=args.train_res, gen_res=args.gen_res, lora_rank=args.lora_rank, precision=args.precision,
-        verify=False if args.no_verify else None, seed=args.seed,
+        verify=False if args.no_verify else None, seed=args.seed, max_group_mb=args.max_group_mb,
     )
     compile_bundle(opts, progress=print)
     return 0
@@ -450,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lora-rank", type=int, default=4)
     pl.add_argument("--precompute", choices=["bank", "online"], default=None,
                     help="default: the daemon's rule (bank above 256 MiB of transformer weights)")
+    pl.add_argument("--max-group-mb", type=float, default=None,
+                    help="as `edgeblock compile --max-group-mb` (default: auto, the trainable blocks' size; 0: no cap)")
     pl.add_argument("--table", action="store_true", help="print the what-fits-where table of the shipped configs")
     pl.add_argument("--table-out", default=None, help="with --table: also write it (Markdown) to this file")
     pl.add_argument("--json", action="store_true")
@@ -492,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="TensorRT engine precision (ONNX graphs are fp32)")
     c.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch verification")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-group-mb", type=float, default=None,
+                   help="cap each frozen group's fp32 weights (MiB): the bank precompute holds one group at a time "
+                        "(default: the trainable blocks' size; 0: one group per skipped run)")
     c.set_defaults(func=cmd_compile)
 
     be = sub.add_parser("build-engines", help="build and cache the TensorRT engines of a bundle's frozen groups (on the device)")
@@ -549,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", default=None, help="file to write (default: the name the daemon suggests)")
     _client_flags(ex, required=False, suppress=True)
     ad.set_defaults(func=cmd_adapters)
+    from .deploy import register as _register_deploy
+
+    _register_deploy(sub)
     return p
 
 
