@@ -174,6 +174,18 @@ class FrozenPass:
         first = kinds.index("trainable_infer")
         self.names = names
         self.first_trainable = first
+        # a gap (maximal skipped run after the first trainable block) may span several groups when the
+        # compiler capped group size: its residual is the sum of theirs (s_end - s_start-1 telescopes)
+        self.gap_of: dict[str, str] = {}
+        gaps = sorted({k.split(".")[0] for k in self.inputs if k.startswith("gap_")})
+        spans = [(int(g.split("_")[1]), int(g.split("_")[2]), g) for g in gaps]
+        for n in names[first + 1:]:
+            g = bundle.graphs[n]
+            if g["kind"] != "group":
+                continue
+            a, e = g["blocks"][0], g["blocks"][-1]
+            hit = [p for s0, e0, p in spans if s0 <= a and e <= e0]
+            self.gap_of[n] = hit[0] if hit else f"gap_{a}_{e}"
 
     def step(self, pos: int, acc: dict[str, np.ndarray], rec: dict[str, np.ndarray]) -> None:
         """Run graph `pos` of the chain on acc (advancing it) and record what training reads."""
@@ -184,11 +196,12 @@ class FrozenPass:
             rec.update({k: v for k, v in acc.items() if k.startswith("state.")})
         out = b.run(name, acc)
         if pos > self.first_trainable and g["kind"] == "group":
-            prefix = f"gap_{g['blocks'][0]}_{g['blocks'][-1]}"
+            prefix = self.gap_of[name]
             for slot, oname in (g.get("state_out") or {}).items():
                 key = f"{prefix}.{slot}"
                 if key in self.inputs:
-                    rec[key] = out[oname] - acc[f"state.{slot}"]
+                    r = out[oname] - acc[f"state.{slot}"]
+                    rec[key] = rec[key] + r if key in rec else r
         b.advance(name, acc, out)
         if pos == 0:
             rec.update({k: v for k, v in acc.items() if k.startswith("ctx.") and k in self.inputs})

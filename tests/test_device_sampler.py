@@ -79,6 +79,30 @@ def test_bank_and_online_precompute_train_the_same_adapter(builtin_runtime, tmp_
     assert not any((tmp_path / "bank" / "bank").glob("*.acc.npz"))  # intermediate states cleaned up
 
 
+def test_capped_frozen_groups_train_the_same_adapter(builtin_runtime, tmp_path):
+    """--max-group-mb splits the gap 3..5 into one group per block: same chain, same training inputs, same adapter."""
+    from daemon_util import subject_pngs
+
+    from edge_runtime.personalize import ImageLimits, JobOptions, decode_images, run_job
+    from edge_runtime.runtime import Bundle
+    from edgeblock.compile import bundle as bd
+
+    out = str(tmp_path / "split")
+    bd.compile_bundle(bd.CompileOptions("builtin", out, blocks=(0, 2), lora_rank=4, max_group_mb=0.01), progress=None)
+    split = Bundle(out, threads=1)
+    chain = split.model["generation_chain"]
+    assert [c["blocks"] for c in chain if c["kind"] == "frozen"] == [[1], [3], [4], [5]]
+    assert [c["blocks"] for c in builtin_runtime.model["generation_chain"] if c["kind"] == "frozen"] == [[1], [3, 4, 5]]
+    assert split.model["verification"]["run"]  # the split chain was verified against torch at compile time
+    imgs, _ = decode_images(subject_pngs(3), ImageLimits(), split.manifest.gen_res)
+    o = JobOptions("sks", "ring", steps=4, learning_rate=3e-3, seed=5, checkpoint_every=0, precompute="bank")
+    a = run_job(builtin_runtime, o, imgs, str(tmp_path / "one"))
+    b = run_job(split, o, imgs, str(tmp_path / "four"))
+    assert np.allclose(a.losses, b.losses, rtol=1e-4)
+    for k in a.weights:
+        assert np.abs(a.weights[k] - b.weights[k]).max() <= 1e-4 * max(1e-3, np.abs(a.weights[k]).max()), k
+
+
 def test_device_generation_equals_the_torch_reference_sampler(builtin_runtime):
     """Same noise: the ONNX chain + numpy sampler gives the torch pipeline's image."""
     import edgeblock.builtin.pipeline as P

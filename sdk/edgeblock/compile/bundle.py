@@ -85,6 +85,7 @@ class CompileOptions:
     seed: int = 0
     select_count: int = 2  # calibration images when selection runs
     gen_batch: int = 2  # generation batch (classifier-free guidance doubles it)
+    max_group_mb: float | None = None  # frozen-group size cap (fp32 MiB); None: auto (the trainable blocks' size); 0: no cap
 
     def fingerprint_args(self) -> dict[str, Any]:
         d = asdict(self)
@@ -337,6 +338,19 @@ def _inputs(cond, objective, latents, t, guidance):
     return cond.inputs(objective.noisy(latents, eps, tt), objective.timestep(tt), guidance), eps, tt
 
 
+def _group_limit(opts: CompileOptions, adapter, plan) -> int | None:
+    """Frozen-group cap in parameters (None: one group per skipped run)."""
+    from ..method.blockskip import auto_group_limit
+
+    if opts.max_group_mb is not None and opts.max_group_mb < 0:
+        raise ValueError(f"--max-group-mb must be >= 0 (0: no cap), got {opts.max_group_mb}")
+    if opts.max_group_mb == 0:
+        return None
+    if opts.max_group_mb:
+        return max(1, int(opts.max_group_mb * 2**20 / 4))
+    return auto_group_limit([adapter.block_param_count(i) for i in range(adapter.num_blocks)], plan.trainable)
+
+
 def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, multiple, downsample, params, verify, fp,
            tmp, progress) -> tuple[Manifest, dict]:
     import torch
@@ -362,7 +376,8 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
     # 3. inference graphs at the generation shape
     _say(progress, f"[compile] 3/7 export: inference graphs ({gen_res}px generation, latent {gen_side}x{gen_side})")
     x_gen, _, _ = _inputs(cond, objective, torch.randn(opts.gen_batch, c, gen_side, gen_side, generator=g), 0.6, guidance)
-    specs = ox.export_inference_graphs(adapter, plan, lora, x_gen, tmp,
+    group_limit = _group_limit(opts, adapter, plan)
+    specs = ox.export_inference_graphs(adapter, plan, lora, x_gen, tmp, max_group_params=group_limit,
                                        on_graph=lambda s: _say(progress, f"[compile]   {os.path.relpath(s.path, tmp)}"))
 
     # 4. training artifacts at the fixed training shape (one precomputed draw, batch 1)
@@ -422,7 +437,7 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
                 raise RuntimeError(f"verification failed (no bundle written): {name} rel {r['max_rel']:.2e}")
 
     # 7. manifest
-    chain = ox.generation_chain(plan)
+    chain = [("trainable" if s.blocks[0] in plan.trainable else "frozen", list(s.blocks)) for s in specs[1:-1]]
     group_of: dict[int, str] = {}
     for spec in specs[1:-1]:
         for i in spec.blocks:
@@ -456,6 +471,7 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         "compile_args": opts.fingerprint_args(),
         "precision": opts.precision,
         "generation_chain": [{"kind": k, "blocks": run} for k, run in chain],
+        "max_group_params": group_limit,
         "sampler": sampler_config(loaded.root, objective),
         "selection": selection_report if selection_report is not None else {"given": list(blocks)},
         "verification": verification,

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..method.blockskip import SkipPlan
+from ..method.blockskip import SkipPlan, split_run
 from ..method.lora import ADAPTER_NAME, LoRASpec, add_lora, lora_parameters
 from ..models.base import DiTAdapter, DiTInputs, State, patchify
 
@@ -640,11 +640,13 @@ def trainable_runs(plan: SkipPlan) -> list[list[int]]:
     return runs
 
 
-def generation_chain(plan: SkipPlan) -> list[tuple[str, list[int]]]:
+def generation_chain(plan: SkipPlan, block_params: Sequence[int] | None = None,
+                     max_group_params: int | None = None) -> list[tuple[str, list[int]]]:
     """The generation order over all blocks: ("frozen", run) and ("trainable", run) items.
 
-    Each frozen run is one frozen/group_NN.onnx; each trainable run one infer graph
-    (trainable/infer.onnx when the trainable set is contiguous).
+    Each frozen run is one frozen/group_NN.onnx, or several when max_group_params cuts it
+    (`split_run`; a gap's residual is then the sum of its groups' residuals); each trainable run
+    one infer graph (trainable/infer.onnx when the trainable set is contiguous).
     """
     out: list[tuple[str, list[int]]] = []
     for i in range(plan.num_blocks):
@@ -653,7 +655,11 @@ def generation_chain(plan: SkipPlan) -> list[tuple[str, list[int]]]:
             out[-1][1].append(i)
         else:
             out.append((kind, [i]))
-    return out
+    if not max_group_params:
+        return out
+    if block_params is None:
+        raise ValueError("max_group_params needs block_params")
+    return [(k, g) for k, run in out for g in (split_run(run, block_params, max_group_params) if k == "frozen" else [run])]
 
 
 @contextlib.contextmanager
@@ -795,6 +801,7 @@ def export_inference_graphs(
     opset: int = OPSET,
     external_threshold: int = EXTERNAL_DATA_THRESHOLD,
     on_graph: Callable[[GraphSpec], None] | None = None,
+    max_group_params: int | None = None,
 ) -> list[GraphSpec]:
     """Every inference graph of the generation chain, in chain order, from one example input.
 
@@ -808,7 +815,7 @@ def export_inference_graphs(
     specs = [export_prologue(adapter, x, os.path.join(out_dir, "prologue.onnx"), opset=opset, external_threshold=external_threshold)]
     if on_graph:
         on_graph(specs[-1])
-    chain = generation_chain(plan)
+    chain = generation_chain(plan, [adapter.block_param_count(i) for i in range(adapter.num_blocks)], max_group_params)
     n_train = sum(kind == "trainable" for kind, _ in chain)
     counters = {"frozen": 0, "trainable": 0}
     for kind, run in chain:

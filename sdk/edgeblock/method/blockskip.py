@@ -26,6 +26,36 @@ class Segment:
     end: int
 
 
+def split_run(run: Sequence[int], params: Sequence[int], limit: int | None) -> list[list[int]]:
+    """Cut a run of consecutive frozen blocks into groups of at most `limit` parameters each.
+
+    Greedy in block order; a block larger than the limit is a group of its own. None or 0: one group.
+    A bank precompute holds one group at a time, so the limit bounds its peak (DESIGN.md).
+    """
+    run = list(run)
+    if not limit:
+        return [run]
+    out: list[list[int]] = []
+    size = 0
+    for i in run:
+        if out and size + params[i] <= limit:
+            out[-1].append(i)
+            size += params[i]
+        else:
+            out.append([i])
+            size = params[i]
+    return out
+
+
+def auto_group_limit(params: Sequence[int], trainable: Sequence[int], floor: int = 16 * 2**20) -> int:
+    """Default frozen-group size (parameters): the trainable blocks' total, at least `floor`.
+
+    The training step holds the trainable blocks' weights; with frozen groups no larger, the bank
+    precompute never needs more than the training step does.
+    """
+    return max(floor, sum(params[i] for i in trainable))
+
+
 @dataclass(frozen=True)
 class SkipPlan:
     """Which blocks train; everything else is skipped. Any set, not only contiguous windows."""

@@ -40,6 +40,7 @@ class PlanOptions:
     precompute: str | None = None  # bank | online; default: the daemon's rule (bank above 256 MiB of weights)
     guidance_batch: int | None = None  # generation batch: 2 with classifier-free guidance, 1 with a guidance embed
     text_encoders: tuple[str, ...] | None = None
+    max_group_mb: float | None = None  # as `edgeblock compile --max-group-mb` (None: auto, 0: no cap)
 
 
 def _lora_params(inv: Inventory, indices, rank: int) -> int:
@@ -67,6 +68,21 @@ def frozen_groups(num_blocks: int, trainable: tuple[int, ...]) -> list[list[int]
     if run:
         groups.append(run)
     return groups
+
+
+def compiled_groups(block_params: list[int], trainable: tuple[int, ...], max_group_mb: float | None) -> list[list[int]]:
+    """The frozen groups `edgeblock compile` writes for this trainable set (runs, capped in size)."""
+    from ..method.blockskip import auto_group_limit, split_run
+
+    if max_group_mb is not None and max_group_mb < 0:
+        raise ValueError(f"--max-group-mb must be >= 0 (0: no cap), got {max_group_mb}")
+    if max_group_mb == 0:
+        limit = None
+    elif max_group_mb:
+        limit = max(1, int(max_group_mb * 2**20 / 4))
+    else:
+        limit = auto_group_limit(block_params, trainable)
+    return [g for run in frozen_groups(len(block_params), trainable) for g in split_run(run, block_params, limit)]
 
 
 def _units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int, int]:
@@ -120,8 +136,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     wb = PRECISIONS[opts.precision] if opts.precision else t.weight_bytes
     ab = min(wb, 4) if t.gpu else 4  # activations at inference (fp16 engines on Jetson)
-    groups = frozen_groups(L, trainable)
     block_params = [b.params for b in inv.blocks]
+    groups = compiled_groups(block_params, trainable, opts.max_group_mb)
     prologue = inv.shell_params - inv.epilogue_params
     total_params = inv.parameters
     precompute = opts.precompute or ("bank" if total_params * 4 > 256 * MiB else "online")
