@@ -172,16 +172,7 @@ class Daemon:
         self.worker.start()
 
     def _pick_trainer(self, want: str) -> str:
-        if want in ("auto", "ort"):
-            try:
-                from .ort_trainer import _capi
-
-                _capi()
-                return "ort"
-            except Exception as e:  # noqa: BLE001
-                if want == "ort":
-                    raise ConfigError(str(e)) from e
-        return "torch"
+        return pick_trainer(want)
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
@@ -712,8 +703,8 @@ class Server:
         interceptors.append(_decode_interceptor(SERVICE_NAME))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="edgeblock-rpc"),
                                   interceptors=interceptors,
-                                  options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                                           ("grpc.max_send_message_length", 256 * 1024 * 1024)])
+                                  options=[("grpc.max_receive_message_length", _max_message(cfg)),
+                                           ("grpc.max_send_message_length", _max_message(cfg))])
         pb_grpc.add_EdgeBlockServicer_to_server(_servicer_class()(self.daemon), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -754,9 +745,33 @@ class Server:
         ev.wait(grace + 1)
 
 
+def _max_message(cfg: ServerConfig) -> int:
+    """Large enough for a Personalize request at the image limits, so the daemon's own checks answer."""
+    return max(256 * 2**20, cfg.limits.max_images * cfg.limits.max_image_bytes + 4 * 2**20)
+
+
+def pick_trainer(want: str) -> str:
+    """ort when ONNX Runtime's training API is importable (auto, ort), else torch (auto, torch)."""
+    if want in ("auto", "ort"):
+        try:
+            from .ort_trainer import _capi
+
+            _capi()
+            return "ort"
+        except Exception as e:  # noqa: BLE001
+            if want == "ort":
+                raise ConfigError(str(e)) from e
+            log.warning("ONNX Runtime training is not available (%s): the torch trainer backend trains", e)
+    return "torch"
+
+
 def serve_forever(cfg: ServerConfig | None = None, **kwargs) -> int:
     """Run until SIGTERM/SIGINT; exit status 0 after a graceful stop."""
     cfg = cfg or ServerConfig(**kwargs)
+    if cfg.trainer == "auto":  # resolved before torch is blocked: auto may need the torch backend
+        from dataclasses import replace
+
+        cfg = replace(cfg, trainer=pick_trainer("auto"))
     names = ("transformers", "diffusers", "peft") if cfg.trainer == "torch" else ("torch", "transformers", "diffusers", "peft")
     already = block_host_frameworks(names, strict=False)
     if already:

@@ -385,3 +385,17 @@ def test_torch_backend_needs_no_onnx_runtime(tiny):
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_auto_trainer_falls_back_to_torch_without_ort_training(monkeypatch):
+    """`--trainer auto` resolves before torch is blocked: without ORT training the daemon trains with torch."""
+    from edge_runtime import ort_trainer, server
+
+    def missing():
+        raise ImportError("onnxruntime.capi has no training API")
+
+    monkeypatch.setattr(ort_trainer, "_capi", missing)
+    assert server.pick_trainer("auto") == "torch"
+    assert server.pick_trainer("torch") == "torch"
+    with pytest.raises(server.ConfigError, match="no training API"):
+        server.pick_trainer("ort")
