@@ -389,6 +389,7 @@ class Daemon:
         try:
             def on_step(i: int, n: int) -> None:
                 if deadline is not None and time.time() > deadline:
+                    log.info("generate stopped: deadline passed after %d of %d sampling steps", i, n)
                     raise DeadlineExceeded(f"deadline passed after {i} of {n} sampling steps")
                 if self.shutting_down.is_set():
                     raise Unavailable("the daemon is shutting down")
@@ -768,15 +769,18 @@ def pick_trainer(want: str) -> str:
 def serve_forever(cfg: ServerConfig | None = None, **kwargs) -> int:
     """Run until SIGTERM/SIGINT; exit status 0 after a graceful stop."""
     cfg = cfg or ServerConfig(**kwargs)
-    if cfg.trainer == "auto":  # resolved before torch is blocked: auto may need the torch backend
-        from dataclasses import replace
-
-        cfg = replace(cfg, trainer=pick_trainer("auto"))
+    # the daemon's log is its operational record: INFO by default, whoever configured logging before
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     names = ("transformers", "diffusers", "peft") if cfg.trainer == "torch" else ("torch", "transformers", "diffusers", "peft")
     already = block_host_frameworks(names, strict=False)
     if already:
         log.warning("host frameworks already imported in this process: %s (the device runtime does not use them)", already)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.trainer == "auto":
+        from dataclasses import replace
+
+        cfg = replace(cfg, trainer=pick_trainer("auto"))  # with torch blocked: the ORT check must not load it
+        if cfg.trainer == "torch" and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]  # the torch backend trains: let it import torch
     srv = Server(cfg).start()
     print(f"edgeblock daemon listening on {cfg.listen} (port {srv.port})", flush=True)
     stop = threading.Event()

@@ -253,6 +253,31 @@ def test_limits_answer_with_the_named_limit(daemon):
         assert c.health() == "SERVING"
 
 
+def test_generate_honours_the_client_deadline(bundle, tmp_path):
+    """A deadline shorter than the sampling: DEADLINE_EXCEEDED, the daemon stops sampling and frees the slot."""
+    import re
+
+    import grpc
+
+    d = DaemonProc(bundle, str(tmp_path / "state"), "--max-concurrent-generations", "1")
+    try:
+        with EdgeClient(d.address, timeout=60) as c:
+            c.wait_ready(20)
+            req = pb.GenerateRequest(prompt="a red star", steps=200, seed=1)
+            with pytest.raises(grpc.RpcError) as e:
+                c.stub.Generate(req, timeout=0.5)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            ok = c.generate("a red star", steps=2, seed=1)  # the one slot is free again
+            assert ok.steps == 2 and ok.png
+        deadline = time.time() + 10
+        while time.time() < deadline and "deadline passed" not in d.logs():
+            time.sleep(0.1)
+        m = re.search(r"deadline passed after (\d+) of 200 sampling steps", d.logs())
+        assert m and int(m.group(1)) < 200
+    finally:
+        d.stop()
+
+
 def test_eight_clients_generate_while_a_job_trains(daemon):
     with EdgeClient(daemon.address, timeout=120) as c:
         c.wait_ready(20)
