@@ -172,6 +172,13 @@ def train(args) -> None:
     enc = MiniLMTextEncoder()
     txt_ids = torch.zeros(MAX_LEN, 3)
     img_ids = torch.from_numpy(flow.image_ids(SIZE // PATCH, SIZE // PATCH))
+    # multi-resolution: some batches are the same images area-downsampled to --low-res (as real DiTs are
+    # trained at several resolutions; patch-sampled personalization trains on resized crops at R = S/2)
+    low = int(getattr(args, "low_res", 0) or 0)
+    if low and (SIZE % low or (low // PATCH) < 2):
+        raise ValueError(f"--low-res {low} must divide {SIZE} and give at least 2x2 tokens")
+    low_ids = torch.from_numpy(flow.image_ids(low // PATCH, low // PATCH)) if low else None
+    res_rng = np.random.default_rng(args.seed * 131 + step)
     data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE)
     gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
     drop_rng = np.random.default_rng(args.seed * 31 + step)
@@ -191,7 +198,12 @@ def train(args) -> None:
         x0, caps = next(data)
         caps = ["" if drop_rng.random() < args.caption_dropout else c for c in caps]
         states, pooled = enc.encode(caps, MAX_LEN)
-        loss = flow_loss(model, torch.from_numpy(x0), states, pooled, txt_ids, img_ids, gen)
+        ids = img_ids
+        if low and res_rng.random() < args.low_res_prob:
+            k = SIZE // low
+            x0 = x0.reshape(x0.shape[0], x0.shape[1], low, k, low, k).mean(axis=(3, 5))  # area downsample
+            ids = low_ids
+        loss = flow_loss(model, torch.from_numpy(np.ascontiguousarray(x0)), states, pooled, txt_ids, ids, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -362,7 +374,7 @@ top left". Every training batch is fresh; no image is seen twice.
 |---|---|
 | architecture | FluxTransformer2DModel, {cfg["num_layers"]} double + {cfg["num_single_layers"]} single blocks, {cfg["num_attention_heads"]} heads x {cfg["attention_head_dim"]} (dim {cfg["num_attention_heads"] * cfg["attention_head_dim"]}), rope axes {cfg["axes_dims_rope"]} |
 | parameters | {info["params"]:,} ({info["params"] / 1e6:.2f}M) |
-| input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48 |
+| input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48{f"; {targs.get('low_res_prob')} of the batches area-downsampled to {targs['low_res']}x{targs['low_res']} ({(targs['low_res'] // 4) ** 2} tokens)" if targs.get("low_res") else ""} |
 | objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1) |
 | optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
 | EMA | decay {targs.get("ema")} (exported weights are the EMA) |
@@ -374,7 +386,7 @@ top left". Every training batch is fresh; no image is seen twice.
 | wall time | {info["wall_s"] / 60:.1f} min ({info["wall_s"] / max(1, info["step"]):.2f} s/step) |
 | final loss | {info["final_loss"]:.4f} (mean of the last 200 steps) |
 
-Reproduce: `python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {targs.get("steps")} --max-minutes {targs.get("max_minutes")} --lr {targs.get("lr")} --batch {info["batch"]} --seed {targs.get("seed")} --dim {targs.get("dim")} --double {targs.get("double")} --single {targs.get("single")}`
+Reproduce: `python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {targs.get("steps")} --max-minutes {targs.get("max_minutes")} --lr {targs.get("lr")} --batch {info["batch"]} --seed {targs.get("seed")} --dim {targs.get("dim")} --double {targs.get("double")} --single {targs.get("single")}{f" --low-res {targs['low_res']} --low-res-prob {targs.get('low_res_prob')}" if targs.get("low_res") else ""}`
 (checkpoints go to `ckpt/`, kept out of git; `--resume` continues a run,
 `--finalize` rewrites these artifacts from the last checkpoint).
 
@@ -420,6 +432,9 @@ def main(argv=None) -> None:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--low-res", type=int, default=0,
+                    help="also train at this side (pixels, area-downsampled batches; 0: only at 64)")
+    ap.add_argument("--low-res-prob", type=float, default=0.5, help="share of batches at --low-res")
     args = ap.parse_args(argv)
     if args.finalize:
         finalize(args.out, args.ckpt, args)
