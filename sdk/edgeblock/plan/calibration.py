@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 MiB = 2**20
 
-
 @dataclass(frozen=True)
 class Calibration:
     daemon_base_bytes: int  # the daemon process after imports, before the bundle's first session
@@ -28,23 +27,20 @@ class Calibration:
     torch_train_linear_factor: float  # torch autograd: elements per linear unit of the whole model
     torch_train_attention_factor: float  # ... per attention unit (SDPA kernels keep no queries x keys matrix)
 
-
 HOST_CPU = Calibration(  # least-squares fit on relative error, 13 figures, 2026-11-22 (docs/plan.md)
-    daemon_base_bytes=int(138 * MiB),  # fitted; the idle daemon measures 79 MiB, a job adds decoding/feeds/heap
-    torch_base_bytes=int(447 * MiB),
-    session_weight_factor=2.03,
-    online_session_factor=3.48,
-    text_session_factor=1.25,
-    inference_activation_factor=3.36,
-    train_weight_factor=1.90,
-    ort_train_linear_factor=1.78,
-    ort_train_attention_factor=5.41,
+    daemon_base_bytes=int(156 * MiB),  # fitted; the idle daemon measures 79 MiB, a job adds decoding/feeds/heap
+    torch_base_bytes=int(449 * MiB),
+    session_weight_factor=2.28,
+    online_session_factor=3.31,
+    text_session_factor=1.01,
+    inference_activation_factor=3.10,
+    train_weight_factor=1.78,
+    ort_train_linear_factor=1.79,
+    ort_train_attention_factor=5.45,
     torch_weight_factor=1.0,
-    torch_train_linear_factor=4.50,
-    torch_train_attention_factor=0.0,
+    torch_train_linear_factor=4.27,
+    torch_train_attention_factor=0.15,
 )
-
-
 
 # builtin-layout pixel FLUX configs the calibration and its test measure (besides the built-in model)
 def _cfg(dim: int, heads: int, double: int, single: int) -> dict:
@@ -52,16 +48,13 @@ def _cfg(dim: int, heads: int, double: int, single: int) -> dict:
                 attention_head_dim=dim // heads, num_attention_heads=heads, joint_attention_dim=384,
                 pooled_projection_dim=384, guidance_embeds=False, axes_dims_rope=[16, 56, 56])
 
-
 def _meta(side: int) -> dict:
     return {"latent_channels": 3, "latent_size": side, "text_len": 32, "pixel_space": True}
-
 
 CALIBRATION_MODELS = {
     "cal-a": (_cfg(384, 3, 2, 4), _meta(64)),  # 20.5M parameters, 64 px
     "cal-b": (_cfg(512, 4, 2, 6), _meta(128)),  # ~42M parameters, 128 px
 }
-
 
 def measured_vs_predicted(bench: dict, cal: Calibration = HOST_CPU) -> dict[str, tuple[int, int]]:
     """{figure: (predicted, measured)} for one `edgeblock bench daemon` result on this host.

@@ -85,9 +85,13 @@ def compiled_groups(block_params: list[int], trainable: tuple[int, ...], max_gro
     return [g for run in frozen_groups(len(block_params), trainable) for g in split_run(run, block_params, limit)]
 
 
-def _units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int, int]:
-    """(sum over the blocks, max over the blocks) of linear + attention units."""
-    per = [sum(block_units(inv, i, tokens, batch)) for i in indices]
+def _units(inv: Inventory, indices, tokens: int, batch: int, attention: bool = True) -> tuple[int, int]:
+    """(sum over the blocks, max over the blocks) of linear (+ attention) units.
+
+    attention=False: fused attention kernels (TensorRT on the GPU targets) keep no queries x keys
+    matrix, so only the linear units count (an assumption: not measured on a Jetson).
+    """
+    per = [a + (b if attention else 0) for a, b in (block_units(inv, i, tokens, batch) for i in indices)]
     return (sum(per), max(per)) if per else (0, 0)
 
 
@@ -152,7 +156,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
     group_w = [sum(block_params[i] for i in g) * wb * sw for g in groups]
-    group_act = [_units(inv, g, n_train, 1)[1] * ia * ab for g in groups]
+    group_act = [_units(inv, g, n_train, 1, not t.gpu)[1] * ia * ab for g in groups]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
         bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * wb * sw, group_act[k])
@@ -168,14 +172,16 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     gen_w = text_w + total_params * wb * sw + vae_dec_w
-    gen_act = _units(inv, range(L), n_gen, gen_batch)[1] * ia * ab + _vae_decode_act(inv, gen_res) * ab
+    gen_act = _units(inv, range(L), n_gen, gen_batch, not t.gpu)[1] * ia * ab + _vae_decode_act(inv, gen_res) * ab
     generate = _phase(t.daemon_runtime_bytes, gen_w, gen_act)
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
     lora_all = _lora_params(inv, range(L), opts.lora_rank)
     sl_pre = _phase(t.torch_runtime_bytes, (inv.text_encoder_params + inv.vae_encoder_params) * wb * cal.torch_weight_factor, 0)
     s_lin, s_att = _split_units(inv, range(L), n_gen, 1)
-    sl_act = (s_lin * cal.torch_train_linear_factor + s_att * cal.torch_train_attention_factor) * (2 if t.gpu else 4)
+    # on the GPU targets torch's SDPA runs fused (flash / memory-efficient) kernels: no attention matrix
+    sl_att = 0.0 if t.gpu else s_att * cal.torch_train_attention_factor
+    sl_act = (s_lin * cal.torch_train_linear_factor + sl_att) * (2 if t.gpu else 4)
     sl_train = _phase(t.torch_runtime_bytes, total_params * wb * cal.torch_weight_factor, sl_act,
                       lora_state_bytes=lora_all * 4 * 4)
 
@@ -228,8 +234,8 @@ def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
         elif ph == "train":
             msg += "; lower --train-res, train fewer blocks (--blocks), or a lower LoRA rank"
         elif ph == "generate":
-            msg += ("; every weight is resident while sampling: lower --precision (int8 engines are not built by "
-                    "edgeblock), a smaller --gen-res, or a target with more memory")
+            msg += (f"; every weight is resident while sampling, the text encoders ({gib(text_w)}) included: encode "
+                    "prompts on the host or quantise the text encoders, a smaller --gen-res, or a target with more memory")
         out.append(msg)
     if not out:
         head = usable - max(bs[ph]["peak_bytes"] for ph in ("precompute", "train", "generate"))
