@@ -29,6 +29,14 @@ def flow_sigmas(steps: int, cfg: dict[str, Any], image_tokens: int) -> np.ndarra
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     s = np.linspace(1.0, 0.0, steps + 1)
+    if cfg.get("spacing") == "scheduler":
+        # the scheduler's own spacing (SD3's pipeline passes no sigmas): from 1 to the scheduler's
+        # smallest training sigma (already shifted when the shift is static), then shifted again
+        n_train = int(cfg.get("num_train_timesteps", 1000))
+        lo = 1.0 / n_train
+        if not cfg.get("dynamic_shift"):
+            lo = float(flow.shift_sigma(np.array([lo]), float(cfg.get("shift", 1.0)))[0])
+        s = np.concatenate([np.linspace(1.0, lo, steps), [0.0]])
     if cfg.get("dynamic_shift"):
         b0, b1 = cfg["base_seq_len"], cfg["max_seq_len"]
         m = (cfg["max_shift"] - cfg["base_shift"]) / (b1 - b0)
@@ -36,7 +44,8 @@ def flow_sigmas(steps: int, cfg: dict[str, Any], image_tokens: int) -> np.ndarra
         with np.errstate(divide="ignore"):
             out = math.exp(mu) / (math.exp(mu) + (1.0 / s[:-1] - 1.0))
         return np.concatenate([out, [0.0]])
-    return flow.sigmas(steps, float(cfg.get("shift", 1.0)))
+    shift = float(cfg.get("shift", 1.0))
+    return np.concatenate([flow.shift_sigma(s[:-1], shift), [0.0]]) if shift != 1.0 else s
 
 
 def sample_flow(predict: Predict, noise: np.ndarray, steps: int, cfg: dict[str, Any], image_tokens: int,

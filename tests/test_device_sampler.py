@@ -29,6 +29,18 @@ def test_flow_sigmas_match_flow_match_euler_scheduler():
     assert np.allclose(sampler.flow_sigmas(20, cfg, tokens), d.sigmas.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sd3_scheduler_spacing_matches_set_timesteps(shift):
+    """SD3's pipeline calls set_timesteps(n) without sigmas: the scheduler's own spacing."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(shift=shift)
+    s.set_timesteps(28)
+    ours = sampler.flow_sigmas(28, {"shift": shift, "spacing": "scheduler", "num_train_timesteps": 1000}, 1024)
+    assert np.allclose(ours, s.sigmas.numpy(), atol=1e-6)
+    assert not np.allclose(ours, sampler.flow_sigmas(28, {"shift": shift}, 1024), atol=1e-4)  # it differs
+
+
 def test_ddim_matches_diffusers_ddim_scheduler():
     import torch
     from diffusers import DDIMScheduler

@@ -472,7 +472,7 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
         "precision": opts.precision,
         "generation_chain": [{"kind": k, "blocks": run} for k, run in chain],
         "max_group_params": group_limit,
-        "sampler": sampler_config(loaded.root, objective),
+        "sampler": sampler_config(loaded.root, objective, adapter.family),
         "selection": selection_report if selection_report is not None else {"given": list(blocks)},
         "verification": verification,
         "engines": "engines/plan.json",
@@ -487,7 +487,7 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
     return manifest, verification
 
 
-def sampler_config(root: str | None, objective) -> dict[str, Any]:
+def sampler_config(root: str | None, objective, family: str = "flux") -> dict[str, Any]:
     """How the device samples (edge_runtime/sampler.py), from the pipeline's scheduler_config.json.
 
     Flow models: Euler over sigmas 1 -> 0 with the scheduler's shift, or FLUX's resolution-dependent
@@ -500,7 +500,11 @@ def sampler_config(root: str | None, objective) -> dict[str, Any]:
             cfg = json.load(f)
     if objective.kind == "flow":
         out: dict[str, Any] = {"kind": "flow_euler", "shift": float(cfg.get("shift", 1.0)),
-                               "dynamic_shift": bool(cfg.get("use_dynamic_shifting", False))}
+                               "dynamic_shift": bool(cfg.get("use_dynamic_shifting", False)),
+                               # FluxPipeline passes sigmas linspace(1, 1/n, n); SD3's pipeline lets the
+                               # scheduler space them (edge_runtime/sampler.flow_sigmas)
+                               "spacing": "scheduler" if family == "sd3" else "pipeline_sigmas",
+                               "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000))}
         if out["dynamic_shift"]:
             out.update(base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.15)),
                        base_seq_len=int(cfg.get("base_image_seq_len", 256)),
