@@ -23,7 +23,8 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """fsync a directory so the renames in it survive a power cut (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -51,7 +52,7 @@ def atomic_write(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(d)
+    fsync_dir(d)
 
 
 def atomic_json(path: str, obj: Any) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import safetensors_np
-from .fileio import _fsync_dir, atomic_json, atomic_write
+from .fileio import fsync_dir, atomic_json, atomic_write
 
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -98,7 +98,7 @@ class Store:
         info = {**meta, "id": adapter_id, "sha256": sha256_bytes(data), "size_bytes": len(data),
                 "created": meta.get("created", time.time())}
         atomic_json(os.path.join(d, "adapter.json"), info)
-        _fsync_dir(self.adapters_dir)
+        fsync_dir(self.adapters_dir)
         return info
 
     def get_adapter(self, adapter_id: str) -> dict:
@@ -130,7 +130,7 @@ class Store:
             raise NotFound(f"unknown adapter {adapter_id}")
         trash = os.path.join(self.adapters_dir, f".trash-{adapter_id}-{os.getpid()}")
         os.replace(d, trash)  # atomic: the adapter disappears at once
-        _fsync_dir(self.adapters_dir)
+        fsync_dir(self.adapters_dir)
         shutil.rmtree(trash, ignore_errors=True)
 
     # ------------------------------------------------------------------ jobs

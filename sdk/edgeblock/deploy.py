@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge_runtime.fileio import sha256_file
+from edge_runtime.fileio import fsync_dir, sha256_file
 from edge_runtime.manifest import MANIFEST, ManifestError, load_manifest
 
 log = logging.getLogger("edgeblock.deploy")
@@ -328,16 +328,6 @@ def _check_local_dest(bundle: str, target: Target, expected: dict[str, str]) -> 
                              f"({', '.join(other[:5])}); give an empty directory or an earlier bundle's")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _copy_file_local(src: str, dst: str, want: str, bar) -> int:
     """Copy src to dst through dst.part (resumed when a shorter .part is there), checked against `want`,
     fsynced and renamed. Returns the bytes kept from an earlier .part."""
@@ -391,7 +381,7 @@ def _copy_local(bundle: str, target: Target, files: list[str], expected: dict[st
                 result.resumed[rel] = kept
             written.append(rel)
     for d in {os.path.dirname(os.path.join(target.path, *r.split("/"))) for r in written}:
-        _fsync_dir(d)  # the renames survive a power cut
+        fsync_dir(d)  # the renames survive a power cut
     return written
 
 
