@@ -200,7 +200,7 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
         if name == "base":
             assert row["peak_train_mib"] is None and row["step_s"] is None
         else:
-            assert row["peak_train_mib"] > 0 and row["step_s"] > 0 and np.isfinite(row["final_loss"])
+            assert row["peak_train_mib"] > 0 and row["step_s"] > 0 and np.isfinite(row["final_loss"]) and np.isfinite(row["first_loss"])
     # the method's memory claim holds even here: skipping blocks and training on patches holds less
     rows = res["rows"]
     assert rows["blockskip"]["peak_train_mib"] < rows["skip"]["peak_train_mib"] < rows["standard_lora"]["peak_train_mib"]

@@ -170,7 +170,8 @@ class Runner:
         self.transformer = load_transformer(self.path)
         self.lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha)
         self.values: dict[str, dict[str, list[float]]] = {r: {} for r in ROWS}  # row -> metric -> per image
-        self.timing = {r: {"train_s": 0.0, "gen_s": 0.0, "step_times": [], "final_losses": []} for r in ROWS}
+        self.timing = {r: {"train_s": 0.0, "gen_s": 0.0, "step_times": [], "first_losses": [], "final_losses": []}
+                       for r in ROWS}
         self.peak_mib: dict[str, float | None] = {r: None for r in ROWS}
         self.generations: dict[str, dict[str, np.ndarray]] = {s.name: {} for s in self.subjects}
         self.selection_s = 0.0
@@ -250,7 +251,9 @@ class Runner:
             timing["step_times"].append(time.perf_counter() - s0)
             self.bar.update(1)
         timing["train_s"] += time.perf_counter() - t0
-        timing["final_losses"].append(float(np.mean(losses[-max(1, len(losses) // 10):])))
+        tenth = max(1, len(losses) // 10)  # how far a run moved: its first and last tenth (same draws per row)
+        timing["first_losses"].append(float(np.mean(losses[:tenth])))
+        timing["final_losses"].append(float(np.mean(losses[-tenth:])))
         return trainer
 
     def _generate(self, row: str, run: _SubjectRun) -> None:
@@ -280,6 +283,7 @@ class Runner:
                 "train_s": t["train_s"] if r != "base" else None,
                 "gen_s": t["gen_s"],
                 "total_s": t["train_s"] + t["gen_s"],
+                "first_loss": float(np.mean(t["first_losses"])) if t["first_losses"] else None,
                 "final_loss": float(np.mean(t["final_losses"])) if t["final_losses"] else None,
             })
             rows[r] = row
@@ -312,6 +316,8 @@ _COLUMNS = (
     ("peak_train_mib", "peak train tensors (MiB)", "{:.1f}"),
     ("step_s", "s/step", "{:.3f}"),
     ("total_s", "total s", "{:.0f}"),
+    ("first_loss", "loss first", "{:.3f}"),
+    ("final_loss", "loss last", "{:.3f}"),
 )
 
 
