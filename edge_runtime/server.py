@@ -145,6 +145,26 @@ class JobRecord:
         return self.state in TERMINAL
 
 
+def lock_state_dir(state_dir: str) -> int:
+    """Hold STATE/daemon.lock (flock) for the process's life: two daemons on one state directory
+    would resume the same jobs and race on the adapter index. Returns the open descriptor."""
+    import fcntl
+
+    os.makedirs(state_dir, exist_ok=True)
+    path = os.path.join(state_dir, "daemon.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"state directory {state_dir} is in use by another daemon (pid {other}); "
+                          "give each daemon its own --state") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 class Daemon:
     """The service state: bundle, store, job queue and worker, generation slots."""
 
@@ -156,6 +176,7 @@ class Daemon:
         self.cfg = cfg
         self.limits, self.defaults = cfg.limits, cfg.defaults
         self.bundle = Bundle(cfg.bundle, threads=cfg.threads)
+        self._state_lock = lock_state_dir(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.trainer = self._pick_trainer(cfg.trainer)
         self.image_limits = ImageLimits(cfg.limits.max_images, cfg.limits.max_image_bytes, cfg.limits.max_image_pixels)
@@ -699,18 +720,13 @@ class Server:
 
         check_security(cfg)
         self.cfg = cfg
-        self.daemon = Daemon(cfg)
         interceptors = [_auth_interceptor(cfg.token, SERVICE_NAME)] if cfg.token else []
         interceptors.append(_decode_interceptor(SERVICE_NAME))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="edgeblock-rpc"),
                                   interceptors=interceptors,
                                   options=[("grpc.max_receive_message_length", _max_message(cfg)),
-                                           ("grpc.max_send_message_length", _max_message(cfg))])
-        pb_grpc.add_EdgeBlockServicer_to_server(_servicer_class()(self.daemon), self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self.server)
+                                           ("grpc.max_send_message_length", _max_message(cfg)),
+                                           ("grpc.so_reuseport", 0)])  # a second daemon on the port fails
         if cfg.tls_cert:
             with open(cfg.tls_key, "rb") as f:
                 key = f.read()
@@ -721,11 +737,26 @@ class Server:
                 with open(cfg.tls_client_ca, "rb") as f:
                     ca = f.read()
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
-            self.port = self.server.add_secure_port(cfg.listen, creds)
+        try:
+            if cfg.tls_cert:
+                self.port = self.server.add_secure_port(cfg.listen, creds)
+            else:
+                self.port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError as e:  # grpcio raises when the address cannot be bound
+            self.port = 0
+            why = str(e)
         else:
-            self.port = self.server.add_insecure_port(cfg.listen)
+            why = ""
         if not self.port:
-            raise ConfigError(f"cannot listen on {cfg.listen}")
+            raise ConfigError(f"cannot listen on {cfg.listen} ({why or 'bind failed'}): is another process "
+                              "using that port?")
+        # the service state only once the port is ours: a failed start resumes no job
+        self.daemon = Daemon(cfg)
+        pb_grpc.add_EdgeBlockServicer_to_server(_servicer_class()(self.daemon), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
         self._health_pb2 = health_pb2
         self._service = SERVICE_NAME
 

@@ -448,3 +448,24 @@ def test_mtls_requires_a_client_certificate(bundle, pki, tmp_path):
         assert d.alive()
     finally:
         d.stop()
+
+
+def test_a_second_daemon_on_the_same_port_or_state_is_refused(bundle, tmp_path):
+    """Not two daemons on one port (no SO_REUSEPORT sharing) nor on one state directory (flock)."""
+    import sys
+
+    first = DaemonProc(bundle, str(tmp_path / "state"))
+    try:
+        def second(listen: str, state: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "edge_runtime.server", "--bundle", bundle, "--listen", listen,
+                                   "--state", state, "--threads", "1"], capture_output=True, text=True, timeout=120)
+
+        same_port = second(first.address, str(tmp_path / "other-state"))
+        assert same_port.returncode == 2 and "cannot listen on" in same_port.stderr, same_port.stderr[-2000:]
+        same_state = second("127.0.0.1:0", str(tmp_path / "state"))
+        assert same_state.returncode == 2 and "in use by another daemon" in same_state.stderr, same_state.stderr[-2000:]
+        assert f"pid {first.pid}" in same_state.stderr
+        with EdgeClient(first.address, timeout=30) as c:  # the first one is untouched
+            assert c.health() == "SERVING"
+    finally:
+        first.stop()
