@@ -54,6 +54,26 @@ def load_spec(artifact_dir: str) -> dict[str, Any]:
     return spec
 
 
+def parse_device(device: str) -> tuple[str, int]:
+    """"cpu" or "cuda[:N]" -> (kind, index); ValueError otherwise."""
+    kind, _, idx = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()) or (kind == "cpu" and idx):
+        raise ValueError(f"training device must be cpu or cuda[:N], got {device!r}")
+    return kind, int(idx or 0)
+
+
+def _ort_device(C, device: str):
+    """The training session's OrtDevice. CUDA needs an onnxruntime-training build with the CUDA provider
+    (a Jetson source build, deploy/jetson); written against the 1.19 C API, not run here (no GPU)."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+    if "CUDAExecutionProvider" not in C.get_available_providers():
+        raise TrainingError("training device cuda: this onnxruntime has no CUDAExecutionProvider "
+                            f"(providers: {', '.join(C.get_available_providers())}); use --train-device cpu")
+    return C.OrtDevice(C.OrtDevice.cuda(), C.OrtDevice.default_memory(), index)
+
+
 class OrtTrainer:
     """One LoRA training session over the artifacts: step(feeds) -> loss, weights in and out, checkpoints.
 
@@ -62,8 +82,9 @@ class OrtTrainer:
     """
 
     def __init__(self, artifact_dir: str, lr: float | None = None, checkpoint: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, device: str = "cpu"):
         C = _capi()
+        ort_device = _ort_device(C, device)
         self.dir = artifact_dir
         self.spec = load_spec(artifact_dir)
         files = self.spec["files"]
@@ -81,9 +102,9 @@ class OrtTrainer:
         # bench step took 1.18-1.23x torch's time (docs/bench.md); the job's peak is not in the steps.
         if threads:
             opts.intra_op_num_threads = int(threads)
-        device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-        self._module = C.Module(path("training"), self._state, path("eval"), device, opts)
-        self._optimizer = C.Optimizer(path("optimizer"), self._state, device, opts)
+        self._module = C.Module(path("training"), self._state, path("eval"), ort_device, opts)
+        self._optimizer = C.Optimizer(path("optimizer"), self._state, ort_device, opts)
+        self.device = device
         self.lr = float(self.spec.get("optimizer", {}).get("lr", 1e-3) if lr is None else lr)
         self._optimizer.set_learning_rate(self.lr)
         self.inputs: list[str] = list(self.spec["inputs"])

@@ -268,19 +268,20 @@ class JobResult:
     steps_s: float = 0.0
 
 
-def make_trainer(bundle: Bundle, backend: str, lr: float, checkpoint: str | None):
+def make_trainer(bundle: Bundle, backend: str, lr: float, checkpoint: str | None, device: str = "cpu"):
     art = os.path.join(bundle.root, "trainable")
     if backend == "torch":
         from .torch_trainer import TorchTrainer
 
-        return TorchTrainer(art, lr=lr, checkpoint=checkpoint)
+        return TorchTrainer(art, lr=lr, checkpoint=checkpoint, device=device)
     from .ort_trainer import OrtTrainer
 
-    return OrtTrainer(art, lr=lr, checkpoint=checkpoint)
+    return OrtTrainer(art, lr=lr, checkpoint=checkpoint, device=device)
 
 
 def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir: str, *,
-            trainer_backend: str = "ort", progress: Progress | None = None, start_step: int = 0,
+            trainer_backend: str = "ort", train_device: str = "cpu", progress: Progress | None = None,
+            start_step: int = 0,
             on_checkpoint: Callable[[int], None] | None = None,
             checkpoint_on_stop: Callable[[], bool] | None = None) -> JobResult:
     """Train an adapter; checkpoints to work_dir/checkpoint every opts.checkpoint_every steps.
@@ -313,7 +314,7 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     from .memstat import trim_heap
 
     trim_heap()
-    trainer = make_trainer(bundle, trainer_backend, opts.learning_rate, ckpt if start_step > 0 else None)
+    trainer = make_trainer(bundle, trainer_backend, opts.learning_rate, ckpt if start_step > 0 else None, train_device)
     if list(trainer.inputs) != frozen.inputs:
         raise RuntimeError(f"training inputs {trainer.inputs} differ from the spec's {frozen.inputs}")
     step_s = 0.0

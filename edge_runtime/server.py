@@ -77,6 +77,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     trainer: str = "auto"
+    train_device: str = "auto"  # auto: cuda when the trainer's runtime has it, else cpu
     max_concurrent_generations: int | None = None
     max_queue: int | None = None
     limits: Limits = field(default_factory=Limits)
@@ -95,6 +96,10 @@ class ServerConfig:
             raise ValueError("max_queue must be >= 0")
         if self.trainer not in ("auto", "ort", "torch"):
             raise ValueError(f"trainer must be auto, ort or torch, got {self.trainer!r}")
+        if self.train_device != "auto":
+            from .ort_trainer import parse_device
+
+            parse_device(self.train_device)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca and not self.tls_cert:
@@ -179,6 +184,7 @@ class Daemon:
         self._state_lock = lock_state_dir(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.trainer = self._pick_trainer(cfg.trainer)
+        self.train_device = pick_train_device(self.trainer, cfg.train_device)
         self.image_limits = ImageLimits(cfg.limits.max_images, cfg.limits.max_image_bytes, cfg.limits.max_image_pixels)
         self.jobs: dict[str, JobRecord] = {}
         self.queue: queue.Queue[JobRecord] = queue.Queue()
@@ -338,7 +344,7 @@ class Daemon:
 
         try:
             images = images_from_pngs(self.store.job_images(rec.id))
-            result = run_job(self.bundle, opts, images, work, trainer_backend=self.trainer,
+            result = run_job(self.bundle, opts, images, work, trainer_backend=self.trainer, train_device=self.train_device,
                              progress=Progress(event, should_stop), start_step=start, on_checkpoint=on_checkpoint,
                              checkpoint_on_stop=lambda: self.shutting_down.is_set() and not rec.cancel.is_set())
         except Cancelled as e:
@@ -764,8 +770,8 @@ class Server:
         self.server.start()
         for name in ("", self._service):
             self.health.set(name, self._health_pb2.HealthCheckResponse.SERVING)
-        log.info("edgeblock daemon on %s (port %d), bundle %s, trainer %s, executor %s", self.cfg.listen, self.port,
-                 self.cfg.bundle, self.daemon.trainer, self.daemon.bundle.executor)
+        log.info("edgeblock daemon on %s (port %d), bundle %s, trainer %s on %s, executor %s", self.cfg.listen,
+                 self.port, self.cfg.bundle, self.daemon.trainer, self.daemon.train_device, self.daemon.bundle.executor)
         return self
 
     def stop(self, grace: float = 5.0) -> None:
@@ -780,6 +786,25 @@ class Server:
 def _max_message(cfg: ServerConfig) -> int:
     """Large enough for a Personalize request at the image limits, so the daemon's own checks answer."""
     return max(256 * 2**20, cfg.limits.max_images * cfg.limits.max_image_bytes + 4 * 2**20)
+
+
+def pick_train_device(trainer: str, want: str) -> str:
+    """auto: cuda when the trainer's runtime can train there (ORT's CUDA provider, torch.cuda), else cpu."""
+    if want != "auto":
+        return want
+    if trainer == "ort":
+        try:
+            from .ort_trainer import _capi
+
+            return "cuda" if "CUDAExecutionProvider" in _capi().get_available_providers() else "cpu"
+        except Exception:  # noqa: BLE001 - no training API: the job reports it
+            return "cpu"
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
 
 
 def pick_trainer(want: str) -> str:
@@ -843,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca")
     p.add_argument("--trainer", default="auto", choices=["auto", "ort", "torch"])
+    p.add_argument("--train-device", default="auto", help="auto, cpu or cuda[:N] (auto: cuda when the trainer has it)")
     p.add_argument("--max-concurrent-generations", type=int, default=None)
     p.add_argument("--max-queue", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -854,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ServerConfig(bundle=a.bundle, listen=a.listen, state_dir=a.state, token=token or None,
                            allow_insecure_remote=a.allow_insecure_remote, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                           tls_client_ca=a.tls_client_ca, trainer=a.trainer,
+                           tls_client_ca=a.tls_client_ca, trainer=a.trainer, train_device=a.train_device,
                            max_concurrent_generations=a.max_concurrent_generations, max_queue=a.max_queue,
                            threads=a.threads)
         return serve_forever(cfg)

@@ -399,3 +399,20 @@ def test_auto_trainer_falls_back_to_torch_without_ort_training(monkeypatch):
     assert server.pick_trainer("torch") == "torch"
     with pytest.raises(server.ConfigError, match="no training API"):
         server.pick_trainer("ort")
+
+
+def test_training_device_is_checked_before_a_job_runs(monkeypatch):
+    """cuda where ORT has no CUDA provider is a clear error; bad device strings are refused."""
+    from edge_runtime import ort_trainer, server
+
+    C = ort_trainer._capi()
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        ort_trainer.parse_device("gpu")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        server.ServerConfig(bundle="b", train_device="cuda:x")
+    assert ort_trainer.parse_device("cuda:1") == ("cuda", 1)
+    if "CUDAExecutionProvider" not in C.get_available_providers():
+        with pytest.raises(ort_trainer.TrainingError, match="no CUDAExecutionProvider"):
+            ort_trainer._ort_device(C, "cuda")
+        assert server.pick_train_device("ort", "auto") == "cpu"
+    assert server.pick_train_device("ort", "cpu") == "cpu"

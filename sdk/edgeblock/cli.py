@@ -256,7 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kwargs = dict(
         bundle=args.bundle, listen=args.listen, state_dir=args.state, token=_read_token(args.token_file, "--token-file"),
         allow_insecure_remote=args.allow_insecure_remote, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca, trainer=args.trainer,
+        tls_client_ca=args.tls_client_ca, trainer=args.trainer, train_device=args.train_device,
     )
     # Unset limits are left to ServerConfig's defaults.
     for flag in ("max_concurrent_generations", "max_queue"):
@@ -521,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tls-client-ca", default=None, help="CA (PEM) that client certificates must chain to (mTLS)")
     sv.add_argument("--trainer", choices=["auto", "ort", "torch"], default="auto",
                     help="training backend: ORT training artifacts, torch fallback, or auto (ort when installed)")
+    sv.add_argument("--train-device", default="auto",
+                    help="where the trainer runs: auto (cuda when its runtime has it, else cpu), cpu or cuda[:N]")
     sv.add_argument("--max-concurrent-generations", type=int, default=None, help="default: the daemon's")
     sv.add_argument("--max-queue", type=int, default=None, help="queued training jobs beyond which Personalize is refused")
     sv.set_defaults(func=cmd_serve)
