@@ -362,16 +362,18 @@ def test_serve_builds_the_server_config(tmp_path, token_file, monkeypatch):
 
     assert main(["serve", "--bundle", str(bundle), "--listen", "0.0.0.0:6000", "--state", str(tmp_path / "st"),
                  "--token-file", token_file, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca),
-                 "--trainer", "ort", "--max-concurrent-generations", "2", "--max-queue", "5"]) == 0
+                 "--trainer", "ort", "--train-device", "cuda:1", "--max-concurrent-generations", "2",
+                 "--max-queue", "5"]) == 0
     assert got == dict(bundle=str(bundle), listen="0.0.0.0:6000", state_dir=str(tmp_path / "st"), token=TOKEN,
                        allow_insecure_remote=False, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(ca),
-                       trainer="ort", max_concurrent_generations=2, max_queue=5)
+                       trainer="ort", train_device="cuda:1", max_concurrent_generations=2, max_queue=5)
 
     got.clear()
     monkeypatch.setenv("EDGEBLOCK_TOKEN", "from-env")
     assert main(["serve", "--bundle", str(bundle), "--state", str(tmp_path / "st"), "--allow-insecure-remote"]) == 0
     assert got == dict(bundle=str(bundle), listen="127.0.0.1:50051", state_dir=str(tmp_path / "st"), token="from-env",
-                       allow_insecure_remote=True, tls_cert=None, tls_key=None, tls_client_ca=None, trainer="auto")
+                       allow_insecure_remote=True, tls_cert=None, tls_key=None, tls_client_ca=None, trainer="auto",
+                       train_device="auto")
 
     got.clear()
     assert main(["serve", "--bundle", str(bundle), "--state", "s", "--tls-cert", str(cert)]) == 2
