@@ -120,6 +120,9 @@ def test_device_generation_equals_the_torch_reference_sampler(builtin_runtime):
     import edgeblock.builtin.pipeline as P
     import torch
 
+    from edgeblock.generate import model_meta
+    from edgeblock.models import builtin_dir
+
     prompt = "a large red circle on a blue background, center"
     noise = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     ours = builtin_runtime.generate(prompt, steps=6, guidance=3.0, noise=noise)
@@ -127,7 +130,7 @@ def test_device_generation_equals_the_torch_reference_sampler(builtin_runtime):
     real = torch.randn
     P.torch.randn = lambda *a, **k: torch.from_numpy(noise.copy())
     try:
-        ref = P.generate(tr, te, [prompt], steps=6, guidance=3.0)[0]
+        ref = P.generate(tr, te, [prompt], steps=6, guidance=3.0, shift=model_meta(builtin_dir())["shift"])[0]
     finally:
         P.torch.randn = real
     assert ours.shape == ref.shape == (64, 64, 3)

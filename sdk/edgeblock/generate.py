@@ -55,7 +55,15 @@ def model_meta(path: str) -> dict:
     patch = math.isqrt(int(cfg["in_channels"]) // CHANNELS)
     if patch * patch * CHANNELS != int(cfg["in_channels"]):
         raise ValueError(f"{path}: in_channels={cfg['in_channels']} is not 3 channels times a square packing factor")
-    return {"size": int(meta.get("latent_size", 64)), "patch": patch, "text_len": int(meta.get("text_len", 32))}
+    shift = 1.0  # the static time shift of the model's scheduler (scheduler/scheduler_config.json), if any
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.exists(sched):
+        with open(sched) as f:
+            sc = json.load(f)
+        if not sc.get("use_dynamic_shifting"):
+            shift = float(sc.get("shift", 1.0))
+    return {"size": int(meta.get("latent_size", 64)), "patch": patch, "text_len": int(meta.get("text_len", 32)),
+            "shift": shift}
 
 
 def load_transformer(path: str) -> nn.Module:
@@ -152,4 +160,4 @@ def generate_images(
         apply_adapter(transformer, *load_adapter(adapter))
     encoder = MiniLMTextEncoder()
     return generate(transformer, encoder, prompts, seed=seed, steps=steps, guidance=guidance,
-                    size=meta["size"], patch=meta["patch"])
+                    size=meta["size"], patch=meta["patch"], shift=meta["shift"])

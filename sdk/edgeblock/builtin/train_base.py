@@ -101,9 +101,11 @@ def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None):
+def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None, t_shift: float = 1.0):
+    """Flow-matching loss at logit-normal noise levels, shifted by t_shift towards noise:
+    t' = s t / (1 + (s - 1) t), i.e. sigmoid(z + ln s) (the time shift of SD3's schedulers)."""
     B = x0.shape[0]
-    t = torch.sigmoid(torch.randn(B, generator=gen))
+    t = torch.sigmoid(torch.randn(B, generator=gen) + math.log(t_shift))
     noise = torch.randn(x0.shape, generator=gen)
     xt = flow.noisy(x0, noise, t)
     target = noise - x0
@@ -154,6 +156,7 @@ def train(args) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     step, history, wall = 0, [], 0.0
+    stages = [{"start_step": 0, "args": vars(args)}]  # one per (re)start: a resume may change the arguments
     if args.resume and os.path.exists(ckpt_path(ckpt_dir)):
         st = torch.load(ckpt_path(ckpt_dir), map_location="cpu", weights_only=False)
         cfg = st["config"]
@@ -164,6 +167,8 @@ def train(args) -> None:
         opt.load_state_dict(st["optimizer"])
         ema = [e.clone() for e in st["ema"]]
         step, history, wall = st["step"], st["history"], st["wall_s"]
+        stages = st.get("stages") or [{"start_step": 0, "args": st.get("args", {})}]
+        stages.append({"start_step": step, "args": vars(args)})
         print(f"resumed from step {step} ({wall:.0f} s)", flush=True)
     nparams = sum(p.numel() for p in params)
     print(f"model: {nparams / 1e6:.2f}M params, config {json.dumps(cfg)}", flush=True)
@@ -186,7 +191,7 @@ def train(args) -> None:
     def checkpoint():
         save_ckpt(ckpt_dir, dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(),
                                  ema=ema, step=step, history=history, wall_s=wall, args=vars(args),
-                                 params=nparams))
+                                 params=nparams, stages=stages))
 
     t0 = time.time()
     wall0 = wall
@@ -203,7 +208,8 @@ def train(args) -> None:
             k = SIZE // low
             x0 = x0.reshape(x0.shape[0], x0.shape[1], low, k, low, k).mean(axis=(3, 5))  # area downsample
             ids = low_ids
-        loss = flow_loss(model, torch.from_numpy(np.ascontiguousarray(x0)), states, pooled, txt_ids, ids, gen)
+        loss = flow_loss(model, torch.from_numpy(np.ascontiguousarray(x0)), states, pooled, txt_ids, ids, gen,
+                         args.t_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -314,24 +320,52 @@ def finalize(out: str, ckpt_dir: str | None = None, args=None, seed: int = 0,
     model.eval()
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    shift = float(targs.get("t_shift") or 1.0)
+    write_scheduler_config(out, shift)
     log_every = targs.get("log_every", 50)
     write_csv(out, history, log_every)
     loss_curve_png(history, os.path.join(out, "loss_curve.png"))
     enc = MiniLMTextEncoder()
     t0 = time.time()
     imgs = generate(model, enc, SAMPLE_PROMPTS, seed=seed, steps=steps, guidance=guidance,
-                    size=SIZE, patch=PATCH)
+                    size=SIZE, patch=PATCH, shift=shift)
     gen_s = time.time() - t0
     sample_grid_png(imgs, os.path.join(out, "samples.png"))
     nparams = sum(p.numel() for p in model.parameters())
     final_loss = float(np.mean([h[0] for h in history[-200:]])) if history else float("nan")
     info = dict(params=nparams, step=step, batch=targs.get("batch"), wall_s=wall,
-                final_loss=final_loss, config=cfg, sample_seconds=gen_s)
+                final_loss=final_loss, config=cfg, sample_seconds=gen_s, shift=shift,
+                stages=st.get("stages") or [{"start_step": 0, "args": targs}])
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(model_card(info, targs, guidance, steps, seed))
     print(f"finalized {out}: step {step}, final loss {final_loss:.4f}, {nparams / 1e6:.2f}M params",
           flush=True)
     return info
+
+
+def write_scheduler_config(out: str, shift: float) -> None:
+    """scheduler/scheduler_config.json as diffusers' FlowMatchEulerDiscreteScheduler writes it: the
+    static time shift the model was trained with, read by the samplers (torch pipeline, compile)."""
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift,
+           "use_dynamic_shifting": False}
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
+def reproduce_command(a: dict, resume: bool = False) -> str:
+    """The train_base command line of one stage (its recorded arguments)."""
+    cmd = f"python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {a.get('steps')}"
+    if a.get("max_minutes"):
+        cmd += f" --max-minutes {a['max_minutes']}"
+    cmd += (f" --lr {a.get('lr')} --batch {a.get('batch')} --seed {a.get('seed')}"
+            f" --dim {a.get('dim')} --double {a.get('double')} --single {a.get('single')}")
+    if a.get("low_res"):
+        cmd += f" --low-res {a['low_res']} --low-res-prob {a.get('low_res_prob')}"
+    if float(a.get("t_shift") or 1.0) != 1.0:
+        cmd += f" --t-shift {a['t_shift']}"
+    return cmd + (" --resume" if resume else "")
 
 
 def model_card(info: dict, targs: dict, guidance: float, steps: int, seed: int) -> str:
@@ -355,7 +389,7 @@ Load and sample:
 from edgeblock.builtin.pipeline import load_builtin, generate
 transformer, text_encoder = load_builtin()
 images = generate(transformer, text_encoder, ["a large red star on a blue background, center"],
-                  seed=0, steps={steps}, guidance={guidance})  # uint8 (B, 64, 64, 3)
+                  seed=0, steps={steps}, guidance={guidance}, shift={info["shift"]})  # uint8 (B, 64, 64, 3)
 ```
 
 ## Data
@@ -375,7 +409,8 @@ top left". Every training batch is fresh; no image is seen twice.
 | architecture | FluxTransformer2DModel, {cfg["num_layers"]} double + {cfg["num_single_layers"]} single blocks, {cfg["num_attention_heads"]} heads x {cfg["attention_head_dim"]} (dim {cfg["num_attention_heads"] * cfg["attention_head_dim"]}), rope axes {cfg["axes_dims_rope"]} |
 | parameters | {info["params"]:,} ({info["params"] / 1e6:.2f}M) |
 | input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48{f"; {targs.get('low_res_prob')} of the batches area-downsampled to {targs['low_res']}x{targs['low_res']} ({(targs['low_res'] // 4) ** 2} tokens)" if targs.get("low_res") else ""} |
-| objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1) |
+| objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1){"".join(f"; from step {st['start_step']}: shifted by {st['args'].get('t_shift')} towards noise (t' = s t / (1 + (s-1) t))" for st in info["stages"] if float(st["args"].get("t_shift") or 1.0) != 1.0)} |
+| sampling shift | {info["shift"]} (scheduler/scheduler_config.json; the samplers read it) |
 | optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
 | EMA | decay {targs.get("ema")} (exported weights are the EMA) |
 | caption dropout | {targs.get("caption_dropout")} (empty prompt, for classifier-free guidance) |
@@ -386,9 +421,12 @@ top left". Every training batch is fresh; no image is seen twice.
 | wall time | {info["wall_s"] / 60:.1f} min ({info["wall_s"] / max(1, info["step"]):.2f} s/step) |
 | final loss | {info["final_loss"]:.4f} (mean of the last 200 steps) |
 
-Reproduce: `python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {targs.get("steps")} --max-minutes {targs.get("max_minutes")} --lr {targs.get("lr")} --batch {info["batch"]} --seed {targs.get("seed")} --dim {targs.get("dim")} --double {targs.get("double")} --single {targs.get("single")}{f" --low-res {targs['low_res']} --low-res-prob {targs.get('low_res_prob')}" if targs.get("low_res") else ""}`
-(checkpoints go to `ckpt/`, kept out of git; `--resume` continues a run,
-`--finalize` rewrites these artifacts from the last checkpoint).
+Reproduce ({len(info["stages"])} stage{"s" if len(info["stages"]) > 1 else ""}; a resumed stage continues from the checkpoint, with
+`--max-minutes` the total wall-time budget of the run so far):
+
+{chr(10).join(f"- from step {st['start_step']}: `{reproduce_command(st['args'], resume=k > 0)}`" for k, st in enumerate(info["stages"]))}
+
+(checkpoints go to `ckpt/`, kept out of git; `--finalize` rewrites these artifacts from the last checkpoint).
 
 ## Loss curve
 
@@ -435,7 +473,12 @@ def main(argv=None) -> None:
     ap.add_argument("--low-res", type=int, default=0,
                     help="also train at this side (pixels, area-downsampled batches; 0: only at 64)")
     ap.add_argument("--low-res-prob", type=float, default=0.5, help="share of batches at --low-res")
+    ap.add_argument("--t-shift", type=float, default=1.0,
+                    help="shift the logit-normal noise levels towards noise (SD3's time shift; the samplers use "
+                         "the same shift, written to scheduler/scheduler_config.json)")
     args = ap.parse_args(argv)
+    if args.t_shift <= 0:
+        ap.error(f"--t-shift must be > 0, got {args.t_shift}")
     if args.finalize:
         finalize(args.out, args.ckpt, args)
     else:

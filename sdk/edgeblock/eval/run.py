@@ -263,7 +263,8 @@ class Runner:
         self.bar.set_postfix_str(f"{run.subject.name}: generate {row}")
         t0 = time.perf_counter()
         imgs = generate(self.transformer, self.text.encoder, [p.text for p in run.prompts], seed=run.seed,
-                        steps=cfg.gen_steps, guidance=cfg.guidance, size=self.meta["size"], patch=self.meta["patch"])
+                        steps=cfg.gen_steps, guidance=cfg.guidance, size=self.meta["size"], patch=self.meta["patch"],
+                        shift=self.meta["shift"])
         self.timing[row]["gen_s"] += time.perf_counter() - t0
         self.generations[run.subject.name][row] = imgs
         scores = score_images(imgs, run.subject, run.prompts, run.ref_descs, self.dreambench)

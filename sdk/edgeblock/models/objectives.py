@@ -8,6 +8,7 @@ schedule reads, and the timestep on the scheduler's 0..1000 scale the model read
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,12 @@ def objective_from_scheduler(config: dict | None, family: str) -> Objective:
     name = config.get("_class_name", "")
     pred = config.get("prediction_type", "")
     if "FlowMatch" in name or pred == "flow_prediction" or config.get("use_flow_sigmas"):
-        return FlowMatching()
+        # diffusers' DreamBooth scripts draw logit-normal u and take the scheduler's sigma at it: with a static
+        # shift s (SD3: 3.0) that is sigmoid(z + ln s); with dynamic shifting (FLUX) the training sigmas are unshifted
+        shift = float(config.get("shift", 1.0))
+        if config.get("use_dynamic_shifting") or shift <= 0:
+            shift = 1.0
+        return FlowMatching(logit_mean=math.log(shift))
     if pred in ("", "epsilon"):
         return EpsilonDDPM(
             num_train_timesteps=config.get("num_train_timesteps", 1000),
