@@ -237,6 +237,13 @@ def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsy
         from edgeblock.eval.run import EvalConfig
 
         EvalConfig.make("builtin", quick=True, steps=0)
+    for flag, value, message in (("--lr", "0", "lr must be > 0"), ("--top-k", "0", "top_k must be >= 1"),
+                                 ("--rank", "0", "lora_rank must be >= 1")):
+        rc = main(["eval", "--out", str(tmp_path / "o"), "--model", eval_model, "--quick", "--quiet", flag, value])
+        assert rc == 2 and message in capsys.readouterr().err, flag
+    assert not (tmp_path / "o" / "results.json").exists()
+    cfg = EvalConfig.make("builtin", lr=0.01, lora_rank=4, top_k=3)
+    assert (cfg.lr, cfg.lora_rank, cfg.top_k, cfg.steps) == (0.01, 4, 3, 300)
 
 
 def test_score_agrees_with_the_separate_metrics(subjects):

@@ -38,7 +38,7 @@ class EvalConfig:
     model: str = "builtin"
     steps: int = 300  # training steps per subject and variant
     batch: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-3
     lora_rank: int = 8
     lora_alpha: float = 8.0
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
@@ -56,6 +56,8 @@ class EvalConfig:
         for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.prompts_per_subject is not None and self.prompts_per_subject < 1:
             raise ValueError(f"prompts_per_subject must be >= 1, got {self.prompts_per_subject}")
 
