@@ -37,6 +37,8 @@ def test_resume_with_a_time_shift_records_both_stages(tmp_path):
     card = open(os.path.join(out, "README.md")).read()
     assert "from step 2: shifted by 3.0" in card and card.count("python -m edgeblock.builtin.train_base") == 2
     assert "--t-shift 3.0 --resume" in card
+    # the card reads its own generations back: a table of accuracies and the shape confusion
+    assert "| shape (chance 0.14) |" in card and "| asked | circle |" in card
     # the model directory is laid out like builtin: the samplers and personalization read the shift
     shutil.copy(os.path.join(train_base.__file__.rsplit(os.sep, 1)[0], "model", "edgeblock.json"), out)
     assert model_meta(out)["shift"] == 3.0

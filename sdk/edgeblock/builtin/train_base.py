@@ -28,6 +28,7 @@ import torch
 from edge_runtime import flow
 
 from . import world
+from .assess import table as assess_table
 from .pipeline import generate
 from .text import EMBED_DIM, MiniLMTextEncoder
 
@@ -331,10 +332,13 @@ def finalize(out: str, ckpt_dir: str | None = None, args=None, seed: int = 0,
                     size=SIZE, patch=PATCH, shift=shift)
     gen_s = time.time() - t0
     sample_grid_png(imgs, os.path.join(out, "samples.png"))
+    from .assess import assess
+
+    reading, _ = assess(model, enc, shift=shift, steps=steps, guidance=guidance, seed=seed)
     nparams = sum(p.numel() for p in model.parameters())
     final_loss = float(np.mean([h[0] for h in history[-200:]])) if history else float("nan")
     info = dict(params=nparams, step=step, batch=targs.get("batch"), wall_s=wall,
-                final_loss=final_loss, config=cfg, sample_seconds=gen_s, shift=shift,
+                final_loss=final_loss, config=cfg, sample_seconds=gen_s, shift=shift, assess=reading,
                 stages=st.get("stages") or [{"start_step": 0, "args": targs}])
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(model_card(info, targs, guidance, steps, seed))
@@ -443,7 +447,29 @@ Seed {seed}, {steps} Euler steps, classifier-free guidance {guidance}
 the 16 images on the CPU. Prompts, row by row:
 
 {prompts}
+
+## What it draws, read back from the pixels
+
+`python -m edgeblock.builtin.assess` generates {info["assess"]["images"]} captions (every shape
+{info["assess"]["images"] // len(world.SHAPES)} times, large, plain backgrounds, colours and positions cycled; seed {seed},
+{steps} steps, guidance {guidance}) and reads each image back with the benchmark's segmentation:
+background and foreground colour (nearest palette colour), position (centroid cell) and shape
+(silhouette against each world shape's template). The same reader scores the world's own renders
+1.00 on every attribute (`--world`).
+
+{assess_table(info["assess"])}
+
+Shape confusion (rows: asked, columns: read):
+
+{confusion_table(info["assess"]["shape_confusion"])}
 """
+
+
+def confusion_table(conf: dict) -> str:
+    cols = list(next(iter(conf.values())))
+    lines = ["| asked | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {a} | " + " | ".join(str(row[c]) for c in cols) + " |" for a, row in conf.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

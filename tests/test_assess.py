@@ -1,0 +1,52 @@
+"""The caption read-back of the built-in model (edgeblock.builtin.assess): the reader, then the shipped model."""
+import json
+
+import numpy as np
+import pytest
+from pixel_models import builtin_present
+
+from edgeblock.builtin import assess, world
+
+
+def test_the_reader_reads_every_attribute_of_world_renders():
+    res = assess.check_world(per_shape=3)
+    for size in world.SIZES:
+        r = res[size]
+        assert r["images"] == 3 * len(world.SHAPES)
+        for key in ("background_acc", "colour_acc", "position_acc", "shape_acc", "subject_found"):
+            assert r[key] == 1.0, (size, key, r[key])
+
+
+def test_the_caption_set_covers_every_shape_colour_and_position():
+    specs = assess.caption_set(6)
+    assert len(specs) == 42 and all(s.colour != s.background and s.texture == "plain" for s in specs)
+    assert {s.shape for s in specs} == set(world.SHAPES)
+    assert {s.colour for s in specs} == set(world.COLOUR_NAMES)
+    assert {s.position for s in specs} == set(world.POSITIONS)
+    assert assess.caption_set(6) == specs  # deterministic
+
+
+def test_the_reader_on_images_without_the_asked_content():
+    blank = np.full((64, 64, 3), world.COLOURS["green"], np.uint8)
+    r = assess.read(blank)
+    assert r == assess.Reading("green", None, None, None)
+    spec = world.Spec("star", "red", "large", "top left", "blue")
+    wrong = world.render(world.Spec("square", "yellow", "large", "bottom right", "white"))
+    s = assess.score(np.stack([wrong, blank]), [spec, spec])
+    assert s["background_acc"] == 0 and s["colour_acc"] == 0 and s["position_acc"] == 0 and s["shape_acc"] == 0
+    assert s["subject_found"] == 0.5 and s["shape_confusion"]["star"] == {**{k: 0 for k in world.SHAPES},
+                                                                        "square": 1, "none": 1}
+    # a blob (a noisy disc) reads as a round shape, not as the star that was asked for
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    disc = np.where(((yy - 20) ** 2 + (xx - 20) ** 2 < 100)[..., None], world.COLOURS["red"], world.COLOURS["blue"])
+    disc = np.clip(disc + rng.normal(0, 8, disc.shape), 0, 255).astype(np.uint8)
+    assert assess.read(disc).shape in ("circle", "ring")
+
+
+def test_assess_command_on_world_renders(capsys):
+    assert assess.main(["--world", "--per-shape", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == set(world.SIZES) and res["large"]["shape_acc"] == 1.0
+    with pytest.raises(SystemExit):
+        assess.main(["--steps", "0"])
