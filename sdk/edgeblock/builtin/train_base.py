@@ -102,6 +102,21 @@ def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def low_res_ids(low: int, mode: str) -> np.ndarray:
+    """Positional ids of a low-resolution batch. "grid": its own token grid (0 .. low/PATCH - 1);
+    "scaled": the full-resolution coordinates of the same places (token centres), so that a caption's
+    position ("bottom right") sits at the same rotary coordinates at both resolutions: FLUX's text
+    tokens sit at the origin, so an image token's offset from them is its absolute position."""
+    n = low // PATCH
+    ids = flow.image_ids(n, n)
+    if mode == "scaled":
+        k = SIZE / low
+        ids[:, 1:] = ids[:, 1:] * k + (k - 1) / 2
+    elif mode != "grid":
+        raise ValueError(f"unknown low-res ids mode {mode!r}; one of grid, scaled")
+    return ids
+
+
 def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None, t_shift: float = 1.0):
     """Flow-matching loss at logit-normal noise levels, shifted by t_shift towards noise:
     t' = s t / (1 + (s - 1) t), i.e. sigmoid(z + ln s) (the time shift of SD3's schedulers)."""
@@ -183,7 +198,7 @@ def train(args) -> None:
     low = int(getattr(args, "low_res", 0) or 0)
     if low and (SIZE % low or (low // PATCH) < 2):
         raise ValueError(f"--low-res {low} must divide {SIZE} and give at least 2x2 tokens")
-    low_ids = torch.from_numpy(flow.image_ids(low // PATCH, low // PATCH)) if low else None
+    low_ids = torch.from_numpy(low_res_ids(low, getattr(args, "low_res_ids", "grid"))) if low else None
     res_rng = np.random.default_rng(args.seed * 131 + step)
     data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE)
     gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
@@ -366,7 +381,7 @@ def reproduce_command(a: dict, resume: bool = False) -> str:
     cmd += (f" --lr {a.get('lr')} --batch {a.get('batch')} --seed {a.get('seed')}"
             f" --dim {a.get('dim')} --double {a.get('double')} --single {a.get('single')}")
     if a.get("low_res"):
-        cmd += f" --low-res {a['low_res']} --low-res-prob {a.get('low_res_prob')}"
+        cmd += f" --low-res {a['low_res']} --low-res-prob {a.get('low_res_prob')} --low-res-ids {a.get('low_res_ids', 'grid')}"
     if float(a.get("t_shift") or 1.0) != 1.0:
         cmd += f" --t-shift {a['t_shift']}"
     return cmd + (" --resume" if resume else "")
@@ -412,7 +427,7 @@ top left". Every training batch is fresh; no image is seen twice.
 |---|---|
 | architecture | FluxTransformer2DModel, {cfg["num_layers"]} double + {cfg["num_single_layers"]} single blocks, {cfg["num_attention_heads"]} heads x {cfg["attention_head_dim"]} (dim {cfg["num_attention_heads"] * cfg["attention_head_dim"]}), rope axes {cfg["axes_dims_rope"]} |
 | parameters | {info["params"]:,} ({info["params"] / 1e6:.2f}M) |
-| input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48{f"; {targs.get('low_res_prob')} of the batches area-downsampled to {targs['low_res']}x{targs['low_res']} ({(targs['low_res'] // 4) ** 2} tokens)" if targs.get("low_res") else ""} |
+| input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48{f"; {targs.get('low_res_prob')} of the batches area-downsampled to {targs['low_res']}x{targs['low_res']} ({(targs['low_res'] // 4) ** 2} tokens, positional ids {'at the full-resolution coordinates of the same places' if targs.get('low_res_ids') == 'scaled' else 'of their own token grid'})" if targs.get("low_res") else ""} |
 | objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1){"".join(f"; from step {st['start_step']}: shifted by {st['args'].get('t_shift')} towards noise (t' = s t / (1 + (s-1) t))" for st in info["stages"] if float(st["args"].get("t_shift") or 1.0) != 1.0)} |
 | sampling shift | {info["shift"]} (scheduler/scheduler_config.json; the samplers read it) |
 | optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
@@ -499,6 +514,9 @@ def main(argv=None) -> None:
     ap.add_argument("--low-res", type=int, default=0,
                     help="also train at this side (pixels, area-downsampled batches; 0: only at 64)")
     ap.add_argument("--low-res-prob", type=float, default=0.5, help="share of batches at --low-res")
+    ap.add_argument("--low-res-ids", choices=("scaled", "grid"), default="scaled",
+                    help="positional ids of --low-res batches: the full-resolution coordinates of the same places "
+                         "(scaled), or their own token grid (grid, the behaviour before this option)")
     ap.add_argument("--t-shift", type=float, default=1.0,
                     help="shift the logit-normal noise levels towards noise (SD3's time shift; the samplers use "
                          "the same shift, written to scheduler/scheduler_config.json)")
