@@ -47,7 +47,9 @@ def pixel_model_dir(model: str) -> str:
 
 
 def model_meta(path: str) -> dict:
-    """Image side, packing factor and text length of a pixel-space model directory."""
+    """Image side, packing factor, text length and sampling shift of a pixel-space model directory."""
+    from .models.objectives import static_shift  # importing the models package imports diffusers: not at start-up
+
     with open(os.path.join(path, "edgeblock.json")) as f:
         meta = json.load(f)
     with open(os.path.join(path, "transformer", "config.json")) as f:
@@ -55,13 +57,11 @@ def model_meta(path: str) -> dict:
     patch = math.isqrt(int(cfg["in_channels"]) // CHANNELS)
     if patch * patch * CHANNELS != int(cfg["in_channels"]):
         raise ValueError(f"{path}: in_channels={cfg['in_channels']} is not 3 channels times a square packing factor")
-    shift = 1.0  # the static time shift of the model's scheduler (scheduler/scheduler_config.json), if any
-    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")  # the sampling shift, if the model has one
+    shift = 1.0
     if os.path.exists(sched):
         with open(sched) as f:
-            sc = json.load(f)
-        if not sc.get("use_dynamic_shifting"):
-            shift = float(sc.get("shift", 1.0))
+            shift = static_shift(json.load(f))
     return {"size": int(meta.get("latent_size", 64)), "patch": patch, "text_len": int(meta.get("text_len", 32)),
             "shift": shift}
 

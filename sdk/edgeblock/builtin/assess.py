@@ -37,18 +37,9 @@ def _metrics():
 
 def silhouette(mask: np.ndarray) -> np.ndarray | None:
     """(OCC, OCC) occupancy of the mask's square bounding box (centred on it), or None if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
+    if not mask.any():
         return None
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    side = max(y1 - y0, x1 - x0)
-    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-    n = OCC * _SUB
-    coords = (np.arange(n) + 0.5) / n * side - side / 2
-    yy, xx = np.floor(cy + coords).astype(int), np.floor(cx + coords).astype(int)
-    h, w = mask.shape
-    inside = ((yy >= 0) & (yy < h))[:, None] & ((xx >= 0) & (xx < w))[None, :]
-    crop = mask[np.clip(yy, 0, h - 1)][:, np.clip(xx, 0, w - 1)] & inside
+    crop = _metrics().square_crop(mask.astype(np.float32), mask, OCC * _SUB)
     return crop.reshape(OCC, _SUB, OCC, _SUB).mean((1, 3)).astype(np.float32)
 
 
@@ -164,6 +155,14 @@ def table(result: dict) -> str:
             ("a subject drawn at all", "subject_found")]
     lines = ["| read back from the pixels | accuracy |", "|---|---|"]
     lines += [f"| {name} | {result[key]:.2f} |" for name, key in rows]
+    return "\n".join(lines)
+
+
+def confusion_table(conf: dict) -> str:
+    """A markdown table of the shape confusion counts (rows: asked, columns: read)."""
+    cols = list(next(iter(conf.values())))
+    lines = ["| asked | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {a} | " + " | ".join(str(row[c]) for c in cols) + " |" for a, row in conf.items()]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ import torch
 from edge_runtime import flow
 
 from . import world
+from .assess import assess, confusion_table
 from .assess import table as assess_table
 from .pipeline import generate
 from .text import EMBED_DIM, MiniLMTextEncoder
@@ -161,6 +162,11 @@ def write_csv(out: str, history: list, log_every: int) -> None:
 
 
 # ----------------------------------------------------------------- training
+def recorded_stages(st: dict) -> list[dict]:
+    """A checkpoint's stages; one stage of its arguments for checkpoints from before stages were recorded."""
+    return st.get("stages") or [{"start_step": 0, "args": st.get("args", {})}]
+
+
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     out = args.out
@@ -183,7 +189,7 @@ def train(args) -> None:
         opt.load_state_dict(st["optimizer"])
         ema = [e.clone() for e in st["ema"]]
         step, history, wall = st["step"], st["history"], st["wall_s"]
-        stages = st.get("stages") or [{"start_step": 0, "args": st.get("args", {})}]
+        stages = recorded_stages(st)
         stages.append({"start_step": step, "args": vars(args)})
         print(f"resumed from step {step} ({wall:.0f} s)", flush=True)
     nparams = sum(p.numel() for p in params)
@@ -347,14 +353,12 @@ def finalize(out: str, ckpt_dir: str | None = None, args=None, seed: int = 0,
                     size=SIZE, patch=PATCH, shift=shift)
     gen_s = time.time() - t0
     sample_grid_png(imgs, os.path.join(out, "samples.png"))
-    from .assess import assess
-
     reading, _ = assess(model, enc, shift=shift, steps=steps, guidance=guidance, seed=seed)
     nparams = sum(p.numel() for p in model.parameters())
     final_loss = float(np.mean([h[0] for h in history[-200:]])) if history else float("nan")
     info = dict(params=nparams, step=step, batch=targs.get("batch"), wall_s=wall,
                 final_loss=final_loss, config=cfg, sample_seconds=gen_s, shift=shift, assess=reading,
-                stages=st.get("stages") or [{"start_step": 0, "args": targs}])
+                stages=recorded_stages(st))
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(model_card(info, targs, guidance, steps, seed))
     print(f"finalized {out}: step {step}, final loss {final_loss:.4f}, {nparams / 1e6:.2f}M params",
@@ -478,13 +482,6 @@ Shape confusion (rows: asked, columns: read):
 
 {confusion_table(info["assess"]["shape_confusion"])}
 """
-
-
-def confusion_table(conf: dict) -> str:
-    cols = list(next(iter(conf.values())))
-    lines = ["| asked | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    lines += [f"| {a} | " + " | ".join(str(row[c]) for c in cols) + " |" for a, row in conf.items()]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

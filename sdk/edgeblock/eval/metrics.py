@@ -118,6 +118,22 @@ def _palette_weights(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def square_crop(values: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """values (H, W, ...) on the square box centred on the mask's bounding box, resampled (nearest) to n x n;
+    zero where the box leaves the image."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    side = max(y1 - y0, x1 - x0)
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    coords = (np.arange(n) + 0.5) / n * side - side / 2
+    yy = np.floor(cy + coords).astype(int)
+    xx = np.floor(cx + coords).astype(int)
+    h, w = mask.shape
+    inside = ((yy >= 0) & (yy < h))[:, None] & ((xx >= 0) & (xx < w))[None, :]
+    crop = values[np.clip(yy, 0, h - 1)][:, np.clip(xx, 0, w - 1)]
+    return crop * inside.reshape(inside.shape + (1,) * (crop.ndim - 2))
+
+
 def describe(img: np.ndarray) -> SubjectDescriptor | None:
     """The subject's colour and layout descriptor, or None when no subject is found."""
     x = _check(img)
@@ -129,16 +145,7 @@ def describe(img: np.ndarray) -> SubjectDescriptor | None:
     onehot = _palette_weights(x) * mask[..., None]  # (H, W, 8), zero off the subject
     hist = onehot.sum((0, 1))
     colour = hist / max(float(hist.sum()), 1e-8)
-    # square crop around the subject's bounding box, resampled (nearest) to CROP x CROP
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    side = max(y1 - y0, x1 - x0)
-    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-    coords = (np.arange(CROP) + 0.5) / CROP * side - side / 2
-    yy = np.floor(cy + coords).astype(int)
-    xx = np.floor(cx + coords).astype(int)
-    h, w = mask.shape
-    inside = ((yy >= 0) & (yy < h))[:, None] & ((xx >= 0) & (xx < w))[None, :]
-    crop = onehot[np.clip(yy, 0, h - 1)][:, np.clip(xx, 0, w - 1)] * inside[..., None]  # (CROP, CROP, 8)
+    crop = square_crop(onehot, mask, CROP)  # (CROP, CROP, 8)
     c = CROP // GRID
     layout = crop.reshape(GRID, c, GRID, c, len(PALETTE_NAMES)).mean((1, 3))
     return SubjectDescriptor(colour, layout, (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5), n)

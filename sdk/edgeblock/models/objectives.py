@@ -87,6 +87,15 @@ class EpsilonDDPM:
 Objective = FlowMatching | EpsilonDDPM
 
 
+def static_shift(config: dict | None) -> float:
+    """The static time shift of a flow scheduler config (1.0 when absent, invalid or dynamic: FLUX shifts
+    by resolution at sampling time and trains unshifted)."""
+    if not config or config.get("use_dynamic_shifting"):
+        return 1.0
+    shift = float(config.get("shift", 1.0))
+    return shift if shift > 0 else 1.0
+
+
 def objective_from_scheduler(config: dict | None, family: str) -> Objective:
     """Pick the objective from a diffusers scheduler_config.json (or the family's default)."""
     if not config:
@@ -96,10 +105,7 @@ def objective_from_scheduler(config: dict | None, family: str) -> Objective:
     if "FlowMatch" in name or pred == "flow_prediction" or config.get("use_flow_sigmas"):
         # diffusers' DreamBooth scripts draw logit-normal u and take the scheduler's sigma at it: with a static
         # shift s (SD3: 3.0) that is sigmoid(z + ln s); with dynamic shifting (FLUX) the training sigmas are unshifted
-        shift = float(config.get("shift", 1.0))
-        if config.get("use_dynamic_shifting") or shift <= 0:
-            shift = 1.0
-        return FlowMatching(logit_mean=math.log(shift))
+        return FlowMatching(logit_mean=math.log(static_shift(config)))
     if pred in ("", "epsilon"):
         return EpsilonDDPM(
             num_train_timesteps=config.get("num_train_timesteps", 1000),
