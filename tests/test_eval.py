@@ -209,6 +209,8 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
     assert res["reference_check"]["same_subject"] > res["reference_check"]["cross_subject"]
     ((name, subj),) = res["per_subject"].items()
     assert len(subj["prompts"]) == 2 and len(subj["blocks"]) == 2 and len(subj["block_scores"]) > 2
+    caps = res["config"]["training_prompts"][name]  # per-image captions by default
+    assert len(caps) == 5 and all(c.startswith("a ") and " sks star on a " in c for c in caps)
     md = (out / "results.md").read_text()
     assert "| row |" in md and all(f"| {r} |" in md for r in ROWS)
     with Image.open(out / "grid.png") as g:
@@ -263,3 +265,24 @@ def test_largest_component_is_eight_connected():
     out = metrics._largest_component(m)
     assert out.sum() == 3 and out[1, 1] and out[3, 3] and not out[6, 0]
     assert not metrics._largest_component(np.zeros((4, 4), bool)).any()
+
+
+def test_per_image_captions_describe_each_reference_in_the_worlds_words(subjects):
+    from edgeblock.builtin import world
+    from edgeblock.eval.subjects import size_word
+
+    assert (size_word(0.11), size_word(0.13), size_word(0.14), size_word(0.17)) == ("small", "small", "large", "large")
+    for s in subjects:
+        caps = s.training_prompts("per-image")
+        assert len(caps) == len(s.references) == len(s.images)
+        for cap, ref in zip(caps, s.references):
+            assert cap == f"a {size_word(ref.scale)} sks {s.noun} on a {ref.background} background, {ref.position}"
+            assert ref.position in world.POSITIONS and ref.background in world.COLOURS
+        assert s.training_prompts("token") == [f"a sks {s.noun}"]
+    with pytest.raises(ValueError, match="unknown caption mode"):
+        subjects[0].training_prompts("both")
+    from edgeblock.eval.run import EvalConfig
+
+    assert EvalConfig().captions == "per-image"
+    with pytest.raises(ValueError, match="captions must be one of"):
+        EvalConfig.make("builtin", captions="both")

@@ -203,3 +203,24 @@ def test_half_precision_checkpoint_is_cast_on_load(tmp_path):
         s, ctx = loaded.adapter.prologue(x)
         s = loaded.adapter.run_block(block, 0, s, ctx)
     assert s[0].dtype == torch.float32 and torch.isfinite(s[0]).all()
+
+
+def test_per_image_conditioning_gives_each_draw_its_own_images_prompt():
+    preset, model, adapter = _setup("flux")
+    loaded, images = _loaded(adapter, "flux"), _images(preset, n=3)
+    rows = [make_inputs(preset, batch=1, seed=20 + k) for k in range(3)]
+    cond = Conditioning(torch.cat([r.text for r in rows]), torch.cat([r.pooled for r in rows]), None)
+    tr = Trainer(loaded, MethodConfig("standard_lora", lora=LoRASpec(rank=2), batch=6, seed=2), cond, images)
+    seen = []
+    draw = tr.draws.draw
+    tr.draws.draw = lambda n: (lambda out: (seen.append(out[3]), out)[1])(draw(n))
+    x, _ = tr.chunk()
+    (index,) = seen
+    assert len(set(index)) > 1  # the batch mixes images
+    for k, i in enumerate(index):
+        assert torch.equal(x.text[k], cond.text[i]) and torch.equal(x.pooled[k], cond.pooled[i])
+    assert tr.train_on((x, _)) > 0
+    with pytest.raises(ValueError, match="2 rows for 3 images"):
+        Trainer(loaded, MethodConfig("standard_lora", lora=LoRASpec(rank=2)), cond.take([0, 1]), images)
+    with pytest.raises(ValueError, match="3 rows for a batch of 2"):
+        cond.inputs(torch.zeros(2, *images.shape[1:]).permute(0, 3, 1, 2), torch.zeros(2))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..method.train import VARIANTS, MethodConfig, Trainer
 from . import metrics
-from .subjects import Subject, load_subjects
+from .subjects import CAPTION_MODES, Subject, load_subjects
 
 log = logging.getLogger("edgeblock.eval")
 
@@ -41,6 +41,7 @@ class EvalConfig:
     lr: float = 3e-3
     lora_rank: int = 8
     lora_alpha: float = 8.0
+    captions: str = "per-image"  # training prompts: each reference's caption, or "a sks <noun>" for all ("token")
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
     top_k: int = 2  # blocks selection picks
     selection_noise_levels: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -56,6 +57,8 @@ class EvalConfig:
         for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.captions not in CAPTION_MODES:
+            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {self.captions!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.prompts_per_subject is not None and self.prompts_per_subject < 1:
@@ -91,14 +94,17 @@ def swapped_blocks(transformer: nn.Module, names: list[str], blocks: dict[int, n
 
 
 def select_blocks(loaded, text, subject: Subject, cfg: EvalConfig) -> tuple[list[int], list[float]]:
-    """Top-k blocks by cross-attention masking of "sks" and the class noun, on the subject's references."""
+    """Top-k blocks by cross-attention masking of "sks" and the class noun, on the subject's references
+    (each with the prompt it trains on)."""
     from ..method.selection import CalibrationItem, choose_blocks, score_blocks
 
-    sentence = subject.train_prompt
-    cond = text.encode([sentence])
-    positions = tuple(text.positions(sentence, ["sks", subject.noun]))
+    sentences = subject.training_prompts(cfg.captions)
     x = torch.from_numpy(subject.model_images().transpose(0, 3, 1, 2).copy())  # (N, 3, H, W)
-    items = [CalibrationItem(x[i : i + 1], cond, positions) for i in range(min(3, len(x)))]
+    items = []
+    for i in range(min(3, len(x))):
+        sentence = sentences[i % len(sentences)]
+        positions = tuple(text.positions(sentence, ["sks", subject.noun]))
+        items.append(CalibrationItem(x[i : i + 1], text.encode([sentence]), positions))
     scores = score_blocks(loaded.adapter, loaded.objective, items, noise_levels=cfg.selection_noise_levels,
                           noises=1, seed=cfg.seed)
     return choose_blocks(scores, min(cfg.top_k, len(scores))), [float(s) for s in scores]
@@ -192,7 +198,8 @@ class Runner:
             "reference_check": metrics.reference_check(load_subjects()),  # every shipped subject
             "per_subject": per_subject,
             "config": {**asdict(cfg), "model_dir": self.path, "images": sum(len(v) for v in self.prompts.values()),
-                       "training_prompt": "a sks <noun>", "generation_seed": "seed + subject index",
+                       "training_prompts": {s.name: s.training_prompts(cfg.captions) for s in self.subjects},
+                       "generation_seed": "seed + subject index",
                        "tracked_steps": TRACKED_STEPS},
             "selection_s": self.selection_s,
         }
@@ -219,7 +226,7 @@ class Runner:
             chosen, block_scores = select_blocks(self.loaded, self.text, subject, cfg)
             self.selection_s += time.perf_counter() - t0
         run.record.update(blocks=list(chosen), block_scores=block_scores)
-        cond = self.text.encode([subject.train_prompt])
+        cond = self.text.encode(subject.training_prompts(cfg.captions))
         for variant in VARIANTS:
             self.bar.set_postfix_str(f"{subject.name}: train {variant}")
             mcfg = MethodConfig(variant, blocks=tuple(chosen), lora=self.lora, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed)

@@ -34,6 +34,14 @@ _POSITIONS = (
 _SCALES = (0.15, 0.17, 0.13, 0.16, 0.14)  # radius as a fraction of the side, per reference
 
 
+CAPTION_MODES = ("per-image", "token")
+
+
+def size_word(scale: float) -> str:
+    """The world's size word ("small", "large") whose radius fraction is nearest scale."""
+    return min(world.SIZE_FRAC, key=lambda k: abs(world.SIZE_FRAC[k] - scale))
+
+
 @dataclass(frozen=True)
 class Reference:
     file: str
@@ -62,6 +70,21 @@ class Subject:
     @property
     def train_prompt(self) -> str:
         return f"a {TOKEN} {self.noun}"
+
+    @property
+    def captions(self) -> list[str]:
+        """Each reference captioned as the world captions its images, with the token where the colour goes:
+        "a large sks star on a blue background, top left" (size: the world's size nearest the reference's)."""
+        return [f"a {size_word(r.scale)} {TOKEN} {self.noun} on a {r.background} background, {r.position}"
+                for r in self.references]
+
+    def training_prompts(self, mode: str) -> list[str]:
+        """The prompts personalization trains on: one per reference ("per-image") or "a sks <noun>" ("token")."""
+        if mode == "per-image":
+            return self.captions
+        if mode == "token":
+            return [self.train_prompt]
+        raise ValueError(f"unknown caption mode {mode!r}; one of {CAPTION_MODES}")
 
     def model_images(self) -> np.ndarray:
         """The references as (N, H, W, 3) float32 in [-1, 1] (the pixel model's space)."""

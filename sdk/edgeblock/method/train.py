@@ -7,7 +7,7 @@ skip: block skipping at full resolution.                  blockskip: both (DiT-B
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,14 +25,26 @@ VARIANTS = ("standard_lora", "patch", "skip", "blockskip")
 
 @dataclass
 class Conditioning:
-    """Text conditioning for one prompt (batch 1); broadcast over a batch of draws."""
+    """Text conditioning: one prompt (batch 1), broadcast over a batch of draws, or one row per prompt."""
 
-    text: Tensor  # (1, Lt, Dt)
-    pooled: Tensor | None = None  # (1, Dp)
-    mask: Tensor | None = None  # (1, Lt)
+    text: Tensor  # (K, Lt, Dt)
+    pooled: Tensor | None = None  # (K, Dp)
+    mask: Tensor | None = None  # (K, Lt)
+
+    @property
+    def rows(self) -> int:
+        return int(self.text.shape[0])
+
+    def take(self, index: Tensor | Sequence[int]) -> Conditioning:
+        """The rows at index (one per draw), e.g. each draw's own image caption."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Conditioning(pick(self.text), pick(self.pooled), pick(self.mask))
 
     def inputs(self, latents: Tensor, timestep: Tensor, guidance: float | None = None) -> DiTInputs:
         n = latents.shape[0]
+        if self.rows not in (1, n):
+            raise ValueError(f"conditioning has {self.rows} rows for a batch of {n}")
         rep = lambda t: None if t is None else t.expand(n, *t.shape[1:])  # noqa: E731
         g = None if guidance is None else torch.full((n,), float(guidance))
         return DiTInputs(latents, timestep, rep(self.text), rep(self.pooled), rep(self.mask), g)
@@ -94,11 +106,13 @@ class DrawSampler:
         self.g = torch.Generator().manual_seed(seed)
         self.encode = encode
 
-    def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """n draws: clean x0 (a crop or the whole image), noise, noise level, and the image index of each."""
         t = self.objective.sample_t(self.g, n)
-        crops = []
+        crops, index = [], []
         for k in range(n):
-            img = self.images[int(self.rng.integers(0, len(self.images)))]
+            index.append(int(self.rng.integers(0, len(self.images))))
+            img = self.images[index[-1]]
             if self.sampler is not None:
                 img, _ = self.sampler.sample(self.rng, img, float(t[k]))
             crops.append(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
@@ -106,7 +120,7 @@ class DrawSampler:
         if self.encode is not None:
             x0 = self.encode(x0)
         eps = torch.randn(x0.shape, generator=self.g)
-        return x0, eps, t
+        return x0, eps, t, index
 
 
 class Trainer:
@@ -120,6 +134,9 @@ class Trainer:
         images: np.ndarray,
         encode: Callable[[Tensor], Tensor] | None = None,
     ):
+        if cond.rows not in (1, len(images)):
+            raise ValueError(f"conditioning has {cond.rows} rows for {len(images)} images: give one prompt, "
+                             "or one per image")
         self.model, self.cfg, self.cond = model, cfg, cond
         adapter = model.adapter
         full = images.shape[1]
@@ -136,8 +153,9 @@ class Trainer:
     def chunk(self) -> tuple[DiTInputs, Tensor]:
         """One batch of draws as model inputs and targets."""
         obj = self.model.objective
-        x0, eps, t = self.draws.draw(self.cfg.batch)
-        x = self.cond.inputs(obj.noisy(x0, eps, t), obj.timestep(t), self.cfg.guidance)
+        x0, eps, t, index = self.draws.draw(self.cfg.batch)
+        cond = self.cond if self.cond.rows == 1 else self.cond.take(index)
+        x = cond.inputs(obj.noisy(x0, eps, t), obj.timestep(t), self.cfg.guidance)
         return x, obj.target(x0, eps, t)
 
     def precompute(self, chunks: list[tuple[DiTInputs, Tensor]], on_block=None) -> list[Precomputed]:
