@@ -96,6 +96,23 @@ class PatchSampler:
         return resize(crop(image, box), self.train_res), box
 
 
+def crop_token_ids(box: CropBox, res: int, patch: int) -> np.ndarray:
+    """FLUX position ids (0, row, col) of a crop resized to res x res and packed patch x patch: each token
+    at the full image's token coordinates of its centre, (N, 3) float32. A crop of the image's own size
+    gets the plain token grid (0 .. n-1); the whole image at half resolution gets 2i + 0.5, the
+    coordinates the built-in model trains its low-resolution batches at (`--low-res-ids scaled`)."""
+    if res % patch:
+        raise ValueError(f"training resolution {res} is not divisible by the packing factor {patch}")
+    n = res // patch
+    centres = (np.arange(n, dtype=np.float64) + 0.5) * box.size / n  # pixels, inside the crop
+    rows = (box.top + centres) / patch - 0.5
+    cols = (box.left + centres) / patch - 0.5
+    ids = np.zeros((n, n, 3), dtype=np.float32)
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(n * n, 3)
+
+
 def crop(image: np.ndarray, box: CropBox) -> np.ndarray:
     return image[box.top : box.top + box.size, box.left : box.left + box.size]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -224,3 +226,70 @@ def test_per_image_conditioning_gives_each_draw_its_own_images_prompt():
         Trainer(loaded, MethodConfig("standard_lora", lora=LoRASpec(rank=2)), cond.take([0, 1]), images)
     with pytest.raises(ValueError, match="3 rows for a batch of 2"):
         cond.inputs(torch.zeros(2, *images.shape[1:]).permute(0, 3, 1, 2), torch.zeros(2))
+
+
+def test_crop_token_ids_place_a_crop_at_the_coordinates_it_was_cut_from():
+    from edge_runtime import flow
+    from edge_runtime.patch_sampling import CropBox, crop_token_ids
+    from edgeblock.builtin.train_base import low_res_ids
+
+    assert np.array_equal(crop_token_ids(CropBox(0, 0, 64), 64, 4), flow.image_ids(16, 16))  # no resize: the grid
+    assert np.allclose(crop_token_ids(CropBox(0, 0, 64), 32, 4), low_res_ids(32, "scaled"))  # whole image, half res
+    ids = crop_token_ids(CropBox(16, 8, 32), 32, 4).reshape(8, 8, 3)  # a native-scale crop: shifted grid
+    assert np.array_equal(ids[:, 0, 1], np.arange(4, 12)) and np.array_equal(ids[0, :, 2], np.arange(2, 10))
+    ids = crop_token_ids(CropBox(0, 16, 48), 32, 4).reshape(8, 8, 3)  # 48 px -> 32: spacing 1.5
+    assert np.allclose(np.diff(ids[0, :, 2]), 1.5) and ids[0, 0, 2] == pytest.approx(16 / 4 + 0.75 - 0.5)
+    with pytest.raises(ValueError, match="not divisible"):
+        crop_token_ids(CropBox(0, 0, 64), 30, 4)
+
+
+def test_per_sample_position_ids_equal_running_each_sample_alone():
+    from edge_runtime import flow
+
+    preset, model, adapter = _setup("flux")
+    x = make_inputs(preset, batch=2, seed=4)
+    side = preset.latent_size // adapter.pack
+    grid = torch.from_numpy(flow.image_ids(side, side))
+    ids = torch.stack([grid * 1.5 + 2.0, grid + 3.0])  # two different placements
+
+    def run(inp):
+        state, ctx = adapter.prologue(inp)
+        for i in range(adapter.num_blocks):
+            state = adapter.run_block(adapter.build_block(i), i, state, ctx)
+        return adapter.epilogue(state, ctx)
+
+    with torch.no_grad():
+        both = run(replace(x, img_ids=ids))
+        for k in range(2):
+            one = replace(x, latents=x.latents[k : k + 1], timestep=x.timestep[k : k + 1], text=x.text[k : k + 1],
+                          pooled=x.pooled[k : k + 1], img_ids=ids[k])
+            assert (run(one)[0] - both[k]).abs().max().item() <= 1e-5
+        plain = run(x)
+        assert (run(replace(x, img_ids=torch.stack([grid, grid]))) - plain).abs().max().item() <= 1e-5
+        assert (both - plain).abs().max().item() > 1e-4  # positions matter
+    with pytest.raises(ValueError, match="one set of img_ids"):
+        adapter.reference_forward(model, replace(x, img_ids=ids))
+
+
+def test_trainer_gives_crops_their_image_coordinates():
+    from edge_runtime.patch_sampling import crop_token_ids
+
+    preset, model, adapter = _setup("flux")
+    loaded, images = _loaded(adapter, "flux"), _images(preset, n=2)
+    cfg = MethodConfig("blockskip", blocks=(1,), lora=LoRASpec(rank=2), batch=3, seed=1, crop_ids="image")
+    tr = Trainer(loaded, cfg, _cond(preset), images)
+    seen = []
+    draw = tr.draws.draw
+    tr.draws.draw = lambda n: (lambda out: (seen.append(out[4]), out)[1])(draw(n))
+    x, target = tr.chunk()
+    (boxes,) = seen
+    res = preset.latent_size // 2
+    want = np.stack([crop_token_ids(b, res, adapter.pack) for b in boxes])
+    assert x.img_ids.shape == want.shape and np.array_equal(x.img_ids.numpy(), want)
+    assert np.isfinite(tr.train_on(tr.precompute([(x, target)])[0]))
+    assert Trainer(loaded, replace(cfg, variant="skip"), _cond(preset), images).chunk()[0].img_ids is None
+    sd3 = _setup("sd3")
+    with pytest.raises(ValueError, match="needs FLUX's position ids"):
+        Trainer(_loaded(sd3[2], "sd3"), cfg, _cond(sd3[0]), _images(sd3[0]))
+    with pytest.raises(ValueError, match="crop_ids"):
+        MethodConfig("patch", crop_ids="box")

@@ -136,7 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     results = run_eval(args.out, model=args.model, quick=args.quick, steps=args.steps, seed=args.seed,
                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
-                       lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions)
+                       lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
+                       crop_ids=args.crop_ids)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -471,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--captions", choices=("per-image", "token"), default=None,
                    help="training prompts: each reference's own caption, 'a large sks star on a blue background, "
                         "top left' (per-image, default), or 'a sks <noun>' for every reference (token)")
+    e.add_argument("--crop-ids", choices=("grid", "image"), default=None,
+                   help="position ids of the patch rows' crops: their own token grid (grid, default) or the "
+                        "coordinates of the place in the image they were cut from (image)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..method.train import VARIANTS, MethodConfig, Trainer
+from ..method.train import CROP_IDS, VARIANTS, MethodConfig, Trainer
 from . import metrics
 from .subjects import CAPTION_MODES, Subject, load_subjects
 
@@ -42,6 +42,7 @@ class EvalConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     captions: str = "per-image"  # training prompts: each reference's caption, or "a sks <noun>" for all ("token")
+    crop_ids: str = "grid"  # patch rows: a crop's position ids, its own token grid or the image's ("image")
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
     top_k: int = 2  # blocks selection picks
     selection_noise_levels: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -57,6 +58,8 @@ class EvalConfig:
         for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.crop_ids not in CROP_IDS:
+            raise ValueError(f"crop_ids must be one of {CROP_IDS}, got {self.crop_ids!r}")
         if self.captions not in CAPTION_MODES:
             raise ValueError(f"captions must be one of {CAPTION_MODES}, got {self.captions!r}")
         if not self.lr > 0:
@@ -229,7 +232,8 @@ class Runner:
         cond = self.text.encode(subject.training_prompts(cfg.captions))
         for variant in VARIANTS:
             self.bar.set_postfix_str(f"{subject.name}: train {variant}")
-            mcfg = MethodConfig(variant, blocks=tuple(chosen), lora=self.lora, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed)
+            mcfg = MethodConfig(variant, blocks=tuple(chosen), lora=self.lora, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed,
+                                crop_ids=cfg.crop_ids)
             trainer = self._train(variant, mcfg, cond, subject.model_images(), track=si == 0)
             trained = {int(i): b.eval() for i, b in trainer.net.blocks.items()}
             with swapped_blocks(self.transformer, self.loaded.adapter.block_names, trained):

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edge_runtime.patch_sampling import PatchSampler, PatchSchedule
+from edge_runtime.patch_sampling import CropBox, PatchSampler, PatchSchedule, crop_token_ids
 
 from ..models import DiTInputs, LoadedModel, Objective
 from .blockskip import BlockSkipModel, Precomputed, SkipPlan, precompute
 from .lora import LoRASpec
 
 VARIANTS = ("standard_lora", "patch", "skip", "blockskip")
+CROP_IDS = ("grid", "image")
 
 
 @dataclass
@@ -41,13 +42,14 @@ class Conditioning:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Conditioning(pick(self.text), pick(self.pooled), pick(self.mask))
 
-    def inputs(self, latents: Tensor, timestep: Tensor, guidance: float | None = None) -> DiTInputs:
+    def inputs(self, latents: Tensor, timestep: Tensor, guidance: float | None = None,
+               img_ids: Tensor | None = None) -> DiTInputs:
         n = latents.shape[0]
         if self.rows not in (1, n):
             raise ValueError(f"conditioning has {self.rows} rows for a batch of {n}")
         rep = lambda t: None if t is None else t.expand(n, *t.shape[1:])  # noqa: E731
         g = None if guidance is None else torch.full((n,), float(guidance))
-        return DiTInputs(latents, timestep, rep(self.text), rep(self.pooled), rep(self.mask), g)
+        return DiTInputs(latents, timestep, rep(self.text), rep(self.pooled), rep(self.mask), g, img_ids)
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,15 @@ class MethodConfig:
     batch: int = 1
     seed: int = 0
     guidance: float | None = 1.0  # for guidance-distilled models
+    # positions of a crop's tokens (patch variants, FLUX): its own token grid, or the full image's
+    # coordinates of the place it was cut from ("image")
+    crop_ids: str = "grid"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not one of {VARIANTS}")
+        if self.crop_ids not in CROP_IDS:
+            raise ValueError(f"crop_ids {self.crop_ids!r} is not one of {CROP_IDS}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
 
@@ -106,21 +113,23 @@ class DrawSampler:
         self.g = torch.Generator().manual_seed(seed)
         self.encode = encode
 
-    def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """n draws: clean x0 (a crop or the whole image), noise, noise level, and the image index of each."""
+    def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor, list[int], list[CropBox | None]]:
+        """n draws: clean x0 (a crop or the whole image), noise, noise level, and per draw the image index
+        and the crop box (None without patch sampling)."""
         t = self.objective.sample_t(self.g, n)
-        crops, index = [], []
+        crops, index, boxes = [], [], []
         for k in range(n):
             index.append(int(self.rng.integers(0, len(self.images))))
-            img = self.images[index[-1]]
+            img, box = self.images[index[-1]], None
             if self.sampler is not None:
-                img, _ = self.sampler.sample(self.rng, img, float(t[k]))
+                img, box = self.sampler.sample(self.rng, img, float(t[k]))
+            boxes.append(box)
             crops.append(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
         x0 = torch.stack(crops)  # (n, C, r, r)
         if self.encode is not None:
             x0 = self.encode(x0)
         eps = torch.randn(x0.shape, generator=self.g)
-        return x0, eps, t, index
+        return x0, eps, t, index, boxes
 
 
 class Trainer:
@@ -137,6 +146,10 @@ class Trainer:
         if cond.rows not in (1, len(images)):
             raise ValueError(f"conditioning has {cond.rows} rows for {len(images)} images: give one prompt, "
                              "or one per image")
+        if cfg.crop_ids == "image" and cfg.uses_patches and model.adapter.family != "flux":
+            raise ValueError(f"crop_ids='image' needs FLUX's position ids; {model.adapter.family} has none")
+        if cfg.crop_ids == "image" and cfg.uses_patches and encode is not None:
+            raise ValueError("crop_ids='image' is for pixel-space models (the crop box is in latent tokens)")
         self.model, self.cfg, self.cond = model, cfg, cond
         adapter = model.adapter
         full = images.shape[1]
@@ -153,9 +166,13 @@ class Trainer:
     def chunk(self) -> tuple[DiTInputs, Tensor]:
         """One batch of draws as model inputs and targets."""
         obj = self.model.objective
-        x0, eps, t, index = self.draws.draw(self.cfg.batch)
+        x0, eps, t, index, boxes = self.draws.draw(self.cfg.batch)
         cond = self.cond if self.cond.rows == 1 else self.cond.take(index)
-        x = cond.inputs(obj.noisy(x0, eps, t), obj.timestep(t), self.cfg.guidance)
+        ids = None
+        if self.cfg.crop_ids == "image" and self.cfg.uses_patches:
+            res, p = x0.shape[-1], self.model.adapter.pack
+            ids = torch.from_numpy(np.stack([crop_token_ids(b, res, p) for b in boxes]))  # (B, N, 3)
+        x = cond.inputs(obj.noisy(x0, eps, t), obj.timestep(t), self.cfg.guidance, ids)
         return x, obj.target(x0, eps, t)
 
     def precompute(self, chunks: list[tuple[DiTInputs, Tensor]], on_block=None) -> list[Precomputed]:

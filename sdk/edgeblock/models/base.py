@@ -33,6 +33,9 @@ class DiTInputs:
     pooled:    (B, Dp) pooled text embedding (FLUX, SD3) or None
     text_mask: (B, Lt) 1 = keep, 0 = padding (PixArt, Sana) or None
     guidance:  (B,) guidance for guidance-distilled models, or None
+    img_ids:   FLUX only: image-token position ids (0, row, col), (N, 3) shared or (B, N, 3) per sample
+               (a patch-sampled crop at the coordinates of the place it was cut from); None: the
+               latent's own token grid
     """
 
     latents: Tensor
@@ -41,6 +44,7 @@ class DiTInputs:
     pooled: Tensor | None = None
     text_mask: Tensor | None = None
     guidance: Tensor | None = None
+    img_ids: Tensor | None = None
 
 
 class WeightSource:

@@ -6,16 +6,49 @@ its 16-channel VAE, 4 for the built-in 3-channel pixel model).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers import transformer_flux
 from torch import Tensor, nn
 
 from edge_runtime import flow
 
 from .base import DiTAdapter, DiTInputs, State, patchify, unpatchify
+
+
+_rope = transformer_flux.apply_rotary_emb
+
+
+def _rope_per_sample(x: Tensor, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1,
+                     sequence_dim: int = 2) -> Tensor:
+    """diffusers' apply_rotary_emb, also for per-sample (B, S, D) cos/sin (each sample its own positions)."""
+    cos, sin = freqs_cis
+    if cos.ndim == 2:
+        return _rope(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
+    if not use_real or use_real_unbind_dim != -1:
+        raise NotImplementedError("per-sample rotary embeddings: only FLUX's real, interleaved form")
+    if sequence_dim == 1:  # x (B, S, H, D)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    else:  # x (B, H, S, D)
+        cos, sin = cos[:, None, :, :], sin[:, None, :, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos.to(x.device) + rotated.float() * sin.to(x.device)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def per_sample_rotary() -> Iterator[None]:
+    """FLUX's attention accepting per-sample rotary tables while the context is open."""
+    transformer_flux.apply_rotary_emb = _rope_per_sample
+    try:
+        yield
+    finally:
+        transformer_flux.apply_rotary_emb = _rope
 
 
 class FluxAdapter(DiTAdapter):
@@ -52,7 +85,7 @@ class FluxAdapter(DiTAdapter):
             "encoder_hidden_states": x.text,
             "pooled_projections": x.pooled,
             "timestep": x.timestep / 1000.0,  # the model multiplies by 1000 itself
-            "img_ids": torch.from_numpy(flow.image_ids(h // p, w // p)),
+            "img_ids": torch.from_numpy(flow.image_ids(h // p, w // p)) if x.img_ids is None else x.img_ids,
             "txt_ids": torch.zeros(x.text.shape[1], 3),
             "guidance": x.guidance if self.config.get("guidance_embeds") else None,
         }
@@ -66,19 +99,28 @@ class FluxAdapter(DiTAdapter):
         else:
             temb = m.time_text_embed(t, a["pooled_projections"])  # (B, D)
         txt = m.context_embedder(a["encoder_hidden_states"])  # (B, Lt, D)
-        rotary = m.pos_embed(torch.cat((a["txt_ids"], a["img_ids"]), dim=0))  # (cos, sin), (Lt+N, head_dim)
+        ids = a["img_ids"]
+        if ids.ndim == 2:
+            rotary = m.pos_embed(torch.cat((a["txt_ids"], ids), dim=0))  # (cos, sin), (Lt+N, head_dim)
+        else:  # per sample: (cos, sin), (B, Lt+N, head_dim)
+            if ids.shape[0] != img.shape[0]:
+                raise ValueError(f"img_ids for {ids.shape[0]} samples, latents for {img.shape[0]}")
+            per = [m.pos_embed(torch.cat((a["txt_ids"], ids[k]), dim=0)) for k in range(ids.shape[0])]
+            rotary = (torch.stack([c for c, _ in per]), torch.stack([s for _, s in per]))
         b, c, h, w = x.latents.shape
         return (img, txt), {"temb": temb, "rotary": rotary, "shape": (c, h, w)}
 
     def run_block(self, block: nn.Module, i: int, state: State, ctx: dict[str, Any]) -> State:
         img, txt = state
-        txt, img = block(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            temb=ctx["temb"],
-            image_rotary_emb=ctx["rotary"],
-            joint_attention_kwargs=None,
-        )
+        batched = ctx["rotary"][0].ndim == 3
+        with per_sample_rotary() if batched else contextlib.nullcontext():
+            txt, img = block(
+                hidden_states=img,
+                encoder_hidden_states=txt,
+                temb=ctx["temb"],
+                image_rotary_emb=ctx["rotary"],
+                joint_attention_kwargs=None,
+            )
         return (img, txt)
 
     def epilogue(self, state: State, ctx: dict[str, Any]) -> Tensor:
@@ -91,6 +133,9 @@ class FluxAdapter(DiTAdapter):
         return block.attn
 
     def reference_forward(self, model: nn.Module, x: DiTInputs) -> Tensor:
+        if x.img_ids is not None and x.img_ids.ndim == 3:
+            raise ValueError("the diffusers model takes one set of img_ids per batch; run per-sample ids "
+                             "through the block graph")
         a = self._model_args(x)
         out = model(**a, return_dict=False)[0]
         c, h, w = x.latents.shape[1:]
