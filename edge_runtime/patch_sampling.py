@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .flow import image_ids
+
 SCHEDULE_KINDS = ("linear", "cosine", "step")
 
 
@@ -104,13 +106,11 @@ def crop_token_ids(box: CropBox, res: int, patch: int) -> np.ndarray:
     if res % patch:
         raise ValueError(f"training resolution {res} is not divisible by the packing factor {patch}")
     n = res // patch
-    centres = (np.arange(n, dtype=np.float64) + 0.5) * box.size / n  # pixels, inside the crop
-    rows = (box.top + centres) / patch - 0.5
-    cols = (box.left + centres) / patch - 0.5
-    ids = np.zeros((n, n, 3), dtype=np.float32)
-    ids[..., 1] = rows[:, None]
-    ids[..., 2] = cols[None, :]
-    return ids.reshape(n * n, 3)
+    step = box.size / n / patch  # full-image tokens per crop token
+    ids = image_ids(n, n)
+    ids[:, 1] = box.top / patch + (ids[:, 1] + 0.5) * step - 0.5
+    ids[:, 2] = box.left / patch + (ids[:, 2] + 0.5) * step - 0.5
+    return ids
 
 
 def crop(image: np.ndarray, box: CropBox) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from edge_runtime import flow
+from edge_runtime.patch_sampling import CropBox, crop_token_ids
 
 from . import world
 from .assess import assess, confusion_table
@@ -108,14 +109,11 @@ def low_res_ids(low: int, mode: str) -> np.ndarray:
     "scaled": the full-resolution coordinates of the same places (token centres), so that a caption's
     position ("bottom right") sits at the same rotary coordinates at both resolutions: FLUX's text
     tokens sit at the origin, so an image token's offset from them is its absolute position."""
-    n = low // PATCH
-    ids = flow.image_ids(n, n)
     if mode == "scaled":
-        k = SIZE / low
-        ids[:, 1:] = ids[:, 1:] * k + (k - 1) / 2
-    elif mode != "grid":
+        return crop_token_ids(CropBox(0, 0, SIZE), low, PATCH)
+    if mode != "grid":
         raise ValueError(f"unknown low-res ids mode {mode!r}; one of grid, scaled")
-    return ids
+    return flow.image_ids(low // PATCH, low // PATCH)
 
 
 def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None, t_shift: float = 1.0):

@@ -80,6 +80,10 @@ class MethodConfig:
         return self.variant in ("patch", "blockskip")
 
     @property
+    def crops_at_image_ids(self) -> bool:
+        return self.uses_patches and self.crop_ids == "image"
+
+    @property
     def uses_skip(self) -> bool:
         return self.variant in ("skip", "blockskip")
 
@@ -146,9 +150,9 @@ class Trainer:
         if cond.rows not in (1, len(images)):
             raise ValueError(f"conditioning has {cond.rows} rows for {len(images)} images: give one prompt, "
                              "or one per image")
-        if cfg.crop_ids == "image" and cfg.uses_patches and model.adapter.family != "flux":
+        if cfg.crops_at_image_ids and model.adapter.family != "flux":
             raise ValueError(f"crop_ids='image' needs FLUX's position ids; {model.adapter.family} has none")
-        if cfg.crop_ids == "image" and cfg.uses_patches and encode is not None:
+        if cfg.crops_at_image_ids and encode is not None:
             raise ValueError("crop_ids='image' is for pixel-space models (the crop box is in latent tokens)")
         self.model, self.cfg, self.cond = model, cfg, cond
         adapter = model.adapter
@@ -169,7 +173,7 @@ class Trainer:
         x0, eps, t, index, boxes = self.draws.draw(self.cfg.batch)
         cond = self.cond if self.cond.rows == 1 else self.cond.take(index)
         ids = None
-        if self.cfg.crop_ids == "image" and self.cfg.uses_patches:
+        if self.cfg.crops_at_image_ids:
             res, p = x0.shape[-1], self.model.adapter.pack
             ids = torch.from_numpy(np.stack([crop_token_ids(b, res, p) for b in boxes]))  # (B, N, 3)
         x = cond.inputs(obj.noisy(x0, eps, t), obj.timestep(t), self.cfg.guidance, ids)

@@ -105,8 +105,9 @@ class FluxAdapter(DiTAdapter):
         else:  # per sample: (cos, sin), (B, Lt+N, head_dim)
             if ids.shape[0] != img.shape[0]:
                 raise ValueError(f"img_ids for {ids.shape[0]} samples, latents for {img.shape[0]}")
-            per = [m.pos_embed(torch.cat((a["txt_ids"], ids[k]), dim=0)) for k in range(ids.shape[0])]
-            rotary = (torch.stack([c for c, _ in per]), torch.stack([s for _, s in per]))
+            b = ids.shape[0]
+            rows = torch.cat((a["txt_ids"].expand(b, -1, -1), ids), dim=1)  # (B, Lt+N, 3)
+            rotary = tuple(r.reshape(b, rows.shape[1], -1) for r in m.pos_embed(rows.reshape(-1, 3)))
         b, c, h, w = x.latents.shape
         return (img, txt), {"temb": temb, "rotary": rotary, "shape": (c, h, w)}
 
