@@ -16,6 +16,9 @@ from PIL import Image
 from .flow import image_ids
 
 SCHEDULE_KINDS = ("linear", "cosine", "step")
+# position ids of a training crop's tokens (FLUX): its own token grid, or the image coordinates of the place
+# it was cut from (crop_position)
+CROP_IDS = ("grid", "image")
 
 
 @dataclass(frozen=True)
@@ -98,19 +101,36 @@ class PatchSampler:
         return resize(crop(image, box), self.train_res), box
 
 
+GRID_POSITION = (0.0, 0.0, 1.0)  # crop_position of a crop that is the whole image at its own size
+
+
+def crop_position(box: CropBox, res: int, patch: int) -> np.ndarray:
+    """Where a crop resized to res x res and packed patch x patch sits in the full image, as FLUX position
+    ids: (row0, col0, step) float32, token (i, j) of the crop at the full image's token coordinates
+    (row0 + i * step, col0 + j * step) of its centre. `patch` is the pixels per token (the packing factor
+    times the VAE's downsampling). (0, 0, 1) is the plain token grid; the on-device prologue graph takes
+    this vector as its `crop` input."""
+    if res % patch:
+        raise ValueError(f"training resolution {res} is not divisible by the packing factor {patch}")
+    step = box.size / res  # full-image tokens per crop token
+    return np.array([box.top / patch + 0.5 * step - 0.5, box.left / patch + 0.5 * step - 0.5, step], np.float32)
+
+
+def position_ids(position: np.ndarray, n: int) -> np.ndarray:
+    """The (n * n, 3) position ids of an n x n token grid placed by crop_position's (row0, col0, step)."""
+    p = np.asarray(position, np.float32)
+    ids = image_ids(n, n)
+    ids[:, 1] = p[0] + ids[:, 1] * p[2]
+    ids[:, 2] = p[1] + ids[:, 2] * p[2]
+    return ids
+
+
 def crop_token_ids(box: CropBox, res: int, patch: int) -> np.ndarray:
     """FLUX position ids (0, row, col) of a crop resized to res x res and packed patch x patch: each token
     at the full image's token coordinates of its centre, (N, 3) float32. A crop of the image's own size
     gets the plain token grid (0 .. n-1); the whole image at half resolution gets 2i + 0.5, the
     coordinates the built-in model trains its low-resolution batches at (`--low-res-ids scaled`)."""
-    if res % patch:
-        raise ValueError(f"training resolution {res} is not divisible by the packing factor {patch}")
-    n = res // patch
-    step = box.size / n / patch  # full-image tokens per crop token
-    ids = image_ids(n, n)
-    ids[:, 1] = box.top / patch + (ids[:, 1] + 0.5) * step - 0.5
-    ids[:, 2] = box.left / patch + (ids[:, 2] + 0.5) * step - 0.5
-    return ids
+    return position_ids(crop_position(box, res, patch), res // patch)
 
 
 def crop(image: np.ndarray, box: CropBox) -> np.ndarray:

@@ -120,6 +120,11 @@ class DrawPlan:
         ps = dict(m.patch_schedule)
         self.sampler = PatchSampler(PatchSchedule.from_dict(ps), int(m.train_res))
         self.train_res = int(m.train_res)
+        # "image": a crop's tokens at the full image's position ids of the place it was cut from (FLUX
+        # bundles compiled with --crop-ids image); "grid" (older bundles): the crop's own token grid
+        self.crop_ids = ps.get("crop_ids", "grid")
+        if self.crop_ids == "image" and not bundle.token_pixels:
+            raise PersonalizeError(f"the bundle asks for image crop ids, which a {m.family} model has no input for")
         if self.objective.get("kind") == "epsilon":
             self._ab = alphas_cumprod(self.objective)
 
@@ -143,7 +148,7 @@ class DrawPlan:
 
     def prologue_feeds(self, d: Draw, text: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """(prologue inputs for draw d, its training target)."""
-        from .patch_sampling import CropBox, crop, resize
+        from .patch_sampling import CropBox, crop, crop_position, resize
 
         img = self.images[d.image]
         x = resize(crop(img, CropBox(*d.box)), self.train_res).transpose(2, 0, 1)[None]
@@ -155,6 +160,8 @@ class DrawPlan:
         else:
             xt, target = (1 - d.t) * x0 + d.t * eps, eps - x0
         feeds = {"latents": xt.astype(np.float32), "timestep": np.array([d.timestep], np.float32), **text}
+        if self.crop_ids == "image":
+            feeds["crop"] = crop_position(CropBox(*d.box), self.train_res, self.bundle.token_pixels)
         if self.bundle.model.get("guidance_embeds"):
             feeds["guidance"] = np.array([1.0], np.float32)
         return feeds, target.astype(np.float32)

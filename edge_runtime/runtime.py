@@ -9,6 +9,7 @@ precompute holds one group's weights at a time.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest, load_manifest
+from .patch_sampling import GRID_POSITION
 from .sampler import sample
 
 
@@ -54,6 +56,10 @@ class Bundle:
         self.latent_channels = int(self.model["latent_channels"])
         self.downsample = int(self.model.get("vae_downsample", 1))
         self.multiple = int(self.model.get("resolution_multiple", 1))
+        # FLUX: pixels per image token, the VAE's downsampling x the packing of latents into tokens
+        # (sqrt(in_channels / latent channels)); what places a training crop's position ids
+        in_ch = int(self.model.get("config", {}).get("in_channels", self.latent_channels))
+        self.token_pixels = self.downsample * math.isqrt(in_ch // self.latent_channels) if m.family == "flux" else None
         self.executor = "onnxruntime"
         self._trt: dict[str, Any] = {}
         if use_tensorrt is not False:
@@ -142,6 +148,8 @@ class Bundle:
                 feeds[n] = acc[n]
             elif n in self.lora_shapes:
                 feeds[n] = lora[n] if lora is not None and n in lora else np.zeros(self.lora_shapes[n], np.float32)
+            elif n == "crop":  # FLUX prologue: image tokens at the latent's own grid (generation)
+                feeds[n] = np.asarray(GRID_POSITION, np.float32)
             else:
                 raise RuntimeError_(f"{name}: no value for input {n!r}")
         outs = sess.run(None, feeds)

@@ -12,6 +12,7 @@ from edgeblock.compile import bundle as bd
 from pipelines import make_tiny_pipeline
 
 from edge_runtime.manifest import ManifestError, load_manifest
+from edge_runtime.runtime import Bundle
 
 pytest.importorskip("onnxruntime.training")
 
@@ -74,6 +75,9 @@ def test_flux_bundle_verify_reuse_and_rebuild(pipes, tmp_path, capsys):
     assert m.family == "flux" and m.trainable == [1] and (m.train_res, m.gen_res) == (32, 64)
     assert [b["group"] for b in m.blocks] == ["frozen/group_00", "trainable/infer", "frozen/group_01"]
     assert m.scheduler and m.patch_schedule["f_min"] == 0.5
+    # training crops' tokens at their image coordinates (the prologue's crop input), 16 px per token
+    assert m.patch_schedule["crop_ids"] == "image" and "crop" in m.graphs["prologue"]["inputs"]
+    assert Bundle(out).token_pixels == 16  # VAE 8 x packing 2
     assert m.lora["rank"] == 2 and m.target == "cpu"
     _check_bundle(out, m, r.verification)
     plan = _plan(out)
@@ -116,7 +120,10 @@ def test_pixart_bundle_with_selection(pipes, tmp_path):
     sel = m.model["selection"]
     assert sel["method"] == "cross-attention masking" and sel["selected"] == m.trainable and len(m.trainable) == 2
     assert (m.train_res, m.gen_res) == (32, 64)
+    assert m.patch_schedule["crop_ids"] == "grid" and "crop" not in m.graphs["prologue"]["inputs"]  # no position ids
     _check_bundle(out, m, r.verification)
+    with pytest.raises(ValueError, match="pixart model has none"):
+        bd.compile_bundle(bd.CompileOptions(pipes["pixart"], str(tmp_path / "c"), blocks=(1,), crop_ids="image"))
 
 
 @pytest.mark.parametrize("family", ["sd3", "sana"])
@@ -148,6 +155,8 @@ def test_bad_input_is_refused_and_leaves_nothing(pipes, tmp_path, capsys):
     _bad(["--model", flux, "--out", str(out), "--blocks", "1", "--gen-res", "64", "--train-res", "40"], capsys,
          "--train-res 40 is not divisible")
     _bad(["--model", flux, "--out", str(out), "--blocks", "1", "--lora-rank", "0"], capsys, "--lora-rank")
+    with pytest.raises(SystemExit):
+        main(["compile", "--model", flux, "--out", str(out), "--blocks", "1", "--crop-ids", "box"])
     sel = tmp_path / "sel.json"
     sel.write_text(json.dumps({"selected": [5], "num_blocks": 3}))
     _bad(["--model", flux, "--out", str(out), "--selection", str(sel)], capsys, "out of range")

@@ -135,3 +135,41 @@ def test_device_generation_equals_the_torch_reference_sampler(builtin_runtime):
         P.torch.randn = real
     assert ours.shape == ref.shape == (64, 64, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_device_draws_place_crops_at_their_image_coordinates(builtin_runtime):
+    """A FLUX bundle (crop_ids image, the default) feeds each draw's crop_position to the prologue: its rotary
+    tables are the torch path's for crop_token_ids of the same box; a grid bundle's are the crop's own grid."""
+    import torch
+    from daemon_util import subject_pngs
+
+    from edge_runtime.patch_sampling import CropBox, crop_token_ids
+    from edge_runtime.personalize import DrawPlan, ImageLimits, decode_images
+    from edgeblock.generate import pixel_model_dir
+    from edgeblock.models import load_model
+    from edgeblock.models.base import DiTInputs
+
+    b = builtin_runtime
+    assert b.manifest.patch_schedule["crop_ids"] == "image" and b.token_pixels == 4
+    imgs, _ = decode_images(subject_pngs(2), ImageLimits(), b.manifest.gen_res)
+    plan = DrawPlan(b, imgs, seed=3)
+    d = next(plan.draw(i) for i in range(100) if plan.draw(i).box[2] < b.manifest.gen_res and plan.draw(i).box[0] > 0)
+    text = b.encode_prompts(["a sks ring"])
+    feeds, _ = plan.prologue_feeds(d, text)
+    got = b.run("prologue", feeds)
+    adapter = load_model(pixel_model_dir("builtin")).adapter
+    ids = crop_token_ids(CropBox(*d.box), plan.train_res, b.token_pixels)
+    x = DiTInputs(latents=torch.from_numpy(feeds["latents"]), timestep=torch.from_numpy(feeds["timestep"]),
+                  text=torch.from_numpy(feeds["text"]), pooled=torch.from_numpy(feeds["pooled"]))
+    with torch.no_grad():
+        _, ctx = adapter.prologue(DiTInputs(**{**x.__dict__, "img_ids": torch.from_numpy(ids)}))
+        _, grid = adapter.prologue(x)
+    for j in (0, 1):
+        want = ctx["rotary"][j].numpy()
+        assert np.abs(got[f"ctx.rotary.{j}"] - want).max() <= 1e-5 * np.abs(want).max()
+    plan.crop_ids = "grid"  # what a bundle compiled with --crop-ids grid (or before it existed) does
+    feeds_grid, _ = plan.prologue_feeds(d, text)
+    assert "crop" not in feeds_grid
+    got_grid = b.run("prologue", feeds_grid)
+    assert np.abs(got_grid["ctx.rotary.0"] - grid["rotary"][0].numpy()).max() <= 1e-5
+    assert np.abs(got_grid["ctx.rotary.0"] - got["ctx.rotary.0"]).max() > 1e-2

@@ -85,7 +85,7 @@ def test_prologue_outputs_match_adapter(tmp_path):
     """FLUX ids are rebuilt in torch inside the graph: rotary tables equal the adapter's at another shape."""
     preset, _, adapter = _setup("flux")
     spec = ox.export_prologue(adapter, make_inputs(preset, batch=2), str(tmp_path / "p.onnx"))
-    assert spec.inputs == ["latents", "timestep", "text", "pooled"]
+    assert spec.inputs == ["latents", "timestep", "text", "pooled", ox.CROP]
     assert spec.ctx["rotary"] == ["ctx.rotary.0", "ctx.rotary.1"] and spec.ctx["shape"]["from"] == ox.HW
     x = make_inputs(preset, batch=1, size=6, seed=2)  # 3x3 tokens, not a square of the export
     with torch.no_grad():
@@ -94,8 +94,30 @@ def test_prologue_outputs_match_adapter(tmp_path):
                 "ctx.rotary.0": ctx["rotary"][0], "ctx.rotary.1": ctx["rotary"][1]}
     r = ox.verify(spec.path, ox.prologue_inputs(x), expected)
     assert r.max_rel <= REL, r
-    got = ox.run_onnx(spec.path, ox.prologue_inputs(x))
+    got = ox.run_onnx(spec.path, ox.prologue_inputs(x))  # no crop fed: the latent's own grid
     assert got[ox.HW].shape == (6, 6)
+
+
+def test_prologue_places_a_training_crop_at_its_image_coordinates(tmp_path):
+    """The `crop` input (crop_position of a box) gives the rotary tables of the torch path's crop_token_ids."""
+    from edge_runtime.patch_sampling import CropBox, crop_position, crop_token_ids
+
+    preset, _, adapter = _setup("flux")
+    spec = ox.export_prologue(adapter, make_inputs(preset, batch=2), str(tmp_path / "p.onnx"))
+    x = make_inputs(preset, batch=1, size=8, seed=3)  # a crop resized to 8 px = 4 x 4 tokens
+    box = CropBox(top=3, left=6, size=11)  # cut from a larger image, at an odd place and scale
+    ids = crop_token_ids(box, 8, adapter.pack)
+    assert not np.allclose(ids, crop_token_ids(CropBox(0, 0, 8), 8, adapter.pack))
+    with torch.no_grad():
+        _, ctx = adapter.prologue(dataclasses.replace(x, img_ids=torch.from_numpy(ids)))
+        _, grid_ctx = adapter.prologue(x)
+    got = ox.run_onnx(spec.path, {**ox.prologue_inputs(x), ox.CROP: crop_position(box, 8, adapter.pack)})
+    for j in (0, 1):
+        want = ctx["rotary"][j].numpy()
+        assert np.abs(got[f"ctx.rotary.{j}"] - want).max() <= 1e-5 * np.abs(want).max()
+        assert np.abs(grid_ctx["rotary"][j].numpy() - want).max() > 1e-2  # the placement changed the tables
+    with pytest.raises(ValueError, match="crop"):
+        ox.export_prologue(adapter, dataclasses.replace(x, img_ids=torch.from_numpy(ids)), str(tmp_path / "q.onnx"))
 
 
 def test_infer_graph_lora_inputs_and_gap_residuals(tmp_path):

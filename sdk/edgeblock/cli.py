@@ -383,6 +383,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, blocks=args.blocks, selection=args.selection, target=args.target,
         train_res=args.train_res, gen_res=args.gen_res, lora_rank=args.lora_rank, precision=args.precision,
         verify=False if args.no_verify else None, seed=args.seed, max_group_mb=args.max_group_mb,
+        crop_ids=args.crop_ids,
     )
     compile_bundle(opts, progress=print)
     return 0
@@ -473,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training prompts: each reference's own caption, 'a large sks star on a blue background, "
                         "top left' (per-image, default), or 'a sks <noun>' for every reference (token)")
     e.add_argument("--crop-ids", choices=("grid", "image"), default=None,
-                   help="position ids of the patch rows' crops: their own token grid (grid, default) or the "
-                        "coordinates of the place in the image they were cut from (image)")
+                   help="position ids of the patch rows' crops: the coordinates of the place in the image they "
+                        "were cut from (image, default; what the daemon does) or their own token grid (grid)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")
@@ -509,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-group-mb", type=float, default=None,
                    help="cap each frozen group's fp32 weights (MiB): the bank precompute holds one group at a time "
                         "(default: the trainable blocks' size; 0: one group per skipped run)")
+    c.add_argument("--crop-ids", choices=("grid", "image"), default=None,
+                   help="FLUX: position ids of the daemon's training crops, the coordinates of the place in the "
+                        "image they were cut from (image, default) or their own token grid (grid)")
     c.set_defaults(func=cmd_compile)
 
     be = sub.add_parser("build-engines", help="build and cache the TensorRT engines of a bundle's frozen groups (on the device)")

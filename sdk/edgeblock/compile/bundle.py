@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.fileio import sha256_file
+from edge_runtime.patch_sampling import CROP_IDS
 from edge_runtime.manifest import (
     MANIFEST,
     TARGETS,
@@ -86,6 +87,7 @@ class CompileOptions:
     select_count: int = 2  # calibration images when selection runs
     gen_batch: int = 2  # generation batch (classifier-free guidance doubles it)
     max_group_mb: float | None = None  # frozen-group size cap (fp32 MiB); None: auto (the trainable blocks' size); 0: no cap
+    crop_ids: str | None = None  # FLUX: a training crop's position ids, "image" (None: FLUX's default) or "grid"
 
     def fingerprint_args(self) -> dict[str, Any]:
         d = asdict(self)
@@ -244,9 +246,13 @@ def compile_bundle(opts: CompileOptions, progress: Callable[[str], None] | None 
         raise ValueError(f"--lora-rank must be >= 1, got {opts.lora_rank}")
     if opts.blocks is not None and opts.selection:
         raise ValueError("give --blocks or --selection, not both")
+    if opts.crop_ids not in (None, *CROP_IDS):
+        raise ValueError(f"--crop-ids {opts.crop_ids!r} is not one of {', '.join(CROP_IDS)}")
     is_bundle = check_out_dir(opts.out)
     loaded = load_model(opts.model)  # ModelError (a ValueError) for unsupported models
     adapter = loaded.adapter
+    if opts.crop_ids == "image" and adapter.family != "flux":
+        raise ValueError(f"--crop-ids image places FLUX's rotary position ids; a {adapter.family} model has none")
     root = loaded.root or loaded.transformer_dir
     builtin = is_builtin(opts.model)
     if not builtin and loaded.root is None:
@@ -479,12 +485,22 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
     }
     manifest = Manifest(
         family=adapter.family, blocks=block_list, trainable=list(plan.trainable), train_res=train_res, gen_res=gen_res,
-        scheduler=objective.to_dict(), patch_schedule={**asdict(PatchSchedule()), "train_res": train_res, "gen_res": gen_res},
+        scheduler=objective.to_dict(),
+        patch_schedule={**asdict(PatchSchedule()), "train_res": train_res, "gen_res": gen_res,
+                        "crop_ids": crop_ids_of(opts, adapter.family)},
         lora={**asdict(lora), "targets": list(lora.targets), "init": "B = 0 (the adapter starts at the base model)",
               "names": "diffusers/PEFT saved names (see graphs.*.lora)"},
         target=opts.target, graphs=graphs, model=model,
     )
     return manifest, verification
+
+
+def crop_ids_of(opts: CompileOptions, family: str) -> str:
+    """The manifest's patch_schedule.crop_ids: FLUX places a training crop's tokens at the image
+    coordinates of the place it was cut from unless told "grid"; the other families have no position ids."""
+    if family != "flux":
+        return "grid"
+    return opts.crop_ids or "image"
 
 
 def sampler_config(root: str | None, objective, family: str = "flux") -> dict[str, Any]:
@@ -521,7 +537,9 @@ def chain_shapes(specs, feeds, sessions) -> tuple[dict[str, dict[str, list[int]]
     acc: dict[str, Any] = dict(feeds)
     shapes = {}
     for spec in specs:
-        shapes[spec.path] = {n: list(np.shape(acc[n])) for n in spec.inputs}
+        # (run_onnx feeds the FLUX prologue's `crop` its default, the grid, when not given)
+        shapes[spec.path] = {n: list(np.shape(acc[n] if n in acc else ox.GRID_POSITION)) for n in spec.inputs
+                             if n in acc or n == ox.CROP}
         acc = ox.run_chain([spec], acc, sessions)
     return shapes, acc
 

@@ -9,8 +9,13 @@ Naming (every graph; feed a graph what `session.get_inputs()` lists, by name):
 - prologue inputs: `latents` (B, C, H, W), `timestep` (B,), `text` (B, Lt, Dt),
   and where the family takes them `pooled` (B, Dp), `text_mask` (B, Lt),
   `guidance` (B,). FLUX position ids are computed inside the graph from the
-  latent shape (ids (0, row, col) for image tokens, zeros for text tokens, as
-  `edge_runtime.flow.image_ids`): no id inputs.
+  latent shape and the FLUX-only input `crop` (3,) = (row0, col0, step): image
+  token (i, j) gets ids (0, row0 + i * step, col0 + j * step), text tokens
+  zeros. (0, 0, 1) is the latent's own grid (`edge_runtime.flow.image_ids`),
+  what generation uses and what `run_onnx` / the runtime feed when no `crop` is
+  given; a patch-sampled training crop passes
+  `edge_runtime.patch_sampling.crop_position` of its box, so its tokens sit at
+  the full image's coordinates of the place it was cut from.
 - state tensors: `state.image` (B, N, D) and, for FLUX/SD3, `state.text`
   (B, Lt, D). Graphs that run blocks output `out.image` / `out.text`; feed
   `out.<slot>` to the next graph as `state.<slot>`. A stream that ended (SD3's
@@ -53,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edge_runtime.patch_sampling import GRID_POSITION
+
 from ..method.blockskip import SkipPlan, split_run
 from ..method.lora import ADAPTER_NAME, LoRASpec, add_lora, lora_parameters
 from ..models.base import DiTAdapter, DiTInputs, State, patchify
@@ -62,6 +69,7 @@ MAX_IR_VERSION = 10  # ONNX Runtime 1.19.2 reads IR <= 10 (FACTS)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers; protobuf's hard limit is 2 GiB
 SLOTS = ("image", "text")
 HW = "ctx.hw"
+CROP = "crop"  # FLUX prologue: (row0, col0, step) placing the image tokens (GRID_POSITION: their own grid)
 
 # Dynamic axes by tensor name (anything else: axis 0 is the batch when its size is the batch).
 _AXES: dict[str, dict[int, str]] = {
@@ -71,6 +79,7 @@ _AXES: dict[str, dict[int, str]] = {
     "pooled": {0: "batch"},
     "text_mask": {0: "batch", 1: "text_tokens"},
     "guidance": {0: "batch"},
+    CROP: {},
     "image": {0: "batch", 1: "tokens"},  # a state / residual slot
     "ctx.temb": {0: "batch"},
     "ctx.embedded_t": {0: "batch"},
@@ -133,7 +142,7 @@ def export_patches(adapter: DiTAdapter | None = None, modules: Sequence[nn.Modul
     - Tensor.unflatten -> reshape over traced sizes;
     - PatchEmbed (PixArt sincos positions): always recompute the positional table
       from the traced grid size instead of using the cached one of the default size;
-    - FLUX: position ids built in torch from the traced latent shape;
+    - FLUX: position ids from the given ones or built in torch from the traced latent shape;
     - PixArt with additional conditions: resolution/aspect from the traced shape.
     """
     from diffusers.models.embeddings import PatchEmbed
@@ -162,12 +171,8 @@ def export_patches(adapter: DiTAdapter | None = None, modules: Sequence[nn.Modul
 
 def _flux_model_args(adapter: DiTAdapter, x: DiTInputs) -> dict[str, Any]:
     """FluxAdapter._model_args with the ids computed by torch ops (traced with the shape)."""
-    _b, _c, h, w = x.latents.shape
     p = adapter.pack
-    gh, gw = h // p, w // p
-    rows = torch.arange(gh, dtype=torch.float32)[:, None].expand(gh, gw)
-    cols = torch.arange(gw, dtype=torch.float32)[None, :].expand(gh, gw)
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    img_ids = x.img_ids if x.img_ids is not None else flux_position_ids(x.latents, p, None)
     txt_ids = x.text.new_zeros((x.text.shape[1], 3)).float()
     return {
         "hidden_states": patchify(x.latents, p),
@@ -178,6 +183,18 @@ def _flux_model_args(adapter: DiTAdapter, x: DiTInputs) -> dict[str, Any]:
         "txt_ids": txt_ids,
         "guidance": x.guidance if adapter.config.get("guidance_embeds") else None,
     }
+
+
+def flux_position_ids(latents: Tensor, pack: int, crop: Tensor | None) -> Tensor:
+    """(N, 3) image-token ids of the latent's token grid, placed by `crop` = (row0, col0, step) when given
+    (torch ops over the traced shape; the same arithmetic as edge_runtime.patch_sampling.position_ids)."""
+    _b, _c, h, w = latents.shape
+    gh, gw = h // pack, w // pack
+    rows = torch.arange(gh, dtype=torch.float32)[:, None].expand(gh, gw)
+    cols = torch.arange(gw, dtype=torch.float32)[None, :].expand(gh, gw)
+    if crop is not None:
+        rows, cols = crop[0] + rows * crop[2], crop[1] + cols * crop[2]
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
 
 
 def _pixart_added_cond(adapter: DiTAdapter, x: DiTInputs) -> dict[str, Tensor | None]:
@@ -481,16 +498,21 @@ def prologue_inputs(x: DiTInputs) -> dict[str, Tensor]:
 
 
 def export_prologue(adapter: DiTAdapter, x: DiTInputs, path: str, *, opset: int = OPSET, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> GraphSpec:
-    """prologue.onnx: latents/timestep/text(/pooled/text_mask/guidance) -> state.* + ctx.* + ctx.hw."""
+    """prologue.onnx: latents/timestep/text(/pooled/text_mask/guidance)(/crop) -> state.* + ctx.* + ctx.hw."""
+    if x.img_ids is not None:
+        raise ValueError("the prologue graph takes the crop's placement as its `crop` input, not img_ids")
     with torch.no_grad():
         state, ctx = adapter.prologue(x)
     layout = CtxLayout.of(ctx)
     slots = state_names(state)
+    flux = adapter.family == "flux"
 
     def fn(named: dict[str, Tensor]) -> dict[str, Tensor]:
+        ids = flux_position_ids(named["latents"], adapter.pack, named[CROP]) if flux else None
         xi = DiTInputs(
             latents=named["latents"], timestep=named["timestep"], text=named["text"],
             pooled=named.get("pooled"), text_mask=named.get("text_mask"), guidance=named.get("guidance"),
+            img_ids=ids,
         )
         s, c = adapter.prologue(xi)
         out = flatten_state(s)
@@ -500,6 +522,8 @@ def export_prologue(adapter: DiTAdapter, x: DiTInputs, path: str, *, opset: int 
         return out
 
     example = prologue_inputs(x)
+    if flux:
+        example[CROP] = torch.tensor(GRID_POSITION, dtype=torch.float32)
     inputs, outputs, axes, ext, _ = export_module(
         fn, example, path, parts={"shell": adapter.shell}, opset=opset, batch=x.latents.shape[0],
         external_threshold=external_threshold, adapter=adapter,
@@ -868,6 +892,8 @@ def run_onnx(sess_or_path: Any, feeds: Mapping[str, Any]) -> dict[str, np.ndarra
     """Run a graph on the feeds it needs (`feeds` may hold more); returns outputs by name."""
     sess = session(sess_or_path) if isinstance(sess_or_path, (str, os.PathLike)) else sess_or_path
     wanted = [i.name for i in sess.get_inputs()]
+    if CROP in wanted and CROP not in feeds:  # the latent's own grid
+        feeds = {**feeds, CROP: np.asarray(GRID_POSITION, np.float32)}
     missing = [n for n in wanted if n not in feeds]
     if missing:
         raise KeyError(f"graph inputs {missing} not in the feeds (have {sorted(feeds)})")

@@ -42,7 +42,7 @@ class EvalConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     captions: str = "per-image"  # training prompts: each reference's caption, or "a sks <noun>" for all ("token")
-    crop_ids: str = "grid"  # patch rows: a crop's position ids, its own token grid or the image's ("image")
+    crop_ids: str = "image"  # patch rows: a crop's position ids, the image's (as FLUX bundles on the daemon) or its own grid
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
     top_k: int = 2  # blocks selection picks
     selection_noise_levels: tuple[float, ...] = (0.25, 0.5, 0.75)

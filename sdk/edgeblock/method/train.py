@@ -14,14 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edge_runtime.patch_sampling import CropBox, PatchSampler, PatchSchedule, crop_token_ids
+from edge_runtime.patch_sampling import CROP_IDS, CropBox, PatchSampler, PatchSchedule, crop_token_ids
 
 from ..models import DiTInputs, LoadedModel, Objective
 from .blockskip import BlockSkipModel, Precomputed, SkipPlan, precompute
 from .lora import LoRASpec
 
 VARIANTS = ("standard_lora", "patch", "skip", "blockskip")
-CROP_IDS = ("grid", "image")
 
 
 @dataclass
