@@ -182,8 +182,10 @@ class FrozenPass:
         self.names = names
         self.first_trainable = first
         # a gap (maximal skipped run after the first trainable block) may span several groups when the
-        # compiler capped group size: its residual is the sum of theirs (s_end - s_start-1 telescopes)
+        # compiler capped group size: its residual is s_end - s_start, taken once at the gap's last group
+        # (the same subtraction, and so the same numbers, as an uncapped bundle's one group)
         self.gap_of: dict[str, str] = {}
+        self.opens_gap: set[str] = set()
         gaps = sorted({k.split(".")[0] for k in self.inputs if k.startswith("gap_")})
         spans = [(int(g.split("_")[1]), int(g.split("_")[2]), g) for g in gaps]
         for n in names[first + 1:]:
@@ -191,8 +193,10 @@ class FrozenPass:
             if g["kind"] != "group":
                 continue
             a, e = g["blocks"][0], g["blocks"][-1]
-            hit = [p for s0, e0, p in spans if s0 <= a and e <= e0]
-            self.gap_of[n] = hit[0] if hit else f"gap_{a}_{e}"
+            hit = [(s0, p) for s0, e0, p in spans if s0 <= a and e <= e0]
+            self.gap_of[n] = hit[0][1] if hit else f"gap_{a}_{e}"
+            if not hit or hit[0][0] == a:
+                self.opens_gap.add(n)
 
     def step(self, pos: int, acc: dict[str, np.ndarray], rec: dict[str, np.ndarray]) -> None:
         """Run graph `pos` of the chain on acc (advancing it) and record what training reads."""
@@ -207,8 +211,10 @@ class FrozenPass:
             for slot, oname in (g.get("state_out") or {}).items():
                 key = f"{prefix}.{slot}"
                 if key in self.inputs:
-                    r = out[oname] - acc[f"state.{slot}"]
-                    rec[key] = rec[key] + r if key in rec else r
+                    start = f"{key}.start"
+                    if name in self.opens_gap:
+                        rec[start] = acc[f"state.{slot}"]
+                    rec[key] = out[oname] - rec[start]
         b.advance(name, acc, out)
         if pos == 0:
             rec.update({k: v for k, v in acc.items() if k.startswith("ctx.") and k in self.inputs})

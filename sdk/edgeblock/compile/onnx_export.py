@@ -134,8 +134,23 @@ class _Patcher:
         self._saved.clear()
 
 
+_GELU = F.gelu
+_TANH_GELU_K = 2.0 * (2.0 / np.pi) ** 0.5  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
+
+
+def gelu_sigmoid_form(x: Tensor, approximate: str = "none") -> Tensor:
+    """F.gelu with its tanh approximation written as x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), the
+    same function. For training graphs only: with a LoRA on the linear layer before a tanh GELU (FLUX's
+    proj_mlp and ff.net.0.proj), the exporter's 0.5 x (1 + tanh(...)) pattern makes ORT 1.19.2's pre-training
+    fusions fail inside generate_artifacts ("Argument mismatch when removing edge"); this form fuses to nothing."""
+    if approximate != "tanh":
+        return _GELU(x, approximate=approximate)
+    return x * torch.sigmoid(_TANH_GELU_K * (x + 0.044715 * x * x * x))
+
+
 @contextlib.contextmanager
-def export_patches(adapter: DiTAdapter | None = None, modules: Sequence[nn.Module] = ()) -> Iterator[None]:
+def export_patches(adapter: DiTAdapter | None = None, modules: Sequence[nn.Module] = (),
+                   training: bool = False) -> Iterator[None]:
     """Make the diffusers code traceable with dynamic shapes; everything is restored on exit.
 
     - F.rms_norm / torch.rms_norm -> decomposed (FLUX/SD3 q/k norms);
@@ -143,13 +158,16 @@ def export_patches(adapter: DiTAdapter | None = None, modules: Sequence[nn.Modul
     - PatchEmbed (PixArt sincos positions): always recompute the positional table
       from the traced grid size instead of using the cached one of the default size;
     - FLUX: position ids from the given ones or built in torch from the traced latent shape;
-    - PixArt with additional conditions: resolution/aspect from the traced shape.
+    - PixArt with additional conditions: resolution/aspect from the traced shape;
+    - training graphs: the tanh GELU in its sigmoid form (gelu_sigmoid_form).
     """
     from diffusers.models.embeddings import PatchEmbed
 
     p = _Patcher()
     try:
         p.set(F, "rms_norm", rms_norm_decomposed)
+        if training:
+            p.set(F, "gelu", gelu_sigmoid_form)
         if hasattr(torch, "rms_norm"):
             p.set(torch, "rms_norm", rms_norm_decomposed)
         p.set(torch.Tensor, "unflatten", _unflatten_traceable)
@@ -429,7 +447,7 @@ def export_module(
     """
     in_names = list(example)
     module = _Graph(fn, in_names, parts)
-    with export_patches(adapter, list(parts.values())), torch.no_grad():
+    with export_patches(adapter, list(parts.values()), training), torch.no_grad():
         ref = fn(dict(example))
     out_names = list(ref)
     axes: dict[str, dict[int, str]] = {}
@@ -440,7 +458,7 @@ def export_module(
                 axes[n] = a
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = os.path.join(tmp, "model.onnx")
-        with export_patches(adapter, list(parts.values())), warnings.catch_warnings():
+        with export_patches(adapter, list(parts.values()), training), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,

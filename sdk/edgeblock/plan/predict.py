@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..method.lora import DEFAULT_TARGETS
 from .calibration import HOST_CPU, Calibration
 from .inventory import Inventory, block_units, load_inventory
 from .targets import GiB, MiB, Target, get_target
 
 PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
 
 
 @dataclass(frozen=True)
