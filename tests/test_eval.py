@@ -286,3 +286,23 @@ def test_per_image_captions_describe_each_reference_in_the_worlds_words(subjects
     assert EvalConfig().captions == "per-image"
     with pytest.raises(ValueError, match="captions must be one of"):
         EvalConfig.make("builtin", captions="both")
+
+
+def test_contiguous_selection_picks_the_best_window(eval_model, subjects):
+    """--contiguous: the window of --top-k consecutive blocks with the largest total masking score."""
+    import dataclasses
+
+    from edgeblock.eval.run import EvalConfig, select_blocks
+    from edgeblock.generate import model_meta, pixel_model_dir
+    from edgeblock.models import load_model
+    from edgeblock.models.pipeline_parts import BuiltinTextStack
+
+    path = pixel_model_dir(eval_model)
+    loaded, text = load_model(path), BuiltinTextStack(model_meta(path)["text_len"])
+    cfg = EvalConfig.make(eval_model, quick=True)
+    top, scores = select_blocks(loaded, text, subjects[0], cfg)
+    win, again = select_blocks(loaded, text, subjects[0], dataclasses.replace(cfg, contiguous=True))
+    assert again == scores and len(scores) == loaded.adapter.num_blocks
+    assert top == sorted(int(i) for i in np.argsort(-np.asarray(scores), kind="stable")[:2])
+    windows = [scores[i] + scores[i + 1] for i in range(len(scores) - 1)]
+    assert win == [int(np.argmax(windows)), int(np.argmax(windows)) + 1]

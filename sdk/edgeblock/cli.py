@@ -137,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = run_eval(args.out, model=args.model, quick=args.quick, steps=args.steps, seed=args.seed,
                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
-                       crop_ids=args.crop_ids)
+                       crop_ids=args.crop_ids, contiguous=args.contiguous or None)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -468,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="training steps per subject and variant (default 300)")
     e.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks of the skip rows (default: selection)")
     e.add_argument("--top-k", type=int, default=None, help="blocks selection picks for the skip rows (default 2)")
+    e.add_argument("--contiguous", action="store_true",
+                   help="selection picks the best window of --top-k consecutive blocks (default: the top-k blocks)")
     e.add_argument("--lr", type=float, default=None, help="learning rate of every fine-tuned row (default 0.003)")
     e.add_argument("--rank", type=int, default=None, help="LoRA rank of every fine-tuned row (default 8)")
     e.add_argument("--captions", choices=("per-image", "token"), default=None,

@@ -45,6 +45,7 @@ class EvalConfig:
     crop_ids: str = "image"  # patch rows: a crop's position ids, the image's (as FLUX bundles on the daemon) or its own grid
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
     top_k: int = 2  # blocks selection picks
+    contiguous: bool = False  # selection picks the best window of top_k consecutive blocks instead
     selection_noise_levels: tuple[float, ...] = (0.25, 0.5, 0.75)
     seed: int = 0
     gen_steps: int = 20
@@ -97,8 +98,8 @@ def swapped_blocks(transformer: nn.Module, names: list[str], blocks: dict[int, n
 
 
 def select_blocks(loaded, text, subject: Subject, cfg: EvalConfig) -> tuple[list[int], list[float]]:
-    """Top-k blocks by cross-attention masking of "sks" and the class noun, on the subject's references
-    (each with the prompt it trains on)."""
+    """Top-k blocks (or the best window of k, cfg.contiguous) by cross-attention masking of "sks" and the
+    class noun, on the subject's references (each with the prompt it trains on)."""
     from ..method.selection import CalibrationItem, choose_blocks, score_blocks
 
     sentences = subject.training_prompts(cfg.captions)
@@ -110,7 +111,7 @@ def select_blocks(loaded, text, subject: Subject, cfg: EvalConfig) -> tuple[list
         items.append(CalibrationItem(x[i : i + 1], text.encode([sentence]), positions))
     scores = score_blocks(loaded.adapter, loaded.objective, items, noise_levels=cfg.selection_noise_levels,
                           noises=1, seed=cfg.seed)
-    return choose_blocks(scores, min(cfg.top_k, len(scores))), [float(s) for s in scores]
+    return choose_blocks(scores, min(cfg.top_k, len(scores)), cfg.contiguous), [float(s) for s in scores]
 
 
 def score_images(images: np.ndarray, subject: Subject, prompts, ref_descs, dreambench=None) -> dict[str, list[float]]:
