@@ -147,7 +147,8 @@ class DrawPlan:
         return Draw(i, img, t, k, (box.top, box.left, box.size), ts)
 
     def prologue_feeds(self, d: Draw, text: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """(prologue inputs for draw d, its training target)."""
+        """(prologue inputs for draw d, its training target). `text` holds one prompt's encoding for every
+        draw, or one row per image (per-image captions): the draw takes its image's row."""
         from .patch_sampling import CropBox, crop, crop_position, resize
 
         img = self.images[d.image]
@@ -159,6 +160,11 @@ class DrawPlan:
             xt, target = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps, eps
         else:
             xt, target = (1 - d.t) * x0 + d.t * eps, eps - x0
+        rows = {v.shape[0] for v in text.values()}
+        if rows != {1}:
+            if rows != {len(self.images)}:
+                raise PersonalizeError(f"text rows {sorted(rows)}: one prompt, or one per image ({len(self.images)})")
+            text = {k: v[d.image : d.image + 1] for k, v in text.items()}
         feeds = {"latents": xt.astype(np.float32), "timestep": np.array([d.timestep], np.float32), **text}
         if self.crop_ids == "image":
             feeds["crop"] = crop_position(CropBox(*d.box), self.train_res, self.bundle.token_pixels)
@@ -240,12 +246,27 @@ class JobOptions:
     checkpoint_every: int
     precompute: str = "online"
     prompt: str = ""
+    # one training caption per image (each naming the token), e.g. "a large sks star on a blue background,
+    # top left": each draw is conditioned on its own image's caption; empty: `prompt` for every image
+    captions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.precompute not in PRECOMPUTE_MODES:
             raise PersonalizeError(f"precompute must be one of {PRECOMPUTE_MODES}, got {self.precompute!r}")
         if not self.prompt:
             self.prompt = f"a {self.token} {self.class_noun}"
+        self.captions = [str(c) for c in self.captions]
+        for i, c in enumerate(self.captions):
+            if self.token not in c.replace(",", " ").split():
+                raise PersonalizeError(f"caption {i} {c!r} does not name the token {self.token!r}")
+
+    def training_prompts(self, n_images: int) -> list[str]:
+        """The prompt of each image: its caption, or the one prompt for all."""
+        if not self.captions:
+            return [self.prompt]
+        if len(self.captions) != n_images:
+            raise PersonalizeError(f"{len(self.captions)} captions for {n_images} images: give one per image or none")
+        return list(self.captions)
 
 
 class Cancelled(Exception):
@@ -309,7 +330,7 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     os.makedirs(work_dir, exist_ok=True)
     ckpt = os.path.join(work_dir, "checkpoint")
     progress.event("encoding")
-    text = bundle.encode_prompts([opts.prompt])
+    text = bundle.encode_prompts(opts.training_prompts(len(images)))  # one row, or one per image
     bundle.release_text_encoder()  # not needed again by this job
     plan = DrawPlan(bundle, images, opts.seed)
     from .ort_trainer import load_spec

@@ -277,7 +277,16 @@ class Daemon:
             raise InvalidArgument(str(e)) from e
         except Exception as e:  # Pillow raises e.g. SyntaxError on a corrupt PNG chunk
             raise InvalidArgument(f"an image is not a decodable PNG/JPEG ({type(e).__name__})") from e
-        opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode)
+        captions = [c.strip() for c in request.captions]
+        if captions and len(captions) != len(request.images):
+            raise InvalidArgument(f"{len(captions)} captions for {len(request.images)} images: give one per image or none")
+        for i, c in enumerate(captions):
+            if not c or len(c) > L.max_prompt_chars:
+                raise InvalidArgument(f"caption {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)")
+        try:
+            opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode, captions=captions)
+        except PersonalizeError as e:
+            raise InvalidArgument(str(e)) from e
         with self.lock:
             if self.queued >= L.max_queue + (0 if self.current is not None else 1):
                 raise ResourceExhausted(f"the job queue is full (max_queue={L.max_queue} waiting behind the running job)")

@@ -231,6 +231,12 @@ def test_personalize_streams_and_prints_the_adapter_id_last(daemon, tmp_path, to
     assert name == "Personalize" and md["authorization"] == f"Bearer {TOKEN}"  # the file's token, stripped
     assert len(req.images) == 3 and req.images[2].data == _bytes(paths[2])
     assert (req.steps, req.seed, req.name) == (4, 9, "rex") and req.learning_rate == pytest.approx(1e-3)
+    assert list(req.captions) == []  # none given: the daemon trains on "a sks dog"
+    caps = ["a large sks dog on a blue background, top left", "a small sks dog on a red background, center"]
+    rc = main(["personalize", "--server", daemon.address, "--images", *paths[:2], "--token", "sks", "--class-noun",
+               "dog", "--caption", caps[0], "--caption", caps[1], "--quiet", "--auth-token-file", token_file])
+    assert rc == 0
+    assert list(daemon.calls[-1][1].captions) == caps  # in --images order
 
 
 def test_personalize_json_lines_and_env_token(daemon, tmp_path, monkeypatch, capsys):

@@ -173,3 +173,35 @@ def test_device_draws_place_crops_at_their_image_coordinates(builtin_runtime):
     got_grid = b.run("prologue", feeds_grid)
     assert np.abs(got_grid["ctx.rotary.0"] - grid["rotary"][0].numpy()).max() <= 1e-5
     assert np.abs(got_grid["ctx.rotary.0"] - got["ctx.rotary.0"]).max() > 1e-2
+
+
+def test_per_image_captions_condition_each_draw_on_its_own_image(builtin_runtime, tmp_path):
+    """JobOptions.captions (PersonalizeRequest.captions): draw i is conditioned on the caption of the image it
+    crops; the job trains; captions that are not one per image, or do not name the token, are refused."""
+    from daemon_util import subject_pngs
+
+    from edge_runtime.personalize import DrawPlan, ImageLimits, JobOptions, PersonalizeError, decode_images, run_job
+
+    b = builtin_runtime
+    imgs, _ = decode_images(subject_pngs(2), ImageLimits(), b.manifest.gen_res)
+    caps = ["a large sks ring on a blue background, top left", "a small sks ring on a red background, center"]
+    o = JobOptions("sks", "ring", steps=4, learning_rate=3e-3, seed=5, checkpoint_every=0, captions=caps)
+    text = b.encode_prompts(o.training_prompts(2))
+    assert text["text"].shape[0] == 2
+    plan = DrawPlan(b, imgs, seed=5)
+    seen = set()
+    for i in range(12):
+        d = plan.draw(i)
+        feeds, _ = plan.prologue_feeds(d, text)
+        own = b.encode_prompts([caps[d.image]])
+        assert all(np.abs(feeds[k] - own[k]).max() <= 1e-5 * np.abs(own[k]).max() for k in own), [np.abs(feeds[k] - own[k]).max() for k in own]
+        seen.add(d.image)
+    assert seen == {0, 1}
+    with_caps = run_job(b, o, imgs, str(tmp_path / "caps"))
+    plain = run_job(b, JobOptions("sks", "ring", steps=4, learning_rate=3e-3, seed=5, checkpoint_every=0), imgs,
+                    str(tmp_path / "plain"))
+    assert np.all(np.isfinite(with_caps.losses)) and with_caps.losses != plain.losses  # other conditioning
+    with pytest.raises(PersonalizeError, match="one per image"):
+        run_job(b, JobOptions("sks", "ring", 2, 3e-3, 5, 0, captions=caps[:1]), imgs, str(tmp_path / "one"))
+    with pytest.raises(PersonalizeError, match="does not name the token"):
+        JobOptions("sks", "ring", 2, 3e-3, 5, 0, captions=["a ring", "a sks ring"])

@@ -14,7 +14,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class PersonalizeRequest(_message.Message):
-    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute")
+    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute", "captions")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLASS_NOUN_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class PersonalizeRequest(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PRECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     token: str
     class_noun: str
@@ -33,7 +34,8 @@ class PersonalizeRequest(_message.Message):
     checkpoint_every: int
     name: str
     precompute: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ...) -> None: ...
+    captions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ..., captions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("kind", "job_id", "step", "total_steps", "loss", "adapter_id", "message", "queue_position", "progress", "elapsed_s")

@@ -282,7 +282,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         Kind = pb.JobEvent.Kind
         stream = c.personalize(args.images, token=args.token, class_noun=args.class_noun, steps=args.steps,
                                learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                               name=args.name, precompute=args.precompute)
+                               name=args.name, precompute=args.precompute, captions=args.caption or ())
         bar = tqdm(total=None, desc="connecting", unit="step", disable=args.json or args.quiet, dynamic_ncols=True)
         postfix: dict = {}
         try:
@@ -553,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     pz.add_argument("--seed", type=int, default=0, help="seed of the draws (0: the daemon's default)")
     pz.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: the daemon's)")
     pz.add_argument("--name", default="", help="adapter name (default: '{token} {class noun}')")
+    pz.add_argument("--caption", action="append", default=None, metavar="TEXT",
+                    help="training caption of the next image, in --images order, naming the token (e.g. 'a large "
+                         "sks star on a blue background, top left'); give one per image or none (default: "
+                         "'a {token} {class noun}' for every image)")
     pz.add_argument("--precompute", choices=["", "bank", "online"], default="",
                     help="precompute mode (default: the daemon's memory plan decides)")
     pz.add_argument("--json", action="store_true", help="print every event as a JSON line (the last one is DONE)")

@@ -160,15 +160,16 @@ class EdgeClient:
 
     def personalize(self, images: Sequence[bytes | str | os.PathLike], token: str, class_noun: str, steps: int = 0,
                     learning_rate: float = 0.0, seed: int = 0, checkpoint_every: int = 0, name: str = "",
-                    precompute: str = "", timeout: float | None = None) -> JobStream:
+                    precompute: str = "", timeout: float | None = None, captions: Sequence[str] = ()) -> JobStream:
         """Start a training job; iterate the result for its JobEvents (the last one DONE, FAILED or
-        CANCELLED). Images are PNG/JPEG bytes or paths to such files."""
+        CANCELLED). Images are PNG/JPEG bytes or paths to such files; `captions`, if given, one training
+        caption per image naming the token (PersonalizeRequest.captions)."""
         if isinstance(images, (str, bytes, os.PathLike)):
             raise TypeError("images must be a list of paths or bytes, not a single one")
         req = pb.PersonalizeRequest(
             images=[pb.Image(data=_read(im, "image")) for im in images], token=token, class_noun=class_noun,
             steps=steps, learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, name=name,
-            precompute=precompute,
+            precompute=precompute, captions=list(captions),
         )
         return JobStream(_call(self.stub.Personalize, req, metadata=self._metadata, timeout=timeout))
 
