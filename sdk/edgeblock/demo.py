@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             adapter_id, t0 = "", time.perf_counter()
             with tqdm(total=args.steps, desc=f"[3/5] personalize '{subject.description}' (sks {subject.noun})",
                       unit="step") as bar:
+                # each reference trains on its own caption ("a large sks star on a blue background, top left")
                 for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=args.steps,
-                                        learning_rate=args.lr, seed=1):
+                                        learning_rate=args.lr, seed=1, captions=subject.captions):
                     kind = type(ev).Kind.Name(ev.kind)
                     if kind == "STEP":
                         losses.append(ev.loss)
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# edgeblock demo", "",
         f"Model: built-in FLUX-architecture DiT ({m.model['parameters'] / 1e6:.2f}M parameters), bundle {bundle}",
-        f"Subject: {subject.description} ('sks {subject.noun}'), {len(pngs)} reference images", "",
+        f"Subject: {subject.description} ('sks {subject.noun}'), {len(pngs)} reference images, each trained on "
+        f"its own caption (e.g. '{subject.captions[0]}')", "",
         "| phase | figure |", "|---|---|",
         f"| compile | {summary['compile_s']:.1f} s ({'cached' if summary['compile_cached'] else 'built'}) |",
         f"| personalize | {pr['steps']} steps in {pr['seconds']:.1f} s ({pr['s_per_step'] * 1000:.0f} ms/step, precompute included); "
