@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..method.lora import DEFAULT_TARGETS
+from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from .calibration import HOST_CPU, Calibration
 from .inventory import Inventory, block_units, load_inventory
 from .targets import GiB, MiB, Target, get_target
@@ -54,6 +54,37 @@ def _lora_params(inv: Inventory, indices, rank: int) -> int:
             if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS):
                 n += rank * (m.in_features + m.out_features)
     return n
+
+
+# LoRA'd linears whose input is not already kept for backward: a frozen linear keeps no input, a LoRA's A
+# matrix keeps its (tokens x in_features) input. The calibration (2026-11-22) was fitted with LoRA on the
+# attention projections only, so their inputs are inside its linear factors; the feed-forward targets added
+# since add their inputs as they are (fp32, one element each): physics, not a fitted constant. proj_mlp
+# reads the normed tokens to_q already keeps.
+_SHARED_INPUT = ("proj_mlp",)
+
+
+def _lora_saved_inputs(inv: Inventory, indices, n_img: int, batch: int) -> int:
+    """Elements of the inputs the non-attention LoRA targets keep for backward, over the blocks."""
+    from torch import nn
+
+    n = 0
+    for i in indices:
+        b = inv.blocks[i]
+        lst, j = b.name.split(".")
+        for name, m in getattr(inv._model, lst)[int(j)].named_modules():
+            if not isinstance(m, nn.Linear) or not any(name.endswith(t) for t in LORA_TARGETS):
+                continue
+            if any(name.endswith(t) for t in ATTENTION_TARGETS + _SHARED_INPUT):
+                continue
+            if b.kind == "single_transformer_blocks":
+                tokens = n_img + inv.text_tokens
+            elif "context" in name:
+                tokens = inv.text_tokens
+            else:
+                tokens = n_img
+            n += m.in_features * tokens
+    return n * batch
 
 
 def frozen_groups(num_blocks: int, trainable: tuple[int, ...]) -> list[list[int]]:
@@ -168,7 +199,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     trained_params = sum(block_params[i] for i in trainable) + inv.epilogue_params
     lora = _lora_params(inv, trainable, opts.lora_rank)
     t_lin, t_att = _split_units(inv, trainable, n_train, 1)
-    train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor) * 4
+    train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor
+                 + _lora_saved_inputs(inv, trainable, n_train, 1)) * 4
     online_w = (sum(group_w) + prologue * wb * sw) / sw * cal.online_session_factor if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
@@ -182,7 +214,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     s_lin, s_att = _split_units(inv, range(L), n_gen, 1)
     # on the GPU targets torch's SDPA runs fused (flash / memory-efficient) kernels: no attention matrix
     sl_att = 0.0 if t.gpu else s_att * cal.torch_train_attention_factor
-    sl_act = (s_lin * cal.torch_train_linear_factor + sl_att) * (2 if t.gpu else 4)
+    sl_act = (s_lin * cal.torch_train_linear_factor + sl_att
+              + _lora_saved_inputs(inv, range(L), n_gen, 1)) * (2 if t.gpu else 4)
     sl_train = _phase(t.torch_runtime_bytes, total_params * wb * cal.torch_weight_factor, sl_act,
                       lora_state_bytes=lora_all * 4 * 4)
 
