@@ -102,6 +102,15 @@ class PatchSampler:
 
 
 GRID_POSITION = (0.0, 0.0, 1.0)  # crop_position of a crop that is the whole image at its own size
+CROP_INPUT = "crop"  # the FLUX prologue graph's input taking a crop_position
+
+
+def with_grid_crop(inputs, feeds):
+    """`feeds` plus the grid placement (GRID_POSITION) for a graph that takes CROP_INPUT and was not given
+    one: generation, and every caller that runs the prologue on a whole latent."""
+    if CROP_INPUT in inputs and CROP_INPUT not in feeds:
+        return {**feeds, CROP_INPUT: np.asarray(GRID_POSITION, np.float32)}
+    return feeds
 
 
 def crop_position(box: CropBox, res: int, patch: int) -> np.ndarray:

@@ -149,7 +149,7 @@ class DrawPlan:
     def prologue_feeds(self, d: Draw, text: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """(prologue inputs for draw d, its training target). `text` holds one prompt's encoding for every
         draw, or one row per image (per-image captions): the draw takes its image's row."""
-        from .patch_sampling import CropBox, crop, crop_position, resize
+        from .patch_sampling import CROP_INPUT, CropBox, crop, crop_position, resize
 
         img = self.images[d.image]
         x = resize(crop(img, CropBox(*d.box)), self.train_res).transpose(2, 0, 1)[None]
@@ -167,7 +167,7 @@ class DrawPlan:
             text = {k: v[d.image : d.image + 1] for k, v in text.items()}
         feeds = {"latents": xt.astype(np.float32), "timestep": np.array([d.timestep], np.float32), **text}
         if self.crop_ids == "image":
-            feeds["crop"] = crop_position(CropBox(*d.box), self.train_res, self.bundle.token_pixels)
+            feeds[CROP_INPUT] = crop_position(CropBox(*d.box), self.train_res, self.bundle.token_pixels)
         if self.bundle.model.get("guidance_embeds"):
             feeds["guidance"] = np.array([1.0], np.float32)
         return feeds, target.astype(np.float32)
@@ -192,6 +192,7 @@ class FrozenPass:
         # (the same subtraction, and so the same numbers, as an uncapped bundle's one group)
         self.gap_of: dict[str, str] = {}
         self.opens_gap: set[str] = set()
+        self.closes_gap: set[str] = set()
         gaps = sorted({k.split(".")[0] for k in self.inputs if k.startswith("gap_")})
         spans = [(int(g.split("_")[1]), int(g.split("_")[2]), g) for g in gaps]
         for n in names[first + 1:]:
@@ -199,10 +200,12 @@ class FrozenPass:
             if g["kind"] != "group":
                 continue
             a, e = g["blocks"][0], g["blocks"][-1]
-            hit = [(s0, p) for s0, e0, p in spans if s0 <= a and e <= e0]
-            self.gap_of[n] = hit[0][1] if hit else f"gap_{a}_{e}"
-            if not hit or hit[0][0] == a:
+            hit = [(s0, e0, p) for s0, e0, p in spans if s0 <= a and e <= e0]
+            s0, e0, self.gap_of[n] = hit[0] if hit else (a, e, f"gap_{a}_{e}")
+            if s0 == a:
                 self.opens_gap.add(n)
+            if e0 == e:
+                self.closes_gap.add(n)
 
     def step(self, pos: int, acc: dict[str, np.ndarray], rec: dict[str, np.ndarray]) -> None:
         """Run graph `pos` of the chain on acc (advancing it) and record what training reads."""
@@ -216,11 +219,13 @@ class FrozenPass:
             prefix = self.gap_of[name]
             for slot, oname in (g.get("state_out") or {}).items():
                 key = f"{prefix}.{slot}"
-                if key in self.inputs:
-                    start = f"{key}.start"
-                    if name in self.opens_gap:
-                        rec[start] = acc[f"state.{slot}"]
-                    rec[key] = out[oname] - rec[start]
+                if key not in self.inputs:
+                    continue
+                start = f"{key}.start"  # kept in rec only while a gap runs over several groups
+                if name in self.opens_gap:
+                    rec[start] = acc[f"state.{slot}"]
+                if name in self.closes_gap:
+                    rec[key] = out[oname] - rec.pop(start)
         b.advance(name, acc, out)
         if pos == 0:
             rec.update({k: v for k, v in acc.items() if k.startswith("ctx.") and k in self.inputs})

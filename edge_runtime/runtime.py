@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest, load_manifest
-from .patch_sampling import GRID_POSITION
+from .patch_sampling import with_grid_crop
 from .sampler import sample
 
 
@@ -142,14 +142,13 @@ class Bundle:
         """Run one chain graph on the accumulated tensors; returns its outputs by name."""
         sess = self.session(name)
         feeds = {}
+        acc = with_grid_crop([i.name for i in sess.get_inputs()], acc)  # FLUX prologue: the latent's own grid
         for i in sess.get_inputs():
             n = i.name
             if n in acc:
                 feeds[n] = acc[n]
             elif n in self.lora_shapes:
                 feeds[n] = lora[n] if lora is not None and n in lora else np.zeros(self.lora_shapes[n], np.float32)
-            elif n == "crop":  # FLUX prologue: image tokens at the latent's own grid (generation)
-                feeds[n] = np.asarray(GRID_POSITION, np.float32)
             else:
                 raise RuntimeError_(f"{name}: no value for input {n!r}")
         outs = sess.run(None, feeds)

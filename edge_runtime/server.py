@@ -278,13 +278,12 @@ class Daemon:
         except Exception as e:  # Pillow raises e.g. SyntaxError on a corrupt PNG chunk
             raise InvalidArgument(f"an image is not a decodable PNG/JPEG ({type(e).__name__})") from e
         captions = [c.strip() for c in request.captions]
-        if captions and len(captions) != len(request.images):
-            raise InvalidArgument(f"{len(captions)} captions for {len(request.images)} images: give one per image or none")
         for i, c in enumerate(captions):
             if not c or len(c) > L.max_prompt_chars:
                 raise InvalidArgument(f"caption {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)")
         try:
             opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode, captions=captions)
+            opts.training_prompts(len(request.images))  # one caption per image, or none
         except PersonalizeError as e:
             raise InvalidArgument(str(e)) from e
         with self.lock:

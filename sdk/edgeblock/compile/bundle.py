@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.fileio import sha256_file
-from edge_runtime.patch_sampling import CROP_IDS
+from edge_runtime.patch_sampling import CROP_IDS, with_grid_crop
 from edge_runtime.manifest import (
     MANIFEST,
     TARGETS,
@@ -537,9 +537,8 @@ def chain_shapes(specs, feeds, sessions) -> tuple[dict[str, dict[str, list[int]]
     acc: dict[str, Any] = dict(feeds)
     shapes = {}
     for spec in specs:
-        # (run_onnx feeds the FLUX prologue's `crop` its default, the grid, when not given)
-        shapes[spec.path] = {n: list(np.shape(acc[n] if n in acc else ox.GRID_POSITION)) for n in spec.inputs
-                             if n in acc or n == ox.CROP}
+        acc = with_grid_crop(spec.inputs, acc)
+        shapes[spec.path] = {n: list(np.shape(acc[n])) for n in spec.inputs}
         acc = ox.run_chain([spec], acc, sessions)
     return shapes, acc
 

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edge_runtime.patch_sampling import GRID_POSITION
+from edge_runtime.patch_sampling import CROP_INPUT, GRID_POSITION, with_grid_crop
 
 from ..method.blockskip import SkipPlan, split_run
 from ..method.lora import ADAPTER_NAME, LoRASpec, add_lora, lora_parameters
@@ -69,7 +69,7 @@ MAX_IR_VERSION = 10  # ONNX Runtime 1.19.2 reads IR <= 10 (FACTS)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers; protobuf's hard limit is 2 GiB
 SLOTS = ("image", "text")
 HW = "ctx.hw"
-CROP = "crop"  # FLUX prologue: (row0, col0, step) placing the image tokens (GRID_POSITION: their own grid)
+CROP = CROP_INPUT  # FLUX prologue: (row0, col0, step) placing the image tokens (GRID_POSITION: their own grid)
 
 # Dynamic axes by tensor name (anything else: axis 0 is the batch when its size is the batch).
 _AXES: dict[str, dict[int, str]] = {
@@ -910,8 +910,7 @@ def run_onnx(sess_or_path: Any, feeds: Mapping[str, Any]) -> dict[str, np.ndarra
     """Run a graph on the feeds it needs (`feeds` may hold more); returns outputs by name."""
     sess = session(sess_or_path) if isinstance(sess_or_path, (str, os.PathLike)) else sess_or_path
     wanted = [i.name for i in sess.get_inputs()]
-    if CROP in wanted and CROP not in feeds:  # the latent's own grid
-        feeds = {**feeds, CROP: np.asarray(GRID_POSITION, np.float32)}
+    feeds = with_grid_crop(wanted, feeds)
     missing = [n for n in wanted if n not in feeds]
     if missing:
         raise KeyError(f"graph inputs {missing} not in the feeds (have {sorted(feeds)})")

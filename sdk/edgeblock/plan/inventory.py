@@ -105,6 +105,18 @@ def _builtin_meta(config_path: str) -> dict | None:
     return None
 
 
+def stream_tokens(name: str, family: str, kind: str, n_img: int, n_txt: int) -> int:
+    """The tokens a layer `name` of a block runs over: image, text or both (FLUX single-stream blocks).
+    (AdaLN modulation linears run on the timestep embedding alone; callers handle them.)"""
+    if kind == "single_transformer_blocks":
+        return n_img + n_txt
+    if "context" in name or ".add_" in f".{name}" or name.startswith("add_") or "attn.to_add_out" in name:
+        return n_txt
+    if "attn2.to_k" in name or "attn2.to_v" in name:
+        return n_txt if family in ("pixart", "sana") else n_img
+    return n_img
+
+
 def _walk_units(block, family: str, kind: str, n_img: int, n_txt: int) -> tuple[int, int]:
     """(linear units, attention units) of one block skeleton for n_img image and n_txt text tokens."""
     from torch import nn
@@ -113,16 +125,7 @@ def _walk_units(block, family: str, kind: str, n_img: int, n_txt: int) -> tuple[
     for name, m in block.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            if "norm" in name and isinstance(m, nn.Linear):
-                tokens = 1  # AdaLN modulation: applied to the timestep embedding
-            elif kind == "single_transformer_blocks":
-                tokens = n_img + n_txt
-            elif "context" in name or ".add_" in f".{name}" or name.startswith("add_") or "attn.to_add_out" in name:
-                tokens = n_txt
-            elif "attn2.to_k" in name or "attn2.to_v" in name:
-                tokens = n_txt if family in ("pixart", "sana") else n_img
-            else:
-                tokens = n_img
+            tokens = 1 if "norm" in name and isinstance(m, nn.Linear) else stream_tokens(name, family, kind, n_img, n_txt)
             lin += out * tokens
         heads = getattr(m, "heads", None)
         if heads and hasattr(m, "processor"):

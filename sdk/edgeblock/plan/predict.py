@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from .calibration import HOST_CPU, Calibration
-from .inventory import Inventory, block_units, load_inventory
+from .inventory import Inventory, block_units, load_inventory, stream_tokens
 from .targets import GiB, MiB, Target, get_target
 
 PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -44,16 +44,20 @@ class PlanOptions:
     max_group_mb: float | None = None  # as `edgeblock compile --max-group-mb` (None: auto, 0: no cap)
 
 
-def _lora_params(inv: Inventory, indices, rank: int) -> int:
+def _lora_linears(inv: Inventory, indices):
+    """(block, module name, nn.Linear) of every LoRA'd linear in the blocks `indices`."""
     from torch import nn
 
-    n = 0
     for i in indices:
-        lst, j = inv.blocks[i].name.split(".")
+        b = inv.blocks[i]
+        lst, j = b.name.split(".")
         for name, m in getattr(inv._model, lst)[int(j)].named_modules():
             if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS):
-                n += rank * (m.in_features + m.out_features)
-    return n
+                yield b, name, m
+
+
+def _lora_params(inv: Inventory, indices, rank: int) -> int:
+    return sum(rank * (m.in_features + m.out_features) for _, _, m in _lora_linears(inv, indices))
 
 
 # LoRA'd linears whose input is not already kept for backward: a frozen linear keeps no input, a LoRA's A
@@ -66,25 +70,9 @@ _SHARED_INPUT = ("proj_mlp",)
 
 def _lora_saved_inputs(inv: Inventory, indices, n_img: int, batch: int) -> int:
     """Elements of the inputs the non-attention LoRA targets keep for backward, over the blocks."""
-    from torch import nn
-
-    n = 0
-    for i in indices:
-        b = inv.blocks[i]
-        lst, j = b.name.split(".")
-        for name, m in getattr(inv._model, lst)[int(j)].named_modules():
-            if not isinstance(m, nn.Linear) or not any(name.endswith(t) for t in LORA_TARGETS):
-                continue
-            if any(name.endswith(t) for t in ATTENTION_TARGETS + _SHARED_INPUT):
-                continue
-            if b.kind == "single_transformer_blocks":
-                tokens = n_img + inv.text_tokens
-            elif "context" in name:
-                tokens = inv.text_tokens
-            else:
-                tokens = n_img
-            n += m.in_features * tokens
-    return n * batch
+    skip = ATTENTION_TARGETS + _SHARED_INPUT
+    return batch * sum(m.in_features * stream_tokens(name, inv.family, b.kind, n_img, inv.text_tokens)
+                       for b, name, m in _lora_linears(inv, indices) if not any(name.endswith(t) for t in skip))
 
 
 def frozen_groups(num_blocks: int, trainable: tuple[int, ...]) -> list[list[int]]:
