@@ -218,6 +218,25 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
     assert "results.json" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_eval_generates_samples_per_prompt_from_their_own_noises(tmp_path, eval_model):
+    from edgeblock.eval.run import EvalConfig, Runner
+
+    cfg = EvalConfig.make(eval_model, quick=True, samples=2, blocks=(1, 2))
+    runner = Runner(cfg, progress=False)
+    res = runner.run(str(tmp_path / "eval"))
+    assert res["config"]["images"] == 4 and res["config"]["samples"] == 2
+    ((name, subj),) = res["per_subject"].items()
+    assert len(subj["prompts"]) == 2 and subj["samples"] == 2
+    for row, imgs in runner.generations[name].items():
+        assert imgs.shape == (4, 64, 64, 3), row
+        # sample-major: image k + 2 is prompt k again, drawn from another noise
+        assert not np.array_equal(imgs[0], imgs[2]) and not np.array_equal(imgs[1], imgs[3]), row
+    with Image.open(tmp_path / "eval" / "grid.png") as g:
+        assert g.width >= 120 + 5 * 128  # references and the four generations of a row fit
+    assert "4 images per row (2 per prompt)" in (tmp_path / "eval" / "results.md").read_text()
+
+
 def test_eval_refuses_models_it_cannot_generate_with(tmp_path, capsys):
     from edgeblock.cli import main
 
@@ -240,12 +259,13 @@ def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsy
 
         EvalConfig.make("builtin", quick=True, steps=0)
     for flag, value, message in (("--lr", "0", "lr must be > 0"), ("--top-k", "0", "top_k must be >= 1"),
-                                 ("--rank", "0", "lora_rank must be >= 1")):
+                                 ("--rank", "0", "lora_rank must be >= 1"), ("--samples", "0", "samples must be >= 1")):
         rc = main(["eval", "--out", str(tmp_path / "o"), "--model", eval_model, "--quick", "--quiet", flag, value])
         assert rc == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "o" / "results.json").exists()
     cfg = EvalConfig.make("builtin", lr=0.01, lora_rank=4, top_k=3)
-    assert (cfg.lr, cfg.lora_rank, cfg.top_k, cfg.steps) == (0.01, 4, 3, 300)
+    assert (cfg.lr, cfg.lora_rank, cfg.top_k, cfg.steps, cfg.samples) == (0.01, 4, 3, 300, 4)
+    assert EvalConfig.make("builtin", quick=True).samples == 1
 
 
 def test_score_agrees_with_the_separate_metrics(subjects):

@@ -137,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = run_eval(args.out, model=args.model, quick=args.quick, steps=args.steps, seed=args.seed,
                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
-                       crop_ids=args.crop_ids, contiguous=args.contiguous or None)
+                       crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -478,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--crop-ids", choices=("grid", "image"), default=None,
                    help="position ids of the patch rows' crops: the coordinates of the place in the image they "
                         "were cut from (image, default; what the daemon does) or their own token grid (grid)")
+    e.add_argument("--samples", type=int, default=None,
+                   help="images generated per prompt, each from its own noise (default 4; --quick: 1)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")

@@ -52,11 +52,12 @@ class EvalConfig:
     guidance: float = 3.0
     subjects: tuple[str, ...] | None = None  # None: all shipped subjects
     prompts_per_subject: int | None = None  # None: all of a subject's prompts
+    samples: int = 4  # images generated per prompt (generation noises), to average out the sampling noise
     dino: str | None = None
     clip: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps"):
+        for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.crop_ids not in CROP_IDS:
@@ -74,7 +75,7 @@ class EvalConfig:
         base = cls(model=model)
         if quick:
             base = replace(base, steps=3, gen_steps=3, subjects=("ringstar",), prompts_per_subject=2,
-                           selection_noise_levels=(0.5,))
+                           samples=1, selection_noise_levels=(0.5,))
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -148,7 +149,8 @@ def run_eval(
 
 @dataclass
 class _SubjectRun:
-    """What one subject's generations need: its prompts, seed, reference descriptors and record."""
+    """What one subject's generations need: its prompts (each repeated per sample, sample-major: one
+    generation batch draws a different noise for every image), seed, reference descriptors and record."""
 
     subject: Subject
     prompts: list
@@ -201,7 +203,7 @@ class Runner:
             "rows": self._rows(),
             "reference_check": metrics.reference_check(load_subjects()),  # every shipped subject
             "per_subject": per_subject,
-            "config": {**asdict(cfg), "model_dir": self.path, "images": sum(len(v) for v in self.prompts.values()),
+            "config": {**asdict(cfg), "model_dir": self.path, "images": cfg.samples * sum(len(v) for v in self.prompts.values()),
                        "training_prompts": {s.name: s.training_prompts(cfg.captions) for s in self.subjects},
                        "generation_seed": "seed + subject index",
                        "tracked_steps": TRACKED_STEPS},
@@ -213,14 +215,15 @@ class Runner:
             json.dump(results, f, indent=2)
         with open(os.path.join(out_dir, "results.md"), "w") as f:
             f.write(markdown(results))
-        save_grid(self.subjects, self.prompts, self.generations, os.path.join(out_dir, "grid.png"))
+        shown = {n: v * cfg.samples for n, v in self.prompts.items()}  # one label per image, sample-major
+        save_grid(self.subjects, shown, self.generations, os.path.join(out_dir, "grid.png"))
         return results
 
     def _subject(self, si: int, subject: Subject) -> dict:
         cfg = self.cfg
         sp = self.prompts[subject.name]
-        run = _SubjectRun(subject, sp, cfg.seed + si, [metrics.describe(im) for im in subject.images],
-                          {"prompts": [p.text for p in sp], "rows": {}})
+        run = _SubjectRun(subject, sp * cfg.samples, cfg.seed + si, [metrics.describe(im) for im in subject.images],
+                          {"prompts": [p.text for p in sp], "samples": cfg.samples, "rows": {}})
         self._generate("base", run)
         if cfg.blocks is not None:
             chosen, block_scores = sorted(cfg.blocks), None
@@ -343,7 +346,7 @@ def markdown(results: dict) -> str:
         "# edgeblock eval",
         "",
         (
-            f"Model `{cfg['model']}`; {cfg['images']} prompts per row; {cfg['steps']} training steps per subject and "
+            f"Model `{cfg['model']}`; {cfg['images']} images per row ({cfg.get('samples', 1)} per prompt); {cfg['steps']} training steps per subject and "
             f"variant at batch {cfg['batch']}, lr {cfg['lr']}, LoRA rank {cfg['lora_rank']} alpha "
             f"{cfg['lora_alpha']}; generation {cfg['gen_steps']} steps, guidance {cfg['guidance']}, seed {cfg['seed']}."
         ),
