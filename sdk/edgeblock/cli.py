@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="position ids of the patch rows' crops: the coordinates of the place in the image they "
                         "were cut from (image, default; what the daemon does) or their own token grid (grid)")
     e.add_argument("--samples", type=int, default=None,
-                   help="images generated per prompt, each from its own noise (default 4; --quick: 1)")
+                   help="images generated per prompt, each from its own noise (default 1)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")

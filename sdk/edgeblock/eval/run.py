@@ -52,7 +52,7 @@ class EvalConfig:
     guidance: float = 3.0
     subjects: tuple[str, ...] | None = None  # None: all shipped subjects
     prompts_per_subject: int | None = None  # None: all of a subject's prompts
-    samples: int = 4  # images generated per prompt (generation noises), to average out the sampling noise
+    samples: int = 1  # images generated per prompt, each from its own noise
     dino: str | None = None
     clip: str | None = None
 
@@ -75,7 +75,7 @@ class EvalConfig:
         base = cls(model=model)
         if quick:
             base = replace(base, steps=3, gen_steps=3, subjects=("ringstar",), prompts_per_subject=2,
-                           samples=1, selection_noise_levels=(0.5,))
+                           selection_noise_levels=(0.5,))
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
