@@ -79,6 +79,36 @@ def test_metrics_on_world_images_and_blank_images():
         metrics.describe(img[..., 0])
 
 
+def test_a_pattern_spread_over_the_image_is_neither_a_plain_background_nor_an_object(subjects):
+    s = next(x for x in subjects if x.name == "striped_heart")
+    ref = s.references[0]
+    img = s.images[0].copy()
+    assert metrics.clutter(img) == 0.0 and metrics.background_accuracy(img, ref.background) == 1.0
+    # the design's stripes scattered over the background: the border still reads as the requested colour,
+    # but the background is not plain
+    stripes = np.zeros(img.shape[:2], bool)
+    stripes[8:56:6, 4:60] = True  # thin lines, 8 of them, far from any object
+    stripes[:, 28:36] = False
+    cluttered = img.copy()
+    cluttered[stripes] = world.COLOURS["orange"]
+    assert metrics.background_colour(cluttered).tolist() == metrics.background_colour(img).tolist()
+    assert metrics.clutter(cluttered) > metrics.CLUTTER_MAX
+    assert metrics.background_accuracy(cluttered, ref.background) == 0.0
+    # a region far larger than any shape of the world is no subject, whatever its colours
+    big = np.full((64, 64, 3), world.COLOURS["red"], np.uint8)
+    big[4:60, 4:60] = world.COLOURS["blue"]
+    assert metrics.describe(big) is None and metrics.position_accuracy(big, "center") == 0.0
+    big[4:60, 4:32] = world.COLOURS["red"]  # 56 x 28: still longer than half the side
+    assert metrics.describe(big) is None
+    small = np.full((64, 64, 3), world.COLOURS["red"], np.uint8)
+    small[20:52, 20:52] = world.COLOURS["blue"]  # exactly half the side: an object
+    assert metrics.describe(small) is not None
+    # no reference is touched by either rule
+    for x in subjects:
+        for im in x.images:
+            assert metrics.clutter(im) == 0.0 and metrics.describe(im) is not None
+
+
 def test_subject_fidelity_scores_references_high_and_other_shapes_low(subjects):
     """The metric's calibration, stated: with the shipped subjects, a reference scores about 0.83 against its
     own subject's other references, about 0.05 against other subjects and about 0.10 against plain world

@@ -1,9 +1,9 @@
 """Deterministic image metrics for the benchmark (numpy only; docs/eval.md defines them).
 
 Subject fidelity: segment the subject (the largest connected region of pixels far from the
-background colour), cut its square bounding box, and compare a colour histogram and a colour
+background colour, if it is object-sized), cut its square bounding box, and compare a colour histogram and a colour
 layout over the world's eight-colour palette with the references'. Prompt fidelity: is the
-background the requested colour, and does the subject sit in the requested cell of the 3x3 grid.
+background the requested colour and plain, and does the subject sit in the requested cell of the 3x3 grid.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ PALETTE_SIGMA = 40.0  # soft palette assignment: weight exp(-d^2 / 2 sigma^2) of
 GRID = 6  # layout cells per side of the subject's crop
 CROP = 24  # the crop is resampled to CROP x CROP before pooling into GRID x GRID cells
 MIN_PIXELS = 6  # a foreground region smaller than this is no subject
+# A region whose bounding box is longer than this fraction of the image side is no object (the world's
+# largest shapes span 0.32 of the side, the references at most 0.34): a design's pattern spread over the
+# image, not the subject.
+OBJECT_MAX_SIDE = 0.5
+# The background is the requested one only if it is plain: at most this fraction of the image's pixels
+# lies far from the background colour outside the subject (0 for every reference).
+CLUTTER_MAX = 0.05
 COLOUR_WEIGHT = 0.5  # subject fidelity = w * colour + (1 - w) * layout
 
 
@@ -93,11 +100,21 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def far_pixels(img: np.ndarray) -> np.ndarray:
+    """Pixels farther than FG_THRESHOLD from the background colour: (H, W) bool."""
+    x = _check(img)
+    return np.linalg.norm(x - background_colour(img)[None, None], axis=2) > FG_THRESHOLD
+
+
 def foreground_mask(img: np.ndarray) -> np.ndarray:
     """The subject: the largest connected region of pixels farther than FG_THRESHOLD from the background."""
-    x = _check(img)
-    far = np.linalg.norm(x - background_colour(img)[None, None], axis=2) > FG_THRESHOLD
-    return _largest_component(far)
+    return _largest_component(far_pixels(img))
+
+
+def clutter(img: np.ndarray) -> float:
+    """Fraction of the image's pixels far from the background outside the subject's region."""
+    far = far_pixels(img)
+    return float((far & ~_largest_component(far)).mean())
 
 
 @dataclass(frozen=True)
@@ -135,13 +152,16 @@ def square_crop(values: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
 
 
 def describe(img: np.ndarray) -> SubjectDescriptor | None:
-    """The subject's colour and layout descriptor, or None when no subject is found."""
+    """The subject's colour and layout descriptor, or None when no subject is found (no foreground region of
+    MIN_PIXELS, or the largest one too big to be an object: OBJECT_MAX_SIDE)."""
     x = _check(img)
     mask = foreground_mask(img)
     n = int(mask.sum())
     if n < MIN_PIXELS:
         return None
     ys, xs = np.nonzero(mask)
+    if max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 > OBJECT_MAX_SIDE * max(mask.shape):
+        return None
     onehot = _palette_weights(x) * mask[..., None]  # (H, W, 8), zero off the subject
     hist = onehot.sum((0, 1))
     colour = hist / max(float(hist.sum()), 1e-8)
@@ -186,10 +206,11 @@ def cell_of(x: float, y: float, size: int = 64) -> str:
 
 
 def background_accuracy(img: np.ndarray, requested: str) -> float:
-    """1.0 if the border's median colour is nearest to the requested palette colour, else 0.0."""
+    """1.0 if the border's median colour is nearest to the requested palette colour and the background is
+    plain (clutter at most CLUTTER_MAX), else 0.0."""
     if requested not in world.COLOURS:
         raise ValueError(f"unknown colour {requested!r}; one of {PALETTE_NAMES}")
-    return float(nearest_colour(background_colour(img)) == requested)
+    return float(nearest_colour(background_colour(img)) == requested and clutter(img) <= CLUTTER_MAX)
 
 
 def position_accuracy(img: np.ndarray, requested: str) -> float:
