@@ -222,7 +222,7 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
     res = json.loads((out / "results.json").read_text())
     assert list(res["rows"]) == list(ROWS)
     for name, row in res["rows"].items():
-        for k in ("subject_fidelity", "prompt_fidelity", "background_acc", "position_acc"):
+        for k in ("subject_fidelity", "prompt_fidelity", "background_acc", "position_acc", "clutter"):
             assert 0.0 <= row[k] <= 1.0, (name, k, row[k])
         for k in ("dino", "clip_i", "clip_t"):
             assert -1.0 <= row[k] <= 1.0, (name, k, row[k])
@@ -305,6 +305,7 @@ def test_score_agrees_with_the_separate_metrics(subjects):
     assert got["subject_fidelity"] == metrics.subject_fidelity(img, refs)
     assert {k: got[k] for k in ("background_acc", "position_acc", "prompt_fidelity")} == metrics.prompt_fidelity(
         img, ref.background, "center")
+    assert got["clutter"] == metrics.clutter(img) == 0.0
 
 
 def test_largest_component_is_eight_connected():

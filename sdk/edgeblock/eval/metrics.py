@@ -230,7 +230,7 @@ def prompt_fidelity(img: np.ndarray, background: str, position: str) -> dict[str
 
 
 def score(img: np.ndarray, references: Sequence[SubjectDescriptor | None], background: str, position: str) -> dict[str, float]:
-    """Subject and prompt fidelity of one generated image (the subject segmented once)."""
+    """Subject and prompt fidelity of one generated image (the subject segmented once), and its clutter."""
     if not references:
         raise ValueError("subject fidelity needs at least one reference")
     if position not in world.POSITIONS:
@@ -239,7 +239,7 @@ def score(img: np.ndarray, references: Sequence[SubjectDescriptor | None], backg
     bg = background_accuracy(img, background)
     pos = 0.0 if d is None else float(cell_of(*d.centre, size=img.shape[1]) == position)
     return {"subject_fidelity": float(np.mean([similarity(d, r) for r in references])),
-            "prompt_fidelity": (bg + pos) / 2, "background_acc": bg, "position_acc": pos}
+            "prompt_fidelity": (bg + pos) / 2, "background_acc": bg, "position_acc": pos, "clutter": clutter(img)}
 
 
 def reference_check(subjects, other_images: np.ndarray | None = None) -> dict[str, float]:

@@ -328,6 +328,7 @@ _COLUMNS = (
     ("prompt_fidelity", "prompt fid.", "{:.3f}"),
     ("background_acc", "bg acc", "{:.2f}"),
     ("position_acc", "pos acc", "{:.2f}"),
+    ("clutter", "clutter", "{:.3f}"),
     ("dino", "DINO", "{:.3f}"),
     ("clip_i", "CLIP-I", "{:.3f}"),
     ("clip_t", "CLIP-T", "{:.3f}"),
