@@ -100,21 +100,27 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def far_pixels(img: np.ndarray) -> np.ndarray:
-    """Pixels farther than FG_THRESHOLD from the background colour: (H, W) bool."""
+def _segment(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float image, pixels farther than FG_THRESHOLD from the background colour, the largest connected
+    region of them): what every metric of one image reads, computed once."""
     x = _check(img)
-    return np.linalg.norm(x - background_colour(img)[None, None], axis=2) > FG_THRESHOLD
+    far = np.linalg.norm(x - background_colour(img)[None, None], axis=2) > FG_THRESHOLD
+    return x, far, _largest_component(far)
 
 
 def foreground_mask(img: np.ndarray) -> np.ndarray:
     """The subject: the largest connected region of pixels farther than FG_THRESHOLD from the background."""
-    return _largest_component(far_pixels(img))
+    return _segment(img)[2]
+
+
+def _clutter(far: np.ndarray, mask: np.ndarray) -> float:
+    return float((far & ~mask).mean())
 
 
 def clutter(img: np.ndarray) -> float:
     """Fraction of the image's pixels far from the background outside the subject's region."""
-    far = far_pixels(img)
-    return float((far & ~_largest_component(far)).mean())
+    _, far, mask = _segment(img)
+    return _clutter(far, mask)
 
 
 @dataclass(frozen=True)
@@ -154,8 +160,11 @@ def square_crop(values: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
 def describe(img: np.ndarray) -> SubjectDescriptor | None:
     """The subject's colour and layout descriptor, or None when no subject is found (no foreground region of
     MIN_PIXELS, or the largest one too big to be an object: OBJECT_MAX_SIDE)."""
-    x = _check(img)
-    mask = foreground_mask(img)
+    x, _, mask = _segment(img)
+    return _describe(x, mask)
+
+
+def _describe(x: np.ndarray, mask: np.ndarray) -> SubjectDescriptor | None:
     n = int(mask.sum())
     if n < MIN_PIXELS:
         return None
@@ -208,9 +217,13 @@ def cell_of(x: float, y: float, size: int = 64) -> str:
 def background_accuracy(img: np.ndarray, requested: str) -> float:
     """1.0 if the border's median colour is nearest to the requested palette colour and the background is
     plain (clutter at most CLUTTER_MAX), else 0.0."""
+    return _background_accuracy(img, requested, clutter(img))
+
+
+def _background_accuracy(img: np.ndarray, requested: str, clutter_value: float) -> float:
     if requested not in world.COLOURS:
         raise ValueError(f"unknown colour {requested!r}; one of {PALETTE_NAMES}")
-    return float(nearest_colour(background_colour(img)) == requested and clutter(img) <= CLUTTER_MAX)
+    return float(nearest_colour(background_colour(img)) == requested and clutter_value <= CLUTTER_MAX)
 
 
 def position_accuracy(img: np.ndarray, requested: str) -> float:
@@ -235,11 +248,12 @@ def score(img: np.ndarray, references: Sequence[SubjectDescriptor | None], backg
         raise ValueError("subject fidelity needs at least one reference")
     if position not in world.POSITIONS:
         raise ValueError(f"unknown position {position!r}; one of {world.POSITIONS}")
-    d = describe(img)
-    bg = background_accuracy(img, background)
+    x, far, mask = _segment(img)
+    d, cl = _describe(x, mask), _clutter(far, mask)
+    bg = _background_accuracy(img, background, cl)
     pos = 0.0 if d is None else float(cell_of(*d.centre, size=img.shape[1]) == position)
     return {"subject_fidelity": float(np.mean([similarity(d, r) for r in references])),
-            "prompt_fidelity": (bg + pos) / 2, "background_acc": bg, "position_acc": pos, "clutter": clutter(img)}
+            "prompt_fidelity": (bg + pos) / 2, "background_acc": bg, "position_acc": pos, "clutter": cl}
 
 
 def reference_check(subjects, other_images: np.ndarray | None = None) -> dict[str, float]:

@@ -149,8 +149,8 @@ def run_eval(
 
 @dataclass
 class _SubjectRun:
-    """What one subject's generations need: its prompts (each repeated per sample, sample-major: one
-    generation batch draws a different noise for every image), seed, reference descriptors and record."""
+    """What one subject's generations need: the prompt of each image (Runner.image_prompts: one generation
+    batch draws a different noise for every image), seed, reference descriptors and record."""
 
     subject: Subject
     prompts: list
@@ -175,6 +175,8 @@ class Runner:
         self.meta = model_meta(self.path)
         self.subjects = load_subjects(names=list(cfg.subjects) if cfg.subjects else None)
         self.prompts = {s.name: list(s.prompts[: cfg.prompts_per_subject]) for s in self.subjects}
+        # the prompt of every generated image: the prompts again for each further sample (sample-major)
+        self.image_prompts = {n: v * cfg.samples for n, v in self.prompts.items()}
         self.loaded = load_model(self.path)
         n = self.loaded.adapter.num_blocks
         if cfg.blocks is not None and (not cfg.blocks or any(not 0 <= b < n for b in cfg.blocks)):
@@ -203,7 +205,7 @@ class Runner:
             "rows": self._rows(),
             "reference_check": metrics.reference_check(load_subjects()),  # every shipped subject
             "per_subject": per_subject,
-            "config": {**asdict(cfg), "model_dir": self.path, "images": cfg.samples * sum(len(v) for v in self.prompts.values()),
+            "config": {**asdict(cfg), "model_dir": self.path, "images": sum(len(v) for v in self.image_prompts.values()),
                        "training_prompts": {s.name: s.training_prompts(cfg.captions) for s in self.subjects},
                        "generation_seed": "seed + subject index",
                        "tracked_steps": TRACKED_STEPS},
@@ -215,14 +217,13 @@ class Runner:
             json.dump(results, f, indent=2)
         with open(os.path.join(out_dir, "results.md"), "w") as f:
             f.write(markdown(results))
-        shown = {n: v * cfg.samples for n, v in self.prompts.items()}  # one label per image, sample-major
-        save_grid(self.subjects, shown, self.generations, os.path.join(out_dir, "grid.png"))
+        save_grid(self.subjects, self.image_prompts, self.generations, os.path.join(out_dir, "grid.png"))
         return results
 
     def _subject(self, si: int, subject: Subject) -> dict:
         cfg = self.cfg
         sp = self.prompts[subject.name]
-        run = _SubjectRun(subject, sp * cfg.samples, cfg.seed + si, [metrics.describe(im) for im in subject.images],
+        run = _SubjectRun(subject, self.image_prompts[subject.name], cfg.seed + si, [metrics.describe(im) for im in subject.images],
                           {"prompts": [p.text for p in sp], "samples": cfg.samples, "rows": {}})
         self._generate("base", run)
         if cfg.blocks is not None:
@@ -347,7 +348,7 @@ def markdown(results: dict) -> str:
         "# edgeblock eval",
         "",
         (
-            f"Model `{cfg['model']}`; {cfg['images']} images per row ({cfg.get('samples', 1)} per prompt); {cfg['steps']} training steps per subject and "
+            f"Model `{cfg['model']}`; {cfg['images']} images per row ({cfg['samples']} per prompt); {cfg['steps']} training steps per subject and "
             f"variant at batch {cfg['batch']}, lr {cfg['lr']}, LoRA rank {cfg['lora_rank']} alpha "
             f"{cfg['lora_alpha']}; generation {cfg['gen_steps']} steps, guidance {cfg['guidance']}, seed {cfg['seed']}."
         ),
