@@ -112,3 +112,12 @@ def test_minilm_encoder(encoder):
     toks = encoder.tokenizer("a photo of sks dog")["input_ids"]
     assert "".join(encoder.tokenizer.convert_ids_to_tokens([toks[i] for i in spans])).replace("#", "") == "sks"
     assert encoder.token_spans("a red star", "star") == [3]
+
+
+def test_class_captions_vary_everything_but_the_class_and_size():
+    caps = world.class_captions("heart", 12, seed=4)
+    assert caps == world.class_captions("heart", 12, seed=4)  # seeded
+    assert all(c.startswith("a large ") and " heart on a " in c for c in caps)
+    assert len({c.split(" heart ")[0] for c in caps}) > 2 and len({c.split(", ")[-1] for c in caps}) > 2
+    with pytest.raises(ValueError, match="not a shape"):
+        world.class_captions("dog", 2, seed=0)

@@ -241,6 +241,10 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
     assert len(subj["prompts"]) == 2 and len(subj["blocks"]) == 2 and len(subj["block_scores"]) > 2
     caps = res["config"]["training_prompts"][name]  # per-image captions by default
     assert len(caps) == 5 and all(c.startswith("a ") and " sks star on a " in c for c in caps)
+    # prior preservation by default: five class prompts of the subject's noun, without the token
+    assert res["config"]["prior"] == 5 and res["config"]["prior_share"] == 0.5
+    prior = subj["prior_prompts"]
+    assert len(prior) == 5 and all(" star on a " in c and "sks" not in c for c in prior) and len(set(prior)) > 1
     md = (out / "results.md").read_text()
     assert "| row |" in md and all(f"| {r} |" in md for r in ROWS)
     with Image.open(out / "grid.png") as g:
@@ -267,6 +271,23 @@ def test_eval_generates_samples_per_prompt_from_their_own_noises(tmp_path, eval_
     assert "4 images per row (2 per prompt)" in (tmp_path / "eval" / "results.md").read_text()
 
 
+@pytest.mark.slow
+def test_eval_without_prior_preservation_trains_on_the_references_alone(tmp_path, eval_model):
+    from edgeblock.eval.run import EvalConfig, Runner
+
+    seen = []
+    runner = Runner(EvalConfig.make(eval_model, quick=True, prior=0, blocks=(1, 2)), progress=False)
+    train = runner._train
+    runner._train = lambda variant, mcfg, cond, images, prior, track: (
+        seen.append((variant, prior)), train(variant, mcfg, cond, images, prior, track))[1]
+    res = runner.run(str(tmp_path / "eval"))
+    assert [v for v, _ in seen] == ["standard_lora", "patch", "skip", "blockskip"]
+    assert all(p is None for _, p in seen)
+    ((_, subj),) = res["per_subject"].items()
+    assert "prior_prompts" not in subj and res["config"]["prior"] == 0
+    assert "no prior preservation" in (tmp_path / "eval" / "results.md").read_text()
+
+
 def test_eval_refuses_models_it_cannot_generate_with(tmp_path, capsys):
     from edgeblock.cli import main
 
@@ -289,7 +310,8 @@ def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsy
 
         EvalConfig.make("builtin", quick=True, steps=0)
     for flag, value, message in (("--lr", "0", "lr must be > 0"), ("--top-k", "0", "top_k must be >= 1"),
-                                 ("--rank", "0", "lora_rank must be >= 1"), ("--samples", "0", "samples must be >= 1")):
+                                 ("--rank", "0", "lora_rank must be >= 1"), ("--samples", "0", "samples must be >= 1"),
+                                 ("--prior", "-1", "prior must be >= 0"), ("--prior-share", "1", "prior_share must be in")):
         rc = main(["eval", "--out", str(tmp_path / "o"), "--model", eval_model, "--quick", "--quiet", flag, value])
         assert rc == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "o" / "results.json").exists()

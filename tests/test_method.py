@@ -12,7 +12,7 @@ from conftest import make_inputs
 from edge_runtime.patch_sampling import PatchSchedule
 from edgeblock.method.blockskip import BlockSkipModel, SkipPlan, precompute
 from edgeblock.method.lora import LoRASpec, randomize_lora
-from edgeblock.method.train import Conditioning, MethodConfig, Trainer
+from edgeblock.method.train import Conditioning, MethodConfig, Prior, Trainer
 from edgeblock.models import LoadedModel, adapter_from_module, objective_from_scheduler
 from edgeblock.models.presets import TINY
 
@@ -226,6 +226,41 @@ def test_per_image_conditioning_gives_each_draw_its_own_images_prompt():
         Trainer(loaded, MethodConfig("standard_lora", lora=LoRASpec(rank=2)), cond.take([0, 1]), images)
     with pytest.raises(ValueError, match="3 rows for a batch of 2"):
         cond.inputs(torch.zeros(2, *images.shape[1:]).permute(0, 3, 1, 2), torch.zeros(2))
+
+
+def test_prior_preservation_draws_class_images_at_their_share_with_their_own_prompts():
+    preset, model, adapter = _setup("flux")
+    loaded, images = _loaded(adapter, "flux"), _images(preset, n=3)
+    rows = [make_inputs(preset, batch=1, seed=40 + k) for k in range(3)]
+    one = Conditioning(rows[0].text, rows[0].pooled, None)  # one prompt for every subject image
+    prior = Prior(_images(preset, n=2, seed=9), Conditioning(torch.cat([r.text for r in rows[1:]]),
+                                                              torch.cat([r.pooled for r in rows[1:]]), None))
+    cfg = MethodConfig("blockskip", blocks=(1,), lora=LoRASpec(rank=2), batch=400, seed=3, prior_share=0.25)
+    tr = Trainer(loaded, cfg, one, images, prior=prior)
+    seen = []
+    draw = tr.draws.draw
+    tr.draws.draw = lambda n: (lambda out: (seen.append(out[3]), out)[1])(draw(n))
+    x, _ = tr.chunk()
+    (index,) = seen
+    share = np.mean([i >= 3 for i in index])
+    assert 0.18 < share < 0.32  # 400 draws at 0.25: sd 0.022
+    assert set(index) == {0, 1, 2, 3, 4}  # every subject and every class image drawn
+    for k, i in enumerate(index):  # subject draws take the one prompt, class draws their own image's
+        want = one.text[0] if i < 3 else prior.cond.text[i - 3]
+        assert torch.equal(x.text[k], want)
+    # the crops come from the class images for class draws: a class image's pixels, not a subject's
+    tr.draws.sampler = None
+    x0, _, _, index, _ = tr.draws.draw(8)
+    for k, i in enumerate(index):
+        src = images[i] if i < 3 else prior.images[i - 3]
+        assert np.allclose(x0[k].numpy(), src.transpose(2, 0, 1))
+    bad = Prior(prior.images, Conditioning(rows[1].text, rows[1].pooled, None))
+    with pytest.raises(ValueError, match="1 class prompts for 2 class images"):
+        Trainer(loaded, cfg, one, images, prior=bad)
+    with pytest.raises(ValueError, match="class images of shape"):
+        Trainer(loaded, cfg, one, images, prior=Prior(prior.images[:, :-1], prior.cond))
+    with pytest.raises(ValueError, match="prior_share must be in"):
+        MethodConfig(prior_share=1.0)
 
 
 def test_crop_token_ids_place_a_crop_at_the_coordinates_it_was_cut_from():

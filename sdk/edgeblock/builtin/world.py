@@ -8,7 +8,7 @@ downsampled with Lanczos.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -63,6 +63,17 @@ def sample_spec(rng: np.random.Generator) -> Spec:
 def caption(spec: Spec) -> str:
     bg = spec.background if spec.texture == "plain" else f"{spec.background} {spec.texture}"
     return f"a {spec.size} {spec.colour} {spec.shape} on a {bg} background, {spec.position}"
+
+
+def class_captions(shape: str, n: int, seed: int, size: str = "large") -> list[str]:
+    """n seeded captions of one shape at one size, colour, place and background drawn as the world draws
+    them: the class prompts of prior preservation ("a large green star on a orange background, left")."""
+    if shape not in SHAPES:
+        raise ValueError(f"{shape!r} is not a shape of the world {SHAPES}")
+    if size not in SIZES:
+        raise ValueError(f"{size!r} is not a size of the world {SIZES}")
+    rng = np.random.default_rng(seed)
+    return [caption(replace(sample_spec(rng), shape=shape, size=size)) for _ in range(n)]
 
 
 def position_centre(position: str, size: int = 64) -> tuple[float, float]:

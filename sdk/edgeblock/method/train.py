@@ -35,6 +35,17 @@ class Conditioning:
     def rows(self) -> int:
         return int(self.text.shape[0])
 
+    @classmethod
+    def cat(cls, parts: Sequence[Conditioning]) -> Conditioning:
+        """The rows of several conditionings, in order (same text length and the same optional parts)."""
+        def join(ts):
+            if all(t is None for t in ts):
+                return None
+            if any(t is None for t in ts):
+                raise ValueError("cannot join conditionings where only some have pooled embeddings or masks")
+            return torch.cat(ts)
+        return cls(torch.cat([c.text for c in parts]), join([c.pooled for c in parts]), join([c.mask for c in parts]))
+
     def take(self, index: Tensor | Sequence[int]) -> Conditioning:
         """The rows at index (one per draw), e.g. each draw's own image caption."""
         idx = torch.as_tensor(index, dtype=torch.long)
@@ -51,6 +62,20 @@ class Conditioning:
         return DiTInputs(latents, timestep, rep(self.text), rep(self.pooled), rep(self.mask), g, img_ids)
 
 
+@dataclass
+class Prior:
+    """Class images for prior preservation (DreamBooth's prior-preservation loss): the base model's own
+    generations of class prompts ("a large red star on a green background, left"), each with its prompt,
+    trained on alongside the subject's images. They show the adapter what it must leave as the base model
+    draws it: backgrounds and places the references do not show, other colours of the class.
+
+    images: (M, H, W, C) in model space, like the subject's; cond: one row per image.
+    """
+
+    images: np.ndarray
+    cond: Conditioning
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     variant: str = "blockskip"
@@ -65,8 +90,11 @@ class MethodConfig:
     # positions of a crop's tokens (patch variants, FLUX): its own token grid, or the full image's
     # coordinates of the place it was cut from ("image")
     crop_ids: str = "grid"
+    prior_share: float = 0.5  # share of draws taken from the class images (Prior), when the trainer has some
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.prior_share < 1.0:
+            raise ValueError(f"prior_share must be in [0, 1), got {self.prior_share}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not one of {VARIANTS}")
         if self.crop_ids not in CROP_IDS:
@@ -97,6 +125,8 @@ class DrawSampler:
 
     images: (N, H, W, C) float arrays in model space (pixels in [-1, 1], or latents);
     encode: maps a (n, C, r, r) pixel batch to latents for latent models (None: identity).
+    prior_from: images from this index on are class images (prior preservation), drawn with probability
+    prior_share, the others with the rest; None: every image alike.
     """
 
     def __init__(
@@ -106,9 +136,15 @@ class DrawSampler:
         sampler: PatchSampler | None,
         seed: int,
         encode: Callable[[Tensor], Tensor] | None = None,
+        prior_from: int | None = None,
+        prior_share: float = 0.0,
     ):
         if images.ndim != 4:
             raise ValueError(f"expected images as (N, H, W, C), got shape {images.shape}")
+        if prior_from is not None and not 0 < prior_from < len(images):
+            raise ValueError(f"prior_from={prior_from}: needs subject images before it and class images from it "
+                             f"({len(images)} images)")
+        self.prior_from, self.prior_share = prior_from, float(prior_share)
         self.images = images.astype(np.float32)
         self.objective = objective
         self.sampler = sampler
@@ -116,13 +152,21 @@ class DrawSampler:
         self.g = torch.Generator().manual_seed(seed)
         self.encode = encode
 
+    def _pick(self) -> int:
+        """The image of the next draw: uniform over all, or a class image with probability prior_share."""
+        if self.prior_from is None:
+            return int(self.rng.integers(0, len(self.images)))
+        if self.rng.random() < self.prior_share:
+            return int(self.rng.integers(self.prior_from, len(self.images)))
+        return int(self.rng.integers(0, self.prior_from))
+
     def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor, list[int], list[CropBox | None]]:
         """n draws: clean x0 (a crop or the whole image), noise, noise level, and per draw the image index
         and the crop box (None without patch sampling)."""
         t = self.objective.sample_t(self.g, n)
         crops, index, boxes = [], [], []
         for k in range(n):
-            index.append(int(self.rng.integers(0, len(self.images))))
+            index.append(self._pick())
             img, box = self.images[index[-1]], None
             if self.sampler is not None:
                 img, box = self.sampler.sample(self.rng, img, float(t[k]))
@@ -145,10 +189,22 @@ class Trainer:
         cond: Conditioning,
         images: np.ndarray,
         encode: Callable[[Tensor], Tensor] | None = None,
+        prior: Prior | None = None,
     ):
         if cond.rows not in (1, len(images)):
             raise ValueError(f"conditioning has {cond.rows} rows for {len(images)} images: give one prompt, "
                              "or one per image")
+        prior_from = None
+        if prior is not None and len(prior.images):
+            if prior.cond.rows != len(prior.images):
+                raise ValueError(f"{prior.cond.rows} class prompts for {len(prior.images)} class images: give one each")
+            if prior.images.shape[1:] != images.shape[1:]:
+                raise ValueError(f"class images of shape {prior.images.shape[1:]} differ from the subject's "
+                                 f"{images.shape[1:]}")
+            # one row per image, the subject's first: every draw takes its own image's prompt
+            cond = Conditioning.cat([cond if cond.rows > 1 else cond.take([0] * len(images)), prior.cond])
+            prior_from = len(images)
+            images = np.concatenate([images, prior.images])
         if cfg.crops_at_image_ids and model.adapter.family != "flux":
             raise ValueError(f"crop_ids='image' needs FLUX's position ids; {model.adapter.family} has none")
         if cfg.crops_at_image_ids and encode is not None:
@@ -158,7 +214,7 @@ class Trainer:
         full = images.shape[1]
         res = cfg.train_res or full // 2
         sampler = PatchSampler(cfg.schedule, res) if cfg.uses_patches else None
-        self.draws = DrawSampler(images, model.objective, sampler, cfg.seed, encode)
+        self.draws = DrawSampler(images, model.objective, sampler, cfg.seed, encode, prior_from, cfg.prior_share)
         blocks = cfg.blocks if cfg.blocks is not None else middle_blocks(adapter.num_blocks)
         self.plan = SkipPlan.make(adapter.num_blocks, blocks) if cfg.uses_skip else SkipPlan.all_blocks(adapter.num_blocks)
         torch.manual_seed(cfg.seed)
