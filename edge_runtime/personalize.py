@@ -113,9 +113,16 @@ class Draw:
 class DrawPlan:
     """Deterministic draws of a job: draw(i) depends only on (seed, i)."""
 
-    def __init__(self, bundle: Bundle, images: list[np.ndarray], seed: int):
+    def __init__(self, bundle: Bundle, images: list[np.ndarray], seed: int, prior_from: int | None = None,
+                 prior_share: float = 0.0):
+        """prior_from: images from this index on are class images (prior preservation), drawn with probability
+        prior_share, the others with the rest; None: every image alike."""
         m = bundle.manifest
+        if prior_from is not None and not 0 < prior_from < len(images):
+            raise PersonalizeError(f"prior_from={prior_from}: needs subject images before it and class images "
+                                   f"from it ({len(images)} images)")
         self.bundle, self.images, self.seed = bundle, images, int(seed)
+        self.prior_from, self.prior_share = prior_from, float(prior_share)
         self.objective = m.scheduler
         ps = dict(m.patch_schedule)
         self.sampler = PatchSampler(PatchSchedule.from_dict(ps), int(m.train_res))
@@ -141,7 +148,12 @@ class DrawPlan:
             mean, std = float(self.objective.get("logit_mean", 0.0)), float(self.objective.get("logit_std", 1.0))
             t = 1.0 / (1.0 + math.exp(-(mean + std * float(rng.standard_normal()))))
             k, ts = None, t * 1000.0
-        img = int(rng.integers(0, len(self.images)))
+        if self.prior_from is None:
+            img = int(rng.integers(0, len(self.images)))
+        elif rng.random() < self.prior_share:
+            img = int(rng.integers(self.prior_from, len(self.images)))
+        else:
+            img = int(rng.integers(0, self.prior_from))
         h, w = self.images[img].shape[:2]
         box = self.sampler.crop_box(rng, h, w, t)
         return Draw(i, img, t, k, (box.top, box.left, box.size), ts)
@@ -254,6 +266,9 @@ class JobOptions:
     # one training caption per image (each naming the token), e.g. "a large sks star on a blue background,
     # top left": each draw is conditioned on its own image's caption; empty: `prompt` for every image
     captions: list[str] = field(default_factory=list)
+    # prior preservation: one caption per class image (none naming the token); empty: "a {class_noun}" each
+    class_captions: list[str] = field(default_factory=list)
+    prior_share: float = 0.5  # share of the draws taken from the class images, when the job has some
 
     def __post_init__(self) -> None:
         if self.precompute not in PRECOMPUTE_MODES:
@@ -264,6 +279,13 @@ class JobOptions:
         for i, c in enumerate(self.captions):
             if self.token not in c.replace(",", " ").split():
                 raise PersonalizeError(f"caption {i} {c!r} does not name the token {self.token!r}")
+        self.class_captions = [str(c) for c in self.class_captions]
+        for i, c in enumerate(self.class_captions):
+            if self.token in c.replace(",", " ").split():
+                raise PersonalizeError(f"class caption {i} {c!r} names the token {self.token!r}: class images show "
+                                       "the class, not the subject")
+        if not 0.0 < self.prior_share < 1.0:
+            raise PersonalizeError(f"prior_share must be in (0, 1), got {self.prior_share}")
 
     def training_prompts(self, n_images: int) -> list[str]:
         """The prompt of each image: its caption, or the one prompt for all."""
@@ -272,6 +294,15 @@ class JobOptions:
         if len(self.captions) != n_images:
             raise PersonalizeError(f"{len(self.captions)} captions for {n_images} images: give one per image or none")
         return list(self.captions)
+
+    def class_prompts(self, n_class: int) -> list[str]:
+        """The prompt of each class image: its class caption, or "a {class_noun}"."""
+        if not self.class_captions:
+            return [f"a {self.class_noun}"] * n_class
+        if len(self.class_captions) != n_class:
+            raise PersonalizeError(f"{len(self.class_captions)} class captions for {n_class} class images: give one "
+                                   "per class image or none")
+        return list(self.class_captions)
 
 
 class Cancelled(Exception):
@@ -322,22 +353,29 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
             trainer_backend: str = "ort", train_device: str = "cpu", progress: Progress | None = None,
             start_step: int = 0,
             on_checkpoint: Callable[[int], None] | None = None,
-            checkpoint_on_stop: Callable[[], bool] | None = None) -> JobResult:
+            checkpoint_on_stop: Callable[[], bool] | None = None,
+            class_images: list[np.ndarray] | None = None) -> JobResult:
     """Train an adapter; checkpoints to work_dir/checkpoint every opts.checkpoint_every steps.
 
     start_step > 0 resumes from work_dir/checkpoint (written at that step). Raises Cancelled when
     progress.should_stop() turns true (checked before each step; the checkpoint stays consistent);
     if checkpoint_on_stop() is then true (a shutdown, not a cancel), the steps done so far are
-    checkpointed first, so the job resumes exactly there.
+    checkpointed first, so the job resumes exactly there. class_images (prior preservation) are drawn with
+    probability opts.prior_share, each with its class prompt (opts.class_prompts).
     """
     progress = progress or Progress()
     t_start = time.perf_counter()
     os.makedirs(work_dir, exist_ok=True)
     ckpt = os.path.join(work_dir, "checkpoint")
     progress.event("encoding")
-    text = bundle.encode_prompts(opts.training_prompts(len(images)))  # one row, or one per image
+    prompts = opts.training_prompts(len(images))  # one, or one per image
+    prior_from = None
+    if class_images:
+        prompts = (prompts if len(prompts) > 1 else prompts * len(images)) + opts.class_prompts(len(class_images))
+        prior_from, images = len(images), list(images) + list(class_images)
+    text = bundle.encode_prompts(prompts)  # one row, or one per image
     bundle.release_text_encoder()  # not needed again by this job
-    plan = DrawPlan(bundle, images, opts.seed)
+    plan = DrawPlan(bundle, images, opts.seed, prior_from, opts.prior_share)
     from .ort_trainer import load_spec
 
     frozen = FrozenPass(bundle, list(load_spec(os.path.join(bundle.root, "trainable"))["inputs"]))

@@ -277,13 +277,32 @@ class Daemon:
             raise InvalidArgument(str(e)) from e
         except Exception as e:  # Pillow raises e.g. SyntaxError on a corrupt PNG chunk
             raise InvalidArgument(f"an image is not a decodable PNG/JPEG ({type(e).__name__})") from e
+        if len(request.class_images) > L.max_images:
+            raise InvalidArgument(f"{len(request.class_images)} class images, more than max_images={L.max_images}")
+        class_pngs: list[bytes] = []
+        if request.class_images:
+            try:
+                _imgs, class_pngs = decode_images([im.data for im in request.class_images], self.image_limits,
+                                                  int(self.bundle.manifest.gen_res))
+            except PersonalizeError as e:
+                raise InvalidArgument(f"class images: {e}") from e
+            except Exception as e:  # noqa: BLE001 - as above
+                raise InvalidArgument(f"a class image is not a decodable PNG/JPEG ({type(e).__name__})") from e
+        elif request.class_captions or request.prior_share:
+            raise InvalidArgument("class_captions and prior_share need class_images")
         captions = [c.strip() for c in request.captions]
-        for i, c in enumerate(captions):
-            if not c or len(c) > L.max_prompt_chars:
-                raise InvalidArgument(f"caption {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)")
+        class_captions = [c.strip() for c in request.class_captions]
+        for what, texts in (("caption", captions), ("class caption", class_captions)):
+            for i, c in enumerate(texts):
+                if not c or len(c) > L.max_prompt_chars:
+                    raise InvalidArgument(f"{what} {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)")
+        share = float(request.prior_share) or 0.5
         try:
-            opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode, captions=captions)
+            opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode, captions=captions,
+                              class_captions=class_captions, prior_share=share)
             opts.training_prompts(len(request.images))  # one caption per image, or none
+            if class_pngs:
+                opts.class_prompts(len(class_pngs))  # one class caption per class image, or none
         except PersonalizeError as e:
             raise InvalidArgument(str(e)) from e
         with self.lock:
@@ -297,6 +316,8 @@ class Daemon:
         rec = JobRecord(data)
         self.store.save_job(data)
         self.store.save_job_images(rec.id, pngs)
+        if class_pngs:
+            self.store.save_job_images(rec.id, class_pngs, kind="class_images")
         with self.lock:
             self.jobs[rec.id] = rec
         self._emit(rec, "QUEUED", queue_position=max(0, self.queue.qsize() + (1 if self.current else 0)))
@@ -352,9 +373,11 @@ class Daemon:
 
         try:
             images = images_from_pngs(self.store.job_images(rec.id))
+            class_images = images_from_pngs(self.store.job_images(rec.id, kind="class_images"))
             result = run_job(self.bundle, opts, images, work, trainer_backend=self.trainer, train_device=self.train_device,
                              progress=Progress(event, should_stop), start_step=start, on_checkpoint=on_checkpoint,
-                             checkpoint_on_stop=lambda: self.shutting_down.is_set() and not rec.cancel.is_set())
+                             checkpoint_on_stop=lambda: self.shutting_down.is_set() and not rec.cancel.is_set(),
+                             class_images=class_images or None)
         except Cancelled as e:
             if rec.cancel.is_set():
                 self._finish(rec, "CANCELLED", str(e))
@@ -368,6 +391,7 @@ class Daemon:
         meta = {"name": data["name"], "token": opts.token, "class_noun": opts.class_noun, "steps": opts.steps,
                 "final_loss": result.final_loss, "lora_rank": int(self.bundle.manifest.lora.get("rank", 0)),
                 "job_id": rec.id, "learning_rate": opts.learning_rate, "seed": opts.seed,
+                "class_images": len(class_images), "prior_share": opts.prior_share if class_images else None,
                 "train_seconds": result.seconds, "trainer": self.trainer, "bundle": self.bundle.model.get("fingerprint")}
         self.store.save_adapter(result.weights, meta, adapter_id=data["adapter_id"])
         data["loss"] = result.final_loss

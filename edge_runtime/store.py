@@ -158,15 +158,18 @@ class Store:
                     out.append(read_json(p))
         return sorted(out, key=lambda j: j.get("created", 0))
 
-    def save_job_images(self, job_id: str, pngs: list[bytes]) -> None:
-        d = os.path.join(self.job_dir(job_id), "images")
+    def save_job_images(self, job_id: str, pngs: list[bytes], kind: str = "images") -> None:
+        """A job's subject images ("images") or class images ("class_images")."""
+        d = os.path.join(self.job_dir(job_id), kind)
         os.makedirs(d, exist_ok=True)
         for i, data in enumerate(pngs):
             atomic_write(os.path.join(d, f"{i:02d}.png"), data)
 
-    def job_images(self, job_id: str) -> list[bytes]:
-        d = os.path.join(self.job_dir(job_id), "images")
+    def job_images(self, job_id: str, kind: str = "images") -> list[bytes]:
+        d = os.path.join(self.job_dir(job_id), kind)
         out = []
+        if kind != "images" and not os.path.isdir(d):  # a job without class images
+            return out
         for n in sorted(os.listdir(d)):
             if n.endswith(".png"):
                 with open(os.path.join(d, n), "rb") as f:
@@ -176,7 +179,7 @@ class Store:
     def drop_job_work(self, job_id: str) -> None:
         """A finished job keeps job.json only (its images, checkpoint and bank are removed)."""
         d = self.job_dir(job_id)
-        for n in ("images", "bank"):
+        for n in ("images", "class_images", "bank"):
             shutil.rmtree(os.path.join(d, n), ignore_errors=True)
         for n in ("checkpoint",):
             with _suppress():

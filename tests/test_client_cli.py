@@ -237,6 +237,22 @@ def test_personalize_streams_and_prints_the_adapter_id_last(daemon, tmp_path, to
                "dog", "--caption", caps[0], "--caption", caps[1], "--quiet", "--auth-token-file", token_file])
     assert rc == 0
     assert list(daemon.calls[-1][1].captions) == caps  # in --images order
+    assert list(daemon.calls[-1][1].class_images) == [] and daemon.calls[-1][1].prior_share == 0
+    class_caps = ["a large red dog on a green background, left", "a large black dog on a white background, top"]
+    rc = main(["personalize", "--server", daemon.address, "--images", paths[0], "--token", "sks", "--class-noun", "dog",
+               "--class-images", paths[1], paths[2], "--class-caption", class_caps[0], "--class-caption", class_caps[1],
+               "--prior-share", "0.4", "--quiet", "--auth-token-file", token_file])
+    assert rc == 0
+    req = daemon.calls[-1][1]
+    assert [im.data for im in req.class_images] == [_bytes(paths[1]), _bytes(paths[2])]
+    assert list(req.class_captions) == class_caps and req.prior_share == pytest.approx(0.4)
+    n = len(daemon.calls)
+    for extra, message in ((["--class-caption", "a dog"], "need --class-images"),
+                           (["--class-images", paths[1], "--prior-share", "1"], "--prior-share must be in (0, 1)")):
+        rc = main(["personalize", "--server", daemon.address, "--images", paths[0], "--token", "sks", "--class-noun",
+                   "dog", *extra, "--quiet", "--auth-token-file", token_file])
+        assert rc == 2 and message in capsys.readouterr().err, extra
+    assert len(daemon.calls) == n  # refused before any call
 
 
 def test_personalize_json_lines_and_env_token(daemon, tmp_path, monkeypatch, capsys):

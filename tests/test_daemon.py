@@ -87,6 +87,22 @@ def test_end_to_end_personalize_generate_adapters(daemon, bundle, tmp_path):
             c.get_adapter(aid)
         assert e.value.code == "NOT_FOUND"
 
+        # prior preservation: class images from the daemon's own base model, each with its class caption
+        caps = ["a large red ring on a green background, left", "a large white ring on a black background, top"]
+        cls = [c.generate(cap, steps=4, seed=11 + k).png for k, cap in enumerate(caps)]
+        events, pid = _personalize(c, steps=6, seed=7, class_images=cls, class_captions=caps)
+        assert [e.step for e in events if KIND(e.kind) == "STEP"] == list(range(1, 7))
+        import json
+
+        with open(tmp_path / "state" / "adapters" / pid / "adapter.json") as f:
+            meta = json.load(f)
+        assert meta["class_images"] == 2 and meta["prior_share"] == 0.5
+        job_dir = tmp_path / "state" / "jobs" / events[0].job_id
+        deadline = time.time() + 10  # the job's work is dropped right after its DONE event
+        while (job_dir / "class_images").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not (job_dir / "class_images").exists() and (job_dir / "job.json").exists()
+
 
 def test_exported_adapter_loads_into_diffusers_and_matches_the_daemon(daemon):
     """ExportAdapter's file loads into the diffusers FluxTransformer2DModel of the built-in model and
@@ -239,6 +255,16 @@ def test_limits_answer_with_the_named_limit(daemon):
             (code(c.personalize, subject_pngs(1), "sks", "ring", captions=["a red ring"]), "does not name the token"),
             (code(c.personalize, subject_pngs(1), "sks", "ring", captions=["a sks " + "x" * L.max_prompt_chars]),
              "max_prompt_chars"),
+            (code(c.personalize, subject_pngs(1), "sks", "ring", class_captions=["a red ring"]), "need class_images"),
+            (code(c.personalize, subject_pngs(1), "sks", "ring", class_images=subject_pngs(1) * (L.max_images + 1)),
+             "max_images"),
+            (code(c.personalize, subject_pngs(1), "sks", "ring", class_images=[b"nope"]), "class image"),
+            (code(c.personalize, subject_pngs(1), "sks", "ring", class_images=subject_pngs(1),
+                  class_captions=["a sks ring"]), "names the token"),
+            (code(c.personalize, subject_pngs(1), "sks", "ring", class_images=subject_pngs(2),
+                  class_captions=["a red ring"]), "one per class image"),
+            (code(c.personalize, subject_pngs(1), "sks", "ring", class_images=subject_pngs(1), prior_share=1.5),
+             "prior_share"),
             (code(c.generate, "x" * (L.max_prompt_chars + 1)), "max_prompt_chars"),
             (code(c.generate, "a cat", steps=L.max_generate_steps + 1), "max_generate_steps"),
             (code(c.generate, "a cat", size=48), "size"),

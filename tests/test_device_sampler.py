@@ -205,3 +205,43 @@ def test_per_image_captions_condition_each_draw_on_its_own_image(builtin_runtime
         run_job(b, JobOptions("sks", "ring", 2, 3e-3, 5, 0, captions=caps[:1]), imgs, str(tmp_path / "one"))
     with pytest.raises(PersonalizeError, match="does not name the token"):
         JobOptions("sks", "ring", 2, 3e-3, 5, 0, captions=["a ring", "a sks ring"])
+
+
+def test_class_images_are_drawn_at_the_prior_share_with_their_class_captions(builtin_runtime, tmp_path):
+    """Prior preservation on the device (PersonalizeRequest.class_images): draws come from the class images with
+    probability prior_share, each conditioned on its class caption; a job without class images draws as before;
+    class captions naming the token, or not one per class image, are refused."""
+    from daemon_util import subject_pngs
+
+    from edge_runtime.personalize import DrawPlan, ImageLimits, JobOptions, PersonalizeError, decode_images, run_job
+
+    b = builtin_runtime
+    imgs, _ = decode_images(subject_pngs(3), ImageLimits(), b.manifest.gen_res)
+    subj, cls = imgs[:2], imgs[2:]
+    class_caps = ["a large red ring on a green background, left"]
+    o = JobOptions("sks", "ring", steps=4, learning_rate=3e-3, seed=5, checkpoint_every=0, class_captions=class_caps,
+                   prior_share=0.3)
+    prompts = o.training_prompts(2) * 2 + o.class_prompts(1)
+    text = b.encode_prompts(prompts)
+    plan = DrawPlan(b, subj + cls, seed=5, prior_from=2, prior_share=0.3)
+    draws = [plan.draw(i) for i in range(400)]
+    share = np.mean([d.image == 2 for d in draws])
+    assert 0.23 < share < 0.37  # 400 draws at 0.3: sd 0.023
+    assert {d.image for d in draws} == {0, 1, 2}
+    assert [plan.draw(i).image for i in range(20)] == [d.image for d in draws[:20]]  # draw i: (seed, i) only
+    d = next(d for d in draws if d.image == 2)
+    feeds, _ = plan.prologue_feeds(d, text)
+    own = b.encode_prompts(class_caps)
+    assert all(np.abs(feeds[k] - own[k]).max() <= 1e-5 * np.abs(own[k]).max() for k in own)
+    # without class images the draws are the ones a job always had
+    old, new = DrawPlan(b, subj, seed=5), DrawPlan(b, subj, seed=5, prior_from=None, prior_share=0.3)
+    assert [old.draw(i).image for i in range(30)] == [new.draw(i).image for i in range(30)]
+    with_prior = run_job(b, o, subj, str(tmp_path / "prior"), class_images=cls)
+    plain = run_job(b, JobOptions("sks", "ring", 4, 3e-3, 5, 0), subj, str(tmp_path / "plain"))
+    assert np.all(np.isfinite(with_prior.losses)) and with_prior.losses != plain.losses
+    with pytest.raises(PersonalizeError, match="1 class captions for 2 class images"):
+        run_job(b, o, subj, str(tmp_path / "two"), class_images=cls * 2)
+    with pytest.raises(PersonalizeError, match="names the token"):
+        JobOptions("sks", "ring", 2, 3e-3, 5, 0, class_captions=["a sks ring"])
+    with pytest.raises(PersonalizeError, match="prior_share must be in"):
+        JobOptions("sks", "ring", 2, 3e-3, 5, 0, prior_share=1.0)

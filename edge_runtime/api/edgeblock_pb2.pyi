@@ -14,7 +14,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class PersonalizeRequest(_message.Message):
-    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute", "captions")
+    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute", "captions", "class_images", "class_captions", "prior_share")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLASS_NOUN_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class PersonalizeRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     PRECOMPUTE_FIELD_NUMBER: _ClassVar[int]
     CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_SHARE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     token: str
     class_noun: str
@@ -35,7 +38,10 @@ class PersonalizeRequest(_message.Message):
     name: str
     precompute: str
     captions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ..., captions: _Optional[_Iterable[str]] = ...) -> None: ...
+    class_images: _containers.RepeatedCompositeFieldContainer[Image]
+    class_captions: _containers.RepeatedScalarFieldContainer[str]
+    prior_share: float
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ..., captions: _Optional[_Iterable[str]] = ..., class_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_captions: _Optional[_Iterable[str]] = ..., prior_share: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("kind", "job_id", "step", "total_steps", "loss", "adapter_id", "message", "queue_position", "progress", "elapsed_s")

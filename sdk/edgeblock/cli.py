@@ -277,13 +277,19 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.lr < 0:
         raise ValueError(f"--lr must be >= 0, got {args.lr}")
+    if args.prior_share and not 0.0 < args.prior_share < 1.0:
+        raise ValueError(f"--prior-share must be in (0, 1), got {args.prior_share}")
+    if (args.class_caption or args.prior_share) and not args.class_images:
+        raise ValueError("--class-caption and --prior-share need --class-images")
     with _client(args) as c:
         from .client import pb
 
         Kind = pb.JobEvent.Kind
         stream = c.personalize(args.images, token=args.token, class_noun=args.class_noun, steps=args.steps,
                                learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                               name=args.name, precompute=args.precompute, captions=args.caption or ())
+                               name=args.name, precompute=args.precompute, captions=args.caption or (),
+                               class_images=args.class_images or (), class_captions=args.class_caption or (),
+                               prior_share=args.prior_share)
         bar = tqdm(total=None, desc="connecting", unit="step", disable=args.json or args.quiet, dynamic_ncols=True)
         postfix: dict = {}
         try:
@@ -565,6 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training caption of the next image, in --images order, naming the token (e.g. 'a large "
                          "sks star on a blue background, top left'); give one per image or none (default: "
                          "'a {token} {class noun}' for every image)")
+    pz.add_argument("--class-images", nargs="+", default=None, metavar="F",
+                    help="prior preservation: class images (PNG/JPEG), the base model's own generations of the class "
+                         "(e.g. `edgeblock generate --server ... --prompt 'a large red star on a green background, "
+                         "left'`), trained on beside the subject so the adapter leaves other backgrounds and places "
+                         "as the base model draws them")
+    pz.add_argument("--class-caption", action="append", default=None, metavar="TEXT",
+                    help="caption of the next class image, in --class-images order, not naming the token; one per "
+                         "class image or none (default: 'a {class noun}')")
+    pz.add_argument("--prior-share", type=float, default=0.0,
+                    help="share of the training draws taken from the class images, in (0, 1) (default: 0.5)")
     pz.add_argument("--precompute", choices=["", "bank", "online"], default="",
                     help="precompute mode (default: the daemon's memory plan decides)")
     pz.add_argument("--json", action="store_true", help="print every event as a JSON line (the last one is DONE)")

@@ -160,16 +160,23 @@ class EdgeClient:
 
     def personalize(self, images: Sequence[bytes | str | os.PathLike], token: str, class_noun: str, steps: int = 0,
                     learning_rate: float = 0.0, seed: int = 0, checkpoint_every: int = 0, name: str = "",
-                    precompute: str = "", timeout: float | None = None, captions: Sequence[str] = ()) -> JobStream:
+                    precompute: str = "", timeout: float | None = None, captions: Sequence[str] = (),
+                    class_images: Sequence[bytes | str | os.PathLike] = (), class_captions: Sequence[str] = (),
+                    prior_share: float = 0.0) -> JobStream:
         """Start a training job; iterate the result for its JobEvents (the last one DONE, FAILED or
         CANCELLED). Images are PNG/JPEG bytes or paths to such files; `captions`, if given, one training
-        caption per image naming the token (PersonalizeRequest.captions)."""
-        if isinstance(images, (str, bytes, os.PathLike)):
-            raise TypeError("images must be a list of paths or bytes, not a single one")
+        caption per image naming the token (PersonalizeRequest.captions). `class_images` (prior
+        preservation: the base model's generations of the class, e.g. from `generate` without an adapter),
+        with `class_captions` (one each, not naming the token) and `prior_share` (0: the daemon's 0.5)."""
+        for what, v in (("images", images), ("class_images", class_images)):
+            if isinstance(v, (str, bytes, os.PathLike)):
+                raise TypeError(f"{what} must be a list of paths or bytes, not a single one")
         req = pb.PersonalizeRequest(
             images=[pb.Image(data=_read(im, "image")) for im in images], token=token, class_noun=class_noun,
             steps=steps, learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, name=name,
             precompute=precompute, captions=list(captions),
+            class_images=[pb.Image(data=_read(im, "class image")) for im in class_images],
+            class_captions=list(class_captions), prior_share=prior_share,
         )
         return JobStream(_call(self.stub.Personalize, req, metadata=self._metadata, timeout=timeout))
 

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="personalization steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gen-steps", type=int, default=30)
+    p.add_argument("--prior", type=int, default=5,
+                   help="class images for prior preservation, generated on the daemon by the base model (0: none)")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the cache)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
@@ -142,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             summary["daemon"] = {"address": address, "trainer": info.trainer, "executor": info.executor,
                                  "trainable_blocks": list(info.trainable_blocks)}
 
-            # 3. personalize
+            # 3. personalize, with prior preservation: the base model's own images of the class first
+            rss.phase = "generate"
+            from .builtin.world import class_captions
+
+            class_caps = class_captions(subject.noun, args.prior, seed=1) if args.prior > 0 else []
+            class_pngs = [c.generate(cap, seed=101 + k, steps=args.gen_steps, guidance=3.0).png
+                          for k, cap in enumerate(tqdm(class_caps, desc="[3/5] class images (base model)", unit="image"))]
+            summary["class_images"] = class_caps
             rss.phase = "personalize"
             losses: list[float] = []
             adapter_id, t0 = "", time.perf_counter()
@@ -150,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                       unit="step") as bar:
                 # each reference trains on its own caption ("a large sks star on a blue background, top left")
                 for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=args.steps,
-                                        learning_rate=args.lr, seed=1, captions=subject.captions):
+                                        learning_rate=args.lr, seed=1, captions=subject.captions,
+                                        class_images=class_pngs, class_captions=class_caps):
                     kind = type(ev).Kind.Name(ev.kind)
                     if kind == "STEP":
                         losses.append(ev.loss)
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "# edgeblock demo", "",
         f"Model: built-in FLUX-architecture DiT ({m.model['parameters'] / 1e6:.2f}M parameters), bundle {bundle}",
         f"Subject: {subject.description} ('sks {subject.noun}'), {len(pngs)} reference images, each trained on "
-        f"its own caption (e.g. '{subject.captions[0]}')", "",
+        f"its own caption (e.g. '{subject.captions[0]}'); prior preservation with {len(class_caps)} class images "
+        "the daemon generated from class captions (half of the draws)", "",
         "| phase | figure |", "|---|---|",
         f"| compile | {summary['compile_s']:.1f} s ({'cached' if summary['compile_cached'] else 'built'}) |",
         f"| personalize | {pr['steps']} steps in {pr['seconds']:.1f} s ({pr['s_per_step'] * 1000:.0f} ms/step, precompute included); "
