@@ -101,6 +101,16 @@ class PatchSampler:
         return resize(crop(image, box), self.train_res), box
 
 
+def pick_image(rng: np.random.Generator, n: int, prior_from: int | None = None, prior_share: float = 0.0) -> int:
+    """The image of a training draw among n: uniform; or, with class images for prior preservation from index
+    prior_from on, a class image with probability prior_share, else a subject image (both uniform)."""
+    if prior_from is None:
+        return int(rng.integers(0, n))
+    if rng.random() < prior_share:
+        return int(rng.integers(prior_from, n))
+    return int(rng.integers(0, prior_from))
+
+
 GRID_POSITION = (0.0, 0.0, 1.0)  # crop_position of a crop that is the whole image at its own size
 CROP_INPUT = "crop"  # the FLUX prologue graph's input taking a crop_position
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .patch_sampling import PatchSampler, PatchSchedule
+from .patch_sampling import PatchSampler, PatchSchedule, pick_image
 from .runtime import Bundle
 from .sampler import alphas_cumprod
 
@@ -148,12 +148,7 @@ class DrawPlan:
             mean, std = float(self.objective.get("logit_mean", 0.0)), float(self.objective.get("logit_std", 1.0))
             t = 1.0 / (1.0 + math.exp(-(mean + std * float(rng.standard_normal()))))
             k, ts = None, t * 1000.0
-        if self.prior_from is None:
-            img = int(rng.integers(0, len(self.images)))
-        elif rng.random() < self.prior_share:
-            img = int(rng.integers(self.prior_from, len(self.images)))
-        else:
-            img = int(rng.integers(0, self.prior_from))
+        img = pick_image(rng, len(self.images), self.prior_from, self.prior_share)
         h, w = self.images[img].shape[:2]
         box = self.sampler.crop_box(rng, h, w, t)
         return Draw(i, img, t, k, (box.top, box.left, box.size), ts)

@@ -216,7 +216,7 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
     from edgeblock.eval.run import ROWS
 
     out = tmp_path / "eval"
-    rc = main(["eval", "--out", str(out), "--model", eval_model, "--quick", "--quiet",
+    rc = main(["eval", "--out", str(out), "--model", eval_model, "--quick", "--quiet", "--prior", "5",
                "--dino", dino_dir, "--clip", clip_dir])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -241,7 +241,7 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
     assert len(subj["prompts"]) == 2 and len(subj["blocks"]) == 2 and len(subj["block_scores"]) > 2
     caps = res["config"]["training_prompts"][name]  # per-image captions by default
     assert len(caps) == 5 and all(c.startswith("a ") and " sks star on a " in c for c in caps)
-    # prior preservation by default: five class prompts of the subject's noun, without the token
+    # prior preservation (--prior 5): five class prompts of the subject's noun, without the token
     assert res["config"]["prior"] == 5 and res["config"]["prior_share"] == 0.5
     prior = subj["prior_prompts"]
     assert len(prior) == 5 and all(" star on a " in c and "sks" not in c for c in prior) and len(set(prior)) > 1
@@ -276,7 +276,7 @@ def test_eval_without_prior_preservation_trains_on_the_references_alone(tmp_path
     from edgeblock.eval.run import EvalConfig, Runner
 
     seen = []
-    runner = Runner(EvalConfig.make(eval_model, quick=True, prior=0, blocks=(1, 2)), progress=False)
+    runner = Runner(EvalConfig.make(eval_model, quick=True, blocks=(1, 2)), progress=False)  # the default: none
     train = runner._train
     runner._train = lambda variant, mcfg, cond, images, prior, track: (
         seen.append((variant, prior)), train(variant, mcfg, cond, images, prior, track))[1]
@@ -316,7 +316,7 @@ def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsy
         assert rc == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "o" / "results.json").exists()
     cfg = EvalConfig.make("builtin", lr=0.01, lora_rank=4, top_k=3)
-    assert (cfg.lr, cfg.lora_rank, cfg.top_k, cfg.steps, cfg.samples) == (0.01, 4, 3, 300, 1)
+    assert (cfg.lr, cfg.lora_rank, cfg.top_k, cfg.steps, cfg.samples, cfg.prior) == (0.01, 4, 3, 300, 1, 0)
 
 
 def test_score_agrees_with_the_separate_metrics(subjects):

@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="personalization steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gen-steps", type=int, default=30)
-    p.add_argument("--prior", type=int, default=5,
-                   help="class images for prior preservation, generated on the daemon by the base model (0: none)")
+    p.add_argument("--prior", type=int, default=0,
+                   help="class images for prior preservation, generated on the daemon by the base model (default 0: "
+                        "none; docs/eval-results-2026-12-02b.md: they cost DiT-BlockSkip subject fidelity)")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the cache)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
@@ -144,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             summary["daemon"] = {"address": address, "trainer": info.trainer, "executor": info.executor,
                                  "trainable_blocks": list(info.trainable_blocks)}
 
-            # 3. personalize, with prior preservation: the base model's own images of the class first
+            # 3. personalize (with --prior N: prior preservation, the base model's own images of the class first)
             rss.phase = "generate"
             from .builtin.world import class_captions
 
             class_caps = class_captions(subject.noun, args.prior, seed=1) if args.prior > 0 else []
             class_pngs = [c.generate(cap, seed=101 + k, steps=args.gen_steps, guidance=3.0).png
-                          for k, cap in enumerate(tqdm(class_caps, desc="[3/5] class images (base model)", unit="image"))]
+                          for k, cap in enumerate(tqdm(class_caps, desc="[3/5] class images (base model)", unit="image",
+                                                       disable=not class_caps))]
             summary["class_images"] = class_caps
             rss.phase = "personalize"
             losses: list[float] = []
@@ -220,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "# edgeblock demo", "",
         f"Model: built-in FLUX-architecture DiT ({m.model['parameters'] / 1e6:.2f}M parameters), bundle {bundle}",
         f"Subject: {subject.description} ('sks {subject.noun}'), {len(pngs)} reference images, each trained on "
-        f"its own caption (e.g. '{subject.captions[0]}'); prior preservation with {len(class_caps)} class images "
-        "the daemon generated from class captions (half of the draws)", "",
+        f"its own caption (e.g. '{subject.captions[0]}')"
+        + (f"; prior preservation with {len(class_caps)} class images the daemon generated from class captions"
+           if class_caps else ""), "",
         "| phase | figure |", "|---|---|",
         f"| compile | {summary['compile_s']:.1f} s ({'cached' if summary['compile_cached'] else 'built'}) |",
         f"| personalize | {pr['steps']} steps in {pr['seconds']:.1f} s ({pr['s_per_step'] * 1000:.0f} ms/step, precompute included); "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edge_runtime.patch_sampling import CROP_IDS, CropBox, PatchSampler, PatchSchedule, crop_token_ids
+from edge_runtime.patch_sampling import CROP_IDS, CropBox, PatchSampler, PatchSchedule, crop_token_ids, pick_image
 
 from ..models import DiTInputs, LoadedModel, Objective
 from .blockskip import BlockSkipModel, Precomputed, SkipPlan, precompute
@@ -93,8 +93,8 @@ class MethodConfig:
     prior_share: float = 0.5  # share of draws taken from the class images (Prior), when the trainer has some
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.prior_share < 1.0:
-            raise ValueError(f"prior_share must be in [0, 1), got {self.prior_share}")
+        if not 0.0 < self.prior_share < 1.0:
+            raise ValueError(f"prior_share must be in (0, 1), got {self.prior_share}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not one of {VARIANTS}")
         if self.crop_ids not in CROP_IDS:
@@ -152,21 +152,13 @@ class DrawSampler:
         self.g = torch.Generator().manual_seed(seed)
         self.encode = encode
 
-    def _pick(self) -> int:
-        """The image of the next draw: uniform over all, or a class image with probability prior_share."""
-        if self.prior_from is None:
-            return int(self.rng.integers(0, len(self.images)))
-        if self.rng.random() < self.prior_share:
-            return int(self.rng.integers(self.prior_from, len(self.images)))
-        return int(self.rng.integers(0, self.prior_from))
-
     def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor, list[int], list[CropBox | None]]:
         """n draws: clean x0 (a crop or the whole image), noise, noise level, and per draw the image index
         and the crop box (None without patch sampling)."""
         t = self.objective.sample_t(self.g, n)
         crops, index, boxes = [], [], []
         for k in range(n):
-            index.append(self._pick())
+            index.append(pick_image(self.rng, len(self.images), self.prior_from, self.prior_share))
             img, box = self.images[index[-1]], None
             if self.sampler is not None:
                 img, box = self.sampler.sample(self.rng, img, float(t[k]))
