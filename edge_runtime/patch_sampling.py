@@ -101,6 +101,13 @@ class PatchSampler:
         return resize(crop(image, box), self.train_res), box
 
 
+def check_prior_from(prior_from: int | None, n: int, error: type[Exception] = ValueError) -> None:
+    """Class images (prior preservation) from index prior_from on need subject images before them and at
+    least one class image among the n."""
+    if prior_from is not None and not 0 < prior_from < n:
+        raise error(f"prior_from={prior_from}: needs subject images before it and class images from it ({n} images)")
+
+
 def pick_image(rng: np.random.Generator, n: int, prior_from: int | None = None, prior_share: float = 0.0) -> int:
     """The image of a training draw among n: uniform; or, with class images for prior preservation from index
     prior_from on, a class image with probability prior_share, else a subject image (both uniform)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .patch_sampling import PatchSampler, PatchSchedule, pick_image
+from .patch_sampling import PatchSampler, PatchSchedule, check_prior_from, pick_image
 from .runtime import Bundle
 from .sampler import alphas_cumprod
 
@@ -118,9 +118,7 @@ class DrawPlan:
         """prior_from: images from this index on are class images (prior preservation), drawn with probability
         prior_share, the others with the rest; None: every image alike."""
         m = bundle.manifest
-        if prior_from is not None and not 0 < prior_from < len(images):
-            raise PersonalizeError(f"prior_from={prior_from}: needs subject images before it and class images "
-                                   f"from it ({len(images)} images)")
+        check_prior_from(prior_from, len(images), PersonalizeError)
         self.bundle, self.images, self.seed = bundle, images, int(seed)
         self.prior_from, self.prior_share = prior_from, float(prior_share)
         self.objective = m.scheduler
@@ -272,15 +270,18 @@ class JobOptions:
             self.prompt = f"a {self.token} {self.class_noun}"
         self.captions = [str(c) for c in self.captions]
         for i, c in enumerate(self.captions):
-            if self.token not in c.replace(",", " ").split():
+            if not self._names_token(c):
                 raise PersonalizeError(f"caption {i} {c!r} does not name the token {self.token!r}")
         self.class_captions = [str(c) for c in self.class_captions]
         for i, c in enumerate(self.class_captions):
-            if self.token in c.replace(",", " ").split():
+            if self._names_token(c):
                 raise PersonalizeError(f"class caption {i} {c!r} names the token {self.token!r}: class images show "
                                        "the class, not the subject")
         if not 0.0 < self.prior_share < 1.0:
             raise PersonalizeError(f"prior_share must be in (0, 1), got {self.prior_share}")
+
+    def _names_token(self, caption: str) -> bool:
+        return self.token in caption.replace(",", " ").split()
 
     def training_prompts(self, n_images: int) -> list[str]:
         """The prompt of each image: its caption, or the one prompt for all."""

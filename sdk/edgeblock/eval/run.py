@@ -260,13 +260,11 @@ class Runner:
         """The subject's class images: the base model's generations of world captions of its class noun
         (prior preservation), seeded by the subject's seed; their prompts go into the record."""
         from ..builtin import world
-        from ..builtin.pipeline import generate
 
         cfg = self.cfg
         self.bar.set_postfix_str(f"{run.subject.name}: class images")
         prompts = world.class_captions(run.subject.noun, cfg.prior, seed=10_000 + run.seed)
-        imgs = generate(self.transformer, self.text.encoder, prompts, seed=20_000 + run.seed, steps=cfg.gen_steps,
-                        guidance=cfg.guidance, size=self.meta["size"], patch=self.meta["patch"], shift=self.meta["shift"])
+        imgs = self._images(prompts, seed=20_000 + run.seed)
         self.bar.update(cfg.gen_steps)
         run.record["prior_prompts"] = prompts
         return Prior(imgs.astype(np.float32) / 127.5 - 1.0, self.text.encode(prompts))
@@ -301,15 +299,19 @@ class Runner:
         timing["final_losses"].append(float(np.mean(losses[-tenth:])))
         return trainer
 
-    def _generate(self, row: str, run: _SubjectRun) -> None:
+    def _images(self, prompts: list[str], seed: int) -> np.ndarray:
+        """One generation batch with the transformer as it is now (base, or trained blocks swapped in)."""
         from ..builtin.pipeline import generate
 
         cfg = self.cfg
+        return generate(self.transformer, self.text.encoder, prompts, seed=seed, steps=cfg.gen_steps,
+                        guidance=cfg.guidance, size=self.meta["size"], patch=self.meta["patch"], shift=self.meta["shift"])
+
+    def _generate(self, row: str, run: _SubjectRun) -> None:
+        cfg = self.cfg
         self.bar.set_postfix_str(f"{run.subject.name}: generate {row}")
         t0 = time.perf_counter()
-        imgs = generate(self.transformer, self.text.encoder, [p.text for p in run.prompts], seed=run.seed,
-                        steps=cfg.gen_steps, guidance=cfg.guidance, size=self.meta["size"], patch=self.meta["patch"],
-                        shift=self.meta["shift"])
+        imgs = self._images([p.text for p in run.prompts], seed=run.seed)
         self.timing[row]["gen_s"] += time.perf_counter() - t0
         self.generations[run.subject.name][row] = imgs
         scores = score_images(imgs, run.subject, run.prompts, run.ref_descs, self.dreambench)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edge_runtime.patch_sampling import CROP_IDS, CropBox, PatchSampler, PatchSchedule, crop_token_ids, pick_image
+from edge_runtime.patch_sampling import CROP_IDS, CropBox, PatchSampler, PatchSchedule, check_prior_from, crop_token_ids, pick_image
 
 from ..models import DiTInputs, LoadedModel, Objective
 from .blockskip import BlockSkipModel, Precomputed, SkipPlan, precompute
@@ -141,9 +141,7 @@ class DrawSampler:
     ):
         if images.ndim != 4:
             raise ValueError(f"expected images as (N, H, W, C), got shape {images.shape}")
-        if prior_from is not None and not 0 < prior_from < len(images):
-            raise ValueError(f"prior_from={prior_from}: needs subject images before it and class images from it "
-                             f"({len(images)} images)")
+        check_prior_from(prior_from, len(images))
         self.prior_from, self.prior_share = prior_from, float(prior_share)
         self.images = images.astype(np.float32)
         self.objective = objective
