@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from edgeblock.builtin import world
 from edgeblock.eval import metrics
-from edgeblock.eval.subjects import DESIGNS, TOKEN, load_subjects, render_subject
+from edgeblock.eval.subjects import SUBJECT_SETS, TOKEN, design, load_subjects, render_subject, subject_set_dir
 from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def subjects():
-    return load_subjects()
+    """Every shipped subject: the benchmark's, then the validation set's."""
+    return [s for name in SUBJECT_SETS for s in load_subjects(subject_set_dir(name))]
 
 
 # ---- subjects ---------------------------------------------------------------------------------------
@@ -29,11 +30,19 @@ def test_shipped_subjects_are_novel_designs_with_five_references(subjects):
         assert len({(r.position, r.background, r.scale) for r in s.references}) == 5
 
 
+def test_subject_sets_are_disjoint_and_the_benchmark_is_the_default(subjects):
+    bench, val = (load_subjects(subject_set_dir(n)) for n in ("benchmark", "validation"))
+    assert [s.name for s in load_subjects()] == [s.name for s in bench] and len(bench) >= 4 and len(val) >= 3
+    assert not {s.name for s in bench} & {s.name for s in val}
+    assert {s.noun for s in val} - {s.noun for s in bench}  # the held-out set has classes the benchmark lacks
+    with pytest.raises(ValueError, match="unknown subject set"):
+        subject_set_dir("test")
+
+
 def test_reference_pngs_match_their_renders(subjects):
-    by_name = {d.name: d for d in DESIGNS}
     for s in subjects:
         for ref, img in zip(s.references, s.images):
-            fresh = render_subject(by_name[s.name], ref.position, ref.background, ref.scale)
+            fresh = render_subject(design(s.name), ref.position, ref.background, ref.scale)
             assert np.abs(fresh.astype(int) - img.astype(int)).mean() < 1.0, (s.name, ref.file)
 
 
@@ -315,7 +324,10 @@ def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsy
         rc = main(["eval", "--out", str(tmp_path / "o"), "--model", eval_model, "--quick", "--quiet", flag, value])
         assert rc == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "o" / "results.json").exists()
+    with pytest.raises(ValueError, match="subject_set must be one of"):
+        EvalConfig.make("builtin", subject_set="test")
     cfg = EvalConfig.make("builtin", lr=0.01, lora_rank=4, top_k=3)
+    assert cfg.subject_set == "benchmark"
     assert (cfg.lr, cfg.lora_rank, cfg.top_k, cfg.steps, cfg.samples, cfg.prior) == (0.01, 4, 3, 300, 1, 0)
 
 

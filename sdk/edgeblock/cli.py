@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
                        crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
-                       prior=args.prior, prior_share=args.prior_share)
+                       prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -492,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the subject's class noun, trained on by every fine-tuned row (default 0: none)")
     e.add_argument("--prior-share", type=float, default=None,
                    help="share of the training draws taken from the class images, in (0, 1) (default 0.5)")
+    e.add_argument("--subject-set", choices=("benchmark", "validation"), default=None,
+                   help="the benchmark's subjects (default) or the validation designs, held out from every choice "
+                        "of the defaults")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")

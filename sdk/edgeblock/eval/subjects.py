@@ -1,9 +1,11 @@
 """Held-out subjects: two-colour designs the shapes world never draws, with their reference images.
 
-Each subject has a class noun from the world (star, square, triangle, heart, ring), five references
+Each subject has a class noun from the world (star, square, triangle, heart, ring; the validation set's
+also circle and cross), five references
 (64x64, different positions, sizes and plain backgrounds) and prompts that put "a sks <noun>" on
 backgrounds and at positions no reference shows. The references are rendered once by
-`python -m edgeblock.eval.subjects --write` and shipped as PNG under data/; loading reads the PNGs.
+`python -m edgeblock.eval.subjects --write` and shipped as PNG under data/ (the benchmark's subjects) and
+data/validation/ (three more, held out from every choice of the benchmark's defaults); loading reads the PNGs.
 """
 
 from __future__ import annotations
@@ -149,6 +151,30 @@ def _cross_ring(img: Image.Image, cx: float, cy: float, r: float) -> None:
     d.rectangle([cx - w, cy - a, cx + w, cy + a], fill=world.COLOURS["black"])
 
 
+def _split_circle(img: Image.Image, cx: float, cy: float, r: float) -> None:
+    d = ImageDraw.Draw(img)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    d.pieslice(box, 90, 270, fill=world.COLOURS["yellow"])  # left half
+    d.pieslice(box, -90, 90, fill=world.COLOURS["blue"])  # right half
+
+
+def _framed_cross(img: Image.Image, cx: float, cy: float, r: float) -> None:
+    d = ImageDraw.Draw(img)
+    a, w = r, r * 0.36
+    d.rectangle([cx - a, cy - w, cx + a, cy + w], fill=world.COLOURS["red"])
+    d.rectangle([cx - w, cy - a, cx + w, cy + a], fill=world.COLOURS["red"])
+    c = w * 0.6
+    d.rectangle([cx - c, cy - c, cx + c, cy + c], fill=world.COLOURS["white"])
+
+
+def _banded_square(img: Image.Image, cx: float, cy: float, r: float) -> None:
+    d = ImageDraw.Draw(img)
+    a = r * 0.85
+    d.rectangle([cx - a, cy - a, cx + a, cy + a], fill=world.COLOURS["purple"])
+    b = a * 0.3
+    d.rectangle([cx - a, cy - b, cx + a, cy + b], fill=world.COLOURS["yellow"])
+
+
 @dataclass(frozen=True)
 class Design:
     name: str
@@ -173,6 +199,22 @@ DESIGNS: tuple[Design, ...] = (
     Design("cross_ring", "ring", "an orange ring with a black cross inside", ("orange", "black"), _cross_ring,
            ("blue", "white", "purple"), ("green", "yellow", "red"), 0),
 )
+
+# Held out from every choice of the benchmark's defaults: designs (and two class nouns) the benchmark's subjects
+# do not use, to check on subjects nobody tuned for that a setting chosen on the benchmark carries over
+# (`edgeblock eval --subject-set validation`).
+VALIDATION_DESIGNS: tuple[Design, ...] = (
+    Design("split_circle", "circle", "a circle, left half yellow and right half blue", ("yellow", "blue"),
+           _split_circle, ("red", "white", "black"), ("green", "purple", "orange"), 1),
+    Design("framed_cross", "cross", "a red cross with a white square at its centre", ("red", "white"),
+           _framed_cross, ("blue", "yellow", "black"), ("green", "purple", "orange"), 0),
+    Design("banded_square", "square", "a purple square with a yellow band across its middle", ("purple", "yellow"),
+           _banded_square, ("white", "green", "orange"), ("red", "blue", "black"), 1),
+)
+SUBJECT_SETS: dict[str, tuple[str, tuple[Design, ...]]] = {
+    "benchmark": (DATA_DIR, DESIGNS),
+    "validation": (os.path.join(DATA_DIR, "validation"), VALIDATION_DESIGNS),
+}
 
 
 def render_subject(design: Design, position: str, background: str, scale: float, size: int = SIZE) -> np.ndarray:
@@ -201,10 +243,10 @@ def _describe(design: Design) -> Subject:
     return Subject(design.name, design.noun, design.description, design.colours, refs, prompts)
 
 
-def write(data_dir: str = DATA_DIR) -> list[Subject]:
+def write(data_dir: str = DATA_DIR, designs: tuple[Design, ...] = DESIGNS) -> list[Subject]:
     """Render every design's references to data_dir/<name>/ref_K.png and write subjects.json."""
     subjects = []
-    for design in DESIGNS:
+    for design in designs:
         s = _describe(design)
         os.makedirs(os.path.join(data_dir, design.name), exist_ok=True)
         imgs = []
@@ -235,6 +277,13 @@ def write(data_dir: str = DATA_DIR) -> list[Subject]:
     return subjects
 
 
+def subject_set_dir(name: str) -> str:
+    """The data folder of a shipped subject set ("benchmark" or "validation")."""
+    if name not in SUBJECT_SETS:
+        raise ValueError(f"unknown subject set {name!r}; one of {tuple(SUBJECT_SETS)}")
+    return SUBJECT_SETS[name][0]
+
+
 def load_subjects(data_dir: str = DATA_DIR, names: list[str] | None = None) -> list[Subject]:
     """The shipped subjects with their reference PNGs (optionally only those named)."""
     path = os.path.join(data_dir, "subjects.json")
@@ -262,23 +311,32 @@ def load_subjects(data_dir: str = DATA_DIR, names: list[str] | None = None) -> l
 
 
 def design(name: str) -> Design:
-    for d in DESIGNS:
+    every = [d for _, designs in SUBJECT_SETS.values() for d in designs]
+    for d in every:
         if d.name == name:
             return d
-    raise ValueError(f"unknown subject {name!r}; shipped: {[d.name for d in DESIGNS]}")
+    raise ValueError(f"unknown subject {name!r}; shipped: {[d.name for d in every]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgeblock.eval.subjects")
     p.add_argument("--write", action="store_true", help="render the references into the data folder")
-    p.add_argument("--data", default=DATA_DIR)
+    p.add_argument("--data", default=None, help="data folder (default: each set's shipped folder)")
+    p.add_argument("--set", dest="sets", action="append", choices=tuple(SUBJECT_SETS),
+                   help="subject set(s) to list or write (default: all)")
     args = p.parse_args(argv)
-    if not args.write:
-        for s in load_subjects(args.data):
-            print(f"{s.name:<16} a {TOKEN} {s.noun:<9} {s.description}; {len(s.references)} references")
-        return 0
-    for s in write(args.data):
-        print(f"wrote {s.name}: {len(s.references)} references, {len(s.prompts)} prompts")
+    sets = args.sets or list(SUBJECT_SETS)
+    if args.data is not None and len(sets) != 1:
+        p.error("--data needs exactly one --set")
+    for name in sets:
+        data_dir, designs = SUBJECT_SETS[name]
+        data_dir = args.data or data_dir
+        if not args.write:
+            for s in load_subjects(data_dir):
+                print(f"{name:<10} {s.name:<16} a {TOKEN} {s.noun:<9} {s.description}; {len(s.references)} references")
+            continue
+        for s in write(data_dir, designs):
+            print(f"wrote {name} {s.name}: {len(s.references)} references, {len(s.prompts)} prompts")
     return 0
 
 
