@@ -121,3 +121,18 @@ def test_class_captions_vary_everything_but_the_class_and_size():
     assert len({c.split(" heart ")[0] for c in caps}) > 2 and len({c.split(", ")[-1] for c in caps}) > 2
     with pytest.raises(ValueError, match="not a shape"):
         world.class_captions("dog", 2, seed=0)
+
+
+@pytest.mark.parametrize("shape", world.SHAPES)
+def test_shape_mask_covers_the_shape_and_nothing_else(shape):
+    spec = world.Spec(shape, "red", "large", "center", "blue", "striped")
+    img, m = world.render(spec).astype(int), world.shape_mask(spec)
+    assert m.shape == (64, 64) and m.dtype == np.float32 and 0.0 <= m.min() and m.max() == 1.0
+    red = (img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] < 80)
+    assert (m[red] > 0.5).mean() > 0.97  # every clearly red pixel is the shape's
+    assert m[~red].mean() < 0.05  # the (striped) background is not
+    if shape == "ring":  # the hole is background
+        cx, cy = world.position_centre("center")
+        assert m[int(cy), int(cx)] == 0.0
+    x, caps, masks = next(world.batches(0, 3, masks=True))
+    assert masks.shape == (3, 1, 64, 64) and len(caps) == 3

@@ -66,3 +66,35 @@ def test_low_res_ids_sit_at_the_full_resolution_coordinates_of_the_same_places()
     cmd = train_base.reproduce_command({"steps": 5, "lr": 1e-3, "batch": 2, "seed": 0, "dim": 64, "double": 1,
                                         "single": 1, "low_res": 32, "low_res_prob": 0.5})
     assert cmd.endswith("--low-res 32 --low-res-prob 0.5 --low-res-ids grid")  # recorded before the option: grid
+
+
+def test_fg_weight_weights_the_shapes_pixels_and_is_recorded(tmp_path):
+    masks = torch.zeros(1, 1, 8, 8)
+    masks[..., :2, :2] = 1.0
+    w = torch.from_numpy(train_base.pixel_weights(masks.numpy(), 5.0))
+    assert float(w.max()) == 5.0 and float(w.min()) == 1.0
+    # an error only on the shape's pixels counts 5 x as much under the weighted mean as under plain MSE
+    err_on_shape = (masks.expand(-1, 3, -1, -1) * 2.0) ** 2
+    plain = float(err_on_shape.mean())
+    weighted = float((err_on_shape * w).sum() / (w.expand(-1, 3, -1, -1).sum()))
+    assert weighted > 3.0 * plain
+    # flow_loss: unit weights are plain MSE; weights on the shape move the loss towards the shape's error
+    from edge_runtime import flow
+
+    torch.manual_seed(0)
+    model = train_base.build_model(train_base.model_config(64, 32, 1, 1))
+    x0, ids = torch.rand(2, 3, 8, 8) * 2 - 1, torch.from_numpy(flow.image_ids(2, 2))
+    states, pooled = torch.randn(2, 4, 384), torch.randn(2, 384)
+    args = (model, x0, states, pooled, torch.zeros(4, 3), ids)
+    loss = lambda w: train_base.flow_loss(*args, torch.Generator().manual_seed(1), 1.0, w).item()
+    assert loss(torch.ones(2, 1, 8, 8)) == pytest.approx(loss(None), rel=1e-6)
+    assert loss(torch.from_numpy(train_base.pixel_weights(masks.expand(2, -1, -1, -1).numpy(), 50.0))) != \
+        pytest.approx(loss(None), rel=1e-3)
+    out = str(tmp_path / "m")
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--fg-weight", "0", *TINY])
+    train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--fg-weight", "4", "--low-res", "32",
+                     "--low-res-prob", "0.5", *TINY])
+    st = torch.load(os.path.join(out, "ckpt", "last.pt"), weights_only=False)
+    assert st["stages"][0]["args"]["fg_weight"] == 4.0 and all(math.isfinite(h[0]) for h in st["history"])
+    assert "--fg-weight 4.0" in train_base.reproduce_command(st["stages"][0]["args"])

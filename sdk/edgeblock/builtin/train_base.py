@@ -116,9 +116,10 @@ def low_res_ids(low: int, mode: str) -> np.ndarray:
     return flow.image_ids(low // PATCH, low // PATCH)
 
 
-def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None, t_shift: float = 1.0):
+def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None, t_shift: float = 1.0, weights=None):
     """Flow-matching loss at logit-normal noise levels, shifted by t_shift towards noise:
-    t' = s t / (1 + (s - 1) t), i.e. sigmoid(z + ln s) (the time shift of SD3's schedulers)."""
+    t' = s t / (1 + (s - 1) t), i.e. sigmoid(z + ln s) (the time shift of SD3's schedulers).
+    weights: optional per-pixel weights (B, 1, H, W); the loss is then the weighted mean of the squared error."""
     B = x0.shape[0]
     t = torch.sigmoid(torch.randn(B, generator=gen) + math.log(t_shift))
     noise = torch.randn(x0.shape, generator=gen)
@@ -127,7 +128,15 @@ def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None, t_shift: fl
     pred = model(hidden_states=flow.pack(xt, PATCH), encoder_hidden_states=states,
                  pooled_projections=pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
                  return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred, flow.pack(target, PATCH))
+    if weights is None:
+        return torch.nn.functional.mse_loss(pred, flow.pack(target, PATCH))
+    w = flow.pack(weights.expand(-1, x0.shape[1], -1, -1), PATCH)
+    return ((pred - flow.pack(target, PATCH)) ** 2 * w).sum() / w.sum()
+
+
+def pixel_weights(masks: np.ndarray, fg_weight: float) -> np.ndarray:
+    """Per-pixel loss weights from shape coverage masks: 1 on the background, fg_weight on the shape."""
+    return 1.0 + (fg_weight - 1.0) * masks
 
 
 # ----------------------------------------------------------------- checkpoints
@@ -204,7 +213,10 @@ def train(args) -> None:
         raise ValueError(f"--low-res {low} must divide {SIZE} and give at least 2x2 tokens")
     low_ids = torch.from_numpy(low_res_ids(low, getattr(args, "low_res_ids", "grid"))) if low else None
     res_rng = np.random.default_rng(args.seed * 131 + step)
-    data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE)
+    fg_weight = float(getattr(args, "fg_weight", 1.0) or 1.0)
+    if fg_weight <= 0:
+        raise ValueError(f"--fg-weight must be > 0, got {fg_weight}")
+    data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE, masks=fg_weight != 1.0)
     gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
     drop_rng = np.random.default_rng(args.seed * 31 + step)
 
@@ -220,16 +232,19 @@ def train(args) -> None:
                    p=progress(step, args.steps, wall, args.max_minutes) if args.max_minutes else None)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0, caps = next(data)
+        x0, caps, *m = next(data)
+        w = pixel_weights(m[0], fg_weight) if m else None
         caps = ["" if drop_rng.random() < args.caption_dropout else c for c in caps]
         states, pooled = enc.encode(caps, MAX_LEN)
         ids = img_ids
         if low and res_rng.random() < args.low_res_prob:
             k = SIZE // low
             x0 = x0.reshape(x0.shape[0], x0.shape[1], low, k, low, k).mean(axis=(3, 5))  # area downsample
+            if w is not None:
+                w = w.reshape(w.shape[0], 1, low, k, low, k).mean(axis=(3, 5))
             ids = low_ids
         loss = flow_loss(model, torch.from_numpy(np.ascontiguousarray(x0)), states, pooled, txt_ids, ids, gen,
-                         args.t_shift)
+                         args.t_shift, None if w is None else torch.from_numpy(np.ascontiguousarray(w)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -386,6 +401,8 @@ def reproduce_command(a: dict, resume: bool = False) -> str:
         cmd += f" --low-res {a['low_res']} --low-res-prob {a.get('low_res_prob')} --low-res-ids {a.get('low_res_ids', 'grid')}"
     if float(a.get("t_shift") or 1.0) != 1.0:
         cmd += f" --t-shift {a['t_shift']}"
+    if float(a.get("fg_weight") or 1.0) != 1.0:
+        cmd += f" --fg-weight {a['fg_weight']}"
     return cmd + (" --resume" if resume else "")
 
 
@@ -430,7 +447,7 @@ top left". Every training batch is fresh; no image is seen twice.
 | architecture | FluxTransformer2DModel, {cfg["num_layers"]} double + {cfg["num_single_layers"]} single blocks, {cfg["num_attention_heads"]} heads x {cfg["attention_head_dim"]} (dim {cfg["num_attention_heads"] * cfg["attention_head_dim"]}), rope axes {cfg["axes_dims_rope"]} |
 | parameters | {info["params"]:,} ({info["params"] / 1e6:.2f}M) |
 | input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48{f"; {targs.get('low_res_prob')} of the batches area-downsampled to {targs['low_res']}x{targs['low_res']} ({(targs['low_res'] // 4) ** 2} tokens, positional ids {'at the full-resolution coordinates of the same places' if targs.get('low_res_ids') == 'scaled' else 'of their own token grid'})" if targs.get("low_res") else ""} |
-| objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1){"".join(f"; from step {st['start_step']}: shifted by {st['args'].get('t_shift')} towards noise (t' = s t / (1 + (s-1) t))" for st in info["stages"] if float(st["args"].get("t_shift") or 1.0) != 1.0)} |
+| objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1){"".join(f"; from step {st['start_step']}: shifted by {st['args'].get('t_shift')} towards noise (t' = s t / (1 + (s-1) t))" for st in info["stages"] if float(st["args"].get("t_shift") or 1.0) != 1.0)}{"".join(f"; from step {st['start_step']}: the shape's pixels weighted {st['args'].get('fg_weight')} x the background's" for st in info["stages"] if float(st["args"].get("fg_weight") or 1.0) != 1.0)} |
 | sampling shift | {info["shift"]} (scheduler/scheduler_config.json; the samplers read it) |
 | optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
 | EMA | decay {targs.get("ema")} (exported weights are the EMA) |
@@ -503,6 +520,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--fg-weight", type=float, default=1.0,
+                    help="loss weight of the shape's pixels against the background's 1 (1: plain MSE)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
@@ -518,6 +537,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.t_shift <= 0:
         ap.error(f"--t-shift must be > 0, got {args.t_shift}")
+    if args.fg_weight <= 0:
+        ap.error(f"--fg-weight must be > 0, got {args.fg_weight}")
     if args.finalize:
         finalize(args.out, args.ckpt, args)
     else:

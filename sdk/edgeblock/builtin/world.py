@@ -108,44 +108,57 @@ def _heart(cx, cy, r, n=120):
     return pts
 
 
-def render(spec: Spec, size: int = 64) -> np.ndarray:
-    """Render a spec to a uint8 (size, size, 3) array (deterministic)."""
-    S = size * SUPERSAMPLE
-    img = render_background(spec, S)
+def _draw_shape(img: Image.Image, spec: Spec, S: int, fill, hole) -> None:
+    """Draw spec's shape onto img (S x S, the supersampled canvas) in `fill`; a ring's hole is filled by
+    `hole(mask)` (the background shows through it)."""
     d = ImageDraw.Draw(img)
-    fg = COLOURS[spec.colour]
-    cx, cy = position_centre(spec.position, size)
+    cx, cy = position_centre(spec.position, S // SUPERSAMPLE)
     cx, cy = cx * SUPERSAMPLE, cy * SUPERSAMPLE
     r = SIZE_FRAC[spec.size] * S
     sh = spec.shape
     if sh == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif sh == "square":
         a = r * 0.85
-        d.rectangle([cx - a, cy - a, cx + a, cy + a], fill=fg)
+        d.rectangle([cx - a, cy - a, cx + a, cy + a], fill=fill)
     elif sh == "triangle":
         pts = [(cx + r * math.cos(a), cy + 0.15 * r + r * math.sin(a))
                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-        d.polygon(pts, fill=fg)
+        d.polygon(pts, fill=fill)
     elif sh == "star":
-        d.polygon(_star(cx, cy, r * 1.1), fill=fg)
+        d.polygon(_star(cx, cy, r * 1.1), fill=fill)
     elif sh == "ring":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         ri = r * 0.55
-        # the hole shows the background (texture included)
         mask = Image.new("L", (S, S), 0)
         ImageDraw.Draw(mask).ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=255)
-        img.paste(render_background(spec, S), (0, 0), mask)
+        hole(mask)
     elif sh == "cross":
         a, w = r, r * 0.33
-        d.rectangle([cx - a, cy - w, cx + a, cy + w], fill=fg)
-        d.rectangle([cx - w, cy - a, cx + w, cy + a], fill=fg)
+        d.rectangle([cx - a, cy - w, cx + a, cy + w], fill=fill)
+        d.rectangle([cx - w, cy - a, cx + w, cy + a], fill=fill)
     elif sh == "heart":
-        d.polygon(_heart(cx, cy, r), fill=fg)
+        d.polygon(_heart(cx, cy, r), fill=fill)
     else:
         raise ValueError(f"unknown shape {sh!r}")
+
+
+def render(spec: Spec, size: int = 64) -> np.ndarray:
+    """Render a spec to a uint8 (size, size, 3) array (deterministic)."""
+    S = size * SUPERSAMPLE
+    img = render_background(spec, S)
+    # the ring's hole shows the background (texture included)
+    _draw_shape(img, spec, S, COLOURS[spec.colour], lambda m: img.paste(render_background(spec, S), (0, 0), m))
     img = img.resize((size, size), Image.LANCZOS)
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def shape_mask(spec: Spec, size: int = 64) -> np.ndarray:
+    """The shape's coverage of each pixel of render(spec, size): float32 (size, size) in [0, 1]."""
+    S = size * SUPERSAMPLE
+    img = Image.new("L", (S, S), 0)
+    _draw_shape(img, spec, S, 255, lambda m: img.paste(0, (0, 0), m))
+    return np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
 
 
 def render_background(spec: Spec, S: int) -> Image.Image:
@@ -172,10 +185,15 @@ def to_tensor_array(images: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def batches(seed: int, batch_size: int, size: int = 64) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Endless iterator of (images float32 (B,3,H,W) in [-1,1], captions)."""
+def batches(seed: int, batch_size: int, size: int = 64, masks: bool = False) -> Iterator[tuple]:
+    """Endless iterator of (images float32 (B,3,H,W) in [-1,1], captions), with masks=True also the
+    shapes' coverage masks float32 (B,1,H,W) in [0, 1] (shape_mask)."""
     rng = np.random.default_rng(seed)
     while True:
         specs = [sample_spec(rng) for _ in range(batch_size)]
         imgs = [render(s, size) for s in specs]
-        yield to_tensor_array(imgs), [caption(s) for s in specs]
+        if masks:
+            m = np.stack([shape_mask(s, size) for s in specs])[:, None]
+            yield to_tensor_array(imgs), [caption(s) for s in specs], m
+        else:
+            yield to_tensor_array(imgs), [caption(s) for s in specs]
