@@ -136,3 +136,22 @@ def test_shape_mask_covers_the_shape_and_nothing_else(shape):
         assert m[int(cy), int(cx)] == 0.0
     x, caps, masks = next(world.batches(0, 3, masks=True))
     assert masks.shape == (3, 1, 64, 64) and len(caps) == 3
+
+
+def test_partial_captions_leave_attributes_out_at_their_rate_and_always_name_the_shape():
+    spec = world.Spec("star", "red", "large", "top left", "blue", "striped")
+    assert world.partial_caption(spec, np.random.default_rng(0), 0.0) == world.caption(spec)
+    rng = np.random.default_rng(0)
+    caps = [world.partial_caption(spec, rng, 0.3) for _ in range(2000)]
+    assert all(" star" in c and c.startswith("a ") for c in caps)
+    for word in ("large", "red", "blue striped background", "top left"):
+        rate = np.mean([word not in c for c in caps])
+        assert 0.25 < rate < 0.35, (word, rate)
+    assert "a star" in caps and "a large red star on a blue striped background, top left" in caps
+    assert "a red star, top left" in caps  # size and background out
+    with pytest.raises(ValueError, match="attribute dropout"):
+        world.partial_caption(spec, rng, 1.5)
+    # the images of a seed do not depend on the captions' dropout
+    a, b = next(world.batches(3, 4)), next(world.batches(3, 4, attr_dropout=0.5))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == [world.caption(world.sample_spec(np.random.default_rng(3))) ] + a[1][1:]

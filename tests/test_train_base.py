@@ -68,7 +68,7 @@ def test_low_res_ids_sit_at_the_full_resolution_coordinates_of_the_same_places()
     assert cmd.endswith("--low-res 32 --low-res-prob 0.5 --low-res-ids grid")  # recorded before the option: grid
 
 
-def test_fg_weight_weights_the_shapes_pixels_and_is_recorded(tmp_path):
+def test_fg_weight_weights_the_shapes_pixels_and_it_and_attr_dropout_are_recorded(tmp_path):
     masks = torch.zeros(1, 1, 8, 8)
     masks[..., :2, :2] = 1.0
     w = torch.from_numpy(train_base.pixel_weights(masks.numpy(), 5.0))
@@ -93,8 +93,10 @@ def test_fg_weight_weights_the_shapes_pixels_and_is_recorded(tmp_path):
     out = str(tmp_path / "m")
     with pytest.raises(SystemExit):
         train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--fg-weight", "0", *TINY])
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--attr-dropout", "1.5", *TINY])
     train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--fg-weight", "4", "--low-res", "32",
-                     "--low-res-prob", "0.5", *TINY])
+                     "--low-res-prob", "0.5", "--attr-dropout", "0.3", *TINY])
     st = torch.load(os.path.join(out, "ckpt", "last.pt"), weights_only=False)
     assert st["stages"][0]["args"]["fg_weight"] == 4.0 and all(math.isfinite(h[0]) for h in st["history"])
-    assert "--fg-weight 4.0" in train_base.reproduce_command(st["stages"][0]["args"])
+    assert "--fg-weight 4.0 --attr-dropout 0.3" in train_base.reproduce_command(st["stages"][0]["args"])

@@ -216,7 +216,9 @@ def train(args) -> None:
     fg_weight = float(getattr(args, "fg_weight", 1.0) or 1.0)
     if fg_weight <= 0:
         raise ValueError(f"--fg-weight must be > 0, got {fg_weight}")
-    data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE, masks=fg_weight != 1.0)
+    attr_dropout = float(getattr(args, "attr_dropout", 0.0) or 0.0)
+    data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE, masks=fg_weight != 1.0,
+                         attr_dropout=attr_dropout)
     gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
     drop_rng = np.random.default_rng(args.seed * 31 + step)
 
@@ -403,6 +405,8 @@ def reproduce_command(a: dict, resume: bool = False) -> str:
         cmd += f" --t-shift {a['t_shift']}"
     if float(a.get("fg_weight") or 1.0) != 1.0:
         cmd += f" --fg-weight {a['fg_weight']}"
+    if float(a.get("attr_dropout") or 0.0):
+        cmd += f" --attr-dropout {a['attr_dropout']}"
     return cmd + (" --resume" if resume else "")
 
 
@@ -451,7 +455,7 @@ top left". Every training batch is fresh; no image is seen twice.
 | sampling shift | {info["shift"]} (scheduler/scheduler_config.json; the samplers read it) |
 | optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
 | EMA | decay {targs.get("ema")} (exported weights are the EMA) |
-| caption dropout | {targs.get("caption_dropout")} (empty prompt, for classifier-free guidance) |
+| caption dropout | {targs.get("caption_dropout")} (empty prompt, for classifier-free guidance){"".join(f"; from step {st['start_step']}: each attribute left out of a caption with probability {st['args'].get('attr_dropout')}" for st in info["stages"] if float(st["args"].get("attr_dropout") or 0.0))} |
 | steps | {info["step"]} (budget: {targs.get("steps")} steps or {targs.get("max_minutes")} min, whichever first) |
 | batch | {info["batch"]} |
 | seed | {targs.get("seed")} |
@@ -520,6 +524,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--attr-dropout", type=float, default=0.0,
+                    help="leave each attribute (size, colour, background, position) out of a caption with this "
+                         "probability, so that partial prompts ('a sks star on a green background') stay in "
+                         "distribution (0: every caption complete)")
     ap.add_argument("--fg-weight", type=float, default=1.0,
                     help="loss weight of the shape's pixels against the background's 1 (1: plain MSE)")
     ap.add_argument("--log-every", type=int, default=50)
@@ -539,6 +547,8 @@ def main(argv=None) -> None:
         ap.error(f"--t-shift must be > 0, got {args.t_shift}")
     if args.fg_weight <= 0:
         ap.error(f"--fg-weight must be > 0, got {args.fg_weight}")
+    if not 0.0 <= args.attr_dropout <= 1.0:
+        ap.error(f"--attr-dropout must be in [0, 1], got {args.attr_dropout}")
     if args.finalize:
         finalize(args.out, args.ckpt, args)
     else:

@@ -65,6 +65,26 @@ def caption(spec: Spec) -> str:
     return f"a {spec.size} {spec.colour} {spec.shape} on a {bg} background, {spec.position}"
 
 
+ATTRIBUTES = ("size", "colour", "background", "position")
+
+
+def partial_caption(spec: Spec, rng: np.random.Generator, p: float) -> str:
+    """The caption with each attribute (size, colour, background, position) left out with probability p,
+    as real captions leave details out: "a red star, top left", "a star on a blue background", "a star".
+    The shape is always named. p = 0: caption(spec)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"attribute dropout must be in [0, 1], got {p}")
+    keep = {a: not (p and rng.random() < p) for a in ATTRIBUTES}
+    words = ["a"] + [w for a, w in (("size", spec.size), ("colour", spec.colour)) if keep[a]] + [spec.shape]
+    text = " ".join(words)
+    if keep["background"]:
+        bg = spec.background if spec.texture == "plain" else f"{spec.background} {spec.texture}"
+        text += f" on a {bg} background"
+    if keep["position"]:
+        text += f", {spec.position}"
+    return text
+
+
 def class_captions(shape: str, n: int, seed: int, size: str = "large") -> list[str]:
     """n seeded captions of one shape at one size, colour, place and background drawn as the world draws
     them: the class prompts of prior preservation ("a large green star on a orange background, left")."""
@@ -185,15 +205,19 @@ def to_tensor_array(images: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def batches(seed: int, batch_size: int, size: int = 64, masks: bool = False) -> Iterator[tuple]:
+def batches(seed: int, batch_size: int, size: int = 64, masks: bool = False,
+            attr_dropout: float = 0.0) -> Iterator[tuple]:
     """Endless iterator of (images float32 (B,3,H,W) in [-1,1], captions), with masks=True also the
-    shapes' coverage masks float32 (B,1,H,W) in [0, 1] (shape_mask)."""
+    shapes' coverage masks float32 (B,1,H,W) in [0, 1] (shape_mask). attr_dropout: each caption leaves
+    each attribute out with this probability (partial_caption; drawn from a stream of its own, so the
+    images of a seed do not depend on it)."""
     rng = np.random.default_rng(seed)
+    cap_rng = np.random.default_rng([seed, 1])
     while True:
         specs = [sample_spec(rng) for _ in range(batch_size)]
         imgs = [render(s, size) for s in specs]
+        caps = [partial_caption(s, cap_rng, attr_dropout) for s in specs]
         if masks:
-            m = np.stack([shape_mask(s, size) for s in specs])[:, None]
-            yield to_tensor_array(imgs), [caption(s) for s in specs], m
+            yield to_tensor_array(imgs), caps, np.stack([shape_mask(s, size) for s in specs])[:, None]
         else:
-            yield to_tensor_array(imgs), [caption(s) for s in specs]
+            yield to_tensor_array(imgs), caps
