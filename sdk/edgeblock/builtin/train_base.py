@@ -213,9 +213,7 @@ def train(args) -> None:
         raise ValueError(f"--low-res {low} must divide {SIZE} and give at least 2x2 tokens")
     low_ids = torch.from_numpy(low_res_ids(low, getattr(args, "low_res_ids", "grid"))) if low else None
     res_rng = np.random.default_rng(args.seed * 131 + step)
-    fg_weight = float(getattr(args, "fg_weight", 1.0) or 1.0)
-    if fg_weight <= 0:
-        raise ValueError(f"--fg-weight must be > 0, got {fg_weight}")
+    fg_weight = float(getattr(args, "fg_weight", 1.0) or 1.0)  # main() refuses weights <= 0
     attr_dropout = float(getattr(args, "attr_dropout", 0.0) or 0.0)
     data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE, masks=fg_weight != 1.0,
                          attr_dropout=attr_dropout)

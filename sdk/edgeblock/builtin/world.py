@@ -61,14 +61,14 @@ def sample_spec(rng: np.random.Generator) -> Spec:
 
 
 def caption(spec: Spec) -> str:
-    bg = spec.background if spec.texture == "plain" else f"{spec.background} {spec.texture}"
-    return f"a {spec.size} {spec.colour} {spec.shape} on a {bg} background, {spec.position}"
+    """The complete caption: "a large red star on a blue striped background, top left"."""
+    return partial_caption(spec, None, 0.0)
 
 
 ATTRIBUTES = ("size", "colour", "background", "position")
 
 
-def partial_caption(spec: Spec, rng: np.random.Generator, p: float) -> str:
+def partial_caption(spec: Spec, rng: np.random.Generator | None, p: float) -> str:
     """The caption with each attribute (size, colour, background, position) left out with probability p,
     as real captions leave details out: "a red star, top left", "a star on a blue background", "a star".
     The shape is always named. p = 0: caption(spec)."""
