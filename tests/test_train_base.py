@@ -22,6 +22,18 @@ def test_shifted_noise_levels_are_sigmoid_z_plus_log_shift():
     assert float((torch.sigmoid(z + math.log(s)) > 0.9).float().mean()) > 5 * float((t > 0.9).float().mean())
 
 
+def test_the_card_names_a_setting_once_unless_a_stage_changed_it():
+    def st(step, **a):
+        return {"start_step": step, "args": a}
+
+    said = lambda v: f"w {v}"  # noqa: E731
+    same = [st(0, fg_weight=4.0), st(8000, fg_weight=4.0), st(9250, fg_weight=4.0)]
+    assert train_base.stage_text(same, "fg_weight", 1.0, said, "off") == "; w 4.0"
+    changed = [st(0, fg_weight=1.0), st(5, fg_weight=4.0), st(9, fg_weight=4.0), st(12, fg_weight=1.0)]
+    assert train_base.stage_text(changed, "fg_weight", 1.0, said, "off") == "; from step 0: off; from step 5: w 4.0; from step 12: off"
+    assert train_base.stage_text([st(0), st(3)], "fg_weight", 1.0, said, "off") == ""  # absent (older checkpoints): neutral
+
+
 def test_resume_with_a_time_shift_records_both_stages(tmp_path):
     out = str(tmp_path / "m")
     train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--low-res", "32", "--low-res-prob", "1", *TINY])

@@ -390,6 +390,17 @@ def write_scheduler_config(out: str, shift: float) -> None:
         f.write("\n")
 
 
+def stage_text(stages: list[dict], key: str, neutral: float, said, neutral_said: str) -> str:
+    """The card's words for one training setting over the run's stages: "; <said(v)>" when one value held
+    throughout, "; from step N: <said(v)>" at each stage that changed it, "" when it stayed neutral."""
+    values = [(st["start_step"], float(st["args"].get(key) if st["args"].get(key) is not None else neutral))
+              for st in stages]
+    changes = [(step, v) for k, (step, v) in enumerate(values) if k == 0 or v != values[k - 1][1]]
+    if len(changes) == 1:
+        return "" if changes[0][1] == neutral else f"; {said(changes[0][1])}"
+    return "".join(f"; from step {step}: {said(v) if v != neutral else neutral_said}" for step, v in changes)
+
+
 def reproduce_command(a: dict, resume: bool = False) -> str:
     """The train_base command line of one stage (its recorded arguments)."""
     cmd = f"python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {a.get('steps')}"
@@ -449,11 +460,11 @@ top left". Every training batch is fresh; no image is seen twice.
 | architecture | FluxTransformer2DModel, {cfg["num_layers"]} double + {cfg["num_single_layers"]} single blocks, {cfg["num_attention_heads"]} heads x {cfg["attention_head_dim"]} (dim {cfg["num_attention_heads"] * cfg["attention_head_dim"]}), rope axes {cfg["axes_dims_rope"]} |
 | parameters | {info["params"]:,} ({info["params"] / 1e6:.2f}M) |
 | input | 64x64x3 pixels in [-1, 1], packed 4x4 -> 256 tokens x 48{f"; {targs.get('low_res_prob')} of the batches area-downsampled to {targs['low_res']}x{targs['low_res']} ({(targs['low_res'] // 4) ** 2} tokens, positional ids {'at the full-resolution coordinates of the same places' if targs.get('low_res_ids') == 'scaled' else 'of their own token grid'})" if targs.get("low_res") else ""} |
-| objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1){"".join(f"; from step {st['start_step']}: shifted by {st['args'].get('t_shift')} towards noise (t' = s t / (1 + (s-1) t))" for st in info["stages"] if float(st["args"].get("t_shift") or 1.0) != 1.0)}{"".join(f"; from step {st['start_step']}: the shape's pixels weighted {st['args'].get('fg_weight')} x the background's" for st in info["stages"] if float(st["args"].get("fg_weight") or 1.0) != 1.0)} |
+| objective | flow matching, x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t (mean 0, std 1){stage_text(info["stages"], "t_shift", 1.0, lambda v: f"shifted by {v} towards noise (t' = s t / (1 + (s-1) t))", "unshifted")}{stage_text(info["stages"], "fg_weight", 1.0, lambda v: f"the shape's pixels weighted {v} x the background's", "every pixel weighted alike")} |
 | sampling shift | {info["shift"]} (scheduler/scheduler_config.json; the samplers read it) |
 | optimiser | AdamW lr {targs.get("lr")} (betas 0.9/0.99, wd 0.01), {targs.get("warmup")}-step warmup, cosine decay to 10%, grad clip 1.0, fp32 |
 | EMA | decay {targs.get("ema")} (exported weights are the EMA) |
-| caption dropout | {targs.get("caption_dropout")} (empty prompt, for classifier-free guidance){"".join(f"; from step {st['start_step']}: each attribute left out of a caption with probability {st['args'].get('attr_dropout')}" for st in info["stages"] if float(st["args"].get("attr_dropout") or 0.0))} |
+| caption dropout | {targs.get("caption_dropout")} (empty prompt, for classifier-free guidance){stage_text(info["stages"], "attr_dropout", 0.0, lambda v: f"each attribute left out of a caption with probability {v}", "every attribute kept")} |
 | steps | {info["step"]} (budget: {targs.get("steps")} steps or {targs.get("max_minutes")} min, whichever first) |
 | batch | {info["batch"]} |
 | seed | {targs.get("seed")} |
