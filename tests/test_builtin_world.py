@@ -155,3 +155,25 @@ def test_partial_captions_leave_attributes_out_at_their_rate_and_always_name_the
     a, b = next(world.batches(3, 4)), next(world.batches(3, 4, attr_dropout=0.5))
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == [world.caption(world.sample_spec(np.random.default_rng(3))) ] + a[1][1:]
+
+
+def test_the_shapes_world_draws_white_shapes_on_black_at_every_place_and_size():
+    rng = np.random.default_rng(0)
+    specs = [world.sample_spec(rng, "shapes") for _ in range(600)]
+    assert {(s.colour, s.background, s.texture) for s in specs} == {("white", "black", "plain")}
+    assert {s.shape for s in specs} == set(world.SHAPES) and {s.size for s in specs} == set(world.SIZES)
+    assert {s.position for s in specs} == set(world.POSITIONS)
+    imgs, caps = next(world.batches(5, 8, world="shapes"))
+    assert all("white" in c and "on a black background" in c for c in caps)
+    white, black = (np.array(world.COLOURS[c], np.float32) / 127.5 - 1 for c in ("white", "black"))
+    np.testing.assert_allclose(np.median(imgs, axis=(0, 2, 3)), black, atol=1e-6)  # the background
+    near_white = (np.abs(imgs - white[None, :, None, None]) < 0.05).all(1).sum((1, 2))
+    assert (near_white >= 10).all(), near_white  # each image holds a white shape
+    # the full world's draws are what they were before the option (same rng use, default world)
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    assert [world.sample_spec(a) for _ in range(50)] == [world.sample_spec(b, "full") for _ in range(50)]
+    assert len({world.sample_spec(a).colour for _ in range(200)}) == len(world.COLOUR_NAMES)
+    with pytest.raises(ValueError, match="unknown world"):
+        world.sample_spec(rng, "moon")
+    with pytest.raises(ValueError, match="unknown world"):
+        next(world.batches(0, 2, world="moon"))

@@ -34,6 +34,20 @@ def test_the_card_names_a_setting_once_unless_a_stage_changed_it():
     assert train_base.stage_text([st(0), st(3)], "fg_weight", 1.0, said, "off") == ""  # absent (older checkpoints): neutral
 
 
+def test_a_curriculum_stage_on_the_shapes_world_is_recorded_and_carded(tmp_path):
+    out = str(tmp_path / "m")
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--world", "moon", *TINY])
+    train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--world", "shapes", *TINY])
+    train_base.main(["--out", out, "--steps", "3", "--resume", *TINY])
+    st = torch.load(os.path.join(out, "ckpt", "last.pt"), weights_only=False)
+    assert [(s["start_step"], s["args"]["world"]) for s in st["stages"]] == [(0, "shapes"), (2, "full")]
+    assert train_base.reproduce_command(st["stages"][0]["args"]).endswith("--world shapes")
+    assert "--world" not in train_base.reproduce_command(st["stages"][1]["args"], resume=True)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "Curriculum (`--world`): from step 0: only shapes" in card and "from step 2: the full world." in card
+
+
 def test_resume_with_a_time_shift_records_both_stages(tmp_path):
     out = str(tmp_path / "m")
     train_base.main(["--out", out, "--steps", "2", "--no-finalize", "--low-res", "32", "--low-res-prob", "1", *TINY])

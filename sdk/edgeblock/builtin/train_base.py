@@ -216,7 +216,7 @@ def train(args) -> None:
     fg_weight = float(getattr(args, "fg_weight", 1.0) or 1.0)  # main() refuses weights <= 0
     attr_dropout = float(getattr(args, "attr_dropout", 0.0) or 0.0)
     data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE, masks=fg_weight != 1.0,
-                         attr_dropout=attr_dropout)
+                         attr_dropout=attr_dropout, world=getattr(args, "world", "full") or "full")
     gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
     drop_rng = np.random.default_rng(args.seed * 31 + step)
 
@@ -390,15 +390,26 @@ def write_scheduler_config(out: str, shift: float) -> None:
         f.write("\n")
 
 
-def stage_text(stages: list[dict], key: str, neutral: float, said, neutral_said: str) -> str:
+def stage_text(stages: list[dict], key: str, neutral, said, neutral_said: str) -> str:
     """The card's words for one training setting over the run's stages: "; <said(v)>" when one value held
     throughout, "; from step N: <said(v)>" at each stage that changed it, "" when it stayed neutral."""
-    values = [(st["start_step"], float(st["args"].get(key) if st["args"].get(key) is not None else neutral))
-              for st in stages]
+    def value(a):
+        v = a.get(key)
+        v = neutral if v is None else v
+        return float(v) if isinstance(neutral, float) else v
+
+    values = [(st["start_step"], value(st["args"])) for st in stages]
     changes = [(step, v) for k, (step, v) in enumerate(values) if k == 0 or v != values[k - 1][1]]
     if len(changes) == 1:
         return "" if changes[0][1] == neutral else f"; {said(changes[0][1])}"
     return "".join(f"; from step {step}: {said(v) if v != neutral else neutral_said}" for step, v in changes)
+
+
+def world_text(stages: list[dict]) -> str:
+    """The card's sentence on a curriculum (stages with --world shapes); "" if every stage drew the full world."""
+    said = stage_text(stages, "world", "full", lambda v: f"only {v} (a white shape on plain black; shape, size and "
+                      "position drawn)", "the full world")
+    return f"\n\nCurriculum (`--world`): {said[2:]}." if said else ""
 
 
 def reproduce_command(a: dict, resume: bool = False) -> str:
@@ -416,6 +427,8 @@ def reproduce_command(a: dict, resume: bool = False) -> str:
         cmd += f" --fg-weight {a['fg_weight']}"
     if float(a.get("attr_dropout") or 0.0):
         cmd += f" --attr-dropout {a['attr_dropout']}"
+    if (a.get("world") or "full") != "full":
+        cmd += f" --world {a['world']}"
     return cmd + (" --resume" if resume else "")
 
 
@@ -451,7 +464,7 @@ Procedural "shapes world" (`edgeblock.builtin.world`), rendered on the fly
 ({", ".join(sw.SIZES)}), position on a 3x3 grid ({", ".join(sw.POSITIONS)}),
 on a background in a different colour, plain (50%), striped (25%) or
 checkered (25%). Captions: "a large red star on a blue striped background,
-top left". Every training batch is fresh; no image is seen twice.
+top left". Every training batch is fresh; no image is seen twice.{world_text(info["stages"])}
 
 ## Model and training
 
@@ -539,6 +552,9 @@ def main(argv=None) -> None:
                          "distribution (0: every caption complete)")
     ap.add_argument("--fg-weight", type=float, default=1.0,
                     help="loss weight of the shape's pixels against the background's 1 (1: plain MSE)")
+    ap.add_argument("--world", choices=world.WORLDS, default="full",
+                    help="what the batches draw: the full world, or only white shapes on plain black at any size and "
+                         "place (shapes; a curriculum's first stage, resumed later with --world full)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)

@@ -47,7 +47,17 @@ class Spec:
     texture: str = "plain"
 
 
-def sample_spec(rng: np.random.Generator) -> Spec:
+WORLDS = ("full", "shapes")
+
+
+def sample_spec(rng: np.random.Generator, world: str = "full") -> Spec:
+    """One random scene. world "full": every attribute drawn; "shapes": a white shape on plain black, only
+    shape, size and position drawn (a curriculum's first stage: shapes before colours and backgrounds)."""
+    if world == "shapes":
+        return Spec(shape=SHAPES[rng.integers(len(SHAPES))], colour="white", size=SIZES[rng.integers(len(SIZES))],
+                    position=POSITIONS[rng.integers(len(POSITIONS))], background="black", texture="plain")
+    if world != "full":
+        raise ValueError(f"unknown world {world!r}; one of {WORLDS}")
     colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     others = [c for c in COLOUR_NAMES if c != colour]
     return Spec(
@@ -206,15 +216,17 @@ def to_tensor_array(images: list[np.ndarray]) -> np.ndarray:
 
 
 def batches(seed: int, batch_size: int, size: int = 64, masks: bool = False,
-            attr_dropout: float = 0.0) -> Iterator[tuple]:
+            attr_dropout: float = 0.0, world: str = "full") -> Iterator[tuple]:
     """Endless iterator of (images float32 (B,3,H,W) in [-1,1], captions), with masks=True also the
     shapes' coverage masks float32 (B,1,H,W) in [0, 1] (shape_mask). attr_dropout: each caption leaves
     each attribute out with this probability (partial_caption; drawn from a stream of its own, so the
-    images of a seed do not depend on it)."""
+    images of a seed do not depend on it). world: what sample_spec draws ("full" or "shapes")."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; one of {WORLDS}")
     rng = np.random.default_rng(seed)
     cap_rng = np.random.default_rng([seed, 1])
     while True:
-        specs = [sample_spec(rng) for _ in range(batch_size)]
+        specs = [sample_spec(rng, world) for _ in range(batch_size)]
         imgs = [render(s, size) for s in specs]
         caps = [partial_caption(s, cap_rng, attr_dropout) for s in specs]
         if masks:
