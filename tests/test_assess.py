@@ -44,12 +44,25 @@ def test_the_reader_on_images_without_the_asked_content():
     assert assess.read(disc).shape in ("circle", "ring")
 
 
+def test_partial_captions_leave_size_and_colour_out_and_colour_is_not_scored():
+    specs = assess.caption_set(1)
+    caps = [assess.partial_caption(s) for s in specs]
+    assert caps[0] == f"a {specs[0].shape} on a {specs[0].background} background, {specs[0].position}"
+    assert not any(w in c.split() for c, s in zip(caps, specs) for w in (*world.SIZES, s.colour))
+    images = np.stack([world.render(s) for s in specs])
+    s = assess.score(images, specs, colour_asked=False)
+    assert "colour_acc" not in s and s["shape_acc"] == 1.0 and s["position_acc"] == 1.0
+    assert "foreground colour" not in assess.table(s) and "| shape (chance 0.14) | 1.00 |" in assess.table(s)
+
+
 def test_assess_command_on_world_renders(capsys):
     assert assess.main(["--world", "--per-shape", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res) == set(world.SIZES) and res["large"]["shape_acc"] == 1.0
     with pytest.raises(SystemExit):
         assess.main(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        assess.main(["--world", "--partial"])
 
 
 @pytest.mark.skipif(not builtin_present(), reason="the built-in model's weights are not in this checkout")

@@ -151,6 +151,10 @@ def test_partial_captions_leave_attributes_out_at_their_rate_and_always_name_the
     assert "a red star, top left" in caps  # size and background out
     with pytest.raises(ValueError, match="attribute dropout"):
         world.partial_caption(spec, rng, 1.5)
+    assert world.caption_with(spec, ("position", "colour")) == "a red star, top left"
+    assert world.caption_with(spec, world.ATTRIBUTES) == world.caption(spec)
+    with pytest.raises(ValueError, match="unknown caption attributes"):
+        world.caption_with(spec, ("shade",))
     # the images of a seed do not depend on the captions' dropout
     a, b = next(world.batches(3, 4)), next(world.batches(3, 4, attr_dropout=0.5))
     np.testing.assert_array_equal(a[0], b[0])

@@ -66,6 +66,9 @@ def test_resume_with_a_time_shift_records_both_stages(tmp_path):
     assert "--low-res 32 --low-res-prob 1.0 --low-res-ids scaled" in card.split("- from step 0:")[1].split("- from step 2:")[0]
     # the card reads its own generations back: a table of accuracies and the shape confusion
     assert "| shape (chance 0.14) |" in card and "| asked | circle |" in card
+    # and the same scenes asked without size and colour words, colour not scored
+    partial = card.split("without their size and colour words")[1]
+    assert "| shape (chance 0.14) |" in partial and "foreground colour" not in partial
     # the model directory is laid out like builtin: the samplers and personalization read the shift
     shutil.copy(os.path.join(train_base.__file__.rsplit(os.sep, 1)[0], "model", "edgeblock.json"), out)
     assert model_meta(out)["shift"] == 3.0

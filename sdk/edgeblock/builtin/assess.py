@@ -8,9 +8,11 @@ centroid cell on the 3x3 grid) and the shape (the subject's silhouette against a
 world shape: the largest weighted-Jaccard overlap of their square-cropped occupancy grids).
 Accuracy per attribute = the share of images whose read-back equals the caption's; chance for the
 shape is 1/7. `check_world()` runs the same reader on the world's own renders: how far the
-reader itself can be trusted.
+reader itself can be trusted. `--partial` asks the same scenes with the size and colour words left
+out ("a star on a blue background, top left"), as the benchmark's prompts leave them out; the
+foreground colour is then not asked and not scored.
 
-    python -m edgeblock.builtin.assess [--model DIR] [--steps 30] [--json]
+    python -m edgeblock.builtin.assess [--model DIR] [--steps 30] [--partial] [--json]
 """
 
 from __future__ import annotations
@@ -107,11 +109,17 @@ def caption_set(per_shape: int = 6, size: str = "large", seed: int = 0) -> list[
     return specs
 
 
+def partial_caption(spec: world.Spec) -> str:
+    """The caption without its size and colour words: "a star on a blue background, top left"."""
+    return world.caption_with(spec, ("background", "position"))
+
+
 ATTRIBUTES = ("background", "colour", "position", "shape")
 
 
-def score(images: np.ndarray, specs: list[world.Spec]) -> dict:
-    """Accuracy per attribute, the share of images with a subject, and the shape confusion counts."""
+def score(images: np.ndarray, specs: list[world.Spec], colour_asked: bool = True) -> dict:
+    """Accuracy per attribute, the share of images with a subject, and the shape confusion counts.
+    colour_asked False (partial captions): no colour accuracy is reported."""
     hits = {a: 0 for a in ATTRIBUTES}
     found = 0
     confusion = {s: {t: 0 for t in (*world.SHAPES, "none")} for s in world.SHAPES}
@@ -124,7 +132,8 @@ def score(images: np.ndarray, specs: list[world.Spec]) -> dict:
         hits["shape"] += r.shape == spec.shape
         confusion[spec.shape][r.shape or "none"] += 1
     n = len(specs)
-    return {**{f"{a}_acc": hits[a] / n for a in ATTRIBUTES}, "subject_found": found / n, "images": n,
+    asked = ATTRIBUTES if colour_asked else tuple(a for a in ATTRIBUTES if a != "colour")
+    return {**{f"{a}_acc": hits[a] / n for a in asked}, "subject_found": found / n, "images": n,
             "shape_chance": 1 / len(world.SHAPES), "shape_confusion": confusion}
 
 
@@ -138,14 +147,15 @@ def check_world(per_shape: int = 6) -> dict:
 
 
 def assess(transformer, text_encoder, shift: float = 1.0, steps: int = 30, guidance: float = 3.0, seed: int = 0,
-           per_shape: int = 6) -> tuple[dict, np.ndarray]:
-    """Generate the caption set (seed, steps, guidance as the model card's grid) and score it."""
+           per_shape: int = 6, partial: bool = False) -> tuple[dict, np.ndarray]:
+    """Generate the caption set (seed, steps, guidance as the model card's grid) and score it; partial: the
+    captions without size and colour words (`partial_caption`)."""
     from .pipeline import generate
 
     specs = caption_set(per_shape)
-    images = generate(transformer, text_encoder, [world.caption(s) for s in specs], seed=seed, steps=steps,
-                      guidance=guidance, shift=shift)
-    return score(images, specs), images
+    captions = [partial_caption(s) if partial else world.caption(s) for s in specs]
+    images = generate(transformer, text_encoder, captions, seed=seed, steps=steps, guidance=guidance, shift=shift)
+    return score(images, specs, colour_asked=not partial), images
 
 
 def table(result: dict) -> str:
@@ -154,7 +164,7 @@ def table(result: dict) -> str:
             ("position (3x3 cell)", "position_acc"), ("shape (chance 0.14)", "shape_acc"),
             ("a subject drawn at all", "subject_found")]
     lines = ["| read back from the pixels | accuracy |", "|---|---|"]
-    lines += [f"| {name} | {result[key]:.2f} |" for name, key in rows]
+    lines += [f"| {name} | {result[key]:.2f} |" for name, key in rows if key in result]
     return "\n".join(lines)
 
 
@@ -174,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-shape", type=int, default=6)
     p.add_argument("--world", action="store_true", help="score the world's own renders instead (the reader's ceiling)")
+    p.add_argument("--partial", action="store_true",
+                   help="captions without size and colour words, as the benchmark's prompts (colour not scored)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.steps < 1 or args.per_shape < 1:
         p.error("--steps and --per-shape must be >= 1")
+    if args.world and args.partial:
+        p.error("--partial asks the model; --world reads the world's own renders (no captions): choose one")
     if args.world:
         res = check_world(args.per_shape)
     else:
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = args.model or MODEL_DIR
         transformer, enc = load_builtin(model_dir=model_dir)
         res, _ = assess(transformer, enc, model_meta(model_dir)["shift"], args.steps, args.guidance, args.seed,
-                        args.per_shape)
+                        args.per_shape, args.partial)
     if args.json:
         print(json.dumps(res, indent=2))
     elif args.world:

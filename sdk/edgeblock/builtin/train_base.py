@@ -367,11 +367,12 @@ def finalize(out: str, ckpt_dir: str | None = None, args=None, seed: int = 0,
     gen_s = time.time() - t0
     sample_grid_png(imgs, os.path.join(out, "samples.png"))
     reading, _ = assess(model, enc, shift=shift, steps=steps, guidance=guidance, seed=seed)
+    partial, _ = assess(model, enc, shift=shift, steps=steps, guidance=guidance, seed=seed, partial=True)
     nparams = sum(p.numel() for p in model.parameters())
     final_loss = float(np.mean([h[0] for h in history[-200:]])) if history else float("nan")
     info = dict(params=nparams, step=step, batch=targs.get("batch"), wall_s=wall,
                 final_loss=final_loss, config=cfg, sample_seconds=gen_s, shift=shift, assess=reading,
-                stages=recorded_stages(st))
+                assess_partial=partial, stages=recorded_stages(st))
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(model_card(info, targs, guidance, steps, seed))
     print(f"finalized {out}: step {step}, final loss {final_loss:.4f}, {nparams / 1e6:.2f}M params",
@@ -522,6 +523,18 @@ background and foreground colour (nearest palette colour), position (centroid ce
 Shape confusion (rows: asked, columns: read):
 
 {confusion_table(info["assess"]["shape_confusion"])}
+{partial_section(info.get("assess_partial"))}"""
+
+
+def partial_section(reading: dict | None) -> str:
+    """The card's read-back of the same scenes asked without size and colour words ("" if not measured)."""
+    if not reading:
+        return ""
+    return f"""
+The same scenes asked without their size and colour words ("a star on a blue background, top
+left", as the benchmark's prompts leave them out; `--partial`, colour not scored):
+
+{assess_table(reading)}
 """
 
 

@@ -84,13 +84,20 @@ def partial_caption(spec: Spec, rng: np.random.Generator | None, p: float) -> st
     The shape is always named. p = 0: caption(spec)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"attribute dropout must be in [0, 1], got {p}")
-    keep = {a: not (p and rng.random() < p) for a in ATTRIBUTES}
-    words = ["a"] + [w for a, w in (("size", spec.size), ("colour", spec.colour)) if keep[a]] + [spec.shape]
+    return caption_with(spec, [a for a in ATTRIBUTES if not (p and rng.random() < p)])
+
+
+def caption_with(spec: Spec, keep) -> str:
+    """The caption naming the shape and only the attributes in keep (of ATTRIBUTES), in caption order."""
+    keep = set(keep)
+    if keep - set(ATTRIBUTES):
+        raise ValueError(f"unknown caption attributes {sorted(keep - set(ATTRIBUTES))}; known {ATTRIBUTES}")
+    words = ["a"] + [w for a, w in (("size", spec.size), ("colour", spec.colour)) if a in keep] + [spec.shape]
     text = " ".join(words)
-    if keep["background"]:
+    if "background" in keep:
         bg = spec.background if spec.texture == "plain" else f"{spec.background} {spec.texture}"
         text += f" on a {bg} background"
-    if keep["position"]:
+    if "position" in keep:
         text += f", {spec.position}"
     return text
 
