@@ -177,6 +177,11 @@ def test_the_shapes_world_draws_white_shapes_on_black_at_every_place_and_size():
     a, b = np.random.default_rng(7), np.random.default_rng(7)
     assert [world.sample_spec(a) for _ in range(50)] == [world.sample_spec(b, "full") for _ in range(50)]
     assert len({world.sample_spec(a).colour for _ in range(200)}) == len(world.COLOUR_NAMES)
+    # mix: about half the draws are the shapes world's, the rest the full world's (every colour)
+    mixed = [world.sample_spec(rng, "mix") for _ in range(2000)]
+    plain = np.mean([(s.colour, s.background, s.texture) == ("white", "black", "plain") for s in mixed])
+    assert 0.45 < plain < 0.56, plain  # 0.5 from the shapes world + the full world's rare white-on-black
+    assert len({s.colour for s in mixed}) == len(world.COLOUR_NAMES) and len({s.texture for s in mixed}) > 1
     with pytest.raises(ValueError, match="unknown world"):
         world.sample_spec(rng, "moon")
     with pytest.raises(ValueError, match="unknown world"):

@@ -46,6 +46,9 @@ def test_a_curriculum_stage_on_the_shapes_world_is_recorded_and_carded(tmp_path)
     assert "--world" not in train_base.reproduce_command(st["stages"][1]["args"], resume=True)
     card = open(os.path.join(out, "README.md")).read()
     assert "Curriculum (`--world`): from step 0: only shapes" in card and "from step 2: the full world." in card
+    train_base.main(["--out", out, "--steps", "4", "--resume", "--world", "mix", *TINY])
+    card = open(os.path.join(out, "README.md")).read()
+    assert "from step 3: half the draws shapes only (a white shape" in card and "--world mix --resume" in card
 
 
 def test_resume_with_a_time_shift_records_both_stages(tmp_path):

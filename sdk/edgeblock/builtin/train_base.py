@@ -408,8 +408,9 @@ def stage_text(stages: list[dict], key: str, neutral, said, neutral_said: str) -
 
 def world_text(stages: list[dict]) -> str:
     """The card's sentence on a curriculum (stages with --world shapes); "" if every stage drew the full world."""
-    said = stage_text(stages, "world", "full", lambda v: f"only {v} (a white shape on plain black; shape, size and "
-                      "position drawn)", "the full world")
+    shapes = "(a white shape on plain black; shape, size and position drawn)"
+    words = {"shapes": f"only shapes {shapes}", "mix": f"half the draws shapes only {shapes}, half the full world"}
+    said = stage_text(stages, "world", "full", lambda v: words.get(v, v), "the full world")
     return f"\n\nCurriculum (`--world`): {said[2:]}." if said else ""
 
 
@@ -567,7 +568,8 @@ def main(argv=None) -> None:
                     help="loss weight of the shape's pixels against the background's 1 (1: plain MSE)")
     ap.add_argument("--world", choices=world.WORLDS, default="full",
                     help="what the batches draw: the full world, or only white shapes on plain black at any size and "
-                         "place (shapes; a curriculum's first stage, resumed later with --world full)")
+                         "place (shapes; a curriculum's first stage), or each draw from either with even odds (mix; "
+                         "a later stage that keeps rehearsing the shapes)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)

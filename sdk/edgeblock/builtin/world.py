@@ -47,12 +47,15 @@ class Spec:
     texture: str = "plain"
 
 
-WORLDS = ("full", "shapes")
+WORLDS = ("full", "shapes", "mix")
 
 
 def sample_spec(rng: np.random.Generator, world: str = "full") -> Spec:
     """One random scene. world "full": every attribute drawn; "shapes": a white shape on plain black, only
-    shape, size and position drawn (a curriculum's first stage: shapes before colours and backgrounds)."""
+    shape, size and position drawn (a curriculum's first stage: shapes before colours and backgrounds);
+    "mix": each draw from "shapes" or "full" with even odds (a later stage that keeps rehearsing shapes)."""
+    if world == "mix":
+        world = "shapes" if rng.random() < 0.5 else "full"
     if world == "shapes":
         return Spec(shape=SHAPES[rng.integers(len(SHAPES))], colour="white", size=SIZES[rng.integers(len(SIZES))],
                     position=POSITIONS[rng.integers(len(POSITIONS))], background="black", texture="plain")
