@@ -182,6 +182,12 @@ def test_the_shapes_world_draws_white_shapes_on_black_at_every_place_and_size():
     plain = np.mean([(s.colour, s.background, s.texture) == ("white", "black", "plain") for s in mixed])
     assert 0.45 < plain < 0.56, plain  # 0.5 from the shapes world + the full world's rare white-on-black
     assert len({s.colour for s in mixed}) == len(world.COLOUR_NAMES) and len({s.texture for s in mixed}) > 1
+    plain = np.mean([world.sample_spec(rng, "mix", 0.2).texture == "plain" for _ in range(2000)])
+    assert 0.56 < plain < 0.64, plain  # 0.2 from the shapes world + 0.8 x the full world's 0.5 plain
+    full_only = [world.sample_spec(rng, "mix", 0.0) for _ in range(400)]
+    assert np.mean([s.texture == "plain" for s in full_only]) < 0.6  # share 0: the full world's textures
+    with pytest.raises(ValueError, match="shapes share"):
+        world.sample_spec(rng, "mix", 1.5)
     with pytest.raises(ValueError, match="unknown world"):
         world.sample_spec(rng, "moon")
     with pytest.raises(ValueError, match="unknown world"):

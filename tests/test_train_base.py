@@ -48,7 +48,13 @@ def test_a_curriculum_stage_on_the_shapes_world_is_recorded_and_carded(tmp_path)
     assert "Curriculum (`--world`): from step 0: only shapes" in card and "from step 2: the full world." in card
     train_base.main(["--out", out, "--steps", "4", "--resume", "--world", "mix", *TINY])
     card = open(os.path.join(out, "README.md")).read()
-    assert "from step 3: half the draws shapes only (a white shape" in card and "--world mix --resume" in card
+    assert "from step 3: 50% of the draws shapes only (a white shape" in card and "--world mix --resume" in card
+    for bad in (["--shapes-share", "1.5", "--world", "mix"], ["--shapes-share", "0.3"]):  # range; mix only
+        with pytest.raises(SystemExit):
+            train_base.main(["--out", out, "--steps", "5", "--resume", *bad, *TINY])
+    train_base.main(["--out", out, "--steps", "5", "--resume", "--world", "mix", "--shapes-share", "0.3", *TINY])
+    card = open(os.path.join(out, "README.md")).read()
+    assert "from step 4: 30% of the draws shapes only" in card and "--world mix --shapes-share 0.3 --resume" in card
 
 
 def test_resume_with_a_time_shift_records_both_stages(tmp_path):

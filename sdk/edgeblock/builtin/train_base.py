@@ -216,7 +216,8 @@ def train(args) -> None:
     fg_weight = float(getattr(args, "fg_weight", 1.0) or 1.0)  # main() refuses weights <= 0
     attr_dropout = float(getattr(args, "attr_dropout", 0.0) or 0.0)
     data = world.batches(args.seed * 1_000_003 + step, args.batch, SIZE, masks=fg_weight != 1.0,
-                         attr_dropout=attr_dropout, world=getattr(args, "world", "full") or "full")
+                         attr_dropout=attr_dropout, world=getattr(args, "world", "full") or "full",
+                         shapes_share=float(getattr(args, "shapes_share", 0.5)))
     gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
     drop_rng = np.random.default_rng(args.seed * 31 + step)
 
@@ -409,8 +410,19 @@ def stage_text(stages: list[dict], key: str, neutral, said, neutral_said: str) -
 def world_text(stages: list[dict]) -> str:
     """The card's sentence on a curriculum (stages with --world shapes); "" if every stage drew the full world."""
     shapes = "(a white shape on plain black; shape, size and position drawn)"
-    words = {"shapes": f"only shapes {shapes}", "mix": f"half the draws shapes only {shapes}, half the full world"}
-    said = stage_text(stages, "world", "full", lambda v: words.get(v, v), "the full world")
+
+    def words(v):
+        world_, share = v
+        if world_ == "mix":
+            return f"{share:.0%} of the draws shapes only {shapes}, the rest the full world"
+        return f"only shapes {shapes}" if world_ == "shapes" else world_
+
+    # one value per stage: the world, with the shapes' share where it mixes (older checkpoints: 0.5)
+    worlds = [{"start_step": st["start_step"],
+               "args": {"w": (st["args"].get("world") or "full",
+                              float(st["args"].get("shapes_share", 0.5)) if st["args"].get("world") == "mix" else None)}}
+              for st in stages]
+    said = stage_text(worlds, "w", ("full", None), words, "the full world")
     return f"\n\nCurriculum (`--world`): {said[2:]}." if said else ""
 
 
@@ -431,6 +443,8 @@ def reproduce_command(a: dict, resume: bool = False) -> str:
         cmd += f" --attr-dropout {a['attr_dropout']}"
     if (a.get("world") or "full") != "full":
         cmd += f" --world {a['world']}"
+    if a.get("world") == "mix" and float(a.get("shapes_share", 0.5)) != 0.5:
+        cmd += f" --shapes-share {a['shapes_share']}"
     return cmd + (" --resume" if resume else "")
 
 
@@ -570,6 +584,8 @@ def main(argv=None) -> None:
                     help="what the batches draw: the full world, or only white shapes on plain black at any size and "
                          "place (shapes; a curriculum's first stage), or each draw from either with even odds (mix; "
                          "a later stage that keeps rehearsing the shapes)")
+    ap.add_argument("--shapes-share", type=float, default=0.5,
+                    help="with --world mix: the share of draws from the shapes world (default 0.5)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
@@ -587,6 +603,10 @@ def main(argv=None) -> None:
         ap.error(f"--t-shift must be > 0, got {args.t_shift}")
     if args.fg_weight <= 0:
         ap.error(f"--fg-weight must be > 0, got {args.fg_weight}")
+    if not 0.0 <= args.shapes_share <= 1.0:
+        ap.error(f"--shapes-share must be in [0, 1], got {args.shapes_share}")
+    if args.shapes_share != 0.5 and args.world != "mix":
+        ap.error("--shapes-share only applies to --world mix")
     if not 0.0 <= args.attr_dropout <= 1.0:
         ap.error(f"--attr-dropout must be in [0, 1], got {args.attr_dropout}")
     if args.finalize:

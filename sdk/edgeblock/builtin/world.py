@@ -50,12 +50,15 @@ class Spec:
 WORLDS = ("full", "shapes", "mix")
 
 
-def sample_spec(rng: np.random.Generator, world: str = "full") -> Spec:
+def sample_spec(rng: np.random.Generator, world: str = "full", shapes_share: float = 0.5) -> Spec:
     """One random scene. world "full": every attribute drawn; "shapes": a white shape on plain black, only
     shape, size and position drawn (a curriculum's first stage: shapes before colours and backgrounds);
-    "mix": each draw from "shapes" or "full" with even odds (a later stage that keeps rehearsing shapes)."""
+    "mix": each draw from "shapes" with probability shapes_share, else "full" (a later stage that keeps
+    rehearsing shapes)."""
     if world == "mix":
-        world = "shapes" if rng.random() < 0.5 else "full"
+        if not 0.0 <= shapes_share <= 1.0:
+            raise ValueError(f"shapes share must be in [0, 1], got {shapes_share}")
+        world = "shapes" if rng.random() < shapes_share else "full"
     if world == "shapes":
         return Spec(shape=SHAPES[rng.integers(len(SHAPES))], colour="white", size=SIZES[rng.integers(len(SIZES))],
                     position=POSITIONS[rng.integers(len(POSITIONS))], background="black", texture="plain")
@@ -226,16 +229,16 @@ def to_tensor_array(images: list[np.ndarray]) -> np.ndarray:
 
 
 def batches(seed: int, batch_size: int, size: int = 64, masks: bool = False,
-            attr_dropout: float = 0.0, world: str = "full") -> Iterator[tuple]:
+            attr_dropout: float = 0.0, world: str = "full", shapes_share: float = 0.5) -> Iterator[tuple]:
     """Endless iterator of (images float32 (B,3,H,W) in [-1,1], captions), with masks=True also the
     shapes' coverage masks float32 (B,1,H,W) in [0, 1] (shape_mask). attr_dropout: each caption leaves
     each attribute out with this probability (partial_caption; drawn from a stream of its own, so the
-    images of a seed do not depend on it). world: what sample_spec draws ("full" or "shapes"; it refuses
-    others)."""
+    images of a seed do not depend on it). world, shapes_share: what sample_spec draws ("full", "shapes" or
+    "mix"; it refuses others)."""
     rng = np.random.default_rng(seed)
     cap_rng = np.random.default_rng([seed, 1])
     while True:
-        specs = [sample_spec(rng, world) for _ in range(batch_size)]
+        specs = [sample_spec(rng, world, shapes_share) for _ in range(batch_size)]
         imgs = [render(s, size) for s in specs]
         caps = [partial_caption(s, cap_rng, attr_dropout) for s in specs]
         if masks:
