@@ -392,10 +392,13 @@ def write_scheduler_config(out: str, shift: float) -> None:
         f.write("\n")
 
 
-def stage_text(stages: list[dict], key: str, neutral, said, neutral_said: str) -> str:
+def stage_text(stages: list[dict], key, neutral, said, neutral_said: str) -> str:
     """The card's words for one training setting over the run's stages: "; <said(v)>" when one value held
-    throughout, "; from step N: <said(v)>" at each stage that changed it, "" when it stayed neutral."""
+    throughout, "; from step N: <said(v)>" at each stage that changed it, "" when it stayed neutral.
+    key: the recorded argument's name, or a function of a stage's arguments giving its value."""
     def value(a):
+        if callable(key):
+            return key(a)
         v = a.get(key)
         v = neutral if v is None else v
         return float(v) if isinstance(neutral, float) else v
@@ -408,21 +411,21 @@ def stage_text(stages: list[dict], key: str, neutral, said, neutral_said: str) -
 
 
 def world_text(stages: list[dict]) -> str:
-    """The card's sentence on a curriculum (stages with --world shapes); "" if every stage drew the full world."""
+    """The card's sentence on a curriculum (stages with --world shapes or mix); "" if every stage drew the
+    full world."""
     shapes = "(a white shape on plain black; shape, size and position drawn)"
 
-    def words(v):
-        world_, share = v
-        if world_ == "mix":
-            return f"{share:.0%} of the draws shapes only {shapes}, the rest the full world"
-        return f"only shapes {shapes}" if world_ == "shapes" else world_
+    def world_of(a):  # the world, with the shapes' share where it mixes (recorded before the option: 0.5)
+        w = a.get("world") or "full"
+        return w, float(a.get("shapes_share", 0.5)) if w == "mix" else None
 
-    # one value per stage: the world, with the shapes' share where it mixes (older checkpoints: 0.5)
-    worlds = [{"start_step": st["start_step"],
-               "args": {"w": (st["args"].get("world") or "full",
-                              float(st["args"].get("shapes_share", 0.5)) if st["args"].get("world") == "mix" else None)}}
-              for st in stages]
-    said = stage_text(worlds, "w", ("full", None), words, "the full world")
+    def words(v):
+        w, share = v
+        if w == "mix":
+            return f"{share:.0%} of the draws shapes only {shapes}, the rest the full world"
+        return f"only shapes {shapes}" if w == "shapes" else w
+
+    said = stage_text(stages, world_of, ("full", None), words, "the full world")
     return f"\n\nCurriculum (`--world`): {said[2:]}." if said else ""
 
 
@@ -582,8 +585,8 @@ def main(argv=None) -> None:
                     help="loss weight of the shape's pixels against the background's 1 (1: plain MSE)")
     ap.add_argument("--world", choices=world.WORLDS, default="full",
                     help="what the batches draw: the full world, or only white shapes on plain black at any size and "
-                         "place (shapes; a curriculum's first stage), or each draw from either with even odds (mix; "
-                         "a later stage that keeps rehearsing the shapes)")
+                         "place (shapes; a curriculum's first stage), or each draw from either (mix, --shapes-share "
+                         "of them shapes; a later stage that keeps rehearsing the shapes)")
     ap.add_argument("--shapes-share", type=float, default=0.5,
                     help="with --world mix: the share of draws from the shapes world (default 0.5)")
     ap.add_argument("--log-every", type=int, default=50)
