@@ -45,16 +45,41 @@ def test_a_curriculum_stage_on_the_shapes_world_is_recorded_and_carded(tmp_path)
     assert train_base.reproduce_command(st["stages"][0]["args"]).endswith("--world shapes")
     assert "--world" not in train_base.reproduce_command(st["stages"][1]["args"], resume=True)
     card = open(os.path.join(out, "README.md")).read()
-    assert "Curriculum (`--world`): from step 0: only shapes" in card and "from step 2: the full world." in card
+    assert "Curriculum (`--world`; the shapes world: a white shape on plain black" in card
+    assert "drawn): from step 0: the shapes world only; from step 2: the full world." in card
+    assert card.count("white shape") == 1  # the shapes world is described once, not per stage
     train_base.main(["--out", out, "--steps", "4", "--resume", "--world", "mix", *TINY])
     card = open(os.path.join(out, "README.md")).read()
-    assert "from step 3: 50% of the draws shapes only (a white shape" in card and "--world mix --resume" in card
+    assert "from step 3: 50% of the draws from the shapes world, the rest from the full world" in card
+    assert "--world mix --resume" in card
     for bad in (["--shapes-share", "1.5", "--world", "mix"], ["--shapes-share", "0.3"]):  # range; mix only
         with pytest.raises(SystemExit):
             train_base.main(["--out", out, "--steps", "5", "--resume", *bad, *TINY])
     train_base.main(["--out", out, "--steps", "5", "--resume", "--world", "mix", "--shapes-share", "0.3", *TINY])
     card = open(os.path.join(out, "README.md")).read()
-    assert "from step 4: 30% of the draws shapes only" in card and "--world mix --shapes-share 0.3 --resume" in card
+    assert "from step 4: 30% of the draws from the shapes world" in card
+    assert "--world mix --shapes-share 0.3 --resume" in card
+    # every stage but the last stops where the next one resumed: the reproduce commands run as written
+    assert "--world shapes --stop-at 2`" in card and "--stop-at 3 --resume`" in card and "--stop-at 4 --resume`" in card
+    assert "--stop-at 5" not in card
+
+
+def test_stop_at_ends_a_stage_with_a_checkpoint_and_keeps_the_schedule(tmp_path):
+    out = str(tmp_path / "m")
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", out, "--steps", "10", "--stop-at", "0", *TINY])
+    train_base.main(["--out", out, "--steps", "10", "--warmup", "1", "--stop-at", "3", *TINY])
+    st = torch.load(os.path.join(out, "ckpt", "last.pt"), weights_only=False)
+    assert st["step"] == 3 and not os.path.exists(os.path.join(out, "README.md"))  # no final artifacts
+    # the learning rate of step 2 is the 10-step schedule's, not a 3-step one's (which would be at its floor)
+    assert st["history"][-1][1] == pytest.approx(train_base.lr_at(2, 10, st["args"]["lr"], 1))
+    assert st["history"][-1][1] > 0.5 * st["args"]["lr"]
+    with pytest.raises(ValueError, match="not after the checkpoint's step 3"):
+        train_base.main(["--out", out, "--steps", "10", "--resume", "--stop-at", "3", *TINY])
+    train_base.main(["--out", out, "--steps", "4", "--resume", *TINY])
+    assert os.path.exists(os.path.join(out, "README.md"))
+    card = open(os.path.join(out, "README.md")).read()
+    assert "--steps 10 --lr" in card and "--stop-at 3`" in card and "--steps 4 --lr" in card
 
 
 def test_resume_with_a_time_shift_records_both_stages(tmp_path):

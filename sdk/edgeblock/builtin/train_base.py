@@ -12,6 +12,12 @@ EMA of the weights (the exported model is the EMA). Checkpoints (with
 optimizer state) go to OUT/ckpt/ and stay out of git; the final artifacts
 are OUT/transformer/ (diffusers layout), loss.csv, loss_curve.png,
 samples.png and README.md.
+
+A curriculum is a run of stages: each stage but the last ends with
+`--stop-at STEP` (a checkpoint, no artifacts; the learning-rate schedule
+stays that of --steps/--max-minutes) and the next continues with --resume
+and its own arguments (e.g. --world shapes, then --world mix). The
+checkpoint records every stage; the model card lists each stage's command.
 """
 from __future__ import annotations
 
@@ -228,7 +234,11 @@ def train(args) -> None:
 
     t0 = time.time()
     wall0 = wall
-    while progress(step, args.steps, wall, args.max_minutes) < 1.0:
+    stop_at = getattr(args, "stop_at", None)
+    if stop_at is not None and stop_at <= step:
+        raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {step}")
+    stopped = False  # ended at --stop-at, before the budget: an intermediate stage, no final artifacts
+    while progress(step, args.steps, wall, args.max_minutes) < 1.0 and not stopped:
         lr = lr_at(step, args.steps, args.lr, args.warmup,
                    p=progress(step, args.steps, wall, args.max_minutes) if args.max_minutes else None)
         for g in opt.param_groups:
@@ -257,7 +267,8 @@ def train(args) -> None:
         step += 1
         wall = wall0 + time.time() - t0
         history.append((loss.item(), lr, wall))
-        done = progress(step, args.steps, wall, args.max_minutes) >= 1.0
+        stopped = stop_at is not None and step >= stop_at
+        done = stopped or progress(step, args.steps, wall, args.max_minutes) >= 1.0
         if step % args.log_every == 0 or done:
             recent = np.mean([h[0] for h in history[-args.log_every:]])
             print(f"step {step}/{args.steps} loss {recent:.4f} lr {lr:.2e} "
@@ -265,7 +276,9 @@ def train(args) -> None:
             write_csv(out, history, args.log_every)
         if step % args.ckpt_every == 0 or done:
             checkpoint()
-    if not args.no_finalize:
+    if stopped:
+        print(f"stopped at step {step} (--stop-at); continue with --resume", flush=True)
+    elif not args.no_finalize:
         finalize(out, ckpt_dir, args)
 
 
@@ -413,8 +426,6 @@ def stage_text(stages: list[dict], key, neutral, said, neutral_said: str) -> str
 def world_text(stages: list[dict]) -> str:
     """The card's sentence on a curriculum (stages with --world shapes or mix); "" if every stage drew the
     full world."""
-    shapes = "(a white shape on plain black; shape, size and position drawn)"
-
     def world_of(a):  # the world, with the shapes' share where it mixes (recorded before the option: 0.5)
         w = a.get("world") or "full"
         return w, float(a.get("shapes_share", 0.5)) if w == "mix" else None
@@ -422,15 +433,17 @@ def world_text(stages: list[dict]) -> str:
     def words(v):
         w, share = v
         if w == "mix":
-            return f"{share:.0%} of the draws shapes only {shapes}, the rest the full world"
-        return f"only shapes {shapes}" if w == "shapes" else w
+            return f"{share:.0%} of the draws from the shapes world, the rest from the full world"
+        return "the shapes world only" if w == "shapes" else w
 
     said = stage_text(stages, world_of, ("full", None), words, "the full world")
-    return f"\n\nCurriculum (`--world`): {said[2:]}." if said else ""
+    return (f"\n\nCurriculum (`--world`; the shapes world: a white shape on plain black, its shape, size and "
+            f"position drawn): {said[2:]}." if said else "")
 
 
-def reproduce_command(a: dict, resume: bool = False) -> str:
-    """The train_base command line of one stage (its recorded arguments)."""
+def reproduce_command(a: dict, resume: bool = False, stop_at: int | None = None) -> str:
+    """The train_base command line of one stage (its recorded arguments); stop_at: the step the next stage
+    resumed from, for every stage but the last."""
     cmd = f"python -m edgeblock.builtin.train_base --out sdk/edgeblock/builtin/model --steps {a.get('steps')}"
     if a.get("max_minutes"):
         cmd += f" --max-minutes {a['max_minutes']}"
@@ -448,7 +461,14 @@ def reproduce_command(a: dict, resume: bool = False) -> str:
         cmd += f" --world {a['world']}"
     if a.get("world") == "mix" and float(a.get("shapes_share", 0.5)) != 0.5:
         cmd += f" --shapes-share {a['shapes_share']}"
+    if stop_at is not None:
+        cmd += f" --stop-at {stop_at}"
     return cmd + (" --resume" if resume else "")
+
+
+def next_start(stages: list[dict], k: int) -> int | None:
+    """The step at which the stage after stage k began (None for the last stage)."""
+    return stages[k + 1]["start_step"] if k + 1 < len(stages) else None
 
 
 def model_card(info: dict, targs: dict, guidance: float, steps: int, seed: int) -> str:
@@ -507,7 +527,7 @@ top left". Every training batch is fresh; no image is seen twice.{world_text(inf
 Reproduce ({len(info["stages"])} stage{"s" if len(info["stages"]) > 1 else ""}; a resumed stage continues from the checkpoint, with
 `--max-minutes` the total wall-time budget of the run so far):
 
-{chr(10).join(f"- from step {st['start_step']}: `{reproduce_command(st['args'], resume=k > 0)}`" for k, st in enumerate(info["stages"]))}
+{chr(10).join(f"- from step {st['start_step']}: `{reproduce_command(st['args'], resume=k > 0, stop_at=next_start(info['stages'], k))}`" for k, st in enumerate(info["stages"]))}
 
 (checkpoints go to `ckpt/`, kept out of git; `--finalize` rewrites these artifacts from the last checkpoint).
 
@@ -569,6 +589,10 @@ def main(argv=None) -> None:
                     help="only write the final artifacts from the latest checkpoint")
     ap.add_argument("--ckpt", default=None, help="checkpoint dir (default OUT/ckpt)")
     ap.add_argument("--no-finalize", action="store_true", help="skip artifacts after training")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="end this stage after step N with a checkpoint and no final artifacts, keeping the "
+                         "learning-rate schedule of --steps/--max-minutes (a curriculum's stage; the next stage "
+                         "continues with --resume)")
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--double", type=int, default=2)
@@ -612,6 +636,8 @@ def main(argv=None) -> None:
         ap.error("--shapes-share only applies to --world mix")
     if not 0.0 <= args.attr_dropout <= 1.0:
         ap.error(f"--attr-dropout must be in [0, 1], got {args.attr_dropout}")
+    if args.stop_at is not None and args.stop_at < 1:
+        ap.error(f"--stop-at must be >= 1, got {args.stop_at}")
     if args.finalize:
         finalize(args.out, args.ckpt, args)
     else:
