@@ -192,3 +192,18 @@ def test_the_shapes_world_draws_white_shapes_on_black_at_every_place_and_size():
         world.sample_spec(rng, "moon")
     with pytest.raises(ValueError, match="unknown world"):
         next(world.batches(0, 2, world="moon"))
+
+
+def test_the_plain_world_is_the_full_worlds_draws_on_plain_backgrounds():
+    a, b = np.random.default_rng(11), np.random.default_rng(11)
+    full = [world.sample_spec(a, "full") for _ in range(400)]
+    plain = [world.sample_spec(b, "plain") for _ in range(400)]
+    assert {s.texture for s in plain} == {"plain"} and len({s.texture for s in full}) == len(world.TEXTURES)
+    strip = lambda s: (s.shape, s.colour, s.size, s.position, s.background)  # noqa: E731
+    assert [strip(s) for s in plain] == [strip(s) for s in full]  # same draws, textures removed
+    assert len({s.colour for s in plain}) == len(world.COLOUR_NAMES) and all(s.colour != s.background for s in plain)
+    imgs, caps = next(world.batches(5, 8, world="plain"))
+    assert not any("striped" in c or "checkered" in c for c in caps)
+    for img, cap in zip(imgs, caps):  # a plain background: one colour over most of the border
+        border = np.concatenate([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], axis=1)
+        assert (np.abs(border - np.median(border, axis=1, keepdims=True)).max(0) < 1e-3).mean() > 0.8, cap

@@ -64,6 +64,15 @@ def test_a_curriculum_stage_on_the_shapes_world_is_recorded_and_carded(tmp_path)
     assert "--stop-at 5" not in card
 
 
+def test_the_card_names_a_plain_world_stage_and_describes_the_shapes_world_only_when_used():
+    st = lambda step, w: {"start_step": step, "args": {"world": w}}  # noqa: E731
+    text = train_base.world_text([st(0, "plain"), st(9000, "full")])
+    assert "from step 0: the full world on plain backgrounds only (no stripes or checks); from step 9000: the " \
+           "full world." in text and "white shape" not in text
+    assert "white shape on plain black" in train_base.world_text([st(0, "shapes"), st(5, "plain")])
+    assert train_base.world_text([st(0, "full"), st(5, "full")]) == ""
+
+
 def test_stop_at_ends_a_stage_with_a_checkpoint_and_keeps_the_schedule(tmp_path):
     out = str(tmp_path / "m")
     with pytest.raises(SystemExit):

@@ -434,11 +434,16 @@ def world_text(stages: list[dict]) -> str:
         w, share = v
         if w == "mix":
             return f"{share:.0%} of the draws from the shapes world, the rest from the full world"
+        if w == "plain":
+            return "the full world on plain backgrounds only (no stripes or checks)"
         return "the shapes world only" if w == "shapes" else w
 
     said = stage_text(stages, world_of, ("full", None), words, "the full world")
-    return (f"\n\nCurriculum (`--world`; the shapes world: a white shape on plain black, its shape, size and "
-            f"position drawn): {said[2:]}." if said else "")
+    if not said:
+        return ""
+    shapes = any((st["args"].get("world") or "full") in ("shapes", "mix") for st in stages)
+    what = ("; the shapes world: a white shape on plain black, its shape, size and position drawn" if shapes else "")
+    return f"\n\nCurriculum (`--world`{what}): {said[2:]}."
 
 
 def reproduce_command(a: dict, resume: bool = False, stop_at: int | None = None) -> str:
@@ -610,7 +615,8 @@ def main(argv=None) -> None:
     ap.add_argument("--world", choices=world.WORLDS, default="full",
                     help="what the batches draw: the full world, or only white shapes on plain black at any size and "
                          "place (shapes; a curriculum's first stage), or each draw from either (mix, --shapes-share "
-                         "of them shapes; a later stage that keeps rehearsing the shapes)")
+                         "of them shapes; a later stage that keeps rehearsing the shapes), or the full world with "
+                         "plain backgrounds only (plain)")
     ap.add_argument("--shapes-share", type=float, default=0.5,
                     help="with --world mix: the share of draws from the shapes world (default 0.5)")
     ap.add_argument("--log-every", type=int, default=50)

@@ -47,14 +47,15 @@ class Spec:
     texture: str = "plain"
 
 
-WORLDS = ("full", "shapes", "mix")
+WORLDS = ("full", "shapes", "mix", "plain")
 
 
 def sample_spec(rng: np.random.Generator, world: str = "full", shapes_share: float = 0.5) -> Spec:
     """One random scene. world "full": every attribute drawn; "shapes": a white shape on plain black, only
     shape, size and position drawn (a curriculum's first stage: shapes before colours and backgrounds);
     "mix": each draw from "shapes" with probability shapes_share, else "full" (a later stage that keeps
-    rehearsing shapes)."""
+    rehearsing shapes); "plain": the full world's draws with every background plain (no stripes or checks;
+    the same random draws as "full", so its scenes are the full world's with the texture removed)."""
     if world == "mix":
         if not 0.0 <= shapes_share <= 1.0:
             raise ValueError(f"shapes share must be in [0, 1], got {shapes_share}")
@@ -62,11 +63,11 @@ def sample_spec(rng: np.random.Generator, world: str = "full", shapes_share: flo
     if world == "shapes":
         return Spec(shape=SHAPES[rng.integers(len(SHAPES))], colour="white", size=SIZES[rng.integers(len(SIZES))],
                     position=POSITIONS[rng.integers(len(POSITIONS))], background="black", texture="plain")
-    if world != "full":
+    if world not in ("full", "plain"):
         raise ValueError(f"unknown world {world!r}; one of {WORLDS}")
     colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     others = [c for c in COLOUR_NAMES if c != colour]
-    return Spec(
+    spec = Spec(
         shape=SHAPES[rng.integers(len(SHAPES))],
         colour=colour,
         size=SIZES[rng.integers(len(SIZES))],
@@ -74,6 +75,7 @@ def sample_spec(rng: np.random.Generator, world: str = "full", shapes_share: flo
         background=others[rng.integers(len(others))],
         texture=TEXTURES[rng.choice(len(TEXTURES), p=TEXTURE_P)],
     )
+    return replace(spec, texture="plain") if world == "plain" else spec
 
 
 def caption(spec: Spec) -> str:
