@@ -441,7 +441,7 @@ def world_text(stages: list[dict]) -> str:
     said = stage_text(stages, world_of, ("full", None), words, "the full world")
     if not said:
         return ""
-    shapes = any((st["args"].get("world") or "full") in ("shapes", "mix") for st in stages)
+    shapes = any(world_of(st["args"])[0] in ("shapes", "mix") for st in stages)
     what = ("; the shapes world: a white shape on plain black, its shape, size and position drawn" if shapes else "")
     return f"\n\nCurriculum (`--world`{what}): {said[2:]}."
 

@@ -235,8 +235,8 @@ def batches(seed: int, batch_size: int, size: int = 64, masks: bool = False,
     """Endless iterator of (images float32 (B,3,H,W) in [-1,1], captions), with masks=True also the
     shapes' coverage masks float32 (B,1,H,W) in [0, 1] (shape_mask). attr_dropout: each caption leaves
     each attribute out with this probability (partial_caption; drawn from a stream of its own, so the
-    images of a seed do not depend on it). world, shapes_share: what sample_spec draws ("full", "shapes" or
-    "mix"; it refuses others)."""
+    images of a seed do not depend on it). world, shapes_share: what sample_spec draws (one of WORLDS; it
+    refuses others)."""
     rng = np.random.default_rng(seed)
     cap_rng = np.random.default_rng([seed, 1])
     while True:
