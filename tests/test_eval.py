@@ -297,6 +297,33 @@ def test_eval_without_prior_preservation_trains_on_the_references_alone(tmp_path
     assert "no prior preservation" in (tmp_path / "eval" / "results.md").read_text()
 
 
+@pytest.mark.slow
+def test_eval_runs_only_the_rows_asked_for(tmp_path, eval_model, monkeypatch):
+    from edgeblock.cli import main
+    from edgeblock.eval import run as run_mod
+
+    seen, train = [], run_mod.Runner._train
+    monkeypatch.setattr(run_mod.Runner, "_train",
+                        lambda self, variant, *a, **k: (seen.append(variant), train(self, variant, *a, **k))[1])
+    out = tmp_path / "eval"
+    rc = main(["eval", "--out", str(out), "--model", eval_model, "--quick", "--quiet", "--rows", "blockskip,skip"])
+    assert rc == 0 and seen == ["skip", "blockskip"]  # table order, whatever order they were asked in
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["rows"]) == ["skip", "blockskip"] and res["config"]["rows"] == ["skip", "blockskip"]
+    assert res["targets"]["met"] is None and res["targets"]["missing"] == ["base", "standard_lora"]
+    ((_, subj),) = res["per_subject"].items()
+    assert set(subj["rows"]) == {"skip", "blockskip"} and len(subj["blocks"]) == 2  # selection ran for the skip rows
+    md = (out / "results.md").read_text()
+    assert "| skip |" in md and "| standard_lora |" not in md and "not measured (rows not run: base, standard_lora)" in md
+    with Image.open(out / "grid.png") as g:
+        assert g.height < 6 * 128  # references and two rows per subject, not six
+    # no skip row: no selection, and the blocks line says so
+    res = run_mod.run_eval(str(tmp_path / "e2"), model=eval_model, quick=True, progress=False, rows=("base",))
+    ((_, subj),) = res["per_subject"].items()
+    assert list(res["rows"]) == ["base"] and subj["blocks"] is None and subj["block_scores"] is None
+    assert "none (no skip row run)" in (tmp_path / "e2" / "results.md").read_text()
+
+
 def test_eval_refuses_models_it_cannot_generate_with(tmp_path, capsys):
     from edgeblock.cli import main
 
@@ -320,7 +347,9 @@ def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsy
         EvalConfig.make("builtin", quick=True, steps=0)
     for flag, value, message in (("--lr", "0", "lr must be > 0"), ("--top-k", "0", "top_k must be >= 1"),
                                  ("--rank", "0", "lora_rank must be >= 1"), ("--samples", "0", "samples must be >= 1"),
-                                 ("--prior", "-1", "prior must be >= 0"), ("--prior-share", "1", "prior_share must be in")):
+                                 ("--prior", "-1", "prior must be >= 0"), ("--prior-share", "1", "prior_share must be in"),
+                                 ("--rows", "skip,lora", "rows must be a non-empty subset of base, standard_lora"),
+                                 ("--rows", ",", "got none")):
         rc = main(["eval", "--out", str(tmp_path / "o"), "--model", eval_model, "--quick", "--quiet", flag, value])
         assert rc == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "o" / "results.json").exists()

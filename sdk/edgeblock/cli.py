@@ -22,6 +22,11 @@ def _blocks(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--blocks wants comma-separated block indices like 3,4; got {text!r}")
 
 
+def _rows(text: str) -> tuple[str, ...]:
+    """Row names for `eval --rows`; the benchmark's config checks them (a clear error names the valid ones)."""
+    return tuple(r.strip() for r in text.split(",") if r.strip())
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(b) for b in text.split(","))
@@ -138,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
                        crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
-                       prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set)
+                       prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -495,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--subject-set", choices=("benchmark", "validation"), default=None,
                    help="the benchmark's subjects (default) or the validation designs, held out from every choice "
                         "of the defaults")
+    e.add_argument("--rows", type=_rows, default=None,
+                   help="comma-separated rows to run, of base, standard_lora, patch, skip, blockskip (default: all; "
+                        "the targets need base, standard_lora and blockskip)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")

@@ -1,7 +1,7 @@
 """`edgeblock eval`: personalize every held-out subject with each variant, generate, score, tabulate.
 
-Rows: base (no fine-tune), standard_lora, patch, skip, blockskip; the fine-tuned rows share steps,
-seeds, LoRA spec, batch and learning rate. The skip rows train the blocks given (--blocks) or the
+Rows: base (no fine-tune), standard_lora, patch, skip, blockskip (or a subset: rows); the fine-tuned
+rows share steps, seeds, LoRA spec, batch and learning rate. The skip rows train the blocks given (--blocks) or the
 top-k blocks that selection by cross-attention masking ranks on each subject's references.
 Outputs: DIR/results.json ({"rows": {row: {metric: value}}, ...}), DIR/results.md, DIR/grid.png.
 """
@@ -63,8 +63,13 @@ class EvalConfig:
     prior_share: float = 0.5  # share of training draws taken from the class images
     dino: str | None = None
     clip: str | None = None
+    rows: tuple[str, ...] = ROWS  # the rows run (a subset, e.g. to compare block sets of the skip rows alone)
 
     def __post_init__(self) -> None:
+        unknown = [r for r in self.rows if r not in ROWS]
+        if unknown or not self.rows:
+            raise ValueError(f"rows must be a non-empty subset of {', '.join(ROWS)}; got {', '.join(self.rows) or 'none'}")
+        object.__setattr__(self, "rows", tuple(r for r in ROWS if r in self.rows))  # table order, no repeats
         for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -200,6 +205,7 @@ class Runner:
         self.text = BuiltinTextStack(self.meta["text_len"])
         self.transformer = load_transformer(self.path)
         self.lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha)
+        self.variants = [v for v in VARIANTS if v in cfg.rows]  # the fine-tuned rows run
         self.values: dict[str, dict[str, list[float]]] = {r: {} for r in ROWS}  # row -> metric -> per image
         self.timing = {r: {"train_s": 0.0, "gen_s": 0.0, "step_times": [], "first_losses": [], "final_losses": []}
                        for r in ROWS}
@@ -211,8 +217,8 @@ class Runner:
     def run(self, out_dir: str) -> dict:
         cfg, t_start = self.cfg, time.perf_counter()
         os.makedirs(out_dir, exist_ok=True)
-        gens = len(ROWS) + (1 if cfg.prior else 0)  # generation passes per subject (the class images: one)
-        total = len(self.subjects) * (len(VARIANTS) * cfg.steps + gens * cfg.gen_steps)
+        gens = len(cfg.rows) + (1 if cfg.prior else 0)  # generation passes per subject (the class images: one)
+        total = len(self.subjects) * (len(self.variants) * cfg.steps + gens * cfg.gen_steps)
         per_subject = {}
         with tqdm(total=total, desc="eval", unit="step", disable=not self.progress) as self.bar:
             for si, subject in enumerate(self.subjects):
@@ -233,7 +239,7 @@ class Runner:
             json.dump(results, f, indent=2)
         with open(os.path.join(out_dir, "results.md"), "w") as f:
             f.write(markdown(results))
-        save_grid(self.subjects, self.image_prompts, self.generations, os.path.join(out_dir, "grid.png"))
+        save_grid(self.subjects, self.image_prompts, self.generations, os.path.join(out_dir, "grid.png"), cfg.rows)
         return results
 
     def _subject(self, si: int, subject: Subject) -> dict:
@@ -241,18 +247,21 @@ class Runner:
         sp = self.prompts[subject.name]
         run = _SubjectRun(subject, self.image_prompts[subject.name], cfg.seed + si, [metrics.describe(im) for im in subject.images],
                           {"prompts": [p.text for p in sp], "samples": cfg.samples, "rows": {}})
-        self._generate("base", run)
+        if "base" in cfg.rows:
+            self._generate("base", run)
         if cfg.blocks is not None:
             chosen, block_scores = sorted(cfg.blocks), None
+        elif not {"skip", "blockskip"} & set(cfg.rows):
+            chosen, block_scores = [], None  # no row trains a subset of blocks: nothing to select
         else:
             self.bar.set_postfix_str(f"{subject.name}: select blocks")
             t0 = time.perf_counter()
             chosen, block_scores = select_blocks(self.loaded, self.text, subject, cfg)
             self.selection_s += time.perf_counter() - t0
-        run.record.update(blocks=list(chosen), block_scores=block_scores)
+        run.record.update(blocks=list(chosen) or None, block_scores=block_scores)
         cond = self.text.encode(subject.training_prompts(cfg.captions))
         prior = self._prior(run) if cfg.prior else None
-        for variant in VARIANTS:
+        for variant in self.variants:
             self.bar.set_postfix_str(f"{subject.name}: train {variant}")
             mcfg = MethodConfig(variant, blocks=tuple(chosen), lora=self.lora, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed,
                                 crop_ids=cfg.crop_ids, prior_share=cfg.prior_share)
@@ -328,7 +337,7 @@ class Runner:
 
     def _rows(self) -> dict[str, dict]:
         rows = {}
-        for r in ROWS:
+        for r in self.cfg.rows:
             t = self.timing[r]
             row = {k: float(np.mean(v)) for k, v in self.values[r].items()}
             row.update({
@@ -345,7 +354,12 @@ class Runner:
 
 
 def targets(rows: dict) -> dict:
-    """Issue 3's targets: DiT-BlockSkip subject fidelity >= 0.95 x standard LoRA's, prompt fidelity >= its - 0.02."""
+    """Issue 3's targets: DiT-BlockSkip subject fidelity >= 0.95 x standard LoRA's, prompt fidelity >= its - 0.02.
+    Without the base, standard_lora and blockskip rows every value is None and "missing" names the rows."""
+    missing = [r for r in ("base", "standard_lora", "blockskip") if r not in rows]
+    if missing:
+        return {"subject_fidelity_ratio": None, "prompt_fidelity_diff": None, "subject_fidelity_over_base": None,
+                "met": None, "missing": missing}
     s, b, base = rows["standard_lora"], rows["blockskip"], rows["base"]
     ratio = b["subject_fidelity"] / s["subject_fidelity"] if s["subject_fidelity"] > 0 else None
     diff = b["prompt_fidelity"] - s["prompt_fidelity"]
@@ -410,14 +424,16 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     t, ref = results["targets"], results["reference_check"]
     ratio = "n/a" if t["subject_fidelity_ratio"] is None else f"{t['subject_fidelity_ratio']:.3f}"
-    blocks = "; ".join(f"{n} {v['blocks']}" for n, v in results["per_subject"].items())
+    blocks = "; ".join(f"{n} {v['blocks'] or 'none (no skip row run)'}" for n, v in results["per_subject"].items())
+    if t["met"] is None:
+        target_line = f"Targets (issue 3): not measured (rows not run: {', '.join(t['missing'])})."
+    else:
+        target_line = (f"Targets (issue 3): blockskip / standard_lora subject fidelity = {ratio} (>= 0.95), "
+                       f"prompt fidelity difference = {t['prompt_fidelity_diff']:+.3f} (>= -0.02): "
+                       f"{'met' if t['met'] else 'not met'}.")
     lines += [
         "",
-        (
-            f"Targets (issue 3): blockskip / standard_lora subject fidelity = {ratio} (>= 0.95), "
-            f"prompt fidelity difference = {t['prompt_fidelity_diff']:+.3f} (>= -0.02): "
-            f"{'met' if t['met'] else 'not met'}."
-        ),
+        target_line,
         "",
         (
             f"Metric check on the references: same subject {ref['same_subject']:.3f}, other subjects "
@@ -437,14 +453,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def save_grid(subjects: list[Subject], prompts: dict, generations: dict, path: str, scale: int = 2) -> None:
-    """Per subject: its references, then each row's generations, labelled."""
+def save_grid(subjects: list[Subject], prompts: dict, generations: dict, path: str, rows: tuple[str, ...] = ROWS,
+              scale: int = 2) -> None:
+    """Per subject: its references, then each row's generations (rows: those run), labelled."""
     from PIL import Image, ImageDraw, ImageFont
 
     tile = 64 * scale
     pad, label_w, head_h = 4, 120, 18
     cols = max(max(len(s.images) for s in subjects), max(len(v) for v in prompts.values()))
-    band_h = head_h + (1 + len(ROWS)) * (tile + pad) + head_h
+    band_h = head_h + (1 + len(rows)) * (tile + pad) + head_h
     W = label_w + cols * (tile + pad)
     grid = Image.new("RGB", (W, band_h * len(subjects)), "white")
     d = ImageDraw.Draw(grid)
@@ -467,7 +484,7 @@ def save_grid(subjects: list[Subject], prompts: dict, generations: dict, path: s
         for k, p in enumerate(prompts[s.name]):
             d.text((label_w + k * (tile + pad), y + 2), f"{p.background}, {p.position}", fill="black")
         y += head_h
-        for row in ROWS:
+        for row in rows:
             d.text((4, y + tile // 2), row, fill="black")
             for k, img in enumerate(generations[s.name].get(row, [])):
                 put(img, label_w + k * (tile + pad), y)
