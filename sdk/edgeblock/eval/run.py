@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..method.train import CROP_IDS, VARIANTS, MethodConfig, Prior, Trainer
+from ..method.train import CROP_IDS, SKIP_VARIANTS, VARIANTS, MethodConfig, Prior, Trainer
 from . import metrics
 from .subjects import CAPTION_MODES, SUBJECT_SETS, Subject, load_subjects, subject_set_dir
 
@@ -251,7 +251,7 @@ class Runner:
             self._generate("base", run)
         if cfg.blocks is not None:
             chosen, block_scores = sorted(cfg.blocks), None
-        elif not {"skip", "blockskip"} & set(cfg.rows):
+        elif not set(SKIP_VARIANTS) & set(cfg.rows):
             chosen, block_scores = [], None  # no row trains a subset of blocks: nothing to select
         else:
             self.bar.set_postfix_str(f"{subject.name}: select blocks")

@@ -21,6 +21,7 @@ from .blockskip import BlockSkipModel, Precomputed, SkipPlan, precompute
 from .lora import LoRASpec
 
 VARIANTS = ("standard_lora", "patch", "skip", "blockskip")
+SKIP_VARIANTS = ("skip", "blockskip")  # the variants that train a subset of blocks, the rest skipped
 
 
 @dataclass
@@ -112,7 +113,7 @@ class MethodConfig:
 
     @property
     def uses_skip(self) -> bool:
-        return self.variant in ("skip", "blockskip")
+        return self.variant in SKIP_VARIANTS
 
 
 def middle_blocks(num_blocks: int, k: int = 2) -> tuple[int, ...]:
