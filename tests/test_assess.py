@@ -68,7 +68,7 @@ def test_assess_command_on_world_renders(capsys):
 @pytest.mark.skipif(not builtin_present(), reason="the built-in model's weights are not in this checkout")
 def test_the_shipped_model_draws_the_asked_background_colour_and_position():
     """What the model card states (1.00 each, measured when the model was trained): checked with a margin of
-    4 images in 42 for platform rounding. Shapes are not claimed (the card says they are blobs)."""
+    4 images in 42 for platform rounding; shapes 0.81 on the card (v10), checked at >= 0.71 with the same margin."""
     from edgeblock.builtin.pipeline import MODEL_DIR, load_builtin
     from edgeblock.generate import model_meta
 
@@ -77,3 +77,4 @@ def test_the_shipped_model_draws_the_asked_background_colour_and_position():
     assert images.shape == (42, 64, 64, 3)
     for key in ("background_acc", "colour_acc", "position_acc", "subject_found"):
         assert res[key] >= 0.9, (key, res[key])
+    assert res["shape_acc"] >= 0.81 - 4 / 42, res["shape_acc"]
