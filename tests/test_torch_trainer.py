@@ -356,8 +356,27 @@ def test_run_job_torch_backend_matches_ort(builtin_bundle, tmp_path):
     assert set(wo) == set(wt)
     w_rel = max(_rel(wt[n], wo[n]) for n in wo)
     loss_rel = max(abs(a - c) / abs(a) for a, c in zip(res["ort"].losses, res["torch"].losses))
-    print(f"run_job builtin 6 steps: weights rel {w_rel:.1e}, losses rel {loss_rel:.1e}")
-    assert w_rel <= 1e-3 and loss_rel <= 1e-3 and len(res["torch"].losses) == 6
+    # The two adapters must do the same thing to the model: their effect on its prediction (adapted minus
+    # base, three noise levels) agrees to 1e-3 of that effect. Raw LoRA weights are not the measure here:
+    # the built-in model has near-dead GELU units, whose lora_B gradients (~1e-9, ~1e-6 of the tensor's
+    # largest) sit at AdamW's eps and come out of the two backends' fp32 tanh-GELU backward a few percent
+    # apart; AdamW scales those differences by lr/eps (2e5), so such elements end ~1e-5 apart (weights rel
+    # ~4e-3 on the shipped v10 model) while the unit they feed stays off and the prediction cannot see it.
+    # Per-step weight agreement on every tensor is test_torch_trainer_matches_ort's job.
+    s = int(b.manifest.gen_res) // b.downsample
+    text = b.encode_prompts([opts.training_prompts(1)[0]])
+    rng = np.random.default_rng(0)
+    effect_rel = 0.0
+    for t in (0.1, 0.5, 0.9):
+        feeds = {"latents": rng.standard_normal((1, b.latent_channels, s, s)).astype(np.float32),
+                 "timestep": np.array([t], np.float32), **text}
+        base, po, pt = (b.predict(feeds, w) for w in (None, wo, wt))
+        effect = float(np.abs(po - base).max())
+        assert effect > 1e-3  # six steps at 2e-3 do change the prediction
+        effect_rel = max(effect_rel, float(np.abs(pt - po).max()) / effect)
+    print(f"run_job builtin 6 steps: adapter effect rel {effect_rel:.1e}, losses rel {loss_rel:.1e}, "
+          f"raw weights rel {w_rel:.1e}")
+    assert effect_rel <= 1e-3 and loss_rel <= 1e-3 and len(res["torch"].losses) == 6
     assert os.path.exists(tmp_path / "torch" / "checkpoint")  # written at step 4 by the torch backend
     # resuming the torch job from its step-4 checkpoint ends where the uninterrupted job did
     again = run_job(b, opts, images, str(tmp_path / "torch"), trainer_backend="torch", start_step=4)
