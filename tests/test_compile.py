@@ -104,11 +104,13 @@ def test_flux_bundle_verify_reuse_and_rebuild(pipes, tmp_path, capsys):
     with pytest.raises(ManifestError, match="corrupt"):
         load_manifest(out)
     msgs = []
-    r2 = bd.compile_bundle(bd.CompileOptions(pipes["flux"], out, blocks=(1,), gen_res=64, train_res=32, lora_rank=2,
+    r2 = bd.compile_bundle(bd.CompileOptions(pipes["flux"], out, blocks=(1,), gen_res=64, train_res=48, lora_rank=2,
                                              target="orin-nx-16gb", precision="fp16", verify=False), progress=msgs.append)
     assert not r2.up_to_date and any("broken bundle" in s for s in msgs)
     m2 = load_manifest(out)
     assert m2.target == "orin-nx-16gb" and m2.model["verification"]["run"] is False
+    # the smallest crop at the image's own scale: f_min = R / S
+    assert m2.train_res == 48 and m2.patch_schedule["f_min"] == 0.75 and m2.patch_schedule["train_res"] == 48
     assert _plan(out)["precision"] == "fp16"
     assert not _leftovers(tmp_path, "bundle")
 

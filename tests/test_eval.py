@@ -324,6 +324,36 @@ def test_eval_runs_only_the_rows_asked_for(tmp_path, eval_model, monkeypatch):
     assert "none (no skip row run)" in (tmp_path / "e2" / "results.md").read_text()
 
 
+def test_eval_patch_rows_take_the_training_resolution_and_schedule_asked_for(tmp_path, eval_model, monkeypatch):
+    from edge_runtime import patch_sampling as ps
+    from edgeblock.eval import run as run_mod
+
+    boxes, crops = [], []  # the crops the patch rows drew, and the arrays they trained on
+    sample = ps.PatchSampler.sample
+
+    def spy(self, rng, image, t):
+        img, box = sample(self, rng, image, t)
+        boxes.append((box.size, image.shape[0], float(t)))
+        crops.append(img.shape)
+        return img, box
+
+    monkeypatch.setattr(ps.PatchSampler, "sample", spy)
+    res = run_mod.run_eval(str(tmp_path / "e"), model=eval_model, quick=True, progress=False, rows=("patch",),
+                           train_res=48, steps=6)
+    full = boxes[0][1]
+    assert res["config"]["patch_train_res"] == 48 and res["config"]["patch_schedule"]["f_min"] == 48 / full
+    assert crops and all(c[:2] == (48, 48) for c in crops)
+    # f(t) = f_min + (1 - f_min) t with f_min = R / S: no crop smaller than R, the whole image at t = 1
+    assert all(size == round((48 / full + (1 - 48 / full) * t) * full) for size, _, t in boxes)
+    assert all(size >= 48 for size, _, _ in boxes)
+    assert "patch rows: 48 px crops, f_min 0.75" in (tmp_path / "e" / "results.md").read_text()
+    boxes.clear()
+    res = run_mod.run_eval(str(tmp_path / "e2"), model=eval_model, quick=True, progress=False, rows=("patch",),
+                           steps=6, patch_min=0.25)
+    assert res["config"]["patch_train_res"] == full // 2 and res["config"]["patch_schedule"]["f_min"] == 0.25
+    assert all(size == round((0.25 + 0.75 * t) * full) for size, _, t in boxes)
+
+
 def test_eval_refuses_models_it_cannot_generate_with(tmp_path, capsys):
     from edgeblock.cli import main
 
@@ -349,7 +379,11 @@ def test_eval_refuses_blocks_the_model_does_not_have(tmp_path, eval_model, capsy
                                  ("--rank", "0", "lora_rank must be >= 1"), ("--samples", "0", "samples must be >= 1"),
                                  ("--prior", "-1", "prior must be >= 0"), ("--prior-share", "1", "prior_share must be in"),
                                  ("--rows", "skip,lora", "rows must be a non-empty subset of base, standard_lora"),
-                                 ("--rows", ",", "got none")):
+                                 ("--rows", ",", "got none"), ("--train-res", "0", "train_res must be >= 1"),
+                                 ("--train-res", "46", "--train-res 46: needs a multiple of the packing factor"),
+                                 ("--train-res", "128", "in 1..64 (the generation side)"),
+                                 ("--patch-min", "0", "patch_min must be in (0, 1]"),
+                                 ("--patch-min", "1.5", "patch_min must be in (0, 1]")):
         rc = main(["eval", "--out", str(tmp_path / "o"), "--model", eval_model, "--quick", "--quiet", flag, value])
         assert rc == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "o" / "results.json").exists()

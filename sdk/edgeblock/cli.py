@@ -143,7 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
                        crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
-                       prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows)
+                       prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows,
+                       train_res=args.train_res, patch_min=args.patch_min)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -490,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--crop-ids", choices=("grid", "image"), default=None,
                    help="position ids of the patch rows' crops: the coordinates of the place in the image they "
                         "were cut from (image, default; what the daemon does) or their own token grid (grid)")
+    e.add_argument("--train-res", type=int, default=None, metavar="PX",
+                   help="training crop side of the patch rows in pixels (default: half the generation side)")
+    e.add_argument("--patch-min", type=float, default=None, metavar="F",
+                   help="the smallest crop (noise level 0) as a fraction of the image side, in (0, 1] (default: "
+                        "--train-res / the generation side: the smallest crop at the image's own scale)")
     e.add_argument("--samples", type=int, default=None,
                    help="images generated per prompt, each from its own noise (default 1)")
     e.add_argument("--prior", type=int, default=None, metavar="N",

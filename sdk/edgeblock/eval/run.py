@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from edge_runtime.patch_sampling import PatchSchedule
+
 from ..method.train import CROP_IDS, SKIP_VARIANTS, VARIANTS, MethodConfig, Prior, Trainer
 from . import metrics
 from .subjects import CAPTION_MODES, SUBJECT_SETS, Subject, load_subjects, subject_set_dir
@@ -43,6 +45,11 @@ class EvalConfig:
     lora_alpha: float = 8.0
     captions: str = "per-image"  # training prompts: each reference's caption, or "a sks <noun>" for all ("token")
     crop_ids: str = "image"  # patch rows: a crop's position ids, the image's (as FLUX bundles on the daemon) or its own grid
+    # patch rows: the training crop side R in pixels (None: half the generation side, the paper's default) and the
+    # smallest crop's side as a fraction of the image, f_min (None: R / side, so the smallest crop, at t = 0, is
+    # taken at the image's own scale: R = side / 2 gives the paper's f_min = 0.5)
+    train_res: int | None = None
+    patch_min: float | None = None
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
     top_k: int = 2  # blocks selection picks
     contiguous: bool = False  # selection picks the best window of top_k consecutive blocks instead
@@ -75,6 +82,10 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prior < 0:
             raise ValueError(f"prior must be >= 0, got {self.prior}")
+        if self.train_res is not None and self.train_res < 1:
+            raise ValueError(f"train_res must be >= 1, got {self.train_res}")
+        if self.patch_min is not None and not 0.0 < self.patch_min <= 1.0:
+            raise ValueError(f"patch_min must be in (0, 1], got {self.patch_min}")
         if not 0.0 < self.prior_share < 1.0:
             raise ValueError(f"prior_share must be in (0, 1), got {self.prior_share}")
         if self.subject_set not in SUBJECT_SETS:
@@ -166,6 +177,17 @@ def run_eval(
     return Runner(cfg, progress).run(out_dir)
 
 
+def patch_setting(cfg: EvalConfig, side: int, pack: int) -> tuple[int, PatchSchedule]:
+    """The patch rows' training crop side R (pixels) and crop schedule for images of `side` pixels packed
+    pack x pack: R defaults to side / 2, f_min to R / side (the smallest crop at the image's own scale)."""
+    res = cfg.train_res if cfg.train_res is not None else side // 2
+    if not 0 < res <= side or res % pack:
+        raise ValueError(f"--train-res {res}: needs a multiple of the packing factor {pack} in 1..{side} "
+                         f"(the generation side)")
+    f_min = cfg.patch_min if cfg.patch_min is not None else res / side
+    return res, PatchSchedule(f_min=f_min)
+
+
 @dataclass
 class _SubjectRun:
     """What one subject's generations need: the prompt of each image (Runner.image_prompts: one generation
@@ -205,6 +227,7 @@ class Runner:
         self.text = BuiltinTextStack(self.meta["text_len"])
         self.transformer = load_transformer(self.path)
         self.lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha)
+        self.train_res, self.schedule = patch_setting(cfg, self.meta["size"], self.meta["patch"])
         self.variants = [v for v in VARIANTS if v in cfg.rows]  # the fine-tuned rows run
         self.values: dict[str, dict[str, list[float]]] = {r: {} for r in ROWS}  # row -> metric -> per image
         self.timing = {r: {"train_s": 0.0, "gen_s": 0.0, "step_times": [], "first_losses": [], "final_losses": []}
@@ -230,6 +253,7 @@ class Runner:
             "config": {**asdict(cfg), "model_dir": self.path, "images": sum(len(v) for v in self.image_prompts.values()),
                        "training_prompts": {s.name: s.training_prompts(cfg.captions) for s in self.subjects},
                        "generation_seed": "seed + subject index",
+                       "patch_train_res": self.train_res, "patch_schedule": self.schedule.to_dict(),
                        "tracked_steps": TRACKED_STEPS},
             "selection_s": self.selection_s,
         }
@@ -264,7 +288,8 @@ class Runner:
         for variant in self.variants:
             self.bar.set_postfix_str(f"{subject.name}: train {variant}")
             mcfg = MethodConfig(variant, blocks=tuple(chosen), lora=self.lora, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed,
-                                crop_ids=cfg.crop_ids, prior_share=cfg.prior_share)
+                                crop_ids=cfg.crop_ids, prior_share=cfg.prior_share, train_res=self.train_res,
+                                schedule=self.schedule)
             trainer = self._train(variant, mcfg, cond, subject.model_images(), prior, track=si == 0)
             trained = {int(i): b.eval() for i, b in trainer.net.blocks.items()}
             with swapped_blocks(self.transformer, self.loaded.adapter.block_names, trained):
@@ -403,6 +428,12 @@ def _set_text(cfg: dict) -> str:
     return f"{names} (the benchmark's)" if name == "benchmark" else f"{names} (validation set, held out)"
 
 
+def _patch_text(cfg: dict) -> str:
+    if "patch_train_res" not in cfg:
+        return ""
+    return f"patch rows: {cfg['patch_train_res']} px crops, f_min {cfg['patch_schedule']['f_min']:g}; "
+
+
 def markdown(results: dict) -> str:
     rows, cfg = results["rows"], results["config"]
     cols = [c for c in _COLUMNS if any(c[0] in r for r in rows.values())]
@@ -412,7 +443,7 @@ def markdown(results: dict) -> str:
         (
             f"Model `{cfg['model']}`; subjects: {_set_text(cfg)}; {cfg['images']} images per row ({cfg['samples']} per prompt); {cfg['steps']} training steps per subject and "
             f"variant at batch {cfg['batch']}, lr {cfg['lr']}, LoRA rank {cfg['lora_rank']} alpha "
-            f"{cfg['lora_alpha']}; " + _prior_text(cfg) + f"generation {cfg['gen_steps']} steps, guidance "
+            f"{cfg['lora_alpha']}; " + _patch_text(cfg) + _prior_text(cfg) + f"generation {cfg['gen_steps']} steps, guidance "
             f"{cfg['guidance']}, seed {cfg['seed']}."
         ),
         "",
