@@ -247,7 +247,7 @@ def test_quick_eval_writes_the_table_and_grid(tmp_path, eval_model, dino_dir, cl
     assert set(res["targets"]) >= {"subject_fidelity_ratio", "prompt_fidelity_diff", "met"}
     assert res["reference_check"]["same_subject"] > res["reference_check"]["cross_subject"]
     ((name, subj),) = res["per_subject"].items()
-    assert len(subj["prompts"]) == 2 and len(subj["blocks"]) == 2 and len(subj["block_scores"]) > 2
+    assert len(subj["prompts"]) == 2 and len(subj["blocks"]) == 5 and len(subj["block_scores"]) > 2
     caps = res["config"]["training_prompts"][name]  # per-image captions by default
     assert len(caps) == 5 and all(c.startswith("a ") and " sks star on a " in c for c in caps)
     # prior preservation (--prior 5): five class prompts of the subject's noun, without the token
@@ -312,7 +312,7 @@ def test_eval_runs_only_the_rows_asked_for(tmp_path, eval_model, monkeypatch):
     assert list(res["rows"]) == ["skip", "blockskip"] and res["config"]["rows"] == ["skip", "blockskip"]
     assert res["targets"]["met"] is None and res["targets"]["missing"] == ["base", "standard_lora"]
     ((_, subj),) = res["per_subject"].items()
-    assert set(subj["rows"]) == {"skip", "blockskip"} and len(subj["blocks"]) == 2  # selection ran for the skip rows
+    assert set(subj["rows"]) == {"skip", "blockskip"} and len(subj["blocks"]) == 5  # selection ran for the skip rows (top 5)
     md = (out / "results.md").read_text()
     assert "| skip |" in md and "| standard_lora |" not in md and "not measured (rows not run: base, standard_lora)" in md
     with Image.open(out / "grid.png") as g:
@@ -339,18 +339,18 @@ def test_eval_patch_rows_take_the_training_resolution_and_schedule_asked_for(tmp
 
     monkeypatch.setattr(ps.PatchSampler, "sample", spy)
     res = run_mod.run_eval(str(tmp_path / "e"), model=eval_model, quick=True, progress=False, rows=("patch",),
-                           train_res=48, steps=6)
+                           train_res=32, steps=6)
     full = boxes[0][1]
-    assert res["config"]["patch_train_res"] == 48 and res["config"]["patch_schedule"]["f_min"] == 48 / full
-    assert crops and all(c[:2] == (48, 48) for c in crops)
+    assert res["config"]["patch_train_res"] == 32 and res["config"]["patch_schedule"]["f_min"] == 32 / full
+    assert crops and all(c[:2] == (32, 32) for c in crops)
     # f(t) = f_min + (1 - f_min) t with f_min = R / S: no crop smaller than R, the whole image at t = 1
-    assert all(size == round((48 / full + (1 - 48 / full) * t) * full) for size, _, t in boxes)
-    assert all(size >= 48 for size, _, _ in boxes)
-    assert "patch rows: 48 px crops, f_min 0.75" in (tmp_path / "e" / "results.md").read_text()
+    assert all(size == round((32 / full + (1 - 32 / full) * t) * full) for size, _, t in boxes)
+    assert all(size >= 32 for size, _, _ in boxes)
+    assert "patch rows: 32 px crops, f_min 0.5" in (tmp_path / "e" / "results.md").read_text()
     boxes.clear()
     res = run_mod.run_eval(str(tmp_path / "e2"), model=eval_model, quick=True, progress=False, rows=("patch",),
                            steps=6, patch_min=0.25)
-    assert res["config"]["patch_train_res"] == full // 2 and res["config"]["patch_schedule"]["f_min"] == 0.25
+    assert res["config"]["patch_train_res"] == 3 * full // 4 and res["config"]["patch_schedule"]["f_min"] == 0.25
     assert all(size == round((0.25 + 0.75 * t) * full) for size, _, t in boxes)
 
 
@@ -446,7 +446,7 @@ def test_contiguous_selection_picks_the_best_window(eval_model, subjects):
 
     path = pixel_model_dir(eval_model)
     loaded, text = load_model(path), BuiltinTextStack(model_meta(path)["text_len"])
-    cfg = EvalConfig.make(eval_model, quick=True)
+    cfg = EvalConfig.make(eval_model, quick=True, top_k=2)  # windows of two of the six blocks
     top, scores = select_blocks(loaded, text, subjects[0], cfg)
     win, again = select_blocks(loaded, text, subjects[0], dataclasses.replace(cfg, contiguous=True))
     assert again == scores and len(scores) == loaded.adapter.num_blocks

@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="one subject, two prompts, a few steps (smoke test)")
     e.add_argument("--steps", type=int, default=None, help="training steps per subject and variant (default 300)")
     e.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks of the skip rows (default: selection)")
-    e.add_argument("--top-k", type=int, default=None, help="blocks selection picks for the skip rows (default 2)")
+    e.add_argument("--top-k", type=int, default=None, help="blocks selection picks for the skip rows (default 5)")
     e.add_argument("--contiguous", action="store_true",
                    help="selection picks the best window of --top-k consecutive blocks (default: the top-k blocks)")
     e.add_argument("--lr", type=float, default=None, help="learning rate of every fine-tuned row (default 0.003)")
@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="position ids of the patch rows' crops: the coordinates of the place in the image they "
                         "were cut from (image, default; what the daemon does) or their own token grid (grid)")
     e.add_argument("--train-res", type=int, default=None, metavar="PX",
-                   help="training crop side of the patch rows in pixels (default: half the generation side)")
+                   help="training crop side of the patch rows in pixels (default: 3/4 of the generation side, 48 on builtin)")
     e.add_argument("--patch-min", type=float, default=None, metavar="F",
                    help="the smallest crop (noise level 0) as a fraction of the image side, in (0, 1] (default: "
                         "--train-res / the generation side: the smallest crop at the image's own scale)")

@@ -45,13 +45,16 @@ class EvalConfig:
     lora_alpha: float = 8.0
     captions: str = "per-image"  # training prompts: each reference's caption, or "a sks <noun>" for all ("token")
     crop_ids: str = "image"  # patch rows: a crop's position ids, the image's (as FLUX bundles on the daemon) or its own grid
-    # patch rows: the training crop side R in pixels (None: half the generation side, the paper's default) and the
-    # smallest crop's side as a fraction of the image, f_min (None: R / side, so the smallest crop, at t = 0, is
-    # taken at the image's own scale: R = side / 2 gives the paper's f_min = 0.5)
+    # patch rows: the training crop side R in pixels (None: 3/4 of the generation side, 48 px on the 64 px built-in
+    # model; the paper's R = S/2 leaves 16 x 16 tokens, too few for the designs' details: 0.53 x standard LoRA against
+    # 0.99 x, docs/eval-results-2026-12-03.md) and the smallest crop's side as a fraction of the image, f_min (None:
+    # R / side, so the smallest crop, at t = 0, is taken at the image's own scale; the paper's 0.5 at R = S/2)
     train_res: int | None = None
     patch_min: float | None = None
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
-    top_k: int = 2  # blocks selection picks
+    # blocks selection picks: on the built-in model's six, every block but the least useful one (two of six: 0.53 x
+    # standard LoRA, four: 0.91 x, five: 0.99 x over two seeds, docs/eval-results-2026-12-03.md)
+    top_k: int = 5
     contiguous: bool = False  # selection picks the best window of top_k consecutive blocks instead
     selection_noise_levels: tuple[float, ...] = (0.25, 0.5, 0.75)
     seed: int = 0
@@ -179,8 +182,9 @@ def run_eval(
 
 def patch_setting(cfg: EvalConfig, side: int, pack: int) -> tuple[int, PatchSchedule]:
     """The patch rows' training crop side R (pixels) and crop schedule for images of `side` pixels packed
-    pack x pack: R defaults to side / 2, f_min to R / side (the smallest crop at the image's own scale)."""
-    res = cfg.train_res if cfg.train_res is not None else side // 2
+    pack x pack: R defaults to 3/4 of the side (a multiple of pack), f_min to R / side (the smallest crop at the
+    image's own scale)."""
+    res = cfg.train_res if cfg.train_res is not None else max(pack, side * 3 // 4 // pack * pack)
     if not 0 < res <= side or res % pack:
         raise ValueError(f"--train-res {res}: needs a multiple of the packing factor {pack} in 1..{side} "
                          f"(the generation side)")
