@@ -58,6 +58,12 @@ class PatchSchedule:
         k = np.minimum(np.floor(t * self.levels), self.levels - 1)
         return self.f_min + span * k / (self.levels - 1)
 
+    @classmethod
+    def native(cls, train_res: int, side: int) -> "PatchSchedule":
+        """The schedule whose smallest crop (t = 0) is taken at the image's own scale: f_min = R / S (the
+        paper's 0.5 at R = S / 2), so no crop is enlarged to the training resolution."""
+        return cls(f_min=train_res / side)
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "f_min": self.f_min, "f_max": self.f_max, "levels": self.levels}
 

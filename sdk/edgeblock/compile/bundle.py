@@ -486,8 +486,7 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
     manifest = Manifest(
         family=adapter.family, blocks=block_list, trainable=list(plan.trainable), train_res=train_res, gen_res=gen_res,
         scheduler=objective.to_dict(),
-        # the smallest crop (t = 0) at the image's own scale: f_min = R / S (the paper's 0.5 at the default R = S / 2)
-        patch_schedule={**asdict(PatchSchedule(f_min=train_res / gen_res)), "train_res": train_res, "gen_res": gen_res,
+        patch_schedule={**asdict(PatchSchedule.native(train_res, gen_res)), "train_res": train_res, "gen_res": gen_res,
                         "crop_ids": crop_ids_of(opts, adapter.family)},
         lora={**asdict(lora), "targets": list(lora.targets), "init": "B = 0 (the adapter starts at the base model)",
               "names": "diffusers/PEFT saved names (see graphs.*.lora)"},

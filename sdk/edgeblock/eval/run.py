@@ -185,11 +185,12 @@ def patch_setting(cfg: EvalConfig, side: int, pack: int) -> tuple[int, PatchSche
     pack x pack: R defaults to 3/4 of the side (a multiple of pack), f_min to R / side (the smallest crop at the
     image's own scale)."""
     res = cfg.train_res if cfg.train_res is not None else max(pack, side * 3 // 4 // pack * pack)
-    if not 0 < res <= side or res % pack:
+    if res > side or res % pack:  # res >= 1: EvalConfig checks a given one, the default is >= pack
         raise ValueError(f"--train-res {res}: needs a multiple of the packing factor {pack} in 1..{side} "
                          f"(the generation side)")
-    f_min = cfg.patch_min if cfg.patch_min is not None else res / side
-    return res, PatchSchedule(f_min=f_min)
+    if cfg.patch_min is not None:
+        return res, PatchSchedule(f_min=cfg.patch_min)
+    return res, PatchSchedule.native(res, side)
 
 
 @dataclass
@@ -433,8 +434,6 @@ def _set_text(cfg: dict) -> str:
 
 
 def _patch_text(cfg: dict) -> str:
-    if "patch_train_res" not in cfg:
-        return ""
     return f"patch rows: {cfg['patch_train_res']} px crops, f_min {cfg['patch_schedule']['f_min']:g}; "
 
 
