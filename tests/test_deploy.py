@@ -1,4 +1,4 @@
-"""`edgeblock deploy` (sdk/edgeblock/deploy.py) and the deploy/ folder (containers, systemd unit, scripts).
+"""`edgeblock deploy` (sdk/edgeblock/deploy/) and the deploy/ folder (containers, systemd unit, scripts).
 
 Real runs here: the local-directory target end to end (copy, skip, resume, re-copy, verify, engines
 skipped without TensorRT, restart command, health check against a real daemon started through
@@ -21,6 +21,7 @@ import time
 
 import pytest
 from edgeblock import deploy as dp
+from edgeblock.deploy import local_copy, scripts
 
 from edge_runtime.fileio import sha256_file
 from edge_runtime.manifest import Manifest, load_manifest, write_manifest
@@ -166,7 +167,7 @@ def test_interrupted_copy_resumes_from_the_part_file(bundle, tmp_path):
 
 
 def test_a_target_whose_storage_corrupts_files_is_reported_by_name(bundle, tmp_path, monkeypatch, capsys):
-    real = dp._copy_file_local
+    real = local_copy._copy_file_local
 
     def flaky(src, dst, want, bar):  # the copy "succeeds" but the file on the target ends up wrong
         kept = real(src, dst, want, bar)
@@ -175,7 +176,7 @@ def test_a_target_whose_storage_corrupts_files_is_reported_by_name(bundle, tmp_p
                 f.write(b"\0" * 16)
         return kept
 
-    monkeypatch.setattr(dp, "_copy_file_local", flaky)
+    monkeypatch.setattr(local_copy, "_copy_file_local", flaky)
     assert cli("--bundle", bundle, "--host", f"local:{tmp_path / 'device'}", "--quiet") == 1
     cap = capsys.readouterr()
     assert "1 file(s) do not match, copying them again: prologue.onnx (sha256" in cap.out
@@ -461,6 +462,40 @@ def test_restart_command_of_a_local_target_runs_and_its_failure_stops(bundle, tm
                f"{sys.executable} -c \"raise SystemExit(3)\"") == 1
     err = capsys.readouterr().err
     assert "edgeblock deploy: error: restart: " in err and "failed with exit 3" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the scripts run on the target (package files in edgeblock/deploy/remote/, sent to python on stdin)
+# ---------------------------------------------------------------------------------------------
+REMOTE_SCRIPTS = (scripts.VERIFY, scripts.ENGINES)
+
+
+def test_remote_scripts_are_package_files_that_compile():
+    for name in REMOTE_SCRIPTS:  # a SyntaxError here would otherwise show only on the target
+        compile(scripts.remote_script(name), name, "exec")
+    # the texts as sent: the verify script with its call and the expected sha256 appended
+    compile(scripts.verify_script({"a/b.onnx": "0" * 64, "it's.json": "1" * 64}), "verify (as sent)", "exec")
+    compile(scripts.engines_script(), "engines (as sent)", "exec")
+
+
+def test_verify_script_needs_only_the_standard_library():
+    """It runs on the target's system python3, where edgeblock and edge_runtime may not be installed."""
+    import ast
+
+    tree = ast.parse(scripts.remote_script(scripts.VERIFY))
+    top = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    top |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert top and top <= set(sys.stdlib_module_names), top - set(sys.stdlib_module_names)
+
+
+def test_remote_scripts_are_in_the_wheels_package_data():
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["edgeblock"]
+    for name in REMOTE_SCRIPTS:
+        assert any(fnmatch.fnmatch(f"deploy/remote/{name}", p) for p in patterns), (name, patterns)
 
 
 # ---------------------------------------------------------------------------------------------
