@@ -608,7 +608,7 @@ def _servicer_class():
             return pb.DeleteAdapterResponse(deleted=True)
 
         def ExportAdapter(self, request, context):
-            from . import safetensors_np
+            import safetensors.numpy
 
             aid = self._adapter_id(context, request.adapter_id)
             try:
@@ -617,10 +617,10 @@ def _servicer_class():
                 _abort(context, NotFoundError(str(e)))
             except StoreError as e:
                 _abort(context, RpcFailure(str(e)))
-            data = safetensors_np.dumps({f"transformer.{k}": v for k, v in weights.items()},
-                                        {"format": "pt", "edgeblock_adapter_id": aid,
-                                         "lora_rank": str(info.get("lora_rank", "")),
-                                         "lora_alpha": str(self.d.bundle.manifest.lora.get("alpha", ""))})
+            data = safetensors.numpy.save({f"transformer.{k}": v for k, v in weights.items()},
+                                          metadata={"format": "pt", "edgeblock_adapter_id": aid,
+                                                    "lora_rank": str(info.get("lora_rank", "")),
+                                                    "lora_alpha": str(self.d.bundle.manifest.lora.get("alpha", ""))})
             name = "".join(c if c.isalnum() or c in "-_" else "_" for c in info.get("name", "adapter"))[:60]
             return pb.ExportAdapterResponse(safetensors=data, filename=f"{name or 'adapter'}-{aid[:8]}.safetensors",
                                             adapter=adapter_msg(info))

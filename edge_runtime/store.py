@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
-from . import safetensors_np
 from .fileio import fsync_dir, atomic_json, atomic_write
 
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
@@ -92,8 +92,8 @@ class Store:
         adapter_id = adapter_id or new_id()
         d = self.adapter_dir(adapter_id)
         os.makedirs(d, exist_ok=True)
-        data = safetensors_np.dumps({k: np.asarray(v, np.float32) for k, v in weights.items()},
-                                    {"format": "edgeblock-lora", "adapter_id": adapter_id})
+        data = safetensors.numpy.save({k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()},
+                                      metadata={"format": "edgeblock-lora", "adapter_id": adapter_id})
         atomic_write(os.path.join(d, "adapter.safetensors"), data)
         info = {**meta, "id": adapter_id, "sha256": sha256_bytes(data), "size_bytes": len(data),
                 "created": meta.get("created", time.time())}
@@ -122,7 +122,10 @@ class Store:
             data = f.read()
         if sha256_bytes(data) != info["sha256"]:
             raise StoreError(f"adapter {adapter_id}: weights do not match their sha256 (corrupt file)")
-        return safetensors_np.loads(data)[0], info
+        try:
+            return safetensors.numpy.load(data), info
+        except Exception as e:  # safetensors raises its own error type for a corrupt file
+            raise StoreError(f"adapter {adapter_id}: adapter.safetensors is not readable ({e})") from e
 
     def delete_adapter(self, adapter_id: str) -> None:
         d = self.adapter_dir(adapter_id)
