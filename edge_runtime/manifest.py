@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .fileio import atomic_json, sha256_file  # noqa: F401 - sha256_file is part of this module's API
+from .recipe import Recipe
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,7 +50,20 @@ class Manifest:
     graphs: dict[str, Any] = field(default_factory=dict)  # name -> graph description (inputs, outputs ...)
     model: dict[str, Any] = field(default_factory=dict)  # source, parameter count, config
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    # the training settings the bundle was compiled for and the daemon personalizes with by default
+    # (edge_runtime.recipe.Recipe.to_dict(); bundles written before it carry none: see recipe_of)
+    recipe: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def training_recipe(self) -> Recipe:
+        """The bundle's recipe; for a bundle that records none, the settings it was compiled with and the
+        daemon's defaults of that time (lr 5e-4, 200 steps of one draw)."""
+        if self.recipe:
+            return Recipe.from_dict(self.recipe)
+        ps = self.patch_schedule
+        return Recipe("bundle", train_res_fraction=self.train_res / self.gen_res, f_min=ps.get("f_min"),
+                      crop_ids=ps.get("crop_ids", "grid"), trainable_blocks=len(self.trainable),
+                      lora_rank=int(self.lora.get("rank", 4)), lora_alpha=self.lora.get("alpha"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

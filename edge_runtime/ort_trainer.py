@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -138,6 +138,18 @@ class OrtTrainer:
         self._optimizer.optimizer_step()
         self._module.lazy_reset_grad()
         return loss
+
+    def step_draws(self, draws: Iterable[Mapping[str, Any]]) -> float:
+        """One AdamW update from the summed gradients of several draws, fed one at a time (the training
+        graph accumulates gradients until they are reset), so memory holds one draw's activations; the
+        mean loss before the update. AdamW is invariant to the gradient's scale up to eps, so the sum trains
+        as the batch mean does."""
+        losses = [self._run(feeds, True) for feeds in draws]
+        if not losses:
+            raise TrainingError("a training step needs at least one draw")
+        self._optimizer.optimizer_step()
+        self._module.lazy_reset_grad()
+        return float(np.mean(losses))
 
     def loss_and_grads(self, feeds: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
         """Forward + backward without an update: the loss and each trainable LoRA tensor's gradient."""

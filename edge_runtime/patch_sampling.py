@@ -14,11 +14,9 @@ import numpy as np
 from PIL import Image
 
 from .flow import image_ids
+from .recipe import CROP_IDS  # noqa: F401 - a training crop's position ids (FLUX): its own grid or the image's
 
 SCHEDULE_KINDS = ("linear", "cosine", "step")
-# position ids of a training crop's tokens (FLUX): its own token grid, or the image coordinates of the place
-# it was cut from (crop_position)
-CROP_IDS = ("grid", "image")
 
 
 @dataclass(frozen=True)
@@ -57,12 +55,6 @@ class PatchSchedule:
         # step: level k for t in [k/levels, (k+1)/levels), the last level includes t = 1
         k = np.minimum(np.floor(t * self.levels), self.levels - 1)
         return self.f_min + span * k / (self.levels - 1)
-
-    @classmethod
-    def native(cls, train_res: int, side: int) -> "PatchSchedule":
-        """The schedule whose smallest crop (t = 0) is taken at the image's own scale: f_min = R / S (the
-        paper's 0.5 at R = S / 2), so no crop is enlarged to the training resolution."""
-        return cls(f_min=train_res / side)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "f_min": self.f_min, "f_max": self.f_max, "levels": self.levels}

@@ -262,8 +262,12 @@ class JobOptions:
     # prior preservation: one caption per class image (none naming the token); empty: "a {class_noun}" each
     class_captions: list[str] = field(default_factory=list)
     prior_share: float = 0.5  # share of the draws taken from the class images, when the job has some
+    # draws per optimizer step (the bundle's recipe): their gradients are accumulated, one draw in memory at a time
+    batch: int = 1
 
     def __post_init__(self) -> None:
+        if int(self.batch) < 1:
+            raise PersonalizeError(f"batch must be >= 1, got {self.batch}")
         if self.precompute not in PRECOMPUTE_MODES:
             raise PersonalizeError(f"precompute must be one of {PRECOMPUTE_MODES}, got {self.precompute!r}")
         if not self.prompt:
@@ -375,14 +379,14 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     from .ort_trainer import load_spec
 
     frozen = FrozenPass(bundle, list(load_spec(os.path.join(bundle.root, "trainable"))["inputs"]))
-    n = opts.steps
+    n, batch = opts.steps, int(opts.batch)
     result = JobResult(weights={})
     pre_s = 0.0
     if opts.precompute == "bank":
         # the bank runs before the trainer exists: the job's peak is the larger of the two, not their sum
         t0 = time.perf_counter()
         bank = os.path.join(work_dir, "bank")
-        _bank(bundle, plan, frozen, text, range(start_step, n), bank, progress)
+        _bank(bundle, plan, frozen, text, range(start_step * batch, n * batch), bank, progress)
         pre_s = time.perf_counter() - t0
     from .memstat import trim_heap
 
@@ -398,15 +402,22 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
                 if on_checkpoint:
                     on_checkpoint(i)
             raise Cancelled(f"stopped before step {i + 1}")
-        t0 = time.perf_counter()
-        if opts.precompute == "bank":
-            feeds = _npz_load(os.path.join(work_dir, "bank", f"{i:06d}.feeds.npz"))
-        else:
-            feeds = _online_feeds(plan, frozen, text, i)
+        # step i trains on draws i * batch .. (i + 1) * batch - 1, each loaded (or precomputed) when its turn comes
+        def draws(i=i):
+            for j in range(i * batch, (i + 1) * batch):
+                t0 = time.perf_counter()
+                if opts.precompute == "bank":
+                    feeds = _npz_load(os.path.join(work_dir, "bank", f"{j:06d}.feeds.npz"))
+                else:
+                    feeds = _online_feeds(plan, frozen, text, j)
+                timing["pre"] += time.perf_counter() - t0
+                yield feeds
+
+        timing = {"pre": 0.0}
         t1 = time.perf_counter()
-        pre_s += t1 - t0
-        loss = trainer.step(feeds)
-        step_s += time.perf_counter() - t1
+        loss = trainer.step_draws(draws())
+        pre_s += timing["pre"]
+        step_s += time.perf_counter() - t1 - timing["pre"]
         result.losses.append(loss)
         progress.event("step", step=i + 1, total=n, loss=loss)
         if opts.checkpoint_every and (i + 1) % opts.checkpoint_every == 0 and i + 1 < n:

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent import futures
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .isolation import block_host_frameworks
@@ -58,8 +58,8 @@ class Limits:
 
 @dataclass
 class Defaults:
-    steps: int = 200
-    learning_rate: float = 5e-4
+    steps: int | None = None  # None: the bundle's recipe (manifest.json, edge_runtime.recipe)
+    learning_rate: float | None = None  # None: the bundle's recipe
     checkpoint_every: int = 25
     generate_steps: int = 30
     guidance: float = 3.0
@@ -179,8 +179,12 @@ class Daemon:
         from .store import Store
 
         self.cfg = cfg
-        self.limits, self.defaults = cfg.limits, cfg.defaults
         self.bundle = Bundle(cfg.bundle, threads=cfg.threads)
+        # personalization defaults: what the bundle was compiled for (its recipe), unless configured
+        self.recipe = self.bundle.manifest.training_recipe()
+        self.limits = cfg.limits
+        self.defaults = replace(cfg.defaults, steps=cfg.defaults.steps or self.recipe.steps,
+                                learning_rate=cfg.defaults.learning_rate or self.recipe.learning_rate)
         self._state_lock = lock_state_dir(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.trainer = self._pick_trainer(cfg.trainer)
@@ -299,7 +303,7 @@ class Daemon:
         share = float(request.prior_share) or 0.5
         try:
             opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode, captions=captions,
-                              class_captions=class_captions, prior_share=share)
+                              class_captions=class_captions, prior_share=share, batch=self.recipe.batch)
             opts.training_prompts(len(request.images))  # one caption per image, or none
             if class_pngs:
                 opts.class_prompts(len(class_pngs))  # one class caption per class image, or none

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,25 @@ class TorchTrainer:
             self._optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return loss
+
+    def step_draws(self, draws: Iterable[Mapping[str, Any]]) -> float:
+        """One AdamW update from the summed gradients of several draws, fed one at a time (as OrtTrainer's:
+        autograd accumulates into .grad until it is zeroed); the mean loss before the update."""
+        torch = load_torch()
+        losses = []
+        with self._threads():
+            self._optimizer.zero_grad(set_to_none=True)
+            for feeds in draws:
+                with torch.enable_grad():
+                    loss = self._loss(feeds)
+                    loss.backward()
+                losses.append(float(loss.detach().cpu()))
+            if not losses:
+                raise TrainingError("a training step needs at least one draw")
+            self._optimizer.step()
+            self._optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return float(np.mean(losses))
 
     def loss_and_grads(self, feeds: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
         """Forward + backward without an update: the loss and each trainable LoRA tensor's gradient."""

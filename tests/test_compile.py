@@ -184,6 +184,39 @@ def test_failure_midway_leaves_no_partial_bundle(pipes, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_compile_writes_the_models_recipe(tmp_path, monkeypatch):
+    """With no settings given, compile takes the model's recipe (edge_runtime.recipe) and writes it into the
+    manifest: a model naming the built-in recipe in its edgeblock.json gets 3/4-side crops, rank 8 and as many
+    trainable blocks as the recipe selects; a model naming none gets the paper's R = S / 2."""
+    import json
+
+    import edgeblock.models.pipeline_parts as parts
+    from edgeblock import models
+    from edge_runtime.recipe import BUILTIN, PAPER
+    from pixel_models import tiny_pixel_model
+
+    root = tiny_pixel_model(tmp_path / "builtin")
+    meta = json.load(open(f"{root}/edgeblock.json"))
+    json.dump({**meta, "recipe": "builtin"}, open(f"{root}/edgeblock.json", "w"))
+    monkeypatch.setattr(models, "builtin_dir", lambda: root)
+    monkeypatch.setattr(parts, "builtin_dir", lambda: root)
+    m = bd.compile_bundle(bd.CompileOptions("builtin", str(tmp_path / "b"), verify=False), progress=None).manifest
+    assert (m.train_res, m.gen_res) == (48, 64) and m.patch_schedule["f_min"] == 0.75
+    assert len(m.trainable) == min(BUILTIN.trainable_blocks, len(m.blocks)) == 3  # 1 double + 2 single blocks
+    assert m.lora["rank"] == 8 and m.lora["alpha"] == 8.0
+    r = m.training_recipe()
+    assert (r.name, r.learning_rate, r.steps, r.batch, r.crop_ids) == ("builtin", 3e-3, 300, 4, "image")
+    # an override is recorded as such; alpha keeps the recipe's alpha / rank
+    m = bd.compile_bundle(bd.CompileOptions("builtin", str(tmp_path / "c"), blocks=(1,), lora_rank=2, train_res=32,
+                                            verify=False), progress=None).manifest
+    assert m.lora["rank"] == 2 and m.lora["alpha"] == 2.0 and m.training_recipe().train_res_fraction == 0.5
+    assert m.training_recipe().trainable_blocks == 1 and m.training_recipe().learning_rate == 3e-3
+    json.dump(meta, open(f"{root}/edgeblock.json", "w"))  # no recipe named: the paper's
+    m = bd.compile_bundle(bd.CompileOptions("builtin", str(tmp_path / "d"), blocks=(1,), verify=False),
+                          progress=None).manifest
+    assert m.train_res == 32 and m.lora["rank"] == PAPER.lora_rank and m.training_recipe().name == "paper"
+
+
 def test_builtin_layout_exports_text_encoder(tmp_path, monkeypatch, capsys):
     """`builtin` (here a tiny pixel-space model laid out like it): MiniLM text_encoder.onnx + tokenizer.json."""
     import edgeblock.models.pipeline_parts as parts
@@ -225,6 +258,10 @@ def test_real_builtin_model_compiles_and_verifies(builtin_bundle):
     m = load_manifest(out)
     assert m.family == "flux" and m.model["source"] == "builtin" and m.trainable == [0, 2]
     assert (m.train_res, m.gen_res) == (32, 64) and m.model["vae_downsample"] == 1
+    # the built-in model's recipe (edge_runtime.recipe.BUILTIN) with the fixture's overrides recorded
+    assert m.patch_schedule["f_min"] == 0.5 and m.patch_schedule["crop_ids"] == "image"
+    assert (m.recipe["name"], m.recipe["learning_rate"], m.recipe["batch"], m.recipe["train_res_fraction"]) == (
+        "builtin", 3e-3, 4, 0.5)
     _check_bundle(out, m, r.verification)
     plan = _plan(out)
     assert [g["blocks"] for g in plan["groups"]] == [[1], [3, 4, 5]]

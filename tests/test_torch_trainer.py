@@ -350,7 +350,8 @@ def test_run_job_torch_backend_matches_ort(builtin_bundle, tmp_path):
 
     b = Bundle(builtin_bundle[0], threads=1)
     images, _ = decode_images(subject_pngs(3), ImageLimits(), int(b.manifest.gen_res))
-    opts = JobOptions(token="sks", class_noun="ring", steps=6, learning_rate=2e-3, seed=7, checkpoint_every=4)
+    # two draws per step (the recipe's batch: gradients accumulated over draws fed one at a time)
+    opts = JobOptions(token="sks", class_noun="ring", steps=6, learning_rate=2e-3, seed=7, checkpoint_every=4, batch=2)
     res = {k: run_job(b, opts, images, str(tmp_path / k), trainer_backend=k) for k in ("ort", "torch")}
     wo, wt = res["ort"].weights, res["torch"].weights
     assert set(wo) == set(wt)

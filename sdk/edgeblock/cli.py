@@ -459,12 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "sd35-medium, pixart-sigma-xl-2-1024, sana-600m-1024, sana-1600m-1024")
     pl.add_argument("--target", default="orin-nx-16gb",
                     help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, host-cpu, or all")
-    pl.add_argument("--train-res", type=int, default=None, help="training crop side in pixels (default: gen-res / 2)")
+    pl.add_argument("--train-res", type=int, default=None,
+                    help="training crop side in pixels (default: the model's recipe; gen-res / 2 without a measured one)")
     pl.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the family's)")
-    pl.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks (default: the two middle blocks)")
+    pl.add_argument("--blocks", type=_blocks, default=None,
+                    help="trainable blocks (default: the recipe's number of blocks, the middle ones; two without a measured recipe)")
     pl.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                     help="frozen and generation weights (default: fp16 on Jetson, fp32 on host-cpu)")
-    pl.add_argument("--lora-rank", type=int, default=4)
+    pl.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (4 without a measured one)")
     pl.add_argument("--precompute", choices=["bank", "online"], default=None,
                     help="default: the daemon's rule (bank above 256 MiB of transformer weights)")
     pl.add_argument("--max-group-mb", type=float, default=None,
@@ -534,9 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks", type=_blocks, default=None, help="trainable blocks, e.g. 3,4 (default: run selection)")
     c.add_argument("--selection", default=None, help="a selection.json written by `edgeblock select`")
     c.add_argument("--target", default="cpu", choices=["cpu", "orin-nano-8gb", "orin-nx-16gb", "agx-orin-32gb", "agx-orin-64gb"])
-    c.add_argument("--train-res", type=int, default=None, help="training crop side in pixels (default: half of --gen-res)")
+    c.add_argument("--train-res", type=int, default=None,
+                   help="training crop side in pixels (default: the model's recipe: 3/4 of --gen-res for builtin, half otherwise)")
     c.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the model's)")
-    c.add_argument("--lora-rank", type=int, default=4)
+    c.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (8 for builtin, 4 otherwise)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="TensorRT engine precision (ONNX graphs are fp32)")
     c.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch verification")
     c.add_argument("--seed", type=int, default=0)
@@ -545,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the trainable blocks' size; 0: one group per skipped run)")
     c.add_argument("--crop-ids", choices=("grid", "image"), default=None,
                    help="FLUX: position ids of the daemon's training crops, the coordinates of the place in the "
-                        "image they were cut from (image, default) or their own token grid (grid)")
+                        "image they were cut from (image, the recipe's) or their own token grid (grid)")
     c.set_defaults(func=cmd_compile)
 
     be = sub.add_parser("build-engines", help="build and cache the TensorRT engines of a bundle's frozen groups (on the device)")

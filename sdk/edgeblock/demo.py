@@ -32,6 +32,19 @@ SUBJECT = "ringstar"
 EXTRA_PROMPTS = ["a red circle on a blue background, center"]
 
 
+def fidelity(rows: list[list[np.ndarray]], scored, subject) -> dict[str, dict[str, float]]:
+    """The benchmark's subject and prompt fidelity (edgeblock.eval.metrics) of the generations of the subject's
+    prompts, without (row 0) and with (row 1) the adapter."""
+    from .eval import metrics
+
+    refs = [metrics.describe(im) for im in subject.images]
+    out = {}
+    for name, row in (("base", rows[0]), ("adapter", rows[1])):
+        vals = [metrics.score(img, refs, p.background, p.position) for img, p in zip(row, scored)]
+        out[name] = {k: float(np.mean([v[k] for v in vals])) for k in ("subject_fidelity", "prompt_fidelity")}
+    return out
+
+
 def bundle_cache() -> str:
     root = os.environ.get("EDGEBLOCK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "edgeblock"))
     return os.path.join(root, "bundles", "builtin")
@@ -95,8 +108,8 @@ def start_daemon(bundle: str, state: str, log_path: str) -> tuple[subprocess.Pop
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edgeblock-demo")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--steps", type=int, default=300, help="personalization steps")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=0, help="personalization steps (default: the bundle's recipe)")
+    p.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the bundle's recipe)")
     p.add_argument("--gen-steps", type=int, default=30)
     p.add_argument("--prior", type=int, default=0,
                    help="class images for prior preservation, generated on the daemon by the base model (default 0: "
@@ -129,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ref_dir = os.path.join(os.path.dirname(__file__), "eval", "data")
     pngs = [os.path.join(ref_dir, r.file) for r in subject.references]
     _grid([[np.asarray(im) for im in subject.images]], os.path.join(out, "subject.png"))
-    prompts = [pr.text for pr in subject.prompts[:3]] + EXTRA_PROMPTS
+    # every prompt of the subject (scored with the benchmark's metrics, without and with the adapter) + extras
+    scored = list(subject.prompts)
+    prompts = [pr.text for pr in scored] + EXTRA_PROMPTS
 
     # 2. serve
     state = os.path.join(out, "state")
@@ -144,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{list(info.trainable_blocks)} of {info.num_blocks}, trainer {info.trainer}, executor {info.executor}")
             summary["daemon"] = {"address": address, "trainer": info.trainer, "executor": info.executor,
                                  "trainable_blocks": list(info.trainable_blocks)}
+            steps = args.steps or info.defaults.steps  # 0: the daemon's default, the bundle's recipe
+            lr = args.lr or info.defaults.learning_rate
+            print(f"      recipe: {m.train_res} px crops of {m.gen_res}, LoRA rank {m.lora.get('rank')}, "
+                  f"{steps} steps of {m.training_recipe().batch} draws, lr {lr:g}")
 
             # 3. personalize (with --prior N: prior preservation, the base model's own images of the class first)
             rss.phase = "generate"
@@ -157,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             rss.phase = "personalize"
             losses: list[float] = []
             adapter_id, t0 = "", time.perf_counter()
-            with tqdm(total=args.steps, desc=f"[3/5] personalize '{subject.description}' (sks {subject.noun})",
+            with tqdm(total=steps, desc=f"[3/5] personalize '{subject.description}' (sks {subject.noun})",
                       unit="step") as bar:
                 # each reference trains on its own caption ("a large sks star on a blue background, top left")
-                for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=args.steps,
-                                        learning_rate=args.lr, seed=1, captions=subject.captions,
+                for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps,
+                                        learning_rate=lr, seed=1, captions=subject.captions,
                                         class_images=class_pngs, class_captions=class_caps):
                     kind = type(ev).Kind.Name(ev.kind)
                     if kind == "STEP":
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     elif kind in ("FAILED", "CANCELLED"):
                         raise RuntimeError(f"personalization {kind.lower()}: {ev.message}")
             train_s = time.perf_counter() - t0
-            summary["personalize"] = {"steps": args.steps, "seconds": train_s, "s_per_step": train_s / args.steps,
+            summary["personalize"] = {"steps": steps, "batch": m.training_recipe().batch, "learning_rate": lr,
+                                      "train_res": m.train_res, "seconds": train_s, "s_per_step": train_s / steps,
                                       "loss_first20": float(np.mean(losses[:20])),
                                       "loss_last20": float(np.mean(losses[-20:])), "adapter_id": adapter_id}
 
@@ -199,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             data, _name = c.export_adapter(adapter_id)
             with open(os.path.join(out, "adapter.safetensors"), "wb") as f:
                 f.write(data)
+            summary["fidelity"] = fidelity(rows, scored, subject)
             summary["generate"] = {"prompts": prompts, "steps": args.gen_steps, "guidance": 3.0,
                                    "latency_s_mean": float(np.mean(times)), "latency_s_max": float(np.max(times))}
             rss.phase = None
@@ -216,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["total_s"] = time.perf_counter() - t_start
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    pr, ge = summary["personalize"], summary["generate"]
+    pr, ge, fid = summary["personalize"], summary["generate"], summary["fidelity"]
     peaks = summary["daemon"]["peak_rss_bytes"]
     md = [
         "# edgeblock demo", "",
@@ -227,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
            if class_caps else ""), "",
         "| phase | figure |", "|---|---|",
         f"| compile | {summary['compile_s']:.1f} s ({'cached' if summary['compile_cached'] else 'built'}) |",
+        f"| recipe | {pr['train_res']} px crops, {pr['steps']} steps of {pr['batch']} draws, lr {pr['learning_rate']:g} |",
         f"| personalize | {pr['steps']} steps in {pr['seconds']:.1f} s ({pr['s_per_step'] * 1000:.0f} ms/step, precompute included); "
         f"loss {pr['loss_first20']:.4f} -> {pr['loss_last20']:.4f} |",
         f"| daemon peak RSS, personalize | {peaks.get('personalize', 0) / 2**20:.0f} MiB |",
+        f"| subject fidelity (eval metric, {len(scored)} prompts) | {fid['base']['subject_fidelity']:.3f} without the "
+        f"adapter -> {fid['adapter']['subject_fidelity']:.3f} with it |",
+        f"| prompt fidelity | {fid['base']['prompt_fidelity']:.3f} -> {fid['adapter']['prompt_fidelity']:.3f} |",
         f"| generate | {ge['steps']} steps, mean {ge['latency_s_mean']:.2f} s / image (max {ge['latency_s_max']:.2f} s) |",
         f"| daemon peak RSS, generate | {peaks.get('generate', 0) / 2**20:.0f} MiB |",
         f"| daemon exit on SIGTERM | {code} |", "",
@@ -238,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(md))
     print("[5/5] summary")
-    print("\n".join("      " + line for line in md[5:12]))
+    print("\n".join("      " + line for line in md[5:15]))
     print(f"done in {summary['total_s']:.0f} s; outputs in {out}/ (grid.png, subject.png, adapter.safetensors, summary.md)")
     return 0 if code == 0 else 1
 

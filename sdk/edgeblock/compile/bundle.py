@@ -44,6 +44,7 @@ import numpy as np
 
 from edge_runtime.fileio import sha256_file
 from edge_runtime.patch_sampling import CROP_IDS, with_grid_crop
+from edge_runtime.recipe import Recipe
 from edge_runtime.manifest import (
     MANIFEST,
     TARGETS,
@@ -78,21 +79,31 @@ class CompileOptions:
     blocks: tuple[int, ...] | None = None
     selection: str | None = None
     target: str = "cpu"
-    train_res: int | None = None  # pixels (training crop side R)
+    train_res: int | None = None  # pixels (training crop side R; None: the model's recipe)
     gen_res: int | None = None  # pixels (generation side S)
-    lora_rank: int = 4
+    lora_rank: int | None = None  # None: the model's recipe (edge_runtime.recipe)
     precision: str = "fp32"
     verify: bool | None = None  # None: on for models under 1B parameters
     seed: int = 0
     select_count: int = 2  # calibration images when selection runs
     gen_batch: int = 2  # generation batch (classifier-free guidance doubles it)
     max_group_mb: float | None = None  # frozen-group size cap (fp32 MiB); None: auto (the trainable blocks' size); 0: no cap
-    crop_ids: str | None = None  # FLUX: a training crop's position ids, "image" (None: FLUX's default) or "grid"
+    crop_ids: str | None = None  # FLUX: a training crop's position ids, "image" or "grid" (None: the recipe's)
+
+    def recipe(self) -> Recipe:
+        """The model's recommended recipe (edge_runtime.recipe) with this compile's overrides."""
+        from ..method import model_recipe
+
+        base = model_recipe(self.model)
+        rank = self.lora_rank
+        alpha = None if rank is None else rank * base.alpha / base.lora_rank  # keep the recipe's alpha / rank
+        return base.with_(lora_rank=rank, lora_alpha=alpha, crop_ids=self.crop_ids)
 
     def fingerprint_args(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("model", "out", "verify", "selection"):
             d.pop(k)
+        d["recipe"] = self.recipe().to_dict()
         d["blocks"] = list(self.blocks) if self.blocks is not None else None
         if self.selection:
             d["selection_sha256"] = sha256_file(self.selection)
@@ -187,7 +198,7 @@ def default_gen_res(root: str, adapter, downsample: int) -> int:
 
 def check_resolutions(opts: CompileOptions, multiple: int, default_gen: int) -> tuple[int, int]:
     gen = opts.gen_res if opts.gen_res is not None else default_gen
-    train = opts.train_res if opts.train_res is not None else gen // 2
+    train = opts.train_res if opts.train_res is not None else opts.recipe().train_res(gen, multiple)
     for name, v in (("--gen-res", gen), ("--train-res", train)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive number of pixels, got {v!r}")
@@ -242,7 +253,7 @@ def compile_bundle(opts: CompileOptions, progress: Callable[[str], None] | None 
         raise ValueError(f"--target {opts.target!r} is not one of {', '.join(TARGETS)}")
     if opts.precision not in PRECISIONS:
         raise ValueError(f"--precision {opts.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if opts.lora_rank < 1:
+    if opts.lora_rank is not None and opts.lora_rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {opts.lora_rank}")
     if opts.blocks is not None and opts.selection:
         raise ValueError("give --blocks or --selection, not both")
@@ -289,7 +300,8 @@ def compile_bundle(opts: CompileOptions, progress: Callable[[str], None] | None 
     # 2. selection
     if blocks is None:
         _say(progress, "[compile] 2/7 select: scoring blocks by cross-attention masking")
-        selection_report = run_selection(opts.model, loaded, train_res, opts.select_count, opts.seed)
+        k = opts.recipe().blocks_of(adapter.num_blocks)
+        selection_report = run_selection(opts.model, loaded, train_res, opts.select_count, opts.seed, k)
         blocks = tuple(selection_report["selected"])
     else:
         _say(progress, f"[compile] 2/7 select: trainable blocks {list(blocks)} from "
@@ -324,13 +336,14 @@ def _install(tmp: str, out: str) -> None:
         os.replace(tmp, out)
 
 
-def run_selection(spec: str, loaded, res: int, count: int, seed: int) -> dict:
+def run_selection(spec: str, loaded, res: int, count: int, seed: int, k: int) -> dict:
+    """Score the blocks on `count` calibration images and pick the top k."""
     from ..method.selection import score_blocks, selection_report
     from ..selection_data import calibration_set
 
     items = calibration_set(spec, loaded, None, "sks", None, None, res, count, seed=seed)
     scores = score_blocks(loaded.adapter, loaded.objective, items, noise_levels=(0.25, 0.5, 0.75), noises=1, seed=seed)
-    report = selection_report(loaded.adapter, scores, 2, False)
+    report = selection_report(loaded.adapter, scores, k, False)
     report["calibration"] = {"items": len(items), "res": res, "noise_levels": [0.25, 0.5, 0.75], "noises": 1, "seed": seed,
                              "images": "procedural shapes (edgeblock.builtin.world)"}
     return report
@@ -371,7 +384,8 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
 
     adapter, objective = loaded.adapter, loaded.objective
     plan = SkipPlan.make(adapter.num_blocks, blocks)
-    lora = LoRASpec(rank=opts.lora_rank, alpha=float(opts.lora_rank))
+    recipe = opts.recipe()
+    lora = LoRASpec(rank=recipe.lora_rank, alpha=recipe.alpha)
     text = load_text_stack(opts.model)
     cond = text.encode([PROMPT])
     guidance = 1.0 if adapter.config.get("guidance_embeds") else None
@@ -486,21 +500,23 @@ def _build(opts, loaded, builtin, blocks, selection_report, train_res, gen_res, 
     manifest = Manifest(
         family=adapter.family, blocks=block_list, trainable=list(plan.trainable), train_res=train_res, gen_res=gen_res,
         scheduler=objective.to_dict(),
-        patch_schedule={**asdict(PatchSchedule.native(train_res, gen_res)), "train_res": train_res, "gen_res": gen_res,
-                        "crop_ids": crop_ids_of(opts, adapter.family)},
+        patch_schedule={**asdict(PatchSchedule(f_min=recipe.schedule_f_min(train_res, gen_res))), "train_res": train_res,
+                        "gen_res": gen_res, "crop_ids": crop_ids_of(recipe, adapter.family)},
         lora={**asdict(lora), "targets": list(lora.targets), "init": "B = 0 (the adapter starts at the base model)",
               "names": "diffusers/PEFT saved names (see graphs.*.lora)"},
         target=opts.target, graphs=graphs, model=model,
+        recipe=recipe.with_(train_res_fraction=train_res / gen_res, trainable_blocks=len(plan.trainable),
+                            crop_ids=crop_ids_of(recipe, adapter.family)).to_dict(),
     )
     return manifest, verification
 
 
-def crop_ids_of(opts: CompileOptions, family: str) -> str:
-    """The manifest's patch_schedule.crop_ids: FLUX places a training crop's tokens at the image
-    coordinates of the place it was cut from unless told "grid"; the other families have no position ids."""
+def crop_ids_of(recipe: Recipe, family: str) -> str:
+    """The manifest's patch_schedule.crop_ids: FLUX places a training crop's tokens as the recipe says (the
+    image coordinates of the place it was cut from, or its own grid); the other families have no position ids."""
     if family != "flux":
         return "grid"
-    return opts.crop_ids or "image"
+    return recipe.crop_ids
 
 
 def sampler_config(root: str | None, objective, family: str = "flux") -> dict[str, Any]:

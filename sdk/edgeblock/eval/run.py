@@ -38,23 +38,23 @@ class EvalConfig:
     """Everything a run depends on, written into results.json."""
 
     model: str = "builtin"
-    steps: int = 300  # training steps per subject and variant
-    batch: int = 4
-    lr: float = 3e-3
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
+    # The training settings (None: the model's recipe, edge_runtime.recipe, as `edgeblock compile` and the daemon
+    # use them; for the built-in model the measured one: 300 steps of batch 4, lr 3e-3, LoRA rank 8 alpha 8, crops
+    # at 3/4 of the side with their image position ids, five of six blocks trained)
+    steps: int | None = None  # training steps per subject and variant
+    batch: int | None = None
+    lr: float | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
     captions: str = "per-image"  # training prompts: each reference's caption, or "a sks <noun>" for all ("token")
-    crop_ids: str = "image"  # patch rows: a crop's position ids, the image's (as FLUX bundles on the daemon) or its own grid
-    # patch rows: the training crop side R in pixels (None: 3/4 of the generation side, 48 px on the 64 px built-in
-    # model; the paper's R = S/2 leaves 16 x 16 tokens, too few for the designs' details: 0.53 x standard LoRA against
-    # 0.99 x, docs/eval-results-2026-12-03.md) and the smallest crop's side as a fraction of the image, f_min (None:
-    # R / side, so the smallest crop, at t = 0, is taken at the image's own scale; the paper's 0.5 at R = S/2)
+    crop_ids: str | None = None  # patch rows: a crop's position ids, the image's (as FLUX bundles on the daemon) or its own grid
+    # patch rows: the training crop side R in pixels (None: the recipe's fraction of the generation side) and the
+    # smallest crop's side as a fraction of the image, f_min (None: the recipe's, R / side: the smallest crop, at
+    # t = 0, taken at the image's own scale)
     train_res: int | None = None
     patch_min: float | None = None
     blocks: tuple[int, ...] | None = None  # trainable blocks of the skip rows (None: selection per subject)
-    # blocks selection picks: on the built-in model's six, every block but the least useful one (two of six: 0.53 x
-    # standard LoRA, four: 0.91 x, five: 0.99 x over two seeds, docs/eval-results-2026-12-03.md)
-    top_k: int = 5
+    top_k: int | None = None  # blocks selection picks (None: the recipe's)
     contiguous: bool = False  # selection picks the best window of top_k consecutive blocks instead
     selection_noise_levels: tuple[float, ...] = (0.25, 0.5, 0.75)
     seed: int = 0
@@ -76,6 +76,13 @@ class EvalConfig:
     rows: tuple[str, ...] = ROWS  # the rows run (a subset, e.g. to compare block sets of the skip rows alone)
 
     def __post_init__(self) -> None:
+        from ..method import model_recipe
+
+        r = model_recipe(self.model)
+        for name, value in (("steps", r.steps), ("batch", r.batch), ("lr", r.learning_rate), ("lora_rank", r.lora_rank),
+                            ("lora_alpha", r.alpha), ("crop_ids", r.crop_ids), ("top_k", r.trainable_blocks)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or not self.rows:
             raise ValueError(f"rows must be a non-empty subset of {', '.join(ROWS)}; got {', '.join(self.rows) or 'none'}")
@@ -182,15 +189,16 @@ def run_eval(
 
 def patch_setting(cfg: EvalConfig, side: int, pack: int) -> tuple[int, PatchSchedule]:
     """The patch rows' training crop side R (pixels) and crop schedule for images of `side` pixels packed
-    pack x pack: R defaults to 3/4 of the side (a multiple of pack), f_min to R / side (the smallest crop at the
-    image's own scale)."""
-    res = cfg.train_res if cfg.train_res is not None else max(pack, side * 3 // 4 // pack * pack)
+    pack x pack: R and f_min default to the model's recipe (for the built-in model 3/4 of the side, a multiple of
+    pack, and R / side: the smallest crop at the image's own scale)."""
+    from ..method import model_recipe
+
+    recipe = model_recipe(cfg.model)
+    res = cfg.train_res if cfg.train_res is not None else recipe.train_res(side, pack)
     if res > side or res % pack:  # res >= 1: EvalConfig checks a given one, the default is >= pack
         raise ValueError(f"--train-res {res}: needs a multiple of the packing factor {pack} in 1..{side} "
                          f"(the generation side)")
-    if cfg.patch_min is not None:
-        return res, PatchSchedule(f_min=cfg.patch_min)
-    return res, PatchSchedule.native(res, side)
+    return res, PatchSchedule(f_min=cfg.patch_min if cfg.patch_min is not None else recipe.schedule_f_min(res, side))
 
 
 @dataclass

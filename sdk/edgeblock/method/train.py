@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from edge_runtime.recipe import middle_blocks  # noqa: F401 - the default trainable window, as the planner's
 from edge_runtime.patch_sampling import CROP_IDS, CropBox, PatchSampler, PatchSchedule, check_prior_from, crop_token_ids, pick_image
 
 from ..models import DiTInputs, LoadedModel, Objective
@@ -114,11 +115,6 @@ class MethodConfig:
     @property
     def uses_skip(self) -> bool:
         return self.variant in SKIP_VARIANTS
-
-
-def middle_blocks(num_blocks: int, k: int = 2) -> tuple[int, ...]:
-    start = max(0, (num_blocks - k) // 2)
-    return tuple(range(start, min(num_blocks, start + k)))
 
 
 class DrawSampler:

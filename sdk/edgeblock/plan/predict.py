@@ -33,11 +33,11 @@ LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
 class PlanOptions:
     config: str
     target: str = "orin-nx-16gb"
-    train_res: int | None = None
+    train_res: int | None = None  # None: the model's recipe (edge_runtime.recipe)
     gen_res: int | None = None
-    blocks: tuple[int, ...] | None = None
+    blocks: tuple[int, ...] | None = None  # None: the recipe's number of blocks, the middle window
     precision: str | None = None  # frozen / generation weights; default: the target's (fp16 Jetson, fp32 CPU)
-    lora_rank: int = 4
+    lora_rank: int | None = None  # None: the recipe's
     precompute: str | None = None  # bank | online; default: the daemon's rule (bank above 256 MiB of weights)
     guidance_batch: int | None = None  # generation batch: 2 with classifier-free guidance, 1 with a guidance embed
     text_encoders: tuple[str, ...] | None = None
@@ -143,7 +143,11 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         t = dataclasses.replace(t, daemon_runtime_bytes=cal.daemon_base_bytes, torch_runtime_bytes=cal.torch_base_bytes)
     inv = inv or load_inventory(opts.config, opts.text_encoders)
     gen_res = int(opts.gen_res or inv.default_gen_res)
-    train_res = int(opts.train_res or gen_res // 2)
+    from ..method import model_recipe
+
+    recipe = model_recipe(opts.config)
+    train_res = int(opts.train_res or recipe.train_res(gen_res, inv.vae_scale * inv.pack))
+    rank = int(opts.lora_rank or recipe.lora_rank)
     if train_res > gen_res:
         raise ValueError(f"--train-res {train_res} is above --gen-res {gen_res}: patch sampling trains on smaller crops")
     n_gen, n_train = inv.tokens(gen_res), inv.tokens(train_res)
@@ -154,8 +158,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                 raise ValueError(f"block {b} out of range: this model has blocks 0..{L - 1}")
         trainable = tuple(sorted(set(opts.blocks)))
     else:
-        start = max(0, (L - 2) // 2)
-        trainable = (start, start + 1)
+        trainable = recipe.middle(L)
     if opts.precision is not None and opts.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     wb = PRECISIONS[opts.precision] if opts.precision else t.weight_bytes
@@ -185,7 +188,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     encode = _phase(t.daemon_runtime_bytes, text_w + vae_enc_w, 0)
     bs_pre = max(encode, bank_peak, key=lambda p: p["peak_bytes"]) if precompute == "bank" else encode
     trained_params = sum(block_params[i] for i in trainable) + inv.epilogue_params
-    lora = _lora_params(inv, trainable, opts.lora_rank)
+    lora = _lora_params(inv, trainable, rank)
     t_lin, t_att = _split_units(inv, trainable, n_train, 1)
     train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor
                  + _lora_saved_inputs(inv, trainable, n_train, 1)) * 4
@@ -197,7 +200,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     generate = _phase(t.daemon_runtime_bytes, gen_w, gen_act)
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
-    lora_all = _lora_params(inv, range(L), opts.lora_rank)
+    lora_all = _lora_params(inv, range(L), rank)
     sl_pre = _phase(t.torch_runtime_bytes, (inv.text_encoder_params + inv.vae_encoder_params) * wb * cal.torch_weight_factor, 0)
     s_lin, s_att = _split_units(inv, range(L), n_gen, 1)
     # on the GPU targets torch's SDPA runs fused (flash / memory-efficient) kernels: no attention matrix
@@ -223,7 +226,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                   "frozen_groups": [[g[0], g[-1]] for g in groups], "train_res": train_res, "gen_res": gen_res,
                   "train_tokens": n_train, "gen_tokens": n_gen, "text_tokens": inv.text_tokens,
                   "text_encoders": list(inv.text_encoders), "text_encoder_params": inv.text_encoder_params,
-                  "pixel_space": inv.pixel_space, "lora_rank": opts.lora_rank, "lora_params": lora,
+                  "pixel_space": inv.pixel_space, "lora_rank": rank, "lora_params": lora,
                   "precompute": precompute, "generation_batch": gen_batch, "notes": inv.notes},
         "target": t.as_json(),
         "precision": {"weights": opts.precision or {2: "fp16", 4: "fp32"}[wb], "training": "fp32"},
