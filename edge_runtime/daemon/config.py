@@ -1,0 +1,148 @@
+"""The daemon's settings (ServerConfig with its Limits and Defaults) and its one argument parser:
+`add_arguments` gives `python -m edge_runtime.server` and `edgeblock serve` the same flags, and
+`config_kwargs` / `config_from_args` turn the parsed flags into a ServerConfig."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Limits:
+    max_images: int = 16
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_steps: int = 5000
+    max_prompt_chars: int = 1000
+    max_generate_steps: int = 200
+    max_queue: int = 4
+    max_concurrent_generations: int = 2
+    max_token_chars: int = 64
+    max_name_chars: int = 200
+
+
+@dataclass
+class Defaults:
+    steps: int | None = None  # None: the bundle's recipe (manifest.json, edge_runtime.recipe)
+    learning_rate: float | None = None  # None: the bundle's recipe
+    checkpoint_every: int = 25
+    generate_steps: int = 30
+    guidance: float = 3.0
+    seed: int = 0
+
+
+def check_tls(tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None) -> None:
+    """TLS needs a certificate and its key together; mTLS (a client CA) needs both."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if tls_client_ca and not tls_cert:
+        raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+
+
+@dataclass
+class ServerConfig:
+    bundle: str
+    listen: str = "127.0.0.1:50051"
+    state_dir: str = "edgeblock-state"
+    token: str | None = None
+    allow_insecure_remote: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    trainer: str = "auto"
+    train_device: str = "auto"  # auto: cuda when the trainer's runtime has it, else cpu
+    max_concurrent_generations: int | None = None
+    max_queue: int | None = None
+    limits: Limits = field(default_factory=Limits)
+    defaults: Defaults = field(default_factory=Defaults)
+    threads: int | None = None
+    workers: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_generations is not None:
+            self.limits.max_concurrent_generations = int(self.max_concurrent_generations)
+        if self.max_queue is not None:
+            self.limits.max_queue = int(self.max_queue)
+        if self.limits.max_concurrent_generations < 1:
+            raise ValueError("max_concurrent_generations must be >= 1")
+        if self.limits.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        if self.trainer not in ("auto", "ort", "torch"):
+            raise ValueError(f"trainer must be auto, ort or torch, got {self.trainer!r}")
+        if self.train_device != "auto":
+            from ..ort_trainer import parse_device
+
+            parse_device(self.train_device)
+        check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The daemon's flags on p (the device entrypoint's parser, or `edgeblock serve`'s)."""
+    p.add_argument("--bundle", required=True, help="a bundle written by `edgeblock compile`")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port (default 127.0.0.1:50051, loopback only)")
+    p.add_argument("--state", required=True, help="state directory: adapters, jobs, checkpoints")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the bearer token clients must send (default: $EDGEBLOCK_TOKEN); "
+                        "required to listen beyond loopback")
+    p.add_argument("--allow-insecure-remote", action="store_true",
+                   help="allow listening beyond loopback without TLS (the token then travels in clear)")
+    p.add_argument("--tls-cert", default=None, help="server certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None, help="CA (PEM) that client certificates must chain to (mTLS)")
+    p.add_argument("--trainer", choices=["auto", "ort", "torch"], default="auto",
+                   help="training backend: ORT training artifacts, torch fallback, or auto (ort when installed)")
+    p.add_argument("--train-device", default="auto",
+                   help="where the trainer runs: auto (cuda when its runtime has it, else cpu), cpu or cuda[:N]")
+    p.add_argument("--max-concurrent-generations", type=int, default=None, help="default: the daemon's")
+    p.add_argument("--max-queue", type=int, default=None, help="queued training jobs beyond which Personalize is refused")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of each ONNX Runtime session (default: ONNX Runtime's)")
+    return p
+
+
+def read_token(path: str | None, flag: str = "--token-file") -> str | None:
+    """The bearer token from a file (stripped), else $EDGEBLOCK_TOKEN, else None."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+        with open(path) as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"{flag} {path}: the file is empty")
+        return token
+    return os.environ.get("EDGEBLOCK_TOKEN", "").strip() or None
+
+
+def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """ServerConfig's keyword arguments from flags parsed by a parser given `add_arguments`, after
+    checking the files they name exist. Unset limits and threads are left to ServerConfig's defaults."""
+    check_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
+    for flag in ("bundle", "tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+    if args.max_concurrent_generations is not None and args.max_concurrent_generations < 1:
+        raise ValueError(f"--max-concurrent-generations must be at least 1, got {args.max_concurrent_generations}")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    kwargs: dict[str, Any] = dict(
+        bundle=args.bundle, listen=args.listen, state_dir=args.state, token=read_token(args.token_file),
+        allow_insecure_remote=args.allow_insecure_remote, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, trainer=args.trainer, train_device=args.train_device,
+    )
+    for flag in ("max_concurrent_generations", "max_queue", "threads"):
+        if getattr(args, flag) is not None:
+            kwargs[flag] = getattr(args, flag)
+    return kwargs
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of flags parsed by a parser given `add_arguments`."""
+    return ServerConfig(**config_kwargs(args))

@@ -1,0 +1,26 @@
+"""Why a request fails, as exceptions naming the gRPC status code they answer with (grpc-free):
+the job queue and the generator raise them, the servicer (service.py) turns them into statuses."""
+
+
+class RpcFailure(Exception):
+    code_name = "INTERNAL"
+
+
+class InvalidArgument(RpcFailure):
+    code_name = "INVALID_ARGUMENT"
+
+
+class ResourceExhausted(RpcFailure):
+    code_name = "RESOURCE_EXHAUSTED"
+
+
+class NotFoundError(RpcFailure):
+    code_name = "NOT_FOUND"
+
+
+class DeadlineExceeded(RpcFailure):
+    code_name = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(RpcFailure):
+    code_name = "UNAVAILABLE"

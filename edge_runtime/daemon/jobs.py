@@ -1,0 +1,264 @@
+"""The daemon's training jobs: one runs at a time from a bounded queue, checkpoints into the state
+directory, and after a restart (crash or SIGTERM) every unfinished job resumes from its last
+checkpoint. An adapter's id is fixed when its job is accepted, so no job is trained twice."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+from .config import Defaults, Limits
+from .errors import InvalidArgument, ResourceExhausted, Unavailable
+
+log = logging.getLogger("edgeblock.daemon")
+
+JOB_STATES = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED")
+TERMINAL = ("DONE", "FAILED", "CANCELLED")
+
+
+class JobRecord:
+    def __init__(self, data: dict):
+        self.data = data
+        self.events: list[Any] = []
+        self.cond = threading.Condition()
+        self.cancel = threading.Event()
+
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    @property
+    def state(self) -> str:
+        return self.data["state"]
+
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+
+class JobQueue:
+    """The jobs the daemon knows (by id), the queue of those waiting, and the worker that trains them.
+    Unfinished jobs of the state directory are queued again before the worker starts."""
+
+    def __init__(self, bundle, store, *, trainer: str, train_device: str, limits: Limits, defaults: Defaults,
+                 batch: int, shutting_down: threading.Event):
+        from ..personalize import ImageLimits
+
+        self.bundle, self.store = bundle, store
+        self.trainer, self.train_device = trainer, train_device
+        self.limits, self.defaults, self.batch = limits, defaults, batch
+        self.shutting_down = shutting_down
+        self.image_limits = ImageLimits(limits.max_images, limits.max_image_bytes, limits.max_image_pixels)
+        self.jobs: dict[str, JobRecord] = {}
+        self.queue: queue.Queue[JobRecord] = queue.Queue()
+        self.queued = 0
+        self.lock = threading.Lock()
+        self.current: JobRecord | None = None
+        self._recover()
+        self.worker = threading.Thread(target=self._work, name="edgeblock-trainer", daemon=True)
+        self.worker.start()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.jobs.get(job_id)
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        """Unfinished jobs of a previous run (crash or SIGTERM) resume from their last checkpoint."""
+        for data in self.store.list_jobs():
+            rec = JobRecord(data)
+            self.jobs[rec.id] = rec
+            if rec.state in TERMINAL:
+                continue
+            adapter_path = os.path.join(self.store.adapters_dir, data["adapter_id"], "adapter.json")
+            if os.path.exists(adapter_path):  # finished just before the crash
+                self._finish(rec, "DONE", message="recovered after restart")
+                continue
+            ck = os.path.join(self.store.job_dir(rec.id), "checkpoint")
+            if not os.path.exists(ck):
+                data["checkpoint_step"] = 0
+            data["state"] = "QUEUED"
+            data["resumed"] = int(data.get("resumed", 0)) + 1
+            self.store.save_job(data)
+            log.info("resuming job %s from step %d", rec.id, data.get("checkpoint_step", 0))
+            self._emit(rec, "QUEUED", message=f"resumed after restart from step {data.get('checkpoint_step', 0)}")
+            self.queue.put(rec)
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, rec: JobRecord, kind: str, **kw) -> None:
+        from ..api import edgeblock_pb2 as pb
+
+        ev = pb.JobEvent(kind=pb.JobEvent.Kind.Value(kind), job_id=rec.id,
+                         elapsed_s=time.time() - rec.data.get("created", time.time()), **kw)
+        with rec.cond:
+            rec.events.append(ev)
+            rec.cond.notify_all()
+
+    def _finish(self, rec: JobRecord, state: str, message: str = "") -> None:
+        rec.data.update(state=state, message=message)
+        self.store.save_job(rec.data)
+        self._emit(rec, state, message=message, adapter_id=rec.data["adapter_id"] if state == "DONE" else "",
+                   step=int(rec.data.get("step", 0)), total_steps=int(rec.data["options"]["steps"]))
+        self.store.drop_job_work(rec.id)
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, request) -> JobRecord:
+        """Check a PersonalizeRequest and queue its job. Raises InvalidArgument, ResourceExhausted,
+        Unavailable, or PersonalizeError (a request the personalization code refuses)."""
+        from ..personalize import JobOptions, PersonalizeError, choose_precompute, decode_images
+        from ..store import new_id
+
+        L, D = self.limits, self.defaults
+        if self.shutting_down.is_set():
+            raise Unavailable("the daemon is shutting down")
+        token, noun = request.token.strip(), request.class_noun.strip()
+        if not token or len(token) > L.max_token_chars or any(c.isspace() for c in token):
+            raise InvalidArgument(f"token must be one word of 1..{L.max_token_chars} characters (max_token_chars)")
+        if not noun or len(noun) > L.max_token_chars:
+            raise InvalidArgument(f"class_noun must have 1..{L.max_token_chars} characters (max_token_chars)")
+        if len(request.name) > L.max_name_chars:
+            raise InvalidArgument(f"name longer than max_name_chars={L.max_name_chars}")
+        steps = int(request.steps) or D.steps
+        if steps > L.max_steps:
+            raise InvalidArgument(f"steps {steps} more than max_steps={L.max_steps}")
+        lr = float(request.learning_rate) or D.learning_rate
+        if not math.isfinite(lr) or not 0 < lr <= 1.0:
+            raise InvalidArgument(f"learning_rate must be in (0, 1], got {request.learning_rate}")
+        every = int(request.checkpoint_every) or D.checkpoint_every
+        if every > L.max_steps:
+            raise InvalidArgument(f"checkpoint_every {every} more than max_steps={L.max_steps}")
+        mode = choose_precompute(self.bundle, request.precompute)
+        if len(request.images) > L.max_images:  # before decoding anything
+            raise InvalidArgument(f"{len(request.images)} images, more than max_images={L.max_images}")
+        try:
+            _imgs, pngs = decode_images([im.data for im in request.images], self.image_limits,
+                                        int(self.bundle.manifest.gen_res))
+        except PersonalizeError:
+            raise
+        except Exception as e:  # Pillow raises e.g. SyntaxError on a corrupt PNG chunk
+            raise InvalidArgument(f"an image is not a decodable PNG/JPEG ({type(e).__name__})") from e
+        if len(request.class_images) > L.max_images:
+            raise InvalidArgument(f"{len(request.class_images)} class images, more than max_images={L.max_images}")
+        class_pngs: list[bytes] = []
+        if request.class_images:
+            try:
+                _imgs, class_pngs = decode_images([im.data for im in request.class_images], self.image_limits,
+                                                  int(self.bundle.manifest.gen_res))
+            except PersonalizeError as e:
+                raise PersonalizeError(f"class images: {e}") from e
+            except Exception as e:  # noqa: BLE001 - as above
+                raise InvalidArgument(f"a class image is not a decodable PNG/JPEG ({type(e).__name__})") from e
+        elif request.class_captions or request.prior_share:
+            raise InvalidArgument("class_captions and prior_share need class_images")
+        captions = [c.strip() for c in request.captions]
+        class_captions = [c.strip() for c in request.class_captions]
+        for what, texts in (("caption", captions), ("class caption", class_captions)):
+            for i, c in enumerate(texts):
+                if not c or len(c) > L.max_prompt_chars:
+                    raise InvalidArgument(f"{what} {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)")
+        share = float(request.prior_share) or 0.5
+        opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode, captions=captions,
+                          class_captions=class_captions, prior_share=share, batch=self.batch)
+        opts.training_prompts(len(request.images))  # one caption per image, or none
+        if class_pngs:
+            opts.class_prompts(len(class_pngs))  # one class caption per class image, or none
+        with self.lock:
+            if self.queued >= L.max_queue + (0 if self.current is not None else 1):
+                raise ResourceExhausted(f"the job queue is full (max_queue={L.max_queue} waiting behind the running job)")
+            self.queued += 1
+        now = time.time()
+        data = {"id": new_id(), "adapter_id": new_id(), "state": "QUEUED", "step": 0, "checkpoint_step": 0,
+                "loss": 0.0, "message": "", "created": now, "name": request.name or f"{token} {noun}",
+                "options": asdict(opts), "trainer": self.trainer}
+        rec = JobRecord(data)
+        self.store.save_job(data)
+        self.store.save_job_images(rec.id, pngs)
+        if class_pngs:
+            self.store.save_job_images(rec.id, class_pngs, kind="class_images")
+        with self.lock:
+            self.jobs[rec.id] = rec
+        self._emit(rec, "QUEUED", queue_position=max(0, self.queue.qsize() + (1 if self.current else 0)))
+        self.queue.put(rec)
+        return rec
+
+    # ------------------------------------------------------------------ the worker
+    def _work(self) -> None:
+        while not self.shutting_down.is_set():
+            try:
+                rec = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            with self.lock:
+                self.queued = max(0, self.queued - 1)
+                if rec.cancel.is_set():
+                    self._finish(rec, "CANCELLED", "cancelled while queued")
+                    continue
+                self.current = rec
+            try:
+                self._run(rec)
+            finally:
+                with self.lock:
+                    self.current = None
+
+    def _run(self, rec: JobRecord) -> None:
+        from ..personalize import Cancelled, JobOptions, Progress, images_from_pngs, run_job
+
+        data = rec.data
+        data["state"] = "RUNNING"
+        self.store.save_job(data)
+        opts = JobOptions(**data["options"])
+        start = int(data.get("checkpoint_step", 0))
+        work = self.store.job_dir(rec.id)
+
+        def event(kind: str, **kw) -> None:
+            if kind == "step":
+                data["step"], data["loss"] = kw["step"], float(kw["loss"])
+                self._emit(rec, "STEP", step=kw["step"], total_steps=kw["total"], loss=float(kw["loss"]))
+            elif kind == "checkpoint":
+                self._emit(rec, "CHECKPOINT", step=kw["step"], total_steps=kw["total"])
+            elif kind == "encoding":
+                self._emit(rec, "ENCODING")
+            elif kind == "precomputing":
+                self._emit(rec, "PRECOMPUTING", progress=float(kw.get("progress", 0.0)))
+
+        def on_checkpoint(step: int) -> None:
+            data["checkpoint_step"] = step
+            self.store.save_job(data)
+
+        def should_stop() -> bool:
+            return rec.cancel.is_set() or self.shutting_down.is_set()
+
+        try:
+            images = images_from_pngs(self.store.job_images(rec.id))
+            class_images = images_from_pngs(self.store.job_images(rec.id, kind="class_images"))
+            result = run_job(self.bundle, opts, images, work, trainer_backend=self.trainer, train_device=self.train_device,
+                             progress=Progress(event, should_stop), start_step=start, on_checkpoint=on_checkpoint,
+                             checkpoint_on_stop=lambda: self.shutting_down.is_set() and not rec.cancel.is_set(),
+                             class_images=class_images or None)
+        except Cancelled as e:
+            if rec.cancel.is_set():
+                self._finish(rec, "CANCELLED", str(e))
+            else:  # shutdown: stays resumable (RUNNING with its checkpoint)
+                self.store.save_job(data)
+            return
+        except Exception as e:  # noqa: BLE001 - a failed job must not take the daemon down
+            log.exception("job %s failed", rec.id)
+            self._finish(rec, "FAILED", f"{type(e).__name__}: {e}")
+            return
+        meta = {"name": data["name"], "token": opts.token, "class_noun": opts.class_noun, "steps": opts.steps,
+                "final_loss": result.final_loss, "lora_rank": int(self.bundle.manifest.lora.get("rank", 0)),
+                "job_id": rec.id, "learning_rate": opts.learning_rate, "seed": opts.seed,
+                "class_images": len(class_images), "prior_share": opts.prior_share if class_images else None,
+                "train_seconds": result.seconds, "trainer": self.trainer, "bundle": self.bundle.model.get("fingerprint")}
+        self.store.save_adapter(result.weights, meta, adapter_id=data["adapter_id"])
+        data["loss"] = result.final_loss
+        self._finish(rec, "DONE", f"trained {opts.steps} steps in {result.seconds:.1f} s")
+
+    def shutdown(self, wait: float = 60.0) -> None:
+        """Stop the worker: the running job checkpoints at its current step and stays resumable."""
+        self.shutting_down.set()
+        self.worker.join(timeout=wait)

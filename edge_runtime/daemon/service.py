@@ -1,0 +1,230 @@
+"""The gRPC servicer of edgeblock.v1.EdgeBlock over a Daemon, and the one place where what goes
+wrong in a request (RpcFailure, PersonalizeError, StoreError, NotFound, a request that does not
+parse) becomes a gRPC status code and message."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import grpc
+
+from ..api import edgeblock_pb2 as pb
+from ..api import edgeblock_pb2_grpc as pb_grpc
+from ..personalize import PersonalizeError
+from ..store import NotFound, StoreError, check_id
+from .errors import InvalidArgument, NotFoundError, RpcFailure
+from .jobs import JobRecord
+from .state import Daemon
+
+log = logging.getLogger("edgeblock.daemon")
+
+
+def _abort(context, e: RpcFailure):
+    context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
+
+
+@contextmanager
+def answering(context, store_error: type[RpcFailure] | None = InvalidArgument) -> Iterator[None]:
+    """Errors of the block as the RPC's status: an RpcFailure its own code, PersonalizeError
+    INVALID_ARGUMENT, NotFound NOT_FOUND, another StoreError store_error's code (None: not answered)."""
+    try:
+        yield
+    except RpcFailure as e:
+        _abort(context, e)
+    except PersonalizeError as e:
+        _abort(context, InvalidArgument(str(e)))
+    except NotFound as e:
+        _abort(context, NotFoundError(str(e)))
+    except StoreError as e:
+        if store_error is None:
+            raise
+        _abort(context, store_error(str(e)))
+
+
+def adapter_msg(a: dict) -> Any:
+    return pb.Adapter(id=a["id"], name=a.get("name", ""), token=a.get("token", ""), class_noun=a.get("class_noun", ""),
+                      steps=int(a.get("steps", 0)), final_loss=float(a.get("final_loss", 0.0)),
+                      created=float(a.get("created", 0.0)), sha256=a.get("sha256", ""),
+                      lora_rank=int(a.get("lora_rank", 0)), job_id=a.get("job_id", ""),
+                      size_bytes=int(a.get("size_bytes", 0)))
+
+
+def job_msg(d: dict) -> Any:
+    return pb.Job(id=d["id"], state=pb.Job.State.Value(d["state"]), step=int(d.get("step", 0)),
+                  total_steps=int(d["options"]["steps"]), loss=float(d.get("loss", 0.0)),
+                  adapter_id=d["adapter_id"] if d["state"] == "DONE" else "", message=d.get("message", ""),
+                  checkpoint_step=int(d.get("checkpoint_step", 0)), created=float(d.get("created", 0.0)),
+                  updated=float(d.get("updated", 0.0)))
+
+
+class Servicer(pb_grpc.EdgeBlockServicer):
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+
+    def _deadline(self, context) -> float | None:
+        r = context.time_remaining()
+        return None if r is None or r > 1e8 else time.time() + r
+
+    def _adapter_id(self, context, value: str) -> str:
+        with answering(context):
+            return check_id(value, "adapter_id")
+
+    def _job(self, context, value: str) -> JobRecord:
+        with answering(context):
+            check_id(value, "job_id")
+        rec = self.d.jobs.get(value)
+        if rec is None:
+            _abort(context, NotFoundError(f"unknown job {value}"))
+        return rec
+
+    def Personalize(self, request, context):
+        with answering(context):
+            rec = self.d.submit(request)
+        done = threading.Event()
+
+        def gone() -> None:  # the RPC ended: if the client went away mid-job, cancel the job
+            if not done.is_set() and not rec.finished():
+                log.info("client of job %s went away: cancelling", rec.id)
+                rec.cancel.set()
+            with rec.cond:
+                rec.cond.notify_all()
+
+        context.add_callback(gone)
+        i = 0
+        while True:
+            with rec.cond:
+                while i >= len(rec.events) and context.is_active():
+                    rec.cond.wait(timeout=0.5)
+                evs = rec.events[i:]
+            i += len(evs)
+            for ev in evs:
+                yield ev
+                if ev.kind in (pb.JobEvent.DONE, pb.JobEvent.FAILED, pb.JobEvent.CANCELLED):
+                    done.set()
+                    return
+            if not context.is_active():
+                return
+
+    def Generate(self, request, context):
+        with answering(context):
+            png, meta = self.d.generate(request, self._deadline(context))
+        return pb.GenerateResponse(png=png, adapter_id=request.adapter_id, **meta)
+
+    def ListAdapters(self, request, context):
+        return pb.ListAdaptersResponse(adapters=[adapter_msg(a) for a in self.d.store.list_adapters()])
+
+    def GetAdapter(self, request, context):
+        aid = self._adapter_id(context, request.adapter_id)
+        with answering(context, store_error=None):
+            return adapter_msg(self.d.store.get_adapter(aid))
+
+    def DeleteAdapter(self, request, context):
+        aid = self._adapter_id(context, request.adapter_id)
+        with answering(context, store_error=None):
+            self.d.store.delete_adapter(aid)
+        self.d.generator.forget(aid)
+        return pb.DeleteAdapterResponse(deleted=True)
+
+    def ExportAdapter(self, request, context):
+        import safetensors.numpy
+
+        aid = self._adapter_id(context, request.adapter_id)
+        try:
+            weights, info = self.d.store.load_adapter(aid)
+        except NotFound as e:
+            _abort(context, NotFoundError(str(e)))
+        except StoreError as e:
+            _abort(context, RpcFailure(str(e)))
+        data = safetensors.numpy.save({f"transformer.{k}": v for k, v in weights.items()},
+                                      metadata={"format": "pt", "edgeblock_adapter_id": aid,
+                                                "lora_rank": str(info.get("lora_rank", "")),
+                                                "lora_alpha": str(self.d.bundle.manifest.lora.get("alpha", ""))})
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in info.get("name", "adapter"))[:60]
+        return pb.ExportAdapterResponse(safetensors=data, filename=f"{name or 'adapter'}-{aid[:8]}.safetensors",
+                                        adapter=adapter_msg(info))
+
+    def GetJob(self, request, context):
+        return job_msg(self._job(context, request.job_id).data)
+
+    def CancelJob(self, request, context):
+        rec = self._job(context, request.job_id)
+        if not rec.finished():
+            rec.cancel.set()
+            deadline = time.time() + 30
+            while not rec.finished() and rec is self.d.jobs.current and time.time() < deadline:
+                time.sleep(0.02)  # within one step
+        return job_msg(rec.data)
+
+    def GetInfo(self, request, context):
+        from .. import __version__
+
+        d, b = self.d, self.d.bundle
+        L, D = d.limits, d.defaults
+        return pb.Info(
+            family=b.manifest.family, parameters=int(b.model.get("parameters", 0)),
+            trainable_blocks=list(b.manifest.trainable), num_blocks=int(b.model.get("num_blocks", 0)),
+            train_res=int(b.manifest.train_res), gen_res=int(b.manifest.gen_res), sizes=b.sizes(),
+            lora_rank=int(b.manifest.lora.get("rank", 0)), trainer=d.trainer, executor=b.executor,
+            limits=pb.Limits(max_images=L.max_images, max_image_bytes=L.max_image_bytes,
+                             max_image_pixels=L.max_image_pixels, max_steps=L.max_steps,
+                             max_prompt_chars=L.max_prompt_chars, max_generate_steps=L.max_generate_steps,
+                             max_queue=L.max_queue, max_concurrent_generations=L.max_concurrent_generations),
+            defaults=pb.Defaults(steps=D.steps, learning_rate=D.learning_rate, checkpoint_every=D.checkpoint_every,
+                                 generate_steps=D.generate_steps, guidance=D.guidance, seed=D.seed),
+            version=__version__,
+        )
+
+
+class _Undecodable:
+    """A request whose bytes are not a valid message of its type (its deserializer failed)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def decode_interceptor(service: str):
+    """A request that does not parse is INVALID_ARGUMENT, not grpc's INTERNAL "Exception deserializing request!"."""
+
+    def lenient(deserialize):
+        def parse(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception as e:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field, ...
+                return _Undecodable(e)
+
+        return parse
+
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request is not a valid protobuf message of its type ({type(request.error).__name__})")
+
+    class Decode(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            handler = continuation(details)
+            if handler is None or not details.method.startswith(f"/{service}/") or handler.request_streaming:
+                return handler
+            kw = {"request_deserializer": lenient(handler.request_deserializer),
+                  "response_serializer": handler.response_serializer}
+            if handler.response_streaming:
+                inner_stream = handler.unary_stream
+
+                def behavior_stream(request, context):
+                    if isinstance(request, _Undecodable):
+                        refuse(request, context)
+                    yield from inner_stream(request, context)
+
+                return grpc.unary_stream_rpc_method_handler(behavior_stream, **kw)
+            inner = handler.unary_unary
+
+            def behavior(request, context):
+                if isinstance(request, _Undecodable):
+                    refuse(request, context)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(behavior, **kw)
+
+    return Decode()
