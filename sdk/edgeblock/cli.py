@@ -248,29 +248,11 @@ def _as_dict(msg) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_client_ca and not args.tls_cert:
-        raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
-    for flag in ("bundle", "tls_cert", "tls_key", "tls_client_ca"):
-        path = getattr(args, flag)
-        if path and not os.path.exists(path):
-            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
-    if args.max_concurrent_generations is not None and args.max_concurrent_generations < 1:
-        raise ValueError(f"--max-concurrent-generations must be at least 1, got {args.max_concurrent_generations}")
-    if args.max_queue is not None and args.max_queue < 0:
-        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    from edge_runtime.daemon.config import config_kwargs
+
+    kwargs = config_kwargs(args)  # checks the flags before the daemon (and grpc) load
     from edge_runtime.server import ServerConfig, serve_forever
 
-    kwargs = dict(
-        bundle=args.bundle, listen=args.listen, state_dir=args.state, token=_read_token(args.token_file, "--token-file"),
-        allow_insecure_remote=args.allow_insecure_remote, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca, trainer=args.trainer, train_device=args.train_device,
-    )
-    # Unset limits are left to ServerConfig's defaults.
-    for flag in ("max_concurrent_generations", "max_queue"):
-        if getattr(args, flag) is not None:
-            kwargs[flag] = getattr(args, flag)
     rc = serve_forever(ServerConfig(**kwargs))
     return rc if isinstance(rc, int) else 0
 
@@ -559,23 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_build_engines)
 
     sv = sub.add_parser("serve", help="run the edge daemon (gRPC) on a compiled bundle")
-    sv.add_argument("--bundle", required=True, help="a bundle written by `edgeblock compile`")
-    sv.add_argument("--listen", default="127.0.0.1:50051", help="host:port (default 127.0.0.1:50051, loopback only)")
-    sv.add_argument("--state", required=True, help="state directory: adapters, jobs, checkpoints")
-    sv.add_argument("--token-file", default=None,
-                    help="file holding the bearer token clients must send (default: $EDGEBLOCK_TOKEN); "
-                         "required to listen beyond loopback")
-    sv.add_argument("--allow-insecure-remote", action="store_true",
-                    help="allow listening beyond loopback without TLS (the token then travels in clear)")
-    sv.add_argument("--tls-cert", default=None, help="server certificate (PEM)")
-    sv.add_argument("--tls-key", default=None, help="server private key (PEM)")
-    sv.add_argument("--tls-client-ca", default=None, help="CA (PEM) that client certificates must chain to (mTLS)")
-    sv.add_argument("--trainer", choices=["auto", "ort", "torch"], default="auto",
-                    help="training backend: ORT training artifacts, torch fallback, or auto (ort when installed)")
-    sv.add_argument("--train-device", default="auto",
-                    help="where the trainer runs: auto (cuda when its runtime has it, else cpu), cpu or cuda[:N]")
-    sv.add_argument("--max-concurrent-generations", type=int, default=None, help="default: the daemon's")
-    sv.add_argument("--max-queue", type=int, default=None, help="queued training jobs beyond which Personalize is refused")
+    from edge_runtime.daemon.config import add_arguments as add_daemon_arguments
+
+    add_daemon_arguments(sv)  # the flags of `python -m edge_runtime.server`
     sv.set_defaults(func=cmd_serve)
 
     pz = sub.add_parser("personalize", help="train a LoRA adapter on subject images on an edge daemon")
