@@ -600,9 +600,9 @@ def test_sysusers_entry_creates_the_service_user():
 
 
 def _server_flags() -> set[str]:
-    with open(os.path.join(ROOT, "edge_runtime", "server.py")) as f:
+    with open(os.path.join(ROOT, "edge_runtime", "daemon", "config.py")) as f:  # the daemon's one parser
         src = f.read()
-    main = src[src.index("def main("):]
+    main = src[src.index("def add_arguments("):]
     return set(re.findall(r'add_argument\("(--[a-z-]+)"', main))
 
 
