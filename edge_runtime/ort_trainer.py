@@ -7,23 +7,21 @@ Optimizer, save_checkpoint) directly.
 
 The artifacts (trainable/ in a bundle, see the compiler's ort_training.py): training_model.onnx,
 eval_model.onnx, optimizer_model.onnx (AdamW as torch.optim.AdamW), checkpoint (the LoRA
-initialisation) and training_spec.json (input order and shapes, trainable LoRA names, ...).
+initialisation) and training_spec.json (edge_runtime/training_spec.py: input order and shapes,
+trainable LoRA names, ...). The host compiler verifies its artifacts with this same class.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-SPEC_FILE = "training_spec.json"
+from .training_spec import SPEC_FILE, TrainingError, TrainingSpec, load_spec
 
-
-class TrainingError(RuntimeError):
-    """The training artifacts cannot be used here (missing files, no ORT training build, bad feeds)."""
+__all__ = ["OrtTrainer", "SPEC_FILE", "TrainingError", "TrainingSpec", "load_spec", "parse_device"]
 
 
 def _capi():
@@ -37,21 +35,6 @@ def _capi():
             "build ONNX Runtime with --enable_training_apis); the torch trainer backend can be used instead"
         ) from e
     return C
-
-
-def load_spec(artifact_dir: str) -> dict[str, Any]:
-    path = os.path.join(artifact_dir, SPEC_FILE)
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-    except FileNotFoundError as e:
-        raise TrainingError(f"{path} is missing: not a training artifact directory") from e
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{path} is not valid JSON: {e}") from e
-    for key in ("inputs", "input_shapes", "requires_grad", "lora", "files"):
-        if key not in spec:
-            raise TrainingError(f"{path}: missing field {key!r}")
-    return spec
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -86,8 +69,8 @@ class OrtTrainer:
         C = _capi()
         ort_device = _ort_device(C, device)
         self.dir = artifact_dir
-        self.spec = load_spec(artifact_dir)
-        files = self.spec["files"]
+        self.spec: TrainingSpec = load_spec(artifact_dir)
+        files = self.spec.files
 
         def path(what: str) -> str:
             p = os.path.join(artifact_dir, files[what])
@@ -105,10 +88,10 @@ class OrtTrainer:
         self._module = C.Module(path("training"), self._state, path("eval"), ort_device, opts)
         self._optimizer = C.Optimizer(path("optimizer"), self._state, ort_device, opts)
         self.device = device
-        self.lr = float(self.spec.get("optimizer", {}).get("lr", 1e-3) if lr is None else lr)
+        self.lr = float(self.spec.learning_rate if lr is None else lr)
         self._optimizer.set_learning_rate(self.lr)
-        self.inputs: list[str] = list(self.spec["inputs"])
-        self.shapes = {k: tuple(v) for k, v in self.spec["input_shapes"].items()}
+        self.inputs: list[str] = list(self.spec.inputs)
+        self.shapes = {k: tuple(v) for k, v in self.spec.input_shapes.items()}
 
     # ------------------------------------------------------------------ steps
     def _args(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
@@ -156,7 +139,7 @@ class OrtTrainer:
         self._module.lazy_reset_grad()
         loss = self._run(feeds, True)
         grads = {}
-        for n in self.spec["requires_grad"]:
+        for n in self.spec.requires_grad:
             g = self._state.get_parameter(n).grad
             grads[n] = np.array(g.numpy()) if g.has_value() else None
         self._module.lazy_reset_grad()
@@ -172,7 +155,7 @@ class OrtTrainer:
     # ------------------------------------------------------------------ weights
     def lora_weights(self) -> dict[str, np.ndarray]:
         """Every LoRA tensor of the checkpoint by published name (unreachable ones as initialised)."""
-        return {n: np.array(self._state.get_parameter(n).data.numpy()) for n in self.spec["lora"]
+        return {n: np.array(self._state.get_parameter(n).data.numpy()) for n in self.spec.lora
                 if self._state.has_parameter(n)}
 
     def set_lora_weights(self, weights: Mapping[str, np.ndarray]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import safetensors.numpy
 
 from .onnx_interp import Interpreter, OnnxFormatError, OnnxGraph, UnsupportedOp
-from .ort_trainer import TrainingError, load_spec
+from .training_spec import TrainingError, TrainingSpec, load_spec
 from .torch_layout_ops import load_torch
 from .torch_ops import ops
 
@@ -49,8 +49,8 @@ class TorchTrainer:
                  threads: int | None = None, *, device: str = "cpu"):
         torch = load_torch()
         self.dir = artifact_dir
-        self.spec = load_spec(artifact_dir)
-        files = {**DEFAULT_FILES, **self.spec["files"]}
+        self.spec: TrainingSpec = load_spec(artifact_dir)
+        files = {**DEFAULT_FILES, **self.spec.files}
         self.threads = int(threads) if threads else None
         self.device = torch.device(device)
         eval_path = os.path.join(artifact_dir, files["eval"])
@@ -61,9 +61,9 @@ class TorchTrainer:
             raise TrainingError(
                 f"{files['params']} is missing from {artifact_dir}: the torch trainer needs the parameter values "
                 "(bundles compiled before it existed lack it: recompile the bundle)")
-        self.inputs: list[str] = list(self.spec["inputs"])
-        self.shapes = {k: tuple(v) for k, v in self.spec["input_shapes"].items()}
-        self.lr = float(self.spec.get("optimizer", {}).get("lr", 1e-3) if lr is None else lr)
+        self.inputs: list[str] = list(self.spec.inputs)
+        self.shapes = {k: tuple(v) for k, v in self.spec.input_shapes.items()}
+        self.lr = float(self.spec.learning_rate if lr is None else lr)
 
         with self._threads():
             self.graph = OnnxGraph.load(eval_path)
@@ -78,7 +78,7 @@ class TorchTrainer:
             missing = [n for n in needed if n not in values]
             if missing:
                 raise TrainingError(f"{files['params']} lacks parameters the eval graph takes: {missing[:5]}")
-            trainable = list(self.spec["requires_grad"])
+            trainable = list(self.spec.requires_grad)
             absent = [n for n in trainable if n not in values]
             if absent:
                 raise TrainingError(f"{files['params']} lacks trainable parameters {absent[:5]}")
@@ -88,7 +88,7 @@ class TorchTrainer:
             for n in trainable:
                 self._params[n].requires_grad_(True)
             self._trainable = trainable
-            opt = self.spec.get("optimizer", {}) or {}
+            opt = self.spec.optimizer or {}
             kind = str(opt.get("type", "AdamW"))
             if kind != "AdamW" or int(opt.get("adam_mode", 0)) != 0:
                 raise TrainingError(f"optimizer {kind} (adam_mode {opt.get('adam_mode')}) is not torch's AdamW")
@@ -194,7 +194,7 @@ class TorchTrainer:
     # ------------------------------------------------------------------ weights
     def lora_weights(self) -> dict[str, np.ndarray]:
         """Every LoRA tensor by published name (unreachable ones as initialised)."""
-        return {n: self._params[n].detach().cpu().numpy().copy() for n in self.spec["lora"] if n in self._params}
+        return {n: self._params[n].detach().cpu().numpy().copy() for n in self.spec.lora if n in self._params}
 
     def set_lora_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         torch = load_torch()
@@ -211,7 +211,7 @@ class TorchTrainer:
     def _saved_names(self) -> list[str]:
         """What a checkpoint holds: the trainable tensors and every LoRA tensor (the frozen base
         weights are the artifacts' own, in params.safetensors)."""
-        return list(dict.fromkeys([*self._trainable, *(n for n in self.spec["lora"] if n in self._params)]))
+        return list(dict.fromkeys([*self._trainable, *(n for n in self.spec.lora if n in self._params)]))
 
     def save_checkpoint(self, path: str, include_optimizer_state: bool = True) -> None:
         """Write the training state to `path` atomically (tmp file + rename)."""

@@ -1,4 +1,4 @@
-"""ONNX Runtime training artifacts for the block-skip training graph, and a host-side runner.
+"""ONNX Runtime training artifacts for the block-skip training graph, and their check against torch.
 
 The training graph is the torch BlockSkipModel step at the fixed training shape:
 trainable blocks (LoRA) + residual adds + epilogue + MSE loss against `target`,
@@ -9,20 +9,21 @@ the LoRA parameters the loss can reach trainable, and an AdamW optimizer model
 that is torch.optim.AdamW (ORT's AdamWOptimizer in adam_mode 0; the stock block
 is the Hugging Face variant, adam_mode 1, eps 1e-6, no weight decay).
 
-Graph inputs (by name, see onnx_export for the conventions): `state.<slot>` (the
+Graph inputs (by name, edge_runtime/graph_names.py): `state.<slot>` (the
 state entering the first trainable block), the `ctx.*` tensors the graph reads,
 `gap_<s>_<e>.<slot>` (summed residuals, segment order), `target`. Output: `loss`.
 Trainable parameters carry the published LoRA names
 (`transformer_blocks.3.attn.to_q.lora_A.weight`), as in trainable/infer.onnx.
+training_spec.json is edge_runtime/training_spec.py's TrainingSpec; the artifacts run here through
+the device's own trainer (edge_runtime.ort_trainer.OrtTrainer, re-exported as OrtTrainer).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -30,32 +31,20 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from edge_runtime import graph_names as gn
+from edge_runtime import training_spec as ts
+
+# The host verifies its artifacts with the device's trainer (the ORT training C API, torch-free): one class.
+from edge_runtime.ort_trainer import OrtTrainer  # noqa: F401 - part of this module's API
+from edge_runtime.training_spec import ARTIFACTS, SPEC_FILE, TRAIN_OPSET  # noqa: F401 - part of this module's API
+
 from ..method.blockskip import BlockSkipModel, Precomputed, SkipPlan
 from ..method.lora import LoRASpec
 from ..models.base import DiTAdapter
-from .onnx_export import (
-    EXTERNAL_DATA_THRESHOLD,
-    MAX_IR_VERSION,
-    CtxLayout,
-    _np,
-    export_module,
-    flatten_state,
-    gap_prefix,
-    lora_name,
-    save_onnx,
-)
-
-TRAIN_OPSET = 15
-ARTIFACTS = {
-    "training": "training_model.onnx",
-    "eval": "eval_model.onnx",
-    "optimizer": "optimizer_model.onnx",
-    "checkpoint": "checkpoint",
-    # Every parameter the training/eval graphs read, by their parameter-input names, float32: the
-    # torch trainer backend (edge_runtime/torch_trainer.py) cannot read ORT's checkpoint format.
-    "params": "params.safetensors",
-}
-SPEC_FILE = "training_spec.json"
+from .named_tensors import CtxLayout, flatten_state, gap_prefix
+from .onnx_io import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, export_module, save_onnx
+from .onnx_run import _np
+from .trainable_infer import lora_name
 
 
 @dataclass(frozen=True)
@@ -116,41 +105,9 @@ def _blocks():
     return TorchAdamW, OutputLoss
 
 
-@dataclass
-class TrainingSpec:
-    """What generate_artifacts produced and how to feed it (JSON-able; saved as training_spec.json)."""
-
-    artifact_dir: str
-    inputs: list[str]  # user inputs of the training graph, in order
-    input_shapes: dict[str, list[int]]
-    requires_grad: list[str]  # trainable LoRA parameters (published names)
-    frozen: list[str]  # every other parameter in the checkpoint
-    unreachable: list[str]  # LoRA parameters the loss cannot reach (not trainable)
-    lora: dict[str, dict[str, Any]]  # published LoRA name -> {block, param, shape}
-    gaps: list[str]  # gap_<s>_<e> prefixes, segment order
-    opset: int = TRAIN_OPSET
-    optimizer: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=lambda: dict(ARTIFACTS))
-
-    def path(self, what: str) -> str:
-        return os.path.join(self.artifact_dir, self.files[what])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save(self) -> str:
-        p = os.path.join(self.artifact_dir, SPEC_FILE)
-        with open(p, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        return p
-
-    @classmethod
-    def load(cls, artifact_dir: str) -> TrainingSpec:
-        with open(os.path.join(artifact_dir, SPEC_FILE)) as f:
-            d = json.load(f)
-        d["artifact_dir"] = artifact_dir
-        d["files"] = {**ARTIFACTS, **d.get("files", {})}  # specs written before "params" existed
-        return cls(**d)
+class TrainingSpec(ts.TrainingSpec):
+    """edge_runtime.training_spec.TrainingSpec (training_spec.json, read by the device) and, on the host,
+    the training graph's feeds from a precomputed chunk."""
 
     def feeds(self, pre: Precomputed) -> dict[str, np.ndarray]:
         """The training graph's inputs from one precomputed chunk."""
@@ -166,7 +123,7 @@ def training_inputs(pre: Precomputed, gaps: Sequence[str]) -> dict[str, Tensor]:
     named.update(CtxLayout.of(pre.ctx).tensors(pre.ctx, with_hw=False))
     for key, r in zip(gaps, pre.residuals):
         named.update(flatten_state(r, key))
-    named["target"] = pre.target
+    named[gn.TARGET] = pre.target
     return named
 
 
@@ -260,10 +217,11 @@ def _export_training(adapter, plan, lora, pre, out_dir, net, optimizer, external
     example = training_inputs(pre, gaps)
 
     def fn(named: dict[str, Tensor]) -> dict[str, Tensor]:
-        state = tuple(None if t is None else named[f"state.{slot}"] for slot, t in zip(("image", "text"), pre.entry))
-        rs = [tuple(None if t is None else named[f"{key}.{slot}"] for slot, t in zip(("image", "text"), r)) for key, r in zip(gaps, pre.residuals)]
+        state = tuple(None if t is None else named[gn.state_name(slot)] for slot, t in zip(gn.SLOTS, pre.entry))
+        rs = [tuple(None if t is None else named[gn.state_name(slot, key)] for slot, t in zip(gn.SLOTS, r))
+              for key, r in zip(gaps, pre.residuals)]
         pred = net.run(state, layout.rebuild(named, dynamic=False), rs)
-        return {"loss": torch.nn.functional.mse_loss(pred, named["target"])}
+        return {gn.LOSS: torch.nn.functional.mse_loss(pred, named[gn.TARGET])}
 
     reach, unreach = reachable_lora(net, pre)
     module_names = list(net.lora_parameters())
@@ -308,7 +266,7 @@ def _export_training(adapter, plan, lora, pre, out_dir, net, optimizer, external
             base_path if external else model,
             requires_grad=requires_grad,
             frozen_params=frozen,
-            loss=OutputLoss("loss"),
+            loss=OutputLoss(gn.LOSS),
             optimizer=TorchAdamW(optimizer),
             artifact_directory=out_dir,
         )
@@ -402,64 +360,6 @@ def _cwd(path: str | None):
         yield
     finally:
         os.chdir(old)
-
-
-class OrtTrainer:
-    """Runs the artifacts with onnxruntime.training.api (CheckpointState, Module, Optimizer).
-
-    In ORT 1.19.2 that import pulls in torch (its amp/optim subpackages); fine on
-    the host. The device side (edge_runtime, no torch) calls the same C API
-    through onnxruntime.capi._pybind_state (load_checkpoint, Module, Optimizer,
-    save_checkpoint) directly.
-    """
-
-    def __init__(self, artifact_dir: str, lr: float | None = None, device: str = "cpu"):
-        from onnxruntime.training.api import CheckpointState, Module, Optimizer
-
-        self.spec = TrainingSpec.load(artifact_dir)
-        self.state = CheckpointState.load_checkpoint(self.spec.path("checkpoint"))
-        with _quiet_ort():  # "Removing initializer ... not used" warnings of the gradient graph
-            self.module = Module(self.spec.path("training"), self.state, self.spec.path("eval"), device=device)
-            self.optimizer = Optimizer(self.spec.path("optimizer"), self.module)
-        self.optimizer.set_learning_rate(self.spec.optimizer.get("lr", 1e-3) if lr is None else lr)
-        self._names = self.module.input_names()
-
-    def _args(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
-        return [np.ascontiguousarray(_np(feeds[n]), dtype=np.float32) for n in self._names]
-
-    def loss_and_grads(self, feeds: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
-        """Forward + backward without an optimizer step; gradients of the trainable LoRA tensors."""
-        self.module.train()
-        self.module.lazy_reset_grad()
-        loss = float(self.module(*self._args(feeds)))
-        grads = {n: np.array(self.state.parameters[n].grad) for n in self.spec.requires_grad}
-        self.module.lazy_reset_grad()
-        return loss, grads
-
-    def step(self, feeds: Mapping[str, Any]) -> float:
-        """One training step (forward, backward, AdamW); returns the loss before the update."""
-        self.module.train()
-        loss = float(self.module(*self._args(feeds)))
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
-        return loss
-
-    def eval_loss(self, feeds: Mapping[str, Any]) -> float:
-        self.module.eval()
-        return float(self.module(*self._args(feeds)))
-
-    def lora_weights(self) -> dict[str, np.ndarray]:
-        """Every LoRA tensor by published name (trainable ones as trained, unreachable ones as initialised)."""
-        return {n: np.array(self.state.parameters[n].data) for n in self.spec.lora if n in self.state.parameters}
-
-    def set_lora_weights(self, weights: Mapping[str, Any]) -> None:
-        for n, v in weights.items():
-            self.state.parameters[n] = np.ascontiguousarray(_np(v), dtype=np.float32)
-
-    def save(self, path: str, include_optimizer_state: bool = True) -> None:
-        from onnxruntime.training.api import CheckpointState
-
-        CheckpointState.save_checkpoint(self.state, path, include_optimizer_state=include_optimizer_state)
 
 
 def load_lora_into(net: BlockSkipModel | nn.Module, adapter: DiTAdapter, weights: Mapping[str, Any]) -> None:
