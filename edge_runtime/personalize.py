@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import graph_names as gn
 from .patch_sampling import PatchSampler, PatchSchedule, check_prior_from, pick_image
 from .runtime import Bundle
 from .sampler import alphas_cumprod
@@ -189,7 +190,7 @@ class FrozenPass:
         self.inputs = list(training_inputs)
         names = bundle.chain_names[:-1]  # the epilogue is part of the training graph
         kinds = [bundle.graphs[n]["kind"] for n in names]
-        first = kinds.index("trainable_infer")
+        first = kinds.index(gn.TRAINABLE_INFER)
         self.names = names
         self.first_trainable = first
         # a gap (maximal skipped run after the first trainable block) may span several groups when the
@@ -198,15 +199,14 @@ class FrozenPass:
         self.gap_of: dict[str, str] = {}
         self.opens_gap: set[str] = set()
         self.closes_gap: set[str] = set()
-        gaps = sorted({k.split(".")[0] for k in self.inputs if k.startswith("gap_")})
-        spans = [(int(g.split("_")[1]), int(g.split("_")[2]), g) for g in gaps]
+        spans = gn.gap_spans(self.inputs)
         for n in names[first + 1:]:
             g = bundle.graphs[n]
-            if g["kind"] != "group":
+            if g["kind"] != gn.GROUP:
                 continue
             a, e = g["blocks"][0], g["blocks"][-1]
             hit = [(s0, e0, p) for s0, e0, p in spans if s0 <= a and e <= e0]
-            s0, e0, self.gap_of[n] = hit[0] if hit else (a, e, f"gap_{a}_{e}")
+            s0, e0, self.gap_of[n] = hit[0] if hit else (a, e, gn.gap_prefix(a, e))
             if s0 == a:
                 self.opens_gap.add(n)
             if e0 == e:
@@ -218,25 +218,25 @@ class FrozenPass:
         name = self.names[pos]
         g = b.graphs[name]
         if pos == self.first_trainable:
-            rec.update({k: v for k, v in acc.items() if k.startswith("state.")})
+            rec.update({k: v for k, v in acc.items() if gn.is_state(k)})
         out = b.run(name, acc)
-        if pos > self.first_trainable and g["kind"] == "group":
+        if pos > self.first_trainable and g["kind"] == gn.GROUP:
             prefix = self.gap_of[name]
             for slot, oname in (g.get("state_out") or {}).items():
-                key = f"{prefix}.{slot}"
+                key = gn.state_name(slot, prefix)
                 if key not in self.inputs:
                     continue
                 start = f"{key}.start"  # kept in rec only while a gap runs over several groups
                 if name in self.opens_gap:
-                    rec[start] = acc[f"state.{slot}"]
+                    rec[start] = acc[gn.state_name(slot)]
                 if name in self.closes_gap:
                     rec[key] = out[oname] - rec.pop(start)
         b.advance(name, acc, out)
         if pos == 0:
-            rec.update({k: v for k, v in acc.items() if k.startswith("ctx.") and k in self.inputs})
+            rec.update({k: v for k, v in acc.items() if gn.is_ctx(k) and k in self.inputs})
 
     def feeds(self, rec: dict[str, np.ndarray], target: np.ndarray) -> dict[str, np.ndarray]:
-        rec = {**rec, "target": target}
+        rec = {**rec, gn.TARGET: target}
         missing = [n for n in self.inputs if n not in rec]
         if missing:
             raise RuntimeError(f"the frozen pass did not produce training inputs {missing}")
@@ -339,7 +339,7 @@ class JobResult:
 
 
 def make_trainer(bundle: Bundle, backend: str, lr: float, checkpoint: str | None, device: str = "cpu"):
-    art = os.path.join(bundle.root, "trainable")
+    art = os.path.join(bundle.root, gn.TRAINABLE_DIR)
     if backend == "torch":
         from .torch_trainer import TorchTrainer
 
@@ -376,9 +376,9 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     text = bundle.encode_prompts(prompts)  # one row, or one per image
     bundle.release_text_encoder()  # not needed again by this job
     plan = DrawPlan(bundle, images, opts.seed, prior_from, opts.prior_share)
-    from .ort_trainer import load_spec
+    from .training_spec import load_spec
 
-    frozen = FrozenPass(bundle, list(load_spec(os.path.join(bundle.root, "trainable"))["inputs"]))
+    frozen = FrozenPass(bundle, list(load_spec(os.path.join(bundle.root, gn.TRAINABLE_DIR)).inputs))
     n, batch = opts.steps, int(opts.batch)
     result = JobResult(weights={})
     pre_s = 0.0

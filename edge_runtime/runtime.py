@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import graph_names as gn
 from .manifest import Manifest, load_manifest
 from .patch_sampling import with_grid_crop
 from .sampler import sample
@@ -77,13 +78,13 @@ class Bundle:
     def _chain(self) -> list[str]:
         """Graph names in generation order: prologue, each run (frozen group / infer graph), epilogue."""
         by_block = {b["index"]: b["group"] for b in self.manifest.blocks}
-        names = ["prologue"]
+        runs = []
         for run in self.model["generation_chain"]:
             g = by_block[run["blocks"][0]]
             if g not in self.graphs:
                 raise RuntimeError_(f"manifest: graph {g!r} of blocks {run['blocks']} is not described")
-            names.append(g)
-        names.append("epilogue")
+            runs.append(g)
+        names = gn.chain_graphs(runs)
         self.chain_names = names
         return names
 
@@ -103,7 +104,7 @@ class Bundle:
 
     def _open(self, name: str):
         g = self.graphs.get(name, {})
-        if self.executor == "tensorrt" and g.get("kind") == "group":
+        if self.executor == "tensorrt" and g.get("kind") == gn.GROUP:
             from .engines import TrtGroup
 
             return _TrtSession(TrtGroup.from_bundle(self.root, g["path"]))
@@ -157,12 +158,7 @@ class Bundle:
     def advance(self, name: str, acc: dict[str, np.ndarray], out: Mapping[str, np.ndarray]) -> None:
         """Fold a graph's outputs into the accumulated tensors (out.<slot> -> state.<slot>)."""
         g = self.graphs[name]
-        state_in, state_out = g.get("state_in") or [], g.get("state_out") or []
-        for slot in state_in:
-            if state_out and slot not in state_out:
-                acc.pop(f"state.{slot}", None)
-        for n, v in out.items():
-            acc[f"state.{n[4:]}" if n.startswith("out.") else n] = v
+        gn.fold_outputs(acc, out, g.get("state_in") or [], g.get("state_out") or [])
 
     def predict(self, feeds: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None,
                 names: Iterable[str] | None = None) -> np.ndarray:
@@ -170,7 +166,7 @@ class Bundle:
         acc = dict(feeds)
         for name in names or self.chain_names:
             self.advance(name, acc, self.run(name, acc, lora))
-        return acc["prediction"]
+        return acc[gn.PREDICTION]
 
     # ------------------------------------------------------------------ text, VAE
     def text_encoder(self):
