@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from . import graph_names as gn
-from .manifest import Manifest, load_manifest
+from .manifest import MANIFEST, Manifest, load_manifest, sha256_file
 from .patch_sampling import with_grid_crop
-from .sampler import sample
+from .sampler import initial_noise, sample
 
 
 class RuntimeError_(RuntimeError):
@@ -42,6 +42,7 @@ class Bundle:
                  use_tensorrt: bool | None = None, verify_files: bool = True):
         self.root = os.path.abspath(root)
         self.manifest: Manifest = load_manifest(self.root, verify_files=verify_files)
+        self.manifest_sha256 = sha256_file(os.path.join(self.root, MANIFEST))  # the bundle's identity (adapter files)
         m = self.manifest
         self.graphs = m.graphs
         self.model = m.model
@@ -224,7 +225,7 @@ class Bundle:
             raise RuntimeError_(f"size {size} is not a multiple of {self.multiple}")
         side = size // self.downsample
         if noise is None:
-            noise = np.random.default_rng(seed).standard_normal((1, self.latent_channels, side, side)).astype(np.float32)
+            noise = initial_noise(seed, (1, self.latent_channels, side, side))
         embedded = bool(self.model.get("guidance_embeds"))
         cfg_on = (not embedded) and guidance != 1.0
         text = self.encode_prompts([prompt, ""] if cfg_on else [prompt])

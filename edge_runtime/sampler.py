@@ -112,3 +112,9 @@ def sample(predict: Predict, noise: np.ndarray, steps: int, cfg: dict[str, Any],
     if kind == "ddim":
         return sample_ddim(predict, noise, steps, cfg, on_step)
     raise ValueError(f"unknown sampler {kind!r} (flow_euler, ddim)")
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The starting noise of a generation with `seed`: the one rule the daemon and host-side generation share,
+    so one seed gives one image wherever it is drawn."""
+    return np.random.default_rng(int(seed)).standard_normal(shape).astype(np.float32)

@@ -1,6 +1,6 @@
 """The daemon's state directory: adapters and jobs, written atomically with checksums.
 
-    STATE/adapters/<id>/adapter.safetensors   LoRA weights (published names, float32)
+    STATE/adapters/<id>/adapter.safetensors   the adapter file (edge_runtime.adapter_file: diffusers/PEFT LoRA)
     STATE/adapters/<id>/adapter.json          metadata + sha256 of the weights (written last)
     STATE/jobs/<id>/job.json                  request options, state, step, checkpoint step
     STATE/jobs/<id>/images/NN.png             the decoded subject images (a resumed job reads them)
@@ -27,9 +27,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
-from .fileio import fsync_dir, atomic_json, atomic_write
+from . import adapter_file
+from .fileio import atomic_json, atomic_write, fsync_dir
+
+# what the adapter file's own record (metadata "edgeblock") keeps of an adapter's adapter.json
+RECORDED = ("name", "token", "class_noun", "steps", "final_loss", "job_id", "bundle_sha256", "recipe", "learning_rate",
+            "seed", "created")
+
+
+def _rank(weights: Mapping[str, np.ndarray]) -> int:
+    return int(next(np.shape(v)[0] for k, v in weights.items() if k.endswith(".lora_A.weight")))
 
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -92,8 +100,10 @@ class Store:
         adapter_id = adapter_id or new_id()
         d = self.adapter_dir(adapter_id)
         os.makedirs(d, exist_ok=True)
-        data = safetensors.numpy.save({k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()},
-                                      metadata={"format": "edgeblock-lora", "adapter_id": adapter_id})
+        alpha = meta.get("lora_alpha")
+        record = {k: v for k, v in meta.items() if k in RECORDED}
+        data = adapter_file.encode(weights, alpha if alpha is not None else _rank(weights),
+                                   {**record, "adapter_id": adapter_id})
         atomic_write(os.path.join(d, "adapter.safetensors"), data)
         info = {**meta, "id": adapter_id, "sha256": sha256_bytes(data), "size_bytes": len(data),
                 "created": meta.get("created", time.time())}
@@ -117,15 +127,21 @@ class Store:
         return sorted(out, key=lambda a: a.get("created", 0))
 
     def load_adapter(self, adapter_id: str) -> tuple[dict[str, np.ndarray], dict]:
+        """The adapter's LoRA tensors by module path (float32) and its adapter.json."""
+        data, info = self.adapter_bytes(adapter_id)
+        try:
+            return adapter_file.decode(data, default_alpha=info.get("lora_alpha")).weights, info
+        except adapter_file.AdapterFileError as e:
+            raise StoreError(f"adapter {adapter_id}: adapter.safetensors is not readable ({e})") from e
+
+    def adapter_bytes(self, adapter_id: str) -> tuple[bytes, dict]:
+        """The adapter file as stored (checked against its sha256): what ExportAdapter sends."""
         info = self.get_adapter(adapter_id)
         with open(os.path.join(self.adapter_dir(adapter_id), "adapter.safetensors"), "rb") as f:
             data = f.read()
         if sha256_bytes(data) != info["sha256"]:
             raise StoreError(f"adapter {adapter_id}: weights do not match their sha256 (corrupt file)")
-        try:
-            return safetensors.numpy.load(data), info
-        except Exception as e:  # safetensors raises its own error type for a corrupt file
-            raise StoreError(f"adapter {adapter_id}: adapter.safetensors is not readable ({e})") from e
+        return data, info
 
     def delete_adapter(self, adapter_id: str) -> None:
         d = self.adapter_dir(adapter_id)

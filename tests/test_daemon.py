@@ -18,6 +18,7 @@ from edgeblock.client import ClientError, EdgeClient
 from PIL import Image
 
 from edge_runtime.api import edgeblock_pb2 as pb
+from edge_runtime.manifest import load_manifest
 
 pytest.importorskip("onnxruntime.training")
 
@@ -104,26 +105,53 @@ def test_end_to_end_personalize_generate_adapters(daemon, bundle, tmp_path):
         assert not (job_dir / "class_images").exists() and (job_dir / "job.json").exists()
 
 
-def test_exported_adapter_loads_into_diffusers_and_matches_the_daemon(daemon):
-    """ExportAdapter's file loads into the diffusers FluxTransformer2DModel of the built-in model and
-    gives the same prediction change the daemon's infer graphs give."""
+def test_exported_adapter_is_the_one_adapter_file_the_host_and_diffusers_read(daemon, bundle, tmp_path):
+    """ExportAdapter's file (edge_runtime.adapter_file) records the bundle and the training settings, loads into the
+    diffusers FluxTransformer2DModel of the built-in model by its own metadata (rank, alpha, target modules), and
+    `edgeblock generate --model builtin --adapter FILE` draws from it the image the daemon draws for the same prompt
+    and seed."""
     import torch
     from diffusers import FluxTransformer2DModel
     from edgeblock.builtin.pipeline import MODEL_DIR
-    from safetensors.numpy import load
+    from edgeblock.cli import main
 
+    from edge_runtime import adapter_file
+    from edge_runtime.manifest import MANIFEST, sha256_file
+
+    prompt = "a sks ring on a blue background, top left"
     with EdgeClient(daemon.address, timeout=60) as c:
         c.wait_ready(20)
         _, aid = _personalize(c, steps=8, learning_rate=5e-3)
         data, _ = c.export_adapter(aid)
-    sd = {k: torch.from_numpy(v) for k, v in load(data).items()}
+        on_device = _img(c.generate(prompt, steps=6, seed=5, guidance=3.0, adapter_id=aid).png)
+        base = _img(c.generate(prompt, steps=6, seed=5, guidance=3.0).png)
+    f = adapter_file.decode(data)
+    m = load_manifest(bundle)
+    assert f.info["format"] == adapter_file.FORMAT and f.info["adapter_id"] == aid and f.info["token"] == "sks"
+    assert f.info["bundle_sha256"] == sha256_file(os.path.join(bundle, MANIFEST))
+    assert f.info["recipe"]["steps"] == 8 and f.info["recipe"]["learning_rate"] == pytest.approx(5e-3, rel=1e-6)
+    assert (f.rank, f.alpha) == (m.lora["rank"], m.lora["alpha"])
+    path = tmp_path / "adapter.safetensors"
+    path.write_bytes(data)
+
     tr = FluxTransformer2DModel.from_pretrained(os.path.join(MODEL_DIR, "transformer")).eval()
-    tr.load_lora_adapter(sd, prefix="transformer", adapter_name="sks")
+    tr.load_lora_adapter(str(path), prefix="transformer", adapter_name="sks")
     loaded = {n: p for n, p in tr.named_parameters() if "lora_" in n}
-    for k, v in sd.items():
-        name = k[len("transformer."):].replace(".weight", ".sks.weight")
+    for k, v in f.weights.items():
+        name = k.replace(".weight", ".sks.weight")
         assert name in loaded, name
-        assert torch.equal(loaded[name].detach(), v)
+        assert torch.equal(loaded[name].detach(), torch.from_numpy(v))
+    assert tr.peft_config["sks"].r == f.rank and tr.peft_config["sks"].lora_alpha == f.alpha  # read from the file
+
+    out = tmp_path / "host.png"
+    assert main(["generate", "--model", "builtin", "--prompt", prompt, "--adapter", str(path), "--seed", "5",
+                 "--steps", "6", "--guidance", "3.0", "-o", str(out)]) == 0
+    on_host = _img(out.read_bytes())
+    diff = np.abs(on_host.astype(int) - on_device.astype(int))
+    print(f"host vs daemon with the adapter: max {diff.max()}, mean {diff.mean():.3f}; adapter effect max "
+          f"{np.abs(on_device.astype(int) - base.astype(int)).max()}")
+    assert np.abs(on_device.astype(int) - base.astype(int)).max() > 8  # the adapter changes the image
+    assert diff.max() <= 2  # the same image, within fp rounding of the two runtimes
 
 
 def test_daemon_process_is_torch_free(daemon):

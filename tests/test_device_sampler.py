@@ -100,7 +100,8 @@ def test_capped_frozen_groups_train_the_same_adapter(builtin_runtime, tmp_path):
     from edgeblock.compile import bundle as bd
 
     out = str(tmp_path / "split")
-    bd.compile_bundle(bd.CompileOptions("builtin", out, blocks=(0, 2), lora_rank=4, max_group_mb=0.01), progress=None)
+    bd.compile_bundle(bd.CompileOptions("builtin", out, blocks=(0, 2), lora_rank=4, train_res=32, max_group_mb=0.01),
+                      progress=None)  # the builtin_bundle fixture's setting, groups capped
     split = Bundle(out, threads=1)
     chain = split.model["generation_chain"]
     assert [c["blocks"] for c in chain if c["kind"] == "frozen"] == [[1], [3], [4], [5]]

@@ -130,19 +130,21 @@ class Servicer(pb_grpc.EdgeBlockServicer):
         return pb.DeleteAdapterResponse(deleted=True)
 
     def ExportAdapter(self, request, context):
-        import safetensors.numpy
+        """The adapter file as stored (edge_runtime.adapter_file: diffusers/PEFT LoRA with edgeblock's record); an
+        adapter stored by an earlier daemon is rewritten into that format on the way out."""
+        from .. import adapter_file
 
         aid = self._adapter_id(context, request.adapter_id)
         try:
-            weights, info = self.d.store.load_adapter(aid)
+            data, info = self.d.store.adapter_bytes(aid)
+            f = adapter_file.decode(data, default_alpha=info.get("lora_alpha", self.d.bundle.manifest.lora.get("alpha")))
         except NotFound as e:
             _abort(context, NotFoundError(str(e)))
-        except StoreError as e:
+        except (StoreError, adapter_file.AdapterFileError) as e:
             _abort(context, RpcFailure(str(e)))
-        data = safetensors.numpy.save({f"transformer.{k}": v for k, v in weights.items()},
-                                      metadata={"format": "pt", "edgeblock_adapter_id": aid,
-                                                "lora_rank": str(info.get("lora_rank", "")),
-                                                "lora_alpha": str(self.d.bundle.manifest.lora.get("alpha", ""))})
+        if f.info.get("format") != adapter_file.FORMAT:
+            data = adapter_file.encode(f.weights, f.alpha, {**{k: info[k] for k in ("name", "token", "class_noun") if k in info},
+                                                             "adapter_id": aid})
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in info.get("name", "adapter"))[:60]
         return pb.ExportAdapterResponse(safetensors=data, filename=f"{name or 'adapter'}-{aid[:8]}.safetensors",
                                         adapter=adapter_msg(info))

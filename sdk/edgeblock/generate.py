@@ -2,8 +2,8 @@
 
 `edgeblock generate --model builtin` runs builtin/pipeline.generate in this process. A model is
 `builtin` or a directory laid out like it (transformer/ + edgeblock.json with "pixel_space": true).
-An adapter file is a safetensors file of LoRA tensors keyed by diffusers module path
-(Trainer.lora_state) with its rank, alpha and targets in the metadata.
+An adapter file is edge_runtime.adapter_file's: diffusers/PEFT LoRA safetensors, as the daemon stores and exports
+it (LoRA tensors keyed by module path with rank, alpha and target modules in diffusers' metadata).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from .method.lora import LoRASpec, add_lora
 
-ADAPTER_FORMAT = "edgeblock-lora/1"
 CHANNELS = 3
 
 
@@ -76,29 +75,30 @@ def load_transformer(path: str) -> nn.Module:
 
 
 def save_adapter(path: str, state: dict[str, Tensor], spec: LoRASpec, info: dict | None = None) -> None:
-    """Write LoRA tensors (Trainer.lora_state) and their spec to a safetensors file."""
-    from safetensors.torch import save_file
+    """Write LoRA tensors (Trainer.lora_state, keyed by module path) as an adapter file (edge_runtime.adapter_file:
+    the daemon's format, which diffusers' load_lora_weights reads too)."""
+    from edge_runtime import adapter_file
 
-    meta = {"format": ADAPTER_FORMAT, "lora": json.dumps(spec.to_dict()), "info": json.dumps(info or {})}
-    save_file({k: v.detach().contiguous().float() for k, v in state.items()}, path, metadata=meta)
+    weights = {k: v.detach().float().cpu().numpy() for k, v in state.items()}
+    adapter_file.save(path, weights, spec.alpha, {**(info or {}), "lora_targets": list(spec.targets)})
 
 
 def load_adapter(path: str) -> tuple[dict[str, Tensor], LoRASpec]:
-    from safetensors import safe_open
+    """An adapter file (edge_runtime.adapter_file; from the daemon, `save_adapter` or diffusers) -> its tensors and the
+    LoRA spec that injects them: its rank and alpha, the modules it names (relative to their block)."""
+    from edge_runtime import adapter_file
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no adapter file {path}")
     try:
-        with safe_open(path, framework="pt") as h:
-            meta = h.metadata() or {}
-            state = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise ValueError(f"{path} is not a safetensors file: {e}") from e
-    if meta.get("format") != ADAPTER_FORMAT or "lora" not in meta:
-        raise ValueError(f"{path}: not an edgeblock LoRA adapter (metadata format {meta.get('format')!r}, "
-                         f"expected {ADAPTER_FORMAT!r})")
-    lora = json.loads(meta["lora"])
-    return state, LoRASpec(int(lora["rank"]), float(lora["alpha"]), tuple(lora["targets"]))
+        f = adapter_file.load(path)
+    except adapter_file.AdapterFileError as e:
+        if not os.path.exists(path):
+            raise FileNotFoundError(str(e)) from e
+        raise ValueError(str(e)) from e
+    try:
+        targets = tuple(sorted({_block_of(m)[2] for m in f.modules}))
+    except ValueError as e:
+        raise ValueError(f"{path}: LoRA modules must be keyed <block list>.<index>.<module>; got {f.modules[:3]}") from e
+    return {k: torch.from_numpy(v) for k, v in f.weights.items()}, LoRASpec(f.rank, f.alpha, targets)
 
 
 def _block_of(key: str) -> tuple[str, int, str]:
@@ -159,5 +159,14 @@ def generate_images(
     if adapter:
         apply_adapter(transformer, *load_adapter(adapter))
     encoder = MiniLMTextEncoder()
+    side = meta["size"]
     return generate(transformer, encoder, prompts, seed=seed, steps=steps, guidance=guidance,
-                    size=meta["size"], patch=meta["patch"], shift=meta["shift"])
+                    size=side, patch=meta["patch"], shift=meta["shift"], noise=seeded_noise(seed, len(prompts), side))
+
+
+def seeded_noise(seed: int, n: int, side: int) -> Tensor:
+    """The starting noise of n images by the daemon's rule (edge_runtime.sampler.initial_noise): image k from
+    seed + k, so a prompt and seed give the image the daemon gives for them."""
+    from edge_runtime.sampler import initial_noise
+
+    return torch.from_numpy(np.concatenate([initial_noise(seed + k, (1, CHANNELS, side, side)) for k in range(n)]))

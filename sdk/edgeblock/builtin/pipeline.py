@@ -25,8 +25,9 @@ def transformer_inputs(text_encoder, prompts, size: int = 64, patch: int = 4, ma
 @torch.no_grad()
 def generate(transformer, text_encoder, prompts, seed: int = 0, steps: int = 30,
              guidance: float = 3.0, size: int = 64, patch: int = 4, shift: float = 1.0,
-             return_float: bool = False):
-    """-> uint8 images (B, H, W, 3) for `prompts` (a list of strings)."""
+             return_float: bool = False, noise: torch.Tensor | None = None):
+    """-> uint8 images (B, H, W, 3) for `prompts` (a list of strings); noise: the starting noise (B, 3, size, size)
+    (default: drawn from `seed` with torch's generator)."""
     prompts = list(prompts)
     B = len(prompts)
     dtype = next(transformer.parameters()).dtype
@@ -38,8 +39,11 @@ def generate(transformer, text_encoder, prompts, seed: int = 0, steps: int = 30,
         pooled = torch.cat([pooled, unc_pooled])
     cond, pooled = cond.to(device, dtype), pooled.to(device, dtype)
     txt_ids, img_ids = txt_ids.to(device, dtype), img_ids.to(device, dtype)
-    g = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(B, CHANNELS, size, size, generator=g)
+    if noise is None:
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(B, CHANNELS, size, size, generator=g)
+    elif tuple(noise.shape) != (B, CHANNELS, size, size):
+        raise ValueError(f"noise of shape {tuple(noise.shape)}, wanted {(B, CHANNELS, size, size)}")
     x = flow.pack(noise, patch).to(device, dtype)
     sig = flow.sigmas(steps, shift)
     for i in range(steps):

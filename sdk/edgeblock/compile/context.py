@@ -45,6 +45,7 @@ class CompileOptions:
     gen_batch: int = 2  # generation batch (classifier-free guidance doubles it)
     max_group_mb: float | None = None  # frozen-group size cap (fp32 MiB); None: auto (the trainable blocks' size); 0: no cap
     crop_ids: str | None = None  # FLUX: a training crop's position ids, "image" or "grid" (None: the recipe's)
+    top_k: int | None = None  # blocks selection picks when no --blocks/--selection is given (None: the recipe's)
 
     def recipe(self) -> Recipe:
         """The model's recommended recipe (edge_runtime.recipe) with this compile's overrides."""
@@ -53,7 +54,7 @@ class CompileOptions:
         base = model_recipe(self.model)
         rank = self.lora_rank
         alpha = None if rank is None else rank * base.alpha / base.lora_rank  # keep the recipe's alpha / rank
-        return base.with_(lora_rank=rank, lora_alpha=alpha, crop_ids=self.crop_ids)
+        return base.with_(lora_rank=rank, lora_alpha=alpha, crop_ids=self.crop_ids, trainable_blocks=self.top_k)
 
     def fingerprint_args(self) -> dict[str, Any]:
         d = asdict(self)

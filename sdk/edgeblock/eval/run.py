@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from .subjects import CAPTION_MODES, SUBJECT_SETS, Subject, load_subjects, subje
 log = logging.getLogger("edgeblock.eval")
 
 ROWS = ("base", *VARIANTS)
+DEVICE_ROWS = ("blockskip_device",)  # --runtime device: DiT-BlockSkip through compile, the daemon's trainer and generation
+ALL_ROWS = ROWS + DEVICE_ROWS
+RUNTIMES = ("torch", "device")
 TRACKED_STEPS = 1  # steps of the first subject run under the tensor-memory tracker (slow: not timed)
 
 
@@ -73,7 +76,10 @@ class EvalConfig:
     prior_share: float = 0.5  # share of training draws taken from the class images
     dino: str | None = None
     clip: str | None = None
-    rows: tuple[str, ...] = ROWS  # the rows run (a subset, e.g. to compare block sets of the skip rows alone)
+    rows: tuple[str, ...] | None = None  # the rows run (None: all; a subset, e.g. to compare block sets of the skip rows)
+    # "device" adds the row blockskip_device: DiT-BlockSkip through `edgeblock compile`, the daemon's ONNX Runtime trainer
+    # and the device's generation (eval/device_row.py)
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         from ..method import model_recipe
@@ -83,10 +89,16 @@ class EvalConfig:
                             ("lora_alpha", r.alpha), ("crop_ids", r.crop_ids), ("top_k", r.trainable_blocks)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        unknown = [r for r in self.rows if r not in ROWS]
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.rows is None:
+            object.__setattr__(self, "rows", ALL_ROWS if self.runtime == "device" else ROWS)
+        unknown = [r for r in self.rows if r not in ALL_ROWS]
         if unknown or not self.rows:
-            raise ValueError(f"rows must be a non-empty subset of {', '.join(ROWS)}; got {', '.join(self.rows) or 'none'}")
-        object.__setattr__(self, "rows", tuple(r for r in ROWS if r in self.rows))  # table order, no repeats
+            raise ValueError(f"rows must be a non-empty subset of {', '.join(ALL_ROWS)}; got {', '.join(self.rows) or 'none'}")
+        if self.runtime != "device" and set(self.rows) & set(DEVICE_ROWS):
+            raise ValueError(f"rows {', '.join(DEVICE_ROWS)} run on the device runtime: add --runtime device")
+        object.__setattr__(self, "rows", tuple(r for r in ALL_ROWS if r in self.rows))  # table order, no repeats
         for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -112,11 +124,11 @@ class EvalConfig:
     @classmethod
     def make(cls, model: str = "builtin", quick: bool = False, **overrides) -> EvalConfig:
         """The full benchmark, or with quick=True one subject, two prompts and a few steps (for tests)."""
-        base = cls(model=model)
+        kw: dict = {}
         if quick:
-            base = replace(base, steps=3, gen_steps=3, subjects=("ringstar",), prompts_per_subject=2,
-                           selection_noise_levels=(0.5,))
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+            kw.update(steps=3, gen_steps=3, subjects=("ringstar",), prompts_per_subject=2, selection_noise_levels=(0.5,))
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model=model, **kw)
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -242,10 +254,11 @@ class Runner:
         self.lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha)
         self.train_res, self.schedule = patch_setting(cfg, self.meta["size"], self.meta["patch"])
         self.variants = [v for v in VARIANTS if v in cfg.rows]  # the fine-tuned rows run
-        self.values: dict[str, dict[str, list[float]]] = {r: {} for r in ROWS}  # row -> metric -> per image
+        self.values: dict[str, dict[str, list[float]]] = {r: {} for r in ALL_ROWS}  # row -> metric -> per image
         self.timing = {r: {"train_s": 0.0, "gen_s": 0.0, "step_times": [], "first_losses": [], "final_losses": []}
-                       for r in ROWS}
-        self.peak_mib: dict[str, float | None] = {r: None for r in ROWS}
+                       for r in ALL_ROWS}
+        self.peak_mib: dict[str, float | None] = {r: None for r in ALL_ROWS}
+        self.device = None  # the device row's compiled bundle (--runtime device), built when the run starts
         self.generations: dict[str, dict[str, np.ndarray]] = {s.name: {} for s in self.subjects}
         self.selection_s = 0.0
         self.bar = None
@@ -254,8 +267,15 @@ class Runner:
         cfg, t_start = self.cfg, time.perf_counter()
         os.makedirs(out_dir, exist_ok=True)
         gens = len(cfg.rows) + (1 if cfg.prior else 0)  # generation passes per subject (the class images: one)
-        total = len(self.subjects) * (len(self.variants) * cfg.steps + gens * cfg.gen_steps)
+        trained = len(self.variants) + len(set(cfg.rows) & set(DEVICE_ROWS))
+        total = len(self.subjects) * (trained * cfg.steps + gens * cfg.gen_steps)
         per_subject = {}
+        if set(cfg.rows) & set(DEVICE_ROWS):
+            from .device_row import DeviceRow
+
+            if self.progress:
+                print(f"[eval] {DEVICE_ROWS[0]}: edgeblock compile --model {cfg.model} --out {out_dir}/bundle")
+            self.device = DeviceRow(cfg, out_dir, self.train_res, progress=None)
         with tqdm(total=total, desc="eval", unit="step", disable=not self.progress) as self.bar:
             for si, subject in enumerate(self.subjects):
                 per_subject[subject.name] = self._subject(si, subject)
@@ -267,7 +287,11 @@ class Runner:
                        "training_prompts": {s.name: s.training_prompts(cfg.captions) for s in self.subjects},
                        "generation_seed": "seed + subject index",
                        "patch_train_res": self.train_res, "patch_schedule": self.schedule.to_dict(),
-                       "tracked_steps": TRACKED_STEPS},
+                       "tracked_steps": TRACKED_STEPS,
+                       **({"device": {"bundle": self.device.dir, "trainable_blocks": self.device.trainable,
+                                      "compile_s": self.device.compile_s, "trainer": "ort",
+                                      "generation_seed": "seed + subject index + prompt index (initial_noise)"}}
+                          if self.device else {})},
             "selection_s": self.selection_s,
         }
         results["targets"] = targets(results["rows"])
@@ -307,7 +331,30 @@ class Runner:
             trained = {int(i): b.eval() for i, b in trainer.net.blocks.items()}
             with swapped_blocks(self.transformer, self.loaded.adapter.block_names, trained):
                 self._generate(variant, run)
+        if self.device is not None:
+            self._device(run, prior)
         return run.record
+
+    def _device(self, run: _SubjectRun, prior: Prior | None) -> None:
+        """The blockskip_device row for one subject: the daemon's job code trains, the device runtime generates."""
+        row, cfg = DEVICE_ROWS[0], self.cfg
+        self.bar.set_postfix_str(f"{run.subject.name}: train {row}")
+        t0 = time.perf_counter()
+        weights, job = self.device.personalize(
+            run.subject, cfg.seed, prior_images=None if prior is None else prior.images,
+            prior_prompts=run.record.get("prior_prompts"), on_step=lambda: self.bar.update(1))
+        timing = self.timing[row]
+        timing["train_s"] += time.perf_counter() - t0
+        timing["step_times"].append(job["steps_s"] / max(1, cfg.steps))
+        losses = job["losses"]
+        tenth = max(1, len(losses) // 10)
+        timing["first_losses"].append(float(np.mean(losses[:tenth])))
+        timing["final_losses"].append(float(np.mean(losses[-tenth:])))
+        self.bar.set_postfix_str(f"{run.subject.name}: generate {row}")
+        t0 = time.perf_counter()
+        imgs = self.device.generate([p.text for p in run.prompts], run.seed, weights)
+        timing["gen_s"] += time.perf_counter() - t0
+        self._score(row, run, imgs)
 
     def _prior(self, run: _SubjectRun) -> Prior:
         """The subject's class images: the base model's generations of world captions of its class noun
@@ -353,12 +400,16 @@ class Runner:
         return trainer
 
     def _images(self, prompts: list[str], seed: int) -> np.ndarray:
-        """One generation batch with the transformer as it is now (base, or trained blocks swapped in)."""
+        """One generation batch with the transformer as it is now (base, or trained blocks swapped in); prompt k
+        starts from the device's noise of seed + k (edge_runtime.sampler.initial_noise), as blockskip_device's."""
         from ..builtin.pipeline import generate
+        from ..generate import seeded_noise
 
         cfg = self.cfg
+        side = self.meta["size"]
         return generate(self.transformer, self.text.encoder, prompts, seed=seed, steps=cfg.gen_steps,
-                        guidance=cfg.guidance, size=self.meta["size"], patch=self.meta["patch"], shift=self.meta["shift"])
+                        guidance=cfg.guidance, size=side, patch=self.meta["patch"], shift=self.meta["shift"],
+                        noise=seeded_noise(seed, len(prompts), side))
 
     def _generate(self, row: str, run: _SubjectRun) -> None:
         cfg = self.cfg
@@ -366,6 +417,10 @@ class Runner:
         t0 = time.perf_counter()
         imgs = self._images([p.text for p in run.prompts], seed=run.seed)
         self.timing[row]["gen_s"] += time.perf_counter() - t0
+        self._score(row, run, imgs)
+
+    def _score(self, row: str, run: _SubjectRun, imgs: np.ndarray) -> None:
+        cfg = self.cfg
         self.generations[run.subject.name][row] = imgs
         scores = score_images(imgs, run.subject, run.prompts, run.ref_descs, self.dreambench)
         for k, v in scores.items():
@@ -393,7 +448,9 @@ class Runner:
 
 def targets(rows: dict) -> dict:
     """Issue 3's targets: DiT-BlockSkip subject fidelity >= 0.95 x standard LoRA's, prompt fidelity >= its - 0.02.
-    Without the base, standard_lora and blockskip rows every value is None and "missing" names the rows."""
+    Without the base, standard_lora and blockskip rows every value is None and "missing" names the rows. With the
+    device row, "device" holds issue 22's: blockskip_device within 0.03 of the torch blockskip row's subject fidelity
+    and >= 0.95 x standard LoRA's."""
     missing = [r for r in ("base", "standard_lora", "blockskip") if r not in rows]
     if missing:
         return {"subject_fidelity_ratio": None, "prompt_fidelity_diff": None, "subject_fidelity_over_base": None,
@@ -401,12 +458,20 @@ def targets(rows: dict) -> dict:
     s, b, base = rows["standard_lora"], rows["blockskip"], rows["base"]
     ratio = b["subject_fidelity"] / s["subject_fidelity"] if s["subject_fidelity"] > 0 else None
     diff = b["prompt_fidelity"] - s["prompt_fidelity"]
-    return {
+    out = {
         "subject_fidelity_ratio": ratio,
         "prompt_fidelity_diff": diff,
         "subject_fidelity_over_base": b["subject_fidelity"] - base["subject_fidelity"],
         "met": bool(ratio is not None and ratio >= 0.95 and diff >= -0.02),
     }
+    d = rows.get(DEVICE_ROWS[0])
+    if d is not None:
+        d_ratio = d["subject_fidelity"] / s["subject_fidelity"] if s["subject_fidelity"] > 0 else None
+        gap = d["subject_fidelity"] - b["subject_fidelity"]
+        out["device"] = {"subject_fidelity_vs_torch": gap, "subject_fidelity_ratio": d_ratio,
+                         "prompt_fidelity_diff": d["prompt_fidelity"] - s["prompt_fidelity"],
+                         "met": bool(d_ratio is not None and abs(gap) <= 0.03 and d_ratio >= 0.95)}
+    return out
 
 
 # ---- reports --------------------------------------------------------------------------------------
@@ -473,6 +538,11 @@ def markdown(results: dict) -> str:
         target_line = (f"Targets (issue 3): blockskip / standard_lora subject fidelity = {ratio} (>= 0.95), "
                        f"prompt fidelity difference = {t['prompt_fidelity_diff']:+.3f} (>= -0.02): "
                        f"{'met' if t['met'] else 'not met'}.")
+    dev = t.get("device")
+    if dev is not None:
+        target_line += (f" Device (issue 22): blockskip_device - blockskip subject fidelity = "
+                        f"{dev['subject_fidelity_vs_torch']:+.3f} (within 0.03), blockskip_device / standard_lora = "
+                        f"{dev['subject_fidelity_ratio']:.3f} (>= 0.95): {'met' if dev['met'] else 'not met'}.")
     lines += [
         "",
         target_line,
