@@ -1,9 +1,8 @@
-"""Flow-matching helpers shared by the device and the host (numpy-only).
+"""Flow-matching sampling helpers shared by the device and the host (numpy-only): sampling noise
+levels and their time shift, the Euler step, FLUX-style packing into patch tokens and position ids.
 
-Convention: x_t = (1 - t) * x0 + t * noise, velocity target v = noise - x0,
-t in [0, 1] with 1 = pure noise. FLUX takes timestep=t (it multiplies by
-1000 internally). Images are packed FLUX-style into patch tokens outside
-the model. pack/unpack also accept torch tensors (duck-typed; no torch import).
+t in [0, 1] with 1 = pure noise; the training-time noising and targets are edge_runtime.noise's.
+pack/unpack also accept torch tensors (duck-typed; no torch import).
 """
 from __future__ import annotations
 
@@ -19,8 +18,12 @@ def sigmas(num_steps: int, shift: float = 1.0) -> np.ndarray:
     """num_steps + 1 noise levels from 1 down to 0 (float64)."""
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")
-    s = np.linspace(1.0, 0.0, num_steps + 1)
-    return shift_sigma(s, shift) if shift != 1.0 else s
+    return shifted(np.linspace(1.0, 0.0, num_steps + 1), shift)
+
+
+def shifted(s: np.ndarray, shift: float = 1.0) -> np.ndarray:
+    """Noise levels s (descending, ending at 0) under a static time shift; the final 0 stays 0."""
+    return np.concatenate([shift_sigma(s[:-1], shift), [0.0]]) if shift != 1.0 else s
 
 
 def euler_step(x, v, sigma, sigma_next):
@@ -57,8 +60,3 @@ def image_ids(h_tokens: int, w_tokens: int) -> np.ndarray:
     ids[..., 2] = np.arange(w_tokens, dtype=np.float32)[None, :]
     return ids.reshape(h_tokens * w_tokens, 3)
 
-
-def noisy(x0, noise, t):
-    """x_t for per-sample t (broadcast over trailing dims)."""
-    t = t.reshape((-1,) + (1,) * (x0.ndim - 1))
-    return (1.0 - t) * x0 + t * noise

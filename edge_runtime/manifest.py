@@ -13,10 +13,11 @@ from typing import Any
 
 from .fileio import atomic_json, sha256_file  # noqa: F401 - sha256_file is part of this module's API
 from .recipe import Recipe
+from .targets import BUNDLE_TARGETS, CPU
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-TARGETS = ("cpu", "orin-nano-8gb", "orin-nx-16gb", "agx-orin-32gb", "agx-orin-64gb")
+TARGETS = BUNDLE_TARGETS  # the `target` field takes these (edge_runtime.targets)
 REQUIRED = (
     "schema_version",
     "family",
@@ -46,7 +47,7 @@ class Manifest:
     scheduler: dict[str, Any]
     patch_schedule: dict[str, Any]
     lora: dict[str, Any]
-    target: str = "cpu"
+    target: str = CPU
     graphs: dict[str, Any] = field(default_factory=dict)  # name -> graph description (inputs, outputs ...)
     model: dict[str, Any] = field(default_factory=dict)  # source, parameter count, config
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256

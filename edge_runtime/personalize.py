@@ -20,7 +20,6 @@ entering the first trainable block, the prologue's context, and each frozen gap'
 from __future__ import annotations
 
 import io
-import math
 import os
 import time
 from collections.abc import Callable
@@ -29,11 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import graph_names as gn
+from .noise import EpsilonDDPM, schedule_from_dict
 from .patch_sampling import PatchSampler, PatchSchedule, check_prior_from, pick_image
+from .precompute import PRECOMPUTE_MODES, precompute_mode
 from .runtime import Bundle
-from .sampler import alphas_cumprod
-
-PRECOMPUTE_MODES = ("bank", "online")
 
 
 class PersonalizeError(ValueError):
@@ -122,7 +120,7 @@ class DrawPlan:
         check_prior_from(prior_from, len(images), PersonalizeError)
         self.bundle, self.images, self.seed = bundle, images, int(seed)
         self.prior_from, self.prior_share = prior_from, float(prior_share)
-        self.objective = m.scheduler
+        self.schedule = schedule_from_dict(m.scheduler)  # edge_runtime.noise: levels, noising, targets
         ps = dict(m.patch_schedule)
         self.sampler = PatchSampler(PatchSchedule.from_dict(ps), int(m.train_res))
         self.train_res = int(m.train_res)
@@ -131,22 +129,19 @@ class DrawPlan:
         self.crop_ids = ps.get("crop_ids", "grid")
         if self.crop_ids == "image" and not bundle.token_pixels:
             raise PersonalizeError(f"the bundle asks for image crop ids, which a {m.family} model has no input for")
-        if self.objective.get("kind") == "epsilon":
-            self._ab = alphas_cumprod(self.objective)
 
     def rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(i)])
 
     def draw(self, i: int) -> Draw:
         rng = self.rng(i)
-        if self.objective.get("kind") == "epsilon":
-            n = int(self.objective.get("num_train_timesteps", 1000))
-            k = int(rng.integers(0, n))
-            t, ts = k / (n - 1), float(k)
-        else:
-            mean, std = float(self.objective.get("logit_mean", 0.0)), float(self.objective.get("logit_std", 1.0))
-            t = 1.0 / (1.0 + math.exp(-(mean + std * float(rng.standard_normal()))))
-            k, ts = None, t * 1000.0
+        sched = self.schedule
+        if isinstance(sched, EpsilonDDPM):  # a uniform DDPM step
+            k = int(rng.integers(0, sched.num_train_timesteps))
+            t = sched.level(k)
+        else:  # a logit-normal level
+            k, t = None, sched.level(float(rng.standard_normal()))
+        ts = float(sched.timestep(t))
         img = pick_image(rng, len(self.images), self.prior_from, self.prior_share)
         h, w = self.images[img].shape[:2]
         box = self.sampler.crop_box(rng, h, w, t)
@@ -161,11 +156,7 @@ class DrawPlan:
         x = resize(crop(img, CropBox(*d.box)), self.train_res).transpose(2, 0, 1)[None]
         x0 = self.bundle.vae_encode(np.ascontiguousarray(x, dtype=np.float32))
         eps = self.rng(d.index + 1_000_003).standard_normal(x0.shape).astype(np.float32)
-        if d.k is not None:
-            ab = float(self._ab[d.k])
-            xt, target = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps, eps
-        else:
-            xt, target = (1 - d.t) * x0 + d.t * eps, eps - x0
+        xt, target = self.schedule.noisy(x0, eps, d.t), self.schedule.target(x0, eps)
         rows = {v.shape[0] for v in text.values()}
         if rows != {1}:
             if rows != {len(self.images)}:
@@ -481,16 +472,13 @@ def _bank(bundle: Bundle, plan: DrawPlan, frozen: FrozenPass, text, steps, bank:
 
 
 def choose_precompute(bundle: Bundle, requested: str = "") -> str:
-    """The bundle's memory plan: bank when the frozen groups' weights are large (> 256 MiB), else online."""
+    """The requested mode, else the rule the planner predicts with (edge_runtime.precompute): bank when the
+    transformer's float32 weights exceed 256 MiB, else online."""
     if requested:
         if requested not in PRECOMPUTE_MODES:
             raise PersonalizeError(f"precompute must be one of {PRECOMPUTE_MODES} or empty, got {requested!r}")
         return requested
-    plan = bundle.model.get("memory_plan", {})
-    if plan.get("precompute") in PRECOMPUTE_MODES:
-        return plan["precompute"]
-    params = int(bundle.model.get("parameters", 0))
-    return "bank" if params * 4 > 256 * 2**20 else "online"
+    return precompute_mode(int(bundle.model.get("parameters", 0)))
 
 
 __all__ = ["Cancelled", "DrawPlan", "FrozenPass", "ImageLimits", "JobOptions", "JobResult", "PersonalizeError",

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import flow
+from .noise import alphas_cumprod, flow_timestep
 
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -44,8 +45,7 @@ def flow_sigmas(steps: int, cfg: dict[str, Any], image_tokens: int) -> np.ndarra
         with np.errstate(divide="ignore"):
             out = math.exp(mu) / (math.exp(mu) + (1.0 / s[:-1] - 1.0))
         return np.concatenate([out, [0.0]])
-    shift = float(cfg.get("shift", 1.0))
-    return np.concatenate([flow.shift_sigma(s[:-1], shift), [0.0]]) if shift != 1.0 else s
+    return flow.shifted(s, float(cfg.get("shift", 1.0)))
 
 
 def sample_flow(predict: Predict, noise: np.ndarray, steps: int, cfg: dict[str, Any], image_tokens: int,
@@ -53,25 +53,12 @@ def sample_flow(predict: Predict, noise: np.ndarray, steps: int, cfg: dict[str, 
     x = noise.astype(np.float32)
     sig = flow_sigmas(steps, cfg, image_tokens)
     for i in range(steps):
-        t = np.full((x.shape[0],), sig[i] * 1000.0, dtype=np.float32)
+        t = np.full((x.shape[0],), flow_timestep(sig[i]), dtype=np.float32)
         v = predict(x, t)
         x = flow.euler_step(x, v, float(sig[i]), float(sig[i + 1])).astype(np.float32)
         if on_step:
             on_step(i + 1, steps)
     return x
-
-
-def alphas_cumprod(cfg: dict[str, Any]) -> np.ndarray:
-    n = int(cfg.get("num_train_timesteps", 1000))
-    b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-    kind = cfg.get("beta_schedule", "linear")
-    if kind == "scaled_linear":
-        betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
-    elif kind == "linear":
-        betas = np.linspace(b0, b1, n, dtype=np.float64)
-    else:
-        raise ValueError(f"beta_schedule {kind!r} not supported (linear, scaled_linear)")
-    return np.cumprod(1.0 - betas)
 
 
 def ddim_timesteps(steps: int, cfg: dict[str, Any]) -> np.ndarray:

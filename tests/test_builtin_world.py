@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from edge_runtime import flow
+from edge_runtime import flow, noise
 from edgeblock.builtin import world
 
 
@@ -87,7 +87,7 @@ def test_sigmas_ids_and_euler():
     np.testing.assert_array_equal(ids, [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]])
     # exact velocity integrates noise to data in one step
     x0, n = np.full(4, 0.5), np.full(4, -1.0)
-    xt = flow.noisy(x0[None], n[None], np.array([1.0]))
+    xt = noise.flow_noisy(x0[None], n[None], np.array([1.0]))
     np.testing.assert_allclose(flow.euler_step(xt, n - x0, 1.0, 0.0)[0], x0)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from edge_runtime import flow
+from edge_runtime.noise import FlowMatching
 from edge_runtime.patch_sampling import CropBox, crop_token_ids
 
 from . import presets, world
@@ -73,10 +74,10 @@ def flow_loss(model, x0, states, pooled, txt_ids, img_ids, gen=None, t_shift: fl
     t' = s t / (1 + (s - 1) t), i.e. sigmoid(z + ln s) (the time shift of SD3's schedulers).
     weights: optional per-pixel weights (B, 1, H, W); the loss is then the weighted mean of the squared error."""
     B = x0.shape[0]
-    t = torch.sigmoid(torch.randn(B, generator=gen) + math.log(t_shift))
+    objective = FlowMatching(logit_mean=math.log(t_shift))
+    t = objective.level(torch.randn(B, generator=gen))
     noise = torch.randn(x0.shape, generator=gen)
-    xt = flow.noisy(x0, noise, t)
-    target = noise - x0
+    xt, target = objective.noisy(x0, noise, t), objective.target(x0, noise)
     pred = model(hidden_states=flow.pack(xt, PATCH), encoder_hidden_states=states,
                  pooled_projections=pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
                  return_dict=False)[0]

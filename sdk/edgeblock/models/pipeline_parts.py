@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..method.train import Conditioning
 from . import ModelError, builtin_dir
+from .conditioning import Conditioning
 
 # model_index.json's transformer class -> family
 FAMILY_OF_TRANSFORMER: dict[str, str] = {

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
+
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from .calibration import HOST_CPU, Calibration
 from .inventory import Inventory, block_units, load_inventory, stream_tokens
-from .targets import GiB, MiB, Target, get_target
+from .targets import GiB, Target, get_target
 
 PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}
 LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
@@ -38,7 +40,7 @@ class PlanOptions:
     blocks: tuple[int, ...] | None = None  # None: the recipe's number of blocks, the middle window
     precision: str | None = None  # frozen / generation weights; default: the target's (fp16 Jetson, fp32 CPU)
     lora_rank: int | None = None  # None: the recipe's
-    precompute: str | None = None  # bank | online; default: the daemon's rule (bank above 256 MiB of weights)
+    precompute: str | None = None  # bank | online; default: the daemon's rule (edge_runtime.precompute)
     guidance_batch: int | None = None  # generation batch: 2 with classifier-free guidance, 1 with a guidance embed
     text_encoders: tuple[str, ...] | None = None
     max_group_mb: float | None = None  # as `edgeblock compile --max-group-mb` (None: auto, 0: no cap)
@@ -167,9 +169,9 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     groups = compiled_groups(block_params, trainable, opts.max_group_mb)
     prologue = inv.shell_params - inv.epilogue_params
     total_params = inv.parameters
-    precompute = opts.precompute or ("bank" if total_params * 4 > 256 * MiB else "online")
-    if precompute not in ("bank", "online"):
-        raise ValueError(f"--precompute must be bank or online, got {precompute!r}")
+    precompute = opts.precompute or precompute_mode(total_params)  # the daemon's own rule
+    if precompute not in PRECOMPUTE_MODES:
+        raise ValueError(f"--precompute must be one of {', '.join(PRECOMPUTE_MODES)}, got {precompute!r}")
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
     sw, ia = cal.session_weight_factor, cal.inference_activation_factor

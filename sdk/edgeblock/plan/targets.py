@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-GiB = 2**30
+from edge_runtime.targets import HOST_CPU, JETSONS, GiB
+
 MiB = 2**20
 
 
@@ -58,21 +59,15 @@ _JETSON_TORCH = int(1.5 * GiB)
 
 
 def targets() -> dict[str, Target]:
-    from .calibration import HOST_CPU
+    """Every target the planner predicts for (edge_runtime.targets.PLAN_TARGETS), in that order."""
+    from .calibration import HOST_CPU as HOST_CAL
 
-    return {
-        "host-cpu": Target("host-cpu", f"this machine's CPU ({os.cpu_count()} cores): ONNX Runtime CPU provider, "
-                           "torch CPU, fp32 (the calibration host)", _host_total(), 0,
-                           HOST_CPU.daemon_base_bytes, HOST_CPU.torch_base_bytes, 4, 4, False, True),
-        "orin-nano-8gb": Target("orin-nano-8gb", "Jetson Orin Nano 8GB (JetPack 6): 8 GB LPDDR5 shared by CPU and GPU",
-                                8 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
-        "orin-nx-16gb": Target("orin-nx-16gb", "Jetson Orin NX 16GB (JetPack 6): 16 GB LPDDR5 shared",
-                               16 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
-        "agx-orin-32gb": Target("agx-orin-32gb", "Jetson AGX Orin 32GB (JetPack 6): 32 GB LPDDR5 shared",
-                                32 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
-        "agx-orin-64gb": Target("agx-orin-64gb", "Jetson AGX Orin 64GB (JetPack 6): 64 GB LPDDR5 shared",
-                                64 * GiB, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH, 2, 2, True, False),
-    }
+    host = Target(HOST_CPU, f"this machine's CPU ({os.cpu_count()} cores): ONNX Runtime CPU provider, "
+                  "torch CPU, fp32 (the calibration host)", _host_total(), 0,
+                  HOST_CAL.daemon_base_bytes, HOST_CAL.torch_base_bytes, 4, 4, False, True)
+    jetsons = {b.name: Target(b.name, b.description, b.memory_bytes, _JETSON_OS, _JETSON_DAEMON, _JETSON_TORCH,
+                              2, 2, b.gpu, False) for b in JETSONS.values()}
+    return {HOST_CPU: host, **jetsons}
 
 
 def get_target(name: str) -> Target:
