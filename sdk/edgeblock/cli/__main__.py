@@ -1,0 +1,7 @@
+"""`python -m edgeblock.cli ...`: the same as the `edgeblock` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,27 @@
+"""Argument types shared by the `edgeblock` subcommands: comma-separated lists of blocks, rows and numbers.
+
+argparse calls them on the flag's text; a bad value becomes argparse's usage error (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks wants comma-separated block indices like 3,4; got {text!r}")
+
+
+def rows(text: str) -> tuple[str, ...]:
+    """Row names for `eval --rows`; the benchmark's config checks them (a clear error names the valid ones)."""
+    return tuple(r.strip() for r in text.split(",") if r.strip())
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")

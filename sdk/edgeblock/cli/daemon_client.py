@@ -1,0 +1,255 @@
+"""The edge daemon's client commands: `edgeblock personalize`, `adapters` and `generate --server`, with the
+connection flags they share (--server, --auth-token-file, TLS, --timeout) and the client they open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def client_flags(p: argparse.ArgumentParser, required: bool, suppress: bool = False) -> None:
+    """--server and the connection flags of the daemon's clients. With suppress (a sub-subcommand),
+    unset flags leave the parent's values alone, so they may come before or after the action."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("--server", required=required, default=d(None), metavar="ADDR", help="the daemon's host:port")
+    p.add_argument("--auth-token-file", default=d(None), help="file holding the bearer token (default: $EDGEBLOCK_TOKEN)")
+    p.add_argument("--tls-ca", default=d(None), help="CA (PEM) of the daemon's certificate; without it: plaintext")
+    p.add_argument("--tls-cert", default=d(None), help="client certificate (PEM) for mTLS")
+    p.add_argument("--tls-key", default=d(None), help="client private key (PEM) for mTLS")
+    p.add_argument("--timeout", type=float, default=d(None), help="deadline of each call in seconds (not of training)")
+
+
+def _read_token(path: str | None, flag: str) -> str | None:
+    """The bearer token from a file (stripped), else $EDGEBLOCK_TOKEN, else None."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+        with open(path) as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"{flag} {path}: the file is empty")
+        return token
+    return os.environ.get("EDGEBLOCK_TOKEN", "").strip() or None
+
+
+def _client(args: argparse.Namespace):
+    if not getattr(args, "server", None):
+        raise ValueError("--server ADDR (host:port of `edgeblock serve`) is required")
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    try:
+        from ..client import EdgeClient
+    except ImportError as e:
+        raise RuntimeError(f"the daemon client needs grpcio ({e}); pip install 'edgeblock[device]'") from None
+    return EdgeClient(args.server, token=_read_token(args.auth_token_file, "--auth-token-file"), tls_ca=args.tls_ca,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, timeout=args.timeout)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _as_dict(msg) -> dict:
+    """A message as plain JSON values: enum names, numbers as numbers (uint64 too), float32 rounded."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    def value(f, v):
+        if f.type == F.TYPE_MESSAGE:
+            return _as_dict(v)
+        if f.type == F.TYPE_ENUM:
+            return f.enum_type.values_by_number[v].name if v in f.enum_type.values_by_number else v
+        if f.type == F.TYPE_FLOAT:
+            return float(f"{v:.7g}")
+        if f.type == F.TYPE_BYTES:
+            return len(v)
+        return v
+
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == F.LABEL_REPEATED
+        out[f.name] = [value(f, x) for x in v] if repeated else value(f, v)
+    return out
+
+
+def generate_remote(args: argparse.Namespace) -> int:
+    """`generate --server`: one image made by the daemon, written to -o (atomically)."""
+    if args.model is not None:
+        raise ValueError("--model and --server are exclusive (the daemon serves its bundle's model)")
+    with _client(args) as c:
+        r = c.generate(args.prompt, adapter_id=args.adapter or "", seed=args.seed or 0, steps=args.steps or 0,
+                       guidance=args.guidance or 0.0, size=args.size or 0)
+    _write_atomic(args.output, r.png)
+    adapter = f", adapter {r.adapter_id}" if r.adapter_id else ""
+    print(f"{args.output}: {r.size}x{r.size} ({args.prompt!r}, seed {r.seed}, {r.steps} steps, "
+          f"guidance {r.guidance:g}{adapter}) in {r.time_s:.2f} s")
+    return 0
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    for flag in ("steps", "seed", "checkpoint_every"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.lr < 0:
+        raise ValueError(f"--lr must be >= 0, got {args.lr}")
+    if args.prior_share and not 0.0 < args.prior_share < 1.0:
+        raise ValueError(f"--prior-share must be in (0, 1), got {args.prior_share}")
+    if (args.class_caption or args.prior_share) and not args.class_images:
+        raise ValueError("--class-caption and --prior-share need --class-images")
+    with _client(args) as c:
+        from ..client import pb
+
+        Kind = pb.JobEvent.Kind
+        stream = c.personalize(args.images, token=args.token, class_noun=args.class_noun, steps=args.steps,
+                               learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                               name=args.name, precompute=args.precompute, captions=args.caption or (),
+                               class_images=args.class_images or (), class_captions=args.class_caption or (),
+                               prior_share=args.prior_share)
+        bar = tqdm(total=None, desc="connecting", unit="step", disable=args.json or args.quiet, dynamic_ncols=True)
+        postfix: dict = {}
+        try:
+            for ev in stream:
+                if args.json:
+                    print(json.dumps(_as_dict(ev)), flush=True)
+                kind = Kind.Name(ev.kind) if ev.kind in Kind.values() else str(ev.kind)
+                if ev.kind == Kind.STEP:
+                    if ev.total_steps and bar.total != ev.total_steps:
+                        bar.total = ev.total_steps
+                    bar.set_description_str("training", refresh=False)
+                    postfix["loss"] = f"{ev.loss:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(max(ev.step - bar.n, 0))
+                elif ev.kind == Kind.QUEUED:
+                    bar.set_description_str(f"queued ({ev.queue_position} ahead)" if ev.queue_position else "queued")
+                elif ev.kind == Kind.ENCODING:
+                    bar.set_description_str("encoding")
+                elif ev.kind == Kind.PRECOMPUTING:
+                    bar.set_description_str(f"precomputing {ev.progress:.0%}")
+                elif ev.kind == Kind.CHECKPOINT:
+                    postfix["checkpoint"] = ev.step
+                    bar.set_postfix(postfix)
+                elif ev.kind == Kind.DONE:
+                    bar.close()
+                    if not args.json:
+                        print(f"job {ev.job_id} done in {ev.elapsed_s:.1f} s: adapter {ev.adapter_id}", file=sys.stderr)
+                        print(ev.adapter_id)
+                    return 0
+                elif ev.kind in (Kind.FAILED, Kind.CANCELLED):
+                    bar.close()
+                    what = "failed" if ev.kind == Kind.FAILED else "was cancelled"
+                    print(f"edgeblock personalize: error: job {ev.job_id} {what}: {ev.message or kind}", file=sys.stderr)
+                    return 1
+            bar.close()
+            print(f"edgeblock personalize: error: the stream of job {stream.job_id or '?'} ended without DONE",
+                  file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            bar.close()
+            if stream.job_id:
+                try:
+                    job = c.cancel_job(stream.job_id)
+                    state = pb.Job.State.Name(job.state)
+                    print(f"interrupted: cancelled job {stream.job_id} ({state}, step {job.step})", file=sys.stderr)
+                except (RuntimeError, OSError) as e:  # ClientError; the daemon still cancels when the stream goes
+                    print(f"interrupted: CancelJob {stream.job_id} failed ({e}); closing the stream", file=sys.stderr)
+            else:
+                print("interrupted before the job started; closing the stream", file=sys.stderr)
+            stream.cancel()
+            return 130
+        finally:
+            bar.close()
+
+
+def _created(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "ls":
+            adapters = c.list_adapters()
+            if args.json:
+                print(json.dumps([_as_dict(a) for a in adapters], indent=2))
+                return 0
+            rows = [("ID", "NAME", "TOKEN", "STEPS", "FINAL LOSS", "CREATED")]
+            rows += [(a.id, a.name, a.token, str(a.steps), f"{a.final_loss:.4f}", _created(a.created)) for a in adapters]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            if not adapters:
+                print("(no adapters)", file=sys.stderr)
+            return 0
+        if args.action == "rm":
+            if c.delete_adapter(args.id):
+                print(f"deleted {args.id}")
+                return 0
+            print(f"edgeblock adapters: error: {args.id} was not deleted", file=sys.stderr)
+            return 1
+        data, filename = c.export_adapter(args.id)
+        path = args.output or os.path.basename(filename or "") or f"{args.id}.safetensors"
+        out_dir = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"-o {path}: no such directory {out_dir}")
+        _write_atomic(path, data)
+        print(f"{path}: {len(data)} bytes (adapter {args.id}, safetensors, diffusers/PEFT names)")
+        return 0
+
+
+def register(sub) -> None:
+    """Add personalize and adapters to `edgeblock`'s subparsers (generate --server is in generate.py)."""
+    pz = sub.add_parser("personalize", help="train a LoRA adapter on subject images on an edge daemon")
+    pz.add_argument("--images", nargs="+", required=True, metavar="F", help="subject images (PNG/JPEG)")
+    pz.add_argument("--token", required=True, help="the rare subject token, e.g. sks")
+    pz.add_argument("--class-noun", required=True, help="the subject's class noun, e.g. dog")
+    pz.add_argument("--steps", type=int, default=0, help="training steps (default: the bundle's)")
+    pz.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the bundle's)")
+    pz.add_argument("--seed", type=int, default=0, help="seed of the draws (0: the daemon's default)")
+    pz.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: the daemon's)")
+    pz.add_argument("--name", default="", help="adapter name (default: '{token} {class noun}')")
+    pz.add_argument("--caption", action="append", default=None, metavar="TEXT",
+                    help="training caption of the next image, in --images order, naming the token (e.g. 'a large "
+                         "sks star on a blue background, top left'); give one per image or none (default: "
+                         "'a {token} {class noun}' for every image)")
+    pz.add_argument("--class-images", nargs="+", default=None, metavar="F",
+                    help="prior preservation: class images (PNG/JPEG), the base model's own generations of the class "
+                         "(e.g. `edgeblock generate --server ... --prompt 'a large red star on a green background, "
+                         "left'`), trained on beside the subject so the adapter leaves other backgrounds and places "
+                         "as the base model draws them")
+    pz.add_argument("--class-caption", action="append", default=None, metavar="TEXT",
+                    help="caption of the next class image, in --class-images order, not naming the token; one per "
+                         "class image or none (default: 'a {class noun}')")
+    pz.add_argument("--prior-share", type=float, default=0.0,
+                    help="share of the training draws taken from the class images, in (0, 1) (default: 0.5)")
+    pz.add_argument("--precompute", choices=["", "bank", "online"], default="",
+                    help="precompute mode (default: the daemon's memory plan decides)")
+    pz.add_argument("--json", action="store_true", help="print every event as a JSON line (the last one is DONE)")
+    pz.add_argument("--quiet", action="store_true", help="no progress bar")
+    client_flags(pz, required=True)
+    pz.set_defaults(func=cmd_personalize)
+
+    ad = sub.add_parser("adapters", help="list, delete or export the adapters on an edge daemon")
+    client_flags(ad, required=False)
+    ad_sub = ad.add_subparsers(dest="action", required=True)
+    ls = ad_sub.add_parser("ls", help="list adapters")
+    ls.add_argument("--json", action="store_true")
+    client_flags(ls, required=False, suppress=True)
+    rm = ad_sub.add_parser("rm", help="delete an adapter")
+    rm.add_argument("id", metavar="ID")
+    client_flags(rm, required=False, suppress=True)
+    ex = ad_sub.add_parser("export", help="write an adapter's LoRA weights as safetensors (diffusers/PEFT names)")
+    ex.add_argument("id", metavar="ID")
+    ex.add_argument("-o", "--output", default=None, help="file to write (default: the name the daemon suggests)")
+    client_flags(ex, required=False, suppress=True)
+    ad.set_defaults(func=cmd_adapters)

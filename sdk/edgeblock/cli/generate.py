@@ -1,0 +1,50 @@
+"""`edgeblock generate`: text to image in this process (--model), or on an edge daemon (--server, through
+daemon_client.generate_remote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .daemon_client import client_flags, generate_remote
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"-o {args.output}: no such directory {out_dir}")
+    if args.server:
+        return generate_remote(args)
+    if args.size is not None:
+        raise ValueError("--size needs --server (in-process generation uses the model's size)")
+    from PIL import Image
+
+    from ..generate import generate_images
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    model = args.model or "builtin"
+    seed = 0 if args.seed is None else args.seed
+    steps = 30 if args.steps is None else args.steps
+    guidance = 3.0 if args.guidance is None else args.guidance
+    image = generate_images(model, [args.prompt], seed=seed, steps=steps, guidance=guidance, adapter=args.adapter)[0]
+    Image.fromarray(image).save(args.output)
+    print(f"{args.output}: {image.shape[1]}x{image.shape[0]} ({args.prompt!r}, seed {seed}, {steps} steps)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add generate to `edgeblock`'s subparsers."""
+    g = sub.add_parser("generate", help="text to image: in this process (--model) or on an edge daemon (--server)")
+    g.add_argument("--model", default=None, help="`builtin` (default) or a directory laid out like it; not with --server")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("-o", "--output", required=True, help="PNG to write")
+    g.add_argument("--seed", type=int, default=None, help="default 0 (with --server: the daemon's default seed)")
+    g.add_argument("--steps", type=int, default=None, help="default 30 (with --server: the bundle's default)")
+    g.add_argument("--guidance", type=float, default=None, help="default 3.0 (with --server: the bundle's default)")
+    g.add_argument("--adapter", default=None,
+                   help="LoRA adapter .safetensors (edgeblock format); with --server: an adapter id on the daemon")
+    g.add_argument("--size", type=int, default=None, help="image side in pixels, one of the bundle's sizes (--server only)")
+    client_flags(g, required=False)
+    g.set_defaults(func=cmd_generate)
