@@ -1,4 +1,4 @@
-"""TensorRT engines of a bundle (edge_runtime/engines.py, `edgeblock build-engines`).
+"""TensorRT engines of a bundle (edge_runtime/engines/, `edgeblock build-engines`).
 
 Without TensorRT (these hosts): the plan of a real compiled tiny bundle, the cache key and layout, the
 errors for a missing or corrupt plan, the clear exit 2 of `edgeblock build-engines`, `engines_status`
@@ -21,6 +21,7 @@ from edgeblock.cli import main
 from pipelines import make_tiny_pipeline
 
 from edge_runtime import engines as en
+from edge_runtime.engines import status as en_status  # engines_status reads the machine's identity here
 from edge_runtime.fileio import atomic_json, atomic_write
 from edge_runtime.manifest import load_manifest
 
@@ -189,8 +190,8 @@ def test_engines_status_matches_built_json_to_this_machine(bundle, tmp_path, mon
     d = _plan_only_copy(bundle, tmp_path / "b")
     plan = en.load_plan(d)
     ident = {"trt": "10.3.0", "gpu": "Orin sm_87 16SM"}
-    monkeypatch.setattr(en, "tensorrt_available", lambda: (True, "stub"))
-    monkeypatch.setattr(en, "_runtime_identity", lambda: (ident["trt"], ident["gpu"]))
+    monkeypatch.setattr(en_status, "tensorrt_available", lambda: (True, "stub"))
+    monkeypatch.setattr(en_status, "_runtime_identity", lambda: (ident["trt"], ident["gpu"]))
 
     st = en.engines_status(d)
     assert st["backend"] == "onnxruntime" and st["tensorrt"] and not st["built"]
@@ -250,7 +251,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(*a):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(en.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
         atomic_write(str(path), b"two")
     assert path.read_bytes() == b"one" and os.listdir(tmp_path / "x") == ["a.engine"]
