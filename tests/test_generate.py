@@ -39,7 +39,7 @@ def test_generate_applies_an_adapter_as_the_trained_blocks_would(tmp_path, model
     from edgeblock.builtin.pipeline import generate
     from edgeblock.builtin.text import MiniLMTextEncoder
     from edgeblock.eval.run import swapped_blocks
-    from edgeblock.generate import load_transformer, save_adapter
+    from edgeblock.generate import load_transformer, save_adapter, seeded_noise
     from edgeblock.method.lora import LoRASpec, randomize_lora
     from edgeblock.method.train import Conditioning, MethodConfig, Trainer
     from edgeblock.models import load_model
@@ -59,7 +59,9 @@ def test_generate_applies_an_adapter_as_the_trained_blocks_would(tmp_path, model
     transformer = load_transformer(model_dir)
     blocks = {int(i): b for i, b in tr.net.blocks.items()}
     with swapped_blocks(transformer, loaded.adapter.block_names, blocks):
-        direct = generate(transformer, MiniLMTextEncoder(), [PROMPT], seed=1, steps=2, guidance=3.0)[0]
+        # the daemon's seed rule (edge_runtime.sampler.initial_noise), as `edgeblock generate` draws
+        direct = generate(transformer, MiniLMTextEncoder(), [PROMPT], seed=1, steps=2, guidance=3.0,
+                          noise=seeded_noise(1, 1, 64))[0]
     assert np.abs(direct.astype(int) - tuned.astype(int)).max() <= 1
 
 
