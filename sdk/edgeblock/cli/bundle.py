@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from edge_runtime.targets import BUNDLE_TARGETS, CPU
+
 from . import argtypes
 
 
@@ -45,7 +47,7 @@ def register(sub) -> None:
     c.add_argument("--out", required=True, help="bundle directory (new, empty, or an existing bundle to update)")
     c.add_argument("--blocks", type=argtypes.blocks, default=None, help="trainable blocks, e.g. 3,4 (default: run selection)")
     c.add_argument("--selection", default=None, help="a selection.json written by `edgeblock select`")
-    c.add_argument("--target", default="cpu", choices=["cpu", "orin-nano-8gb", "orin-nx-16gb", "agx-orin-32gb", "agx-orin-64gb"])
+    c.add_argument("--target", default=CPU, choices=list(BUNDLE_TARGETS))
     c.add_argument("--train-res", type=int, default=None,
                    help="training crop side in pixels (default: the model's recipe: 3/4 of --gen-res for builtin, half otherwise)")
     c.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the model's)")

@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from edge_runtime.precompute import PRECOMPUTE_MODES
+
 
 def client_flags(p: argparse.ArgumentParser, required: bool, suppress: bool = False) -> None:
     """--server and the connection flags of the daemon's clients. With suppress (a sub-subcommand),
@@ -232,8 +234,8 @@ def register(sub) -> None:
                          "class image or none (default: 'a {class noun}')")
     pz.add_argument("--prior-share", type=float, default=0.0,
                     help="share of the training draws taken from the class images, in (0, 1) (default: 0.5)")
-    pz.add_argument("--precompute", choices=["", "bank", "online"], default="",
-                    help="precompute mode (default: the daemon's memory plan decides)")
+    pz.add_argument("--precompute", choices=["", *PRECOMPUTE_MODES], default="",
+                    help="precompute mode (default: the daemon's rule, bank above 256 MiB of transformer weights)")
     pz.add_argument("--json", action="store_true", help="print every event as a JSON line (the last one is DONE)")
     pz.add_argument("--quiet", action="store_true", help="no progress bar")
     client_flags(pz, required=True)

@@ -10,6 +10,9 @@ import logging
 import os
 import sys
 
+from edge_runtime.precompute import PRECOMPUTE_MODES
+from edge_runtime.targets import HOST_CPU, JETSONS
+
 from . import argtypes
 
 
@@ -169,7 +172,7 @@ def register(sub) -> None:
                     help="diffusers transformer config.json (or its folder), `builtin`, or a shipped name: flux1-dev, "
                          "sd35-medium, pixart-sigma-xl-2-1024, sana-600m-1024, sana-1600m-1024")
     pl.add_argument("--target", default="orin-nx-16gb",
-                    help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, host-cpu, or all")
+                    help=f"{', '.join((*JETSONS, HOST_CPU))}, or all")
     pl.add_argument("--train-res", type=int, default=None,
                     help="training crop side in pixels (default: the model's recipe; gen-res / 2 without a measured one)")
     pl.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the family's)")
@@ -178,7 +181,7 @@ def register(sub) -> None:
     pl.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                     help="frozen and generation weights (default: fp16 on Jetson, fp32 on host-cpu)")
     pl.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (4 without a measured one)")
-    pl.add_argument("--precompute", choices=["bank", "online"], default=None,
+    pl.add_argument("--precompute", choices=list(PRECOMPUTE_MODES), default=None,
                     help="default: the daemon's rule (bank above 256 MiB of transformer weights)")
     pl.add_argument("--max-group-mb", type=float, default=None,
                     help="as `edgeblock compile --max-group-mb` (default: auto, the trainable blocks' size; 0: no cap)")

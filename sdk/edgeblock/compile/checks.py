@@ -9,7 +9,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from edge_runtime.manifest import MANIFEST, TARGETS
+from edge_runtime.manifest import MANIFEST
+from edge_runtime.targets import BUNDLE_TARGETS
 from edge_runtime.patch_sampling import CROP_IDS
 
 from .context import PRECISIONS, CompileOptions
@@ -17,8 +18,8 @@ from .context import PRECISIONS, CompileOptions
 
 def check_options(opts: CompileOptions) -> None:
     """The arguments on their own (before the model is loaded)."""
-    if opts.target not in TARGETS:
-        raise ValueError(f"--target {opts.target!r} is not one of {', '.join(TARGETS)}")
+    if opts.target not in BUNDLE_TARGETS:
+        raise ValueError(f"--target {opts.target!r} is not one of {', '.join(BUNDLE_TARGETS)}")
     if opts.precision not in PRECISIONS:
         raise ValueError(f"--precision {opts.precision!r} is not one of {', '.join(PRECISIONS)}")
     if opts.lora_rank is not None and opts.lora_rank < 1:

@@ -14,6 +14,7 @@ from typing import Any
 from edge_runtime.fileio import sha256_file
 from edge_runtime.manifest import Manifest
 from edge_runtime.recipe import Recipe
+from edge_runtime.targets import CPU
 
 PRECISIONS = ("fp32", "fp16")
 VERIFY_PARAM_LIMIT = 1_000_000_000
@@ -34,7 +35,7 @@ class CompileOptions:
     out: str
     blocks: tuple[int, ...] | None = None
     selection: str | None = None
-    target: str = "cpu"
+    target: str = CPU
     train_res: int | None = None  # pixels (training crop side R; None: the model's recipe)
     gen_res: int | None = None  # pixels (generation side S)
     lora_rank: int | None = None  # None: the model's recipe (edge_runtime.recipe)
