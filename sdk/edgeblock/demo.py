@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-steps", type=int, default=30)
     p.add_argument("--prior", type=int, default=0,
                    help="class images for prior preservation, generated on the daemon by the base model (default 0: "
-                        "none; docs/eval-results-2026-12-02b.md: they cost DiT-BlockSkip subject fidelity)")
+                        "none; docs/results.md: they cost DiT-BlockSkip subject fidelity)")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the cache)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)

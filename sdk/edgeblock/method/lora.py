@@ -15,7 +15,7 @@ from torch import nn
 # projections of every supported family, the feed-forward layers (FLUX/SD3 double-stream blocks, PixArt),
 # and FLUX single-stream blocks' MLP input and joint output projections, without which a single block's
 # LoRA would reach only its q/k/v. The feed-forward set is what diffusers' FLUX DreamBooth LoRA example
-# trains for "all components"; measured here, it raised every fine-tuned row (docs/eval-results-2026-12-01.md).
+# trains for "all components"; measured here, it raised every fine-tuned row (docs/results.md, "Choices the recipe rests on").
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 MLP_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 DEFAULT_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
