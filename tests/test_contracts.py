@@ -42,9 +42,10 @@ CONTRACT_EXTRAS = {
 # import it (a path without .py matches that module and, for a package, everything under it), with the reason.
 HOST_TOOLS = {
     "edge_runtime.server": (["sdk/edgeblock/cli"], "`edgeblock serve` starts the daemon"),
-    "edge_runtime.daemon.config": (["sdk/edgeblock/cli"], "`edgeblock serve` takes the daemon's own flags"),
+    "edge_runtime.daemon.config": (["sdk/edgeblock/cli"],
+                                   "`edgeblock serve` takes the daemon's own flags; its clients read the token as it does"),
     "edge_runtime.engines": (["sdk/edgeblock/cli", "sdk/edgeblock/deploy/remote/build_engines"],
-                             "`edgeblock engines` and deploy's script run on the target build the TensorRT engines"),
+                             "`edgeblock build-engines` and deploy's script run on the target build the TensorRT engines"),
     "edge_runtime.api": (["sdk/edgeblock/client"], "the client speaks the daemon's gRPC API (generated stubs)"),
     "edge_runtime.text": (["sdk/edgeblock/compile/encoders"],
                           "compile verifies the exported text encoder with the device's own tokenizer and session"),

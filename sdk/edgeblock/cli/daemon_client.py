@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from edge_runtime.daemon.config import read_token  # the daemon's own rule: file, else $EDGEBLOCK_TOKEN
 from edge_runtime.precompute import PRECOMPUTE_MODES
 
 
@@ -24,19 +25,6 @@ def client_flags(p: argparse.ArgumentParser, required: bool, suppress: bool = Fa
     p.add_argument("--timeout", type=float, default=d(None), help="deadline of each call in seconds (not of training)")
 
 
-def _read_token(path: str | None, flag: str) -> str | None:
-    """The bearer token from a file (stripped), else $EDGEBLOCK_TOKEN, else None."""
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag} {path}: no such file")
-        with open(path) as f:
-            token = f.read().strip()
-        if not token:
-            raise ValueError(f"{flag} {path}: the file is empty")
-        return token
-    return os.environ.get("EDGEBLOCK_TOKEN", "").strip() or None
-
-
 def _client(args: argparse.Namespace):
     if not getattr(args, "server", None):
         raise ValueError("--server ADDR (host:port of `edgeblock serve`) is required")
@@ -48,7 +36,7 @@ def _client(args: argparse.Namespace):
         from ..client import EdgeClient
     except ImportError as e:
         raise RuntimeError(f"the daemon client needs grpcio ({e}); pip install 'edgeblock[device]'") from None
-    return EdgeClient(args.server, token=_read_token(args.auth_token_file, "--auth-token-file"), tls_ca=args.tls_ca,
+    return EdgeClient(args.server, token=read_token(args.auth_token_file, "--auth-token-file"), tls_ca=args.tls_ca,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, timeout=args.timeout)
 
 
