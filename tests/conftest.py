@@ -1,12 +1,17 @@
-"""Shared fixtures: tiny random-initialised diffusers DiTs of every supported family."""
+"""Shared fixtures: tiny random-initialised diffusers DiTs of every supported family.
+
+Here at tests/ so they reach every subfolder (device/, host/, shared/); the helper modules in tests/helpers/
+are put on sys.path so tests import them by bare name (`from pipelines import make_tiny_pipeline`)."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
@@ -28,31 +33,11 @@ def family(request):
     return request.param
 
 
-def make_inputs(preset, batch=2, size=None, seed=0, t=None):
-    """Random DiTInputs for a preset at latent side `size`."""
-    from edgeblock.models import DiTInputs
-
-    g = torch.Generator().manual_seed(seed)
-    size = size or preset.latent_size
-    ts = t if t is not None else torch.linspace(200.0, 800.0, batch)
-    mask = None
-    if preset.class_name in ("PixArtTransformer2DModel", "SanaTransformer2DModel"):
-        mask = torch.ones(batch, preset.text_len)
-        mask[:, -2:] = 0  # padding at the end, as a tokenizer leaves it
-    return DiTInputs(
-        latents=torch.randn(batch, preset.latent_channels, size, size, generator=g),
-        timestep=ts,
-        text=torch.randn(batch, preset.text_len, preset.text_dim, generator=g),
-        pooled=torch.randn(batch, preset.pooled_dim, generator=g) if preset.pooled_dim else None,
-        text_mask=mask,
-    )
-
-
 @pytest.fixture(scope="session")
 def builtin_bundle(tmp_path_factory):
     """The real built-in model compiled once per test session (verified), at a structural setting rather than its
     recipe: blocks 0 and 2 trainable (a frozen gap between them), rank 4, 32 px crops. The recipe's own compile is
-    test_compile.py::test_compile_writes_the_models_recipe and `make demo`."""
+    host/test_compile.py::test_compile_writes_the_models_recipe and `make demo`."""
     pytest.importorskip("onnxruntime.training")
     from edgeblock.compile import bundle as bd
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/shared/ -> the repository
 DEVICE = ROOT / "edge_runtime"
 HOST = ROOT / "sdk" / "edgeblock"
 
@@ -20,6 +20,8 @@ HOST = ROOT / "sdk" / "edgeblock"
 CONTRACTS = {
     "edge_runtime",  # the package itself: its docstring and __version__
     "edge_runtime.adapter_file",  # the LoRA adapter file (safetensors)
+    "edge_runtime.engines.errors",  # the engine plan's error type
+    "edge_runtime.engines.plan",  # engines/plan.json: compile writes it, the device builds engines from it
     "edge_runtime.fileio",  # atomic writes, sha256
     "edge_runtime.flow",  # flow-matching sampling levels, Euler step, patch packing, position ids
     "edge_runtime.graph_names",  # the bundle graphs' tensor names, kinds and chain order

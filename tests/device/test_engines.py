@@ -33,7 +33,7 @@ SKIP_REASON = ("TensorRT is not installable on these hosts (no NVIDIA GPU / no w
 needs_trt = pytest.mark.skipif(not TRT_OK, reason=SKIP_REASON)
 without_trt = pytest.mark.skipif(TRT_OK, reason="TensorRT is installed here: the no-TensorRT path does not apply")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/device/ -> the repository
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

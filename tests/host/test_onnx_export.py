@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs
+from dit_inputs import make_inputs
 from edgeblock.compile import onnx_export as ox
 from edgeblock.method.blockskip import BlockSkipModel, SkipPlan
 from edgeblock.method.lora import LoRASpec, randomize_lora

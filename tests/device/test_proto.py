@@ -13,7 +13,7 @@ from edge_runtime.api import SERVICE_NAME
 from edge_runtime.api import edgeblock_pb2 as pb
 from edge_runtime.api import edgeblock_pb2_grpc as pb_grpc
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/device/ -> the repository
 
 
 def test_committed_stubs_equal_a_fresh_generation():

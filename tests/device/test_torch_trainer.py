@@ -403,7 +403,7 @@ def test_torch_backend_needs_no_onnx_runtime(tiny):
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 

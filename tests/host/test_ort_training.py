@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_inputs
+from dit_inputs import make_inputs
 from edgeblock.compile import onnx_export as ox
 from edgeblock.compile import ort_training as ot
 from edgeblock.method.blockskip import BlockSkipModel, SkipPlan, precompute

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_inputs
+from dit_inputs import make_inputs
 from edge_runtime.patch_sampling import PatchSchedule
 from edgeblock.method.blockskip import BlockSkipModel, SkipPlan, precompute
 from edgeblock.method.lora import LoRASpec, randomize_lora

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_inputs
+from dit_inputs import make_inputs
 from edgeblock.method.selection import (
     CalibrationItem,
     TextKeyMask,

@@ -190,4 +190,5 @@ def test_adapter_file_module_is_a_device_contract():
     code = ("import sys, edge_runtime.adapter_file as a\n"
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime') if m in sys.modules]\n"
             "assert not bad, bad\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/device/ -> the repository
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)
