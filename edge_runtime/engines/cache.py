@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .plan import CACHE_DIR, _bundle_path, _stem
+from .plan import CACHE_DIR, TIMING_CACHE, _bundle_path, _stem
 
 
 def cache_key(trt_version: str, gpu_name: str, onnx_sha256: str, settings: Mapping[str, Any] | None = None) -> str:
@@ -36,7 +36,7 @@ def timing_cache_file(bundle_dir: str, plan: Mapping[str, Any], cache_dir: str) 
     """The persistent timing cache: the plan's `timing_cache` (default `engines/timing.cache`) for the bundle's
     own cache directory, `<cache_dir>/timing.cache` for any other."""
     if os.path.abspath(cache_dir) == os.path.abspath(default_cache_dir(bundle_dir)):
-        return _bundle_path(bundle_dir, plan.get("timing_cache") or "engines/timing.cache")
+        return _bundle_path(bundle_dir, plan.get("timing_cache") or TIMING_CACHE)
     return os.path.join(cache_dir, "timing.cache")
 
 

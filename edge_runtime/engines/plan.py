@@ -19,6 +19,23 @@ CACHE_DIR = "engines/cache"
 PLAN_VERSION = 1
 PRECISIONS = ("fp32", "fp16")
 PROFILE_ORDER = ("training", "generation")
+TIMING_CACHE = "engines/timing.cache"
+CACHE_KEY = ("tensorrt_version", "gpu_name", "onnx_sha256")
+
+
+def plan_group(onnx: str, onnx_sha256: str, blocks: list[int], profiles: Mapping[str, Any], precision: str,
+               outputs: list[str]) -> dict:
+    """One frozen group's entry (what `edgeblock compile` writes): its ONNX file (bundle-relative), the engine
+    file beside it, the optimisation profiles by name (PROFILE_ORDER), a refittable engine at `precision`."""
+    stem = os.path.splitext(os.path.basename(onnx))[0]
+    return {"onnx": onnx, "onnx_sha256": onnx_sha256, "blocks": list(blocks), "engine": f"engines/{stem}.engine",
+            "profiles": dict(profiles), "precision": precision, "refittable": True, "outputs": list(outputs)}
+
+
+def plan_document(groups: list[dict], precision: str, note: str) -> dict:
+    """The whole engines/plan.json, checked as the device will check it."""
+    return validate_plan({"version": PLAN_VERSION, "status": "not built", "note": note, "cache_key": list(CACHE_KEY),
+                          "timing_cache": TIMING_CACHE, "precision": precision, "groups": groups})
 
 
 def _bundle_path(bundle_dir: str, rel: str) -> str:

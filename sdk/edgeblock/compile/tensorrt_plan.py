@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime import graph_names as gn
+from edge_runtime.engines.plan import PLAN, plan_document, plan_group
 from edge_runtime.fileio import sha256_file
 from edge_runtime.patch_sampling import with_grid_crop
 
@@ -20,7 +21,7 @@ TENSORRT_NOTE = (
     "TensorRT version and GPU; build them where both are (the device at first start, or a host of the same "
     "platform) and cache them by TensorRT version + GPU name + ONNX sha256."
 )
-PLAN_FILE = "engines/plan.json"
+PLAN_FILE = PLAN  # the engine plan: written here, read by the device (edge_runtime.engines.plan)
 
 
 def chain_shapes(specs, feeds, sessions) -> tuple[dict[str, dict[str, list[int]]], dict[str, np.ndarray]]:
@@ -56,27 +57,12 @@ def tensorrt_plan(ctx: CompileContext, shapes_tr: dict, shapes_gen: dict) -> dic
         if s.kind != gn.GROUP:
             continue
         path = ctx.rel[s.path]
-        groups.append({
-            "onnx": path,
-            "onnx_sha256": sha256_file(os.path.join(ctx.tmp, *path.split("/"))),
-            "blocks": s.blocks,
-            "engine": "engines/" + os.path.basename(path)[: -len(".onnx")] + ".engine",
-            "profiles": {
-                # training: the frozen precompute at the fixed training shape (one draw at a time)
-                "training": _profile(shapes_tr[s.path], s.dynamic_axes, (1, 1, 1)),
-                # generation: batch 1 (no guidance) to gen_batch (classifier-free guidance)
-                "generation": _profile(shapes_gen[s.path], s.dynamic_axes, (1, ctx.opts.gen_batch, ctx.opts.gen_batch)),
-            },
-            "precision": precision,
-            "refittable": True,
-            "outputs": s.outputs,
-        })
-    return {
-        "version": 1,
-        "status": "not built",
-        "note": TENSORRT_NOTE,
-        "cache_key": ["tensorrt_version", "gpu_name", "onnx_sha256"],
-        "timing_cache": "engines/timing.cache",
-        "precision": precision,
-        "groups": groups,
-    }
+        profiles = {
+            # training: the frozen precompute at the fixed training shape (one draw at a time)
+            "training": _profile(shapes_tr[s.path], s.dynamic_axes, (1, 1, 1)),
+            # generation: batch 1 (no guidance) to gen_batch (classifier-free guidance)
+            "generation": _profile(shapes_gen[s.path], s.dynamic_axes, (1, ctx.opts.gen_batch, ctx.opts.gen_batch)),
+        }
+        groups.append(plan_group(path, sha256_file(os.path.join(ctx.tmp, *path.split("/"))), s.blocks, profiles,
+                                 precision, s.outputs))
+    return plan_document(groups, precision, TENSORRT_NOTE)
