@@ -240,7 +240,7 @@ class _Doc:
             "",
             (f"The gRPC API of the edge daemon, package `{fd.package}`, rendered from the comments of "
              f"`proto/{fd.name}`. `make proto` rewrites this file with the stubs; "
-             "`python -m edge_runtime.api.generate --check` and tests/test_proto.py fail when it is stale."),
+             "`python -m edge_runtime.api.generate --check` and tests/device/test_proto.py fail when it is stale."),
             "",
         ]
         head = self.detached.get((_FILE_SYNTAX,), []) + [self.comments.get((_FILE_SYNTAX,), "")]

@@ -21,11 +21,11 @@ errors (EngineError). This package re-exports the names other code uses.
 from __future__ import annotations
 
 from .build import build_engines
-from .cache import _rel_or_abs  # noqa: F401 - package-internal, checked directly by tests/test_engines.py
+from .cache import _rel_or_abs  # noqa: F401 - package-internal, checked directly by tests/device/test_engines.py
 from .cache import cache_key, default_cache_dir, engine_file, timing_cache_file
 from .errors import EngineError
 from .executor import TrtGroup
-from .plan import _profile_names  # noqa: F401 - package-internal, checked directly by tests/test_engines.py
+from .plan import _profile_names  # noqa: F401 - package-internal, checked directly by tests/device/test_engines.py
 from .plan import BUILT, CACHE_DIR, PLAN, PLAN_VERSION, PRECISIONS, PROFILE_ORDER, build_settings, load_plan, validate_plan
 from .status import engines_status, load_built
 from .trt_cuda import NO_TENSORRT, gpu_name, tensorrt_available

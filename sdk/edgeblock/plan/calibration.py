@@ -2,7 +2,7 @@
 
 Fitted to `edgeblock bench daemon` runs (the daemon's phase peaks and the torch reference
 processes) on the built-in model and two other FLUX-shaped configurations (CALIBRATION_MODELS),
-on the 2-core x86 CPU host; tests/test_plan.py re-measures them and checks the planner's
+on the 2-core x86 CPU host; tests/host/test_plan.py re-measures them and checks the planner's
 predictions within 15%. Numbers and date in docs/plan.md.
 """
 
