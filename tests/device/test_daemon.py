@@ -143,6 +143,12 @@ def test_exported_adapter_is_the_one_adapter_file_the_host_and_diffusers_read(da
         assert torch.equal(loaded[name].detach(), torch.from_numpy(v))
     assert tr.peft_config["sks"].r == f.rank and tr.peft_config["sks"].lora_alpha == f.alpha  # read from the file
 
+    # the CLI's fp16 export: the same file at half precision, read by the same reader
+    half = tmp_path / "half.safetensors"
+    assert main(["adapters", "--server", daemon.address, "export", aid, "--dtype", "fp16", "-o", str(half)]) == 0
+    h = adapter_file.load(str(half))
+    assert h.info["dtype"] == "fp16" and (h.rank, h.alpha, h.info["adapter_id"]) == (f.rank, f.alpha, aid)
+    assert all(np.allclose(h.weights[k], v, rtol=1e-3, atol=1e-3 * float(np.abs(v).max())) for k, v in f.weights.items())
     out = tmp_path / "host.png"
     assert main(["generate", "--model", "builtin", "--prompt", prompt, "--adapter", str(path), "--seed", "5",
                  "--steps", "6", "--guidance", "3.0", "-o", str(out)]) == 0

@@ -188,12 +188,17 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             print(f"edgeblock adapters: error: {args.id} was not deleted", file=sys.stderr)
             return 1
         data, filename = c.export_adapter(args.id)
+        if args.dtype == "fp16":  # the same file with its tensors in half precision (half the bytes)
+            from edge_runtime import adapter_file
+
+            f = adapter_file.decode(data)
+            data = adapter_file.encode(f.weights, f.alpha, f.info, dtype="fp16")
         path = args.output or os.path.basename(filename or "") or f"{args.id}.safetensors"
         out_dir = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(out_dir):
             raise ValueError(f"-o {path}: no such directory {out_dir}")
         _write_atomic(path, data)
-        print(f"{path}: {len(data)} bytes (adapter {args.id}, safetensors, diffusers/PEFT names)")
+        print(f"{path}: {len(data)} bytes (adapter {args.id}, {args.dtype} safetensors, diffusers/PEFT LoRA)")
         return 0
 
 
@@ -241,5 +246,7 @@ def register(sub) -> None:
     ex = ad_sub.add_parser("export", help="write an adapter's LoRA weights as safetensors (diffusers/PEFT names)")
     ex.add_argument("id", metavar="ID")
     ex.add_argument("-o", "--output", default=None, help="file to write (default: the name the daemon suggests)")
+    ex.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                    help="tensor precision of the file (fp16: half the size; diffusers' load_lora_weights reads both)")
     client_flags(ex, required=False, suppress=True)
     ad.set_defaults(func=cmd_adapters)
