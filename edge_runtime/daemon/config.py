@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..personalize import ImageLimits
+
 
 class ConfigError(ValueError):
     pass
@@ -16,9 +18,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class Limits:
-    max_images: int = 16
-    max_image_bytes: int = 16 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
+    # the reference images' limits default to what personalize.decode_images enforces on its own
+    max_images: int = ImageLimits.max_images
+    max_image_bytes: int = ImageLimits.max_image_bytes
+    max_image_pixels: int = ImageLimits.max_image_pixels
     max_steps: int = 5000
     max_prompt_chars: int = 1000
     max_generate_steps: int = 200

@@ -53,7 +53,8 @@ class JobQueue:
         self.trainer, self.train_device = trainer, train_device
         self.limits, self.defaults, self.batch = limits, defaults, batch
         self.shutting_down = shutting_down
-        self.image_limits = ImageLimits(limits.max_images, limits.max_image_bytes, limits.max_image_pixels)
+        self.image_limits = ImageLimits(max_images=limits.max_images, max_image_bytes=limits.max_image_bytes,
+                                        max_image_pixels=limits.max_image_pixels)
         self.jobs: dict[str, JobRecord] = {}
         self.queue: queue.Queue[JobRecord] = queue.Queue()
         self.queued = 0

@@ -211,10 +211,12 @@ def test_compile_writes_the_models_recipe(tmp_path, monkeypatch):
                                             verify=False), progress=None).manifest
     assert m.lora["rank"] == 2 and m.lora["alpha"] == 2.0 and m.training_recipe().train_res_fraction == 0.5
     assert m.training_recipe().trainable_blocks == 1 and m.training_recipe().learning_rate == 3e-3
-    json.dump(meta, open(f"{root}/edgeblock.json", "w"))  # no recipe named: the paper's
-    m = bd.compile_bundle(bd.CompileOptions("builtin", str(tmp_path / "d"), blocks=(1,), verify=False),
-                          progress=None).manifest
+    json.dump(meta, open(f"{root}/edgeblock.json", "w"))  # no recipe named: the paper's; --top-k sets selection's k
+    assert main(["compile", "--model", "builtin", "--out", str(tmp_path / "d"), "--top-k", "1", "--no-verify"]) == 0
+    m = load_manifest(str(tmp_path / "d"))
     assert m.train_res == 32 and m.lora["rank"] == PAPER.lora_rank and m.training_recipe().name == "paper"
+    assert len(m.trainable) == 1 and m.model["selection"]["selected"] == m.trainable
+    assert m.training_recipe().trainable_blocks == 1
 
 
 def test_builtin_layout_exports_text_encoder(tmp_path, monkeypatch, capsys):

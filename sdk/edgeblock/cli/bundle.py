@@ -20,7 +20,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, blocks=args.blocks, selection=args.selection, target=args.target,
         train_res=args.train_res, gen_res=args.gen_res, lora_rank=args.lora_rank, precision=args.precision,
         verify=False if args.no_verify else None, seed=args.seed, max_group_mb=args.max_group_mb,
-        crop_ids=args.crop_ids,
+        crop_ids=args.crop_ids, top_k=args.top_k,
     )
     compile_bundle(opts, progress=print)
     return 0
@@ -47,6 +47,9 @@ def register(sub) -> None:
     c.add_argument("--out", required=True, help="bundle directory (new, empty, or an existing bundle to update)")
     c.add_argument("--blocks", type=argtypes.blocks, default=None, help="trainable blocks, e.g. 3,4 (default: run selection)")
     c.add_argument("--selection", default=None, help="a selection.json written by `edgeblock select`")
+    c.add_argument("--top-k", type=argtypes.positive_int, default=None,
+                   help="blocks the selection picks when neither --blocks nor --selection is given "
+                        "(default: the model's recipe: 5 for builtin, 2 otherwise)")
     c.add_argument("--target", default=CPU, choices=list(BUNDLE_TARGETS))
     c.add_argument("--train-res", type=int, default=None,
                    help="training crop side in pixels (default: the model's recipe: 3/4 of --gen-res for builtin, half otherwise)")

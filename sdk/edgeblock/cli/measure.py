@@ -19,6 +19,7 @@ from . import argtypes
 def cmd_select(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..method import model_recipe
     from ..method.selection import bar_chart, score_blocks, selection_report, write_report
     from ..models import load_model
     from ..selection_data import calibration_set
@@ -36,7 +37,8 @@ def cmd_select(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=lambda done, _: bar.update(done - bar.n),
         )
-    report = selection_report(loaded.adapter, scores, args.top_k, args.contiguous)
+    top_k = args.top_k if args.top_k is not None else model_recipe(args.model).blocks_of(len(scores))
+    report = selection_report(loaded.adapter, scores, top_k, args.contiguous)
     report.update({"model": args.model, "token": args.token, "class_noun": args.class_noun, "calibration": {
         "items": len(items), "noise_levels": list(args.noise_levels), "noises": args.noises, "seed": args.seed}})
     write_report(report, args.out)
@@ -142,7 +144,8 @@ def register(sub) -> None:
     s.add_argument("--token", default="sks", help="the rare subject token")
     s.add_argument("--class-noun", default=None, help="the subject's class noun (default: from the calibration images)")
     s.add_argument("--prompt", default=None, help="calibration prompt containing {token} and {noun}")
-    s.add_argument("--top-k", type=int, default=2)
+    s.add_argument("--top-k", type=argtypes.positive_int, default=None,
+                   help="blocks to select (default: the model's recipe: 5 for builtin, 2 otherwise)")
     s.add_argument("--contiguous", action="store_true", help="choose the best contiguous window of k blocks")
     s.add_argument("--noise-levels", type=argtypes.floats, default=(0.25, 0.5, 0.75))
     s.add_argument("--noises", type=int, default=2)
