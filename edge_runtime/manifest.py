@@ -56,15 +56,30 @@ class Manifest:
     recipe: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
+    @property
+    def lora_rank(self) -> int:
+        return int(self.lora["rank"])
+
+    @property
+    def lora_alpha(self) -> float:
+        """LoRA alpha (the update is scaled by alpha / rank); bundles that record none were compiled with alpha = rank."""
+        alpha = self.lora.get("alpha")
+        return float(alpha if alpha is not None else self.lora["rank"])
+
+    @property
+    def crop_ids(self) -> str:
+        """Position ids of the training crops: "image" (the place they were cut from) or "grid" (their own token
+        grid; bundles that record none)."""
+        return str(self.patch_schedule.get("crop_ids", "grid"))
+
     def training_recipe(self) -> Recipe:
         """The bundle's recipe; for a bundle that records none, the settings it was compiled with and the
         daemon's defaults of that time (lr 5e-4, 200 steps of one draw)."""
         if self.recipe:
             return Recipe.from_dict(self.recipe)
-        ps = self.patch_schedule
-        return Recipe("bundle", train_res_fraction=self.train_res / self.gen_res, f_min=ps.get("f_min"),
-                      crop_ids=ps.get("crop_ids", "grid"), trainable_blocks=len(self.trainable),
-                      lora_rank=int(self.lora.get("rank", 4)), lora_alpha=self.lora.get("alpha"))
+        return Recipe("bundle", train_res_fraction=self.train_res / self.gen_res, f_min=self.patch_schedule.get("f_min"),
+                      crop_ids=self.crop_ids, trainable_blocks=len(self.trainable), lora_rank=self.lora_rank,
+                      lora_alpha=self.lora_alpha)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +122,12 @@ def validate_fields(d: dict[str, Any]) -> None:
     for k in ("train_res", "gen_res"):
         if not isinstance(d[k], int) or d[k] <= 0:
             raise ManifestError(f"manifest {k} must be a positive integer, got {d[k]!r}")
+    for k in ("scheduler", "patch_schedule", "lora"):
+        if not isinstance(d[k], dict):
+            raise ManifestError(f"manifest {k} must be an object, got {d[k]!r}")
+    rank = d["lora"].get("rank")
+    if not isinstance(rank, int) or rank <= 0:
+        raise ManifestError(f"manifest lora.rank must be a positive integer, got {rank!r}")
 
 
 def load_manifest(bundle: str, verify_files: bool = True) -> Manifest:

@@ -121,12 +121,11 @@ class DrawPlan:
         self.bundle, self.images, self.seed = bundle, images, int(seed)
         self.prior_from, self.prior_share = prior_from, float(prior_share)
         self.schedule = schedule_from_dict(m.scheduler)  # edge_runtime.noise: levels, noising, targets
-        ps = dict(m.patch_schedule)
-        self.sampler = PatchSampler(PatchSchedule.from_dict(ps), int(m.train_res))
+        self.sampler = PatchSampler(PatchSchedule.from_dict(m.patch_schedule), int(m.train_res))
         self.train_res = int(m.train_res)
         # "image": a crop's tokens at the full image's position ids of the place it was cut from (FLUX
         # bundles compiled with --crop-ids image); "grid" (older bundles): the crop's own token grid
-        self.crop_ids = ps.get("crop_ids", "grid")
+        self.crop_ids = m.crop_ids
         if self.crop_ids == "image" and not bundle.token_pixels:
             raise PersonalizeError(f"the bundle asks for image crop ids, which a {m.family} model has no input for")
 

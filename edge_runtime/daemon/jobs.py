@@ -251,13 +251,13 @@ class JobQueue:
             self._finish(rec, "FAILED", f"{type(e).__name__}: {e}")
             return
         meta = {"name": data["name"], "token": opts.token, "class_noun": opts.class_noun, "steps": opts.steps,
-                "final_loss": result.final_loss, "lora_rank": int(self.bundle.manifest.lora.get("rank", 0)),
+                "final_loss": result.final_loss, "lora_rank": self.bundle.manifest.lora_rank,
                 "job_id": rec.id, "learning_rate": opts.learning_rate, "seed": opts.seed,
                 "class_images": len(class_images), "prior_share": opts.prior_share if class_images else None,
                 "train_seconds": result.seconds, "trainer": self.trainer, "bundle": self.bundle.model.get("fingerprint"),
                 # the adapter file's own record (edge_runtime.adapter_file): the LoRA scale, the bundle it was trained
                 # for, and the training settings
-                "lora_alpha": float(self.bundle.manifest.lora.get("alpha", self.bundle.manifest.lora.get("rank", 1))),
+                "lora_alpha": self.bundle.manifest.lora_alpha,
                 "bundle_sha256": self.bundle.manifest_sha256,
                 "recipe": {**self.bundle.manifest.training_recipe().to_dict(), "learning_rate": opts.learning_rate,
                            "steps": opts.steps, "batch": opts.batch}}

@@ -137,7 +137,7 @@ class Servicer(pb_grpc.EdgeBlockServicer):
         aid = self._adapter_id(context, request.adapter_id)
         try:
             data, info = self.d.store.adapter_bytes(aid)
-            f = adapter_file.decode(data, default_alpha=info.get("lora_alpha", self.d.bundle.manifest.lora.get("alpha")))
+            f = adapter_file.decode(data, default_alpha=info.get("lora_alpha", self.d.bundle.manifest.lora_alpha))
         except NotFound as e:
             _abort(context, NotFoundError(str(e)))
         except (StoreError, adapter_file.AdapterFileError) as e:
@@ -170,7 +170,7 @@ class Servicer(pb_grpc.EdgeBlockServicer):
             family=b.manifest.family, parameters=int(b.model.get("parameters", 0)),
             trainable_blocks=list(b.manifest.trainable), num_blocks=int(b.model.get("num_blocks", 0)),
             train_res=int(b.manifest.train_res), gen_res=int(b.manifest.gen_res), sizes=b.sizes(),
-            lora_rank=int(b.manifest.lora.get("rank", 0)), trainer=d.trainer, executor=b.executor,
+            lora_rank=b.manifest.lora_rank, trainer=d.trainer, executor=b.executor,
             limits=pb.Limits(max_images=L.max_images, max_image_bytes=L.max_image_bytes,
                              max_image_pixels=L.max_image_pixels, max_steps=L.max_steps,
                              max_prompt_chars=L.max_prompt_chars, max_generate_steps=L.max_generate_steps,

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "trainable_blocks": list(info.trainable_blocks)}
             steps = args.steps or info.defaults.steps  # 0: the daemon's default, the bundle's recipe
             lr = args.lr or info.defaults.learning_rate
-            print(f"      recipe: {m.train_res} px crops of {m.gen_res}, LoRA rank {m.lora.get('rank')}, "
+            print(f"      recipe: {m.train_res} px crops of {m.gen_res}, LoRA rank {m.lora_rank}, "
                   f"{steps} steps of {m.training_recipe().batch} draws, lr {lr:g}")
 
             # 3. personalize (with --prior N: prior preservation, the base model's own images of the class first)

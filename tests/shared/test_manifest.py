@@ -56,7 +56,9 @@ def test_missing_file_and_unknown_version(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,msg", [("trainable", [], "non-empty"), ("trainable", [7], "non-empty subset"),
-                                              ("target", "xavier", "not one of"), ("gen_res", 0, "positive")])
+                                              ("target", "xavier", "not one of"), ("gen_res", 0, "positive"),
+                                              ("lora", {"alpha": 4.0}, "lora.rank"), ("lora", {"rank": 0}, "lora.rank"),
+                                              ("patch_schedule", "linear", "must be an object")])
 def test_bad_fields_are_refused(tmp_path, field, value, msg):
     b = _bundle(tmp_path)
     d = json.loads((b / "manifest.json").read_text())
@@ -64,6 +66,17 @@ def test_bad_fields_are_refused(tmp_path, field, value, msg):
     (b / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ManifestError, match=msg):
         load_manifest(str(b), verify_files=False)
+
+
+def test_typed_parts(tmp_path):
+    """lora_rank / lora_alpha / crop_ids read the manifest's parts; older bundles (no alpha, no crop ids) get
+    alpha = rank and the crop's own grid."""
+    m = load_manifest(str(_bundle(tmp_path)))
+    assert (m.lora_rank, m.lora_alpha, m.crop_ids) == (4, 4.0, "grid")
+    m.lora, m.patch_schedule = {"rank": 8, "alpha": 16}, {**m.patch_schedule, "crop_ids": "image"}
+    assert (m.lora_rank, m.lora_alpha, m.crop_ids) == (8, 16.0, "image")
+    r = m.training_recipe()
+    assert (r.lora_rank, r.lora_alpha, r.crop_ids, r.trainable_blocks) == (8, 16.0, "image", 2)
 
 
 def test_not_a_bundle(tmp_path):

@@ -37,8 +37,8 @@ class DeviceRow:
         self.compile_s = time.perf_counter() - t0
         self.bundle = Bundle(self.dir)
         m = self.bundle.manifest
-        if abs(float(m.lora["alpha"]) - float(cfg.lora_alpha)) > 1e-9:
-            raise ValueError(f"the bundle's LoRA alpha {m.lora['alpha']} differs from the run's {cfg.lora_alpha}: "
+        if abs(m.lora_alpha - float(cfg.lora_alpha)) > 1e-9:
+            raise ValueError(f"the bundle's LoRA alpha {m.lora_alpha} differs from the run's {cfg.lora_alpha}: "
                              "the device row would not train what the torch rows train")
         self.trainable = list(m.trainable)
 
