@@ -107,11 +107,11 @@ class _Rewrite:
     model: onnx.ModelProto
     weights: str
     block_size: int
-    min_elements: int
     names: set[str] = field(default_factory=set)
     new_inits: list[TensorProto] = field(default_factory=list)
     cache: dict[tuple, tuple[str, ...]] = field(default_factory=dict)  # (init, transB, alpha) -> weight names
     report: dict[str, Any] = field(default_factory=dict)
+    replaced: set[str] = field(default_factory=set)  # initializers the rewrite stopped reading
 
     def fresh(self, base: str) -> str:
         name, i = base, 0
@@ -161,24 +161,25 @@ def quantize_model(
     if weights == "int8" and _default_opset(out) < 13:
         raise ValueError(f"int8 needs opset >= 13 (per-axis DequantizeLinear); the model has {_default_opset(out)}")
     g = out.graph
-    rw = _Rewrite(out, weights, block_size, min_elements, report=report)
+    rw = _Rewrite(out, weights, block_size, report=report)
     rw.names = {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
-    rw.names |= {o for n in g.node for o in n.output} | {i for n in g.node for i in n.input}
+    rw.names |= {o for n in g.node for o in n.output} | _names_read(g.node)
     inits = {i.name: i for i in g.initializer}
     overridable = {i.name for i in g.input}
     new_nodes: list[onnx.NodeProto] = []
     for idx, node in enumerate(g.node):
-        label = node.name or f"{node.op_type}_{idx}"
-        reason = _why_not(node, inits, overridable, min_elements) if node.op_type in ("MatMul", "Gemm") else None
         if node.op_type not in ("MatMul", "Gemm"):
             new_nodes.append(node)
-        elif reason:
+            continue
+        label = node.name or f"{node.op_type}_{idx}"
+        reason = _why_not(node, inits, overridable, min_elements)
+        if reason:
             report["skipped"].append({"node": label, "op": node.op_type, "reason": reason})
             new_nodes.append(node)
         else:
             new_nodes.extend(_rewrite_node(rw, node, label, inits[node.input[1]]))
-    used = {i for n in new_nodes for i in n.input} | {o.name for o in g.output}
-    kept = [i for i in g.initializer if i.name in used or i.name in overridable]
+    used = _names_read(new_nodes) | {o.name for o in g.output}
+    kept = [i for i in g.initializer if i.name not in rw.replaced or i.name in used or i.name in overridable]
     del g.node[:]
     g.node.extend(new_nodes)
     del g.initializer[:]
@@ -186,6 +187,17 @@ def quantize_model(
     if weights == "int4" and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out, report
+
+
+def _names_read(nodes) -> set[str]:
+    """Every name the nodes read, including from inside their If/Loop/Scan subgraphs (outer-scope names)."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(node.input)
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _names_read(sub.node) | {o.name for o in sub.output}
+    return names
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -235,6 +247,7 @@ def _rewrite_node(rw: _Rewrite, node: onnx.NodeProto, label: str, init: TensorPr
     mm_out = bias[1]
     nodes: list[onnx.NodeProto] = []
     key = (init.name, trans_b, alpha)
+    rw.replaced.add(init.name)
     first = key not in rw.cache
     if first:
         rw.report["quantized"] += 1
@@ -283,6 +296,7 @@ def _gemm_bias(rw: _Rewrite, node: onnx.NodeProto, label: str, y: str) -> tuple[
         const = next((i for i in g.initializer if i.name == c), None)
         if const is not None and c not in {i.name for i in g.input}:
             cv = numpy_helper.to_array(const)
+            rw.replaced.add(const.name)
             c = rw.add_init((cv * beta).astype(cv.dtype), f"{c}_beta", weight=False)
         else:
             b = rw.add_init(np.asarray(beta, np.float32), f"{label}_beta", weight=False)
