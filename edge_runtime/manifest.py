@@ -14,6 +14,7 @@ from typing import Any
 from .fileio import atomic_json, sha256_file  # noqa: F401 - sha256_file is part of this module's API
 from .recipe import Recipe
 from .targets import BUNDLE_TARGETS, CPU
+from .weights import FP32, WEIGHTS
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -54,6 +55,10 @@ class Manifest:
     # the training settings the bundle was compiled for and the daemon personalizes with by default
     # (edge_runtime.recipe.Recipe.to_dict(); bundles written before it carry none: see recipe_of)
     recipe: dict[str, Any] = field(default_factory=dict)
+    # the frozen graphs' weight precision (edge_runtime.weights; `edgeblock compile --weights`):
+    # {"precision", "block_size", "graphs": {graph key: {"rel_error", "max_abs", "bytes_fp32", "bytes"}}, "chain"};
+    # empty (and not written) for fp32, as in bundles written before it existed
+    weights: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -72,6 +77,16 @@ class Manifest:
         grid; bundles that record none)."""
         return str(self.patch_schedule.get("crop_ids", "grid"))
 
+    @property
+    def weight_precision(self) -> str:
+        """The frozen graphs' weight precision (edge_runtime.weights.WEIGHTS); bundles that record none: fp32."""
+        return str(self.weights.get("precision", FP32)) if self.weights else FP32
+
+    def graph_weights(self, key: str) -> str:
+        """The weight precision of one graph (its graph key: "frozen/group_00", "text_encoder", "vae_decoder" ...):
+        the bundle's for the graphs compile quantized, fp32 for the others (the trainable blocks' graphs)."""
+        return self.weight_precision if key in self.weights.get("graphs", {}) else FP32
+
     def training_recipe(self) -> Recipe:
         """The bundle's recipe; for a bundle that records none, the settings it was compiled with and the
         daemon's defaults of that time (lr 5e-4, 200 steps of one draw)."""
@@ -82,7 +97,10 @@ class Manifest:
                       lora_alpha=self.lora_alpha)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["weights"]:
+            del d["weights"]  # fp32: the manifest reads as it did before the field existed
+        return d
 
 
 def hash_files(bundle: str) -> dict[str, str]:
@@ -128,6 +146,9 @@ def validate_fields(d: dict[str, Any]) -> None:
     rank = d["lora"].get("rank")
     if not isinstance(rank, int) or rank <= 0:
         raise ManifestError(f"manifest lora.rank must be a positive integer, got {rank!r}")
+    w = d.get("weights", {})
+    if not isinstance(w, dict) or (w and w.get("precision") not in WEIGHTS):
+        raise ManifestError(f"manifest weights must be an object with a precision in {WEIGHTS}, got {w!r}")
 
 
 def load_manifest(bundle: str, verify_files: bool = True) -> Manifest:

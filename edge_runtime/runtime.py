@@ -21,6 +21,7 @@ from . import graph_names as gn
 from .manifest import MANIFEST, Manifest, load_manifest, sha256_file
 from .patch_sampling import with_grid_crop
 from .sampler import initial_noise, sample
+from .weights import apply_session_settings
 
 
 class RuntimeError_(RuntimeError):
@@ -123,6 +124,10 @@ class Bundle:
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
         path = self.graph_path(name) if name in self.graphs else os.path.join(self.root, name)
+        # fp16/int8 weights stay small only with their settings (edge_runtime/weights.py); the graphs compile
+        # left fp32 (the trainable blocks') get none
+        key = gn.graph_key(name) if name not in self.graphs and name.endswith(".onnx") else name
+        apply_session_settings(opts, self.manifest.graph_weights(key), ort.ExecutionOrder)
         return ort.InferenceSession(path, opts, providers=self.providers)
 
     def release(self, name: str) -> None:
@@ -177,7 +182,8 @@ class Bundle:
                 raise RuntimeError_("this bundle has no text encoder (recompile it with a current edgeblock)")
             from .text import TextEncoder
 
-            te = self._text = TextEncoder(self.root, self.graphs["text_encoder"], self.providers)
+            te = self._text = TextEncoder(self.root, self.graphs["text_encoder"], self.providers,
+                                          weights=self.manifest.graph_weights("text_encoder"))
         return te
 
     def release_text_encoder(self) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .weights import FP32, apply_session_settings
+
 PREPROCESS = ("none", "lower_strip")
 
 
@@ -72,7 +74,9 @@ class BundleTokenizer:
 class TextEncoder:
     """prompts -> {"text", "pooled"?, "mask"?} float32 through the bundle's text_encoder.onnx."""
 
-    def __init__(self, root: str, desc: dict[str, Any], providers: list[str] | None = None):
+    def __init__(self, root: str, desc: dict[str, Any], providers: list[str] | None = None, weights: str = FP32):
+        """`weights`: the graph's weight precision (the manifest's weight_precision), whose ONNX Runtime session
+        settings keep quantized weights small (edge_runtime/weights.py)."""
         import onnxruntime as ort
 
         if not isinstance(desc, dict) or "path" not in desc or not desc.get("tokenizers"):
@@ -81,6 +85,7 @@ class TextEncoder:
         self.tokenizers = [BundleTokenizer(root, t) for t in desc["tokenizers"]]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        apply_session_settings(opts, weights, ort.ExecutionOrder)
         self.session = ort.InferenceSession(os.path.join(root, *desc["path"].split("/")), opts,
                                             providers=providers or ["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]

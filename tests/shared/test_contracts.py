@@ -33,6 +33,7 @@ CONTRACTS = {
     "edge_runtime.sampler",  # the samplers
     "edge_runtime.targets",  # deployment target names and boards
     "edge_runtime.training_spec",  # training_spec.json of the trainable artifacts
+    "edge_runtime.weights",  # weight precisions, their ORT session settings, each target's default
 }
 THIRD_PARTY_OK = {"numpy", "PIL"}
 # a contract's one dependency beyond THIRD_PARTY_OK, each with its reason
@@ -49,8 +50,9 @@ HOST_TOOLS = {
     "edge_runtime.engines": (["sdk/edgeblock/cli", "sdk/edgeblock/deploy/remote/build_engines"],
                              "`edgeblock build-engines` and deploy's script run on the target build the TensorRT engines"),
     "edge_runtime.api": (["sdk/edgeblock/client"], "the client speaks the daemon's gRPC API (generated stubs)"),
-    "edge_runtime.text": (["sdk/edgeblock/compile/encoders"],
-                          "compile verifies the exported text encoder with the device's own tokenizer and session"),
+    "edge_runtime.text": (["sdk/edgeblock/compile/encoders", "sdk/edgeblock/compile/bundle_weights"],
+                          "compile verifies the exported text encoder with the device's own tokenizer and session, "
+                          "and measures the quantized one on that tokenizer's feeds"),
     "edge_runtime.ort_trainer": (["sdk/edgeblock/compile/ort_training", "sdk/edgeblock/bench/memory"],
                                  "compile verifies the training artifacts with the device's trainer; the memory "
                                  "benchmark measures its training step"),

@@ -8,6 +8,7 @@ import argparse
 import logging
 
 from edge_runtime.targets import BUNDLE_TARGETS, CPU
+from edge_runtime.weights import WEIGHTS
 
 from . import argtypes
 
@@ -20,7 +21,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, blocks=args.blocks, selection=args.selection, target=args.target,
         train_res=args.train_res, gen_res=args.gen_res, lora_rank=args.lora_rank, precision=args.precision,
         verify=False if args.no_verify else None, seed=args.seed, max_group_mb=args.max_group_mb,
-        crop_ids=args.crop_ids, top_k=args.top_k,
+        crop_ids=args.crop_ids, top_k=args.top_k, weights=args.weights,
     )
     compile_bundle(opts, progress=print)
     return 0
@@ -56,6 +57,10 @@ def register(sub) -> None:
     c.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the model's)")
     c.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (8 for builtin, 4 otherwise)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="TensorRT engine precision (ONNX graphs are fp32)")
+    c.add_argument("--weights", default=None, choices=list(WEIGHTS),
+                   help="weight precision of the frozen groups, text encoder and generation graphs (the trainable "
+                        "blocks stay fp32): default what --target needs (cpu fp32, AGX Orin fp16, Orin NX int8, "
+                        "Orin Nano int4); the error against fp32 is measured and recorded in the manifest")
     c.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch verification")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-group-mb", type=float, default=None,

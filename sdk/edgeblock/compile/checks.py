@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from edge_runtime.manifest import MANIFEST
 from edge_runtime.targets import BUNDLE_TARGETS
 from edge_runtime.patch_sampling import CROP_IDS
+from edge_runtime.weights import WEIGHTS
 
 from .context import PRECISIONS, CompileOptions
 
@@ -26,6 +27,8 @@ def check_options(opts: CompileOptions) -> None:
         raise ValueError(f"--lora-rank must be >= 1, got {opts.lora_rank}")
     if opts.blocks is not None and opts.selection:
         raise ValueError("give --blocks or --selection, not both")
+    if opts.weights not in (None, *WEIGHTS):
+        raise ValueError(f"--weights {opts.weights!r} is not one of {', '.join(WEIGHTS)}")
     if opts.crop_ids not in (None, *CROP_IDS):
         raise ValueError(f"--crop-ids {opts.crop_ids!r} is not one of {', '.join(CROP_IDS)}")
 

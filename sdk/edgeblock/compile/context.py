@@ -15,6 +15,7 @@ from edge_runtime.fileio import sha256_file
 from edge_runtime.manifest import Manifest
 from edge_runtime.recipe import Recipe
 from edge_runtime.targets import CPU
+from edge_runtime.weights import FP32, default_weights
 
 PRECISIONS = ("fp32", "fp16")
 VERIFY_PARAM_LIMIT = 1_000_000_000
@@ -47,6 +48,11 @@ class CompileOptions:
     max_group_mb: float | None = None  # frozen-group size cap (fp32 MiB); None: auto (the trainable blocks' size); 0: no cap
     crop_ids: str | None = None  # FLUX: a training crop's position ids, "image" or "grid" (None: the recipe's)
     top_k: int | None = None  # blocks selection picks when no --blocks/--selection is given (None: the recipe's)
+    weights: str | None = None  # frozen graphs' weight precision (edge_runtime.weights); None: the target's default
+
+    def weight_precision(self) -> str:
+        """--weights, or what the target needs (edge_runtime.weights.default_weights)."""
+        return self.weights if self.weights is not None else default_weights(self.target)
 
     def recipe(self) -> Recipe:
         """The model's recommended recipe (edge_runtime.recipe) with this compile's overrides."""
@@ -59,8 +65,10 @@ class CompileOptions:
 
     def fingerprint_args(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("model", "out", "verify", "selection"):
+        for k in ("model", "out", "verify", "selection", "weights"):
             d.pop(k)
+        if self.weight_precision() != FP32:  # fp32 bundles keep the fingerprint they had before --weights existed
+            d["weights"] = self.weight_precision()
         d["recipe"] = self.recipe().to_dict()
         d["blocks"] = list(self.blocks) if self.blocks is not None else None
         if self.selection:
@@ -119,6 +127,7 @@ class CompileContext:
     # verify, encoders
     verification: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, dict] = field(default_factory=dict)  # text_encoder / vae graph descriptions
+    weights: dict[str, Any] = field(default_factory=dict)  # manifest.weights (compile/bundle_weights.py; {} for fp32)
     manifest: Manifest | None = None
 
     @property

@@ -2,7 +2,7 @@
 
 Activations stay fp32. int4 is com.microsoft MatMulNBits (packed here with numpy); int8 is DequantizeLinear
 (per output channel) feeding MatMul; fp16 is a Cast feeding MatMul. docs/quantization.md has the formats,
-the measured errors and memory, and the session options a loader must set (SESSION_SETTINGS).
+the measured errors and memory, and the session options a loader must set (edge_runtime.weights).
 """
 
 from __future__ import annotations
@@ -15,21 +15,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-WEIGHTS = ("fp32", "fp16", "int8", "int4")
+from edge_runtime.weights import SESSION_SETTINGS, WEIGHTS  # noqa: F401 - part of this module's API
 
-# What an ORT session must set so the weights stay small in memory (measured, docs/quantization.md):
-# without PRIORITY_BASED order ORT runs every DequantizeLinear/Cast first and holds all the fp32 copies at
-# once; without disabling ConstantFolding it folds Cast(fp16 initializer) back into an fp32 initializer.
-# DequantizeLinear of an initializer is not folded as long as "session.disable_quant_qdq" stays "0".
-SESSION_SETTINGS: dict[str, dict[str, Any]] = {
-    "fp32": {},
-    "int4": {},
-    "int8": {"execution_order": "PRIORITY_BASED"},
-    "fp16": {
-        "execution_order": "PRIORITY_BASED",
-        "config": {"optimization.disable_specified_optimizers": "ConstantFolding"},
-    },
-}
+# SESSION_SETTINGS (what an ORT session over each precision must set) is the device's contract:
+# edge_runtime/weights.py, shared by compile and the runtime.
 
 _INT4_MAX = 15  # uint4 codes 0..15, asymmetric with a zero point per block
 _INT8_MAX = 127  # int8 codes -127..127, symmetric (zero point 0) per output channel

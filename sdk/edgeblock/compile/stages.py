@@ -238,6 +238,14 @@ def encoders(ctx: CompileContext) -> None:
     ctx.extra = extra
 
 
+def weights(ctx: CompileContext) -> None:
+    """--weights fp16/int8/int4: the frozen and generation graphs quantized and measured against fp32
+    (compile/bundle_weights.py); nothing for fp32."""
+    from .bundle_weights import quantize_bundle
+
+    ctx.weights = quantize_bundle(ctx)
+
+
 def write(ctx: CompileContext) -> None:
     """7/7: manifest.json (sha256 of every file) into the bundle being built."""
     from .manifest_build import build_manifest
@@ -248,4 +256,4 @@ def write(ctx: CompileContext) -> None:
 
 
 # the stages that build the bundle in ctx.tmp, in order (check and select run before it exists)
-BUILD = (export, train, shapes, verify, encoders, write)
+BUILD = (export, train, shapes, verify, encoders, weights, write)

@@ -1,0 +1,76 @@
+"""Weight precisions of a bundle's frozen graphs, written once for the host and the device (numpy-free):
+the names `edgeblock compile --weights` takes and a manifest records, the ONNX Runtime session settings each
+needs so its weights stay small in memory, and the precision a bundle target gets by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .targets import BUNDLE_TARGETS, CPU, GiB, JETSONS
+
+FP32, FP16, INT8, INT4 = "fp32", "fp16", "int8", "int4"
+WEIGHTS: tuple[str, ...] = (FP32, FP16, INT8, INT4)
+INT4_BLOCK_SIZE = 32  # MatMulNBits block along K (docs/quantization.md: 0.081 rel error at 32, 0.100 at 128)
+
+# What an ORT session must set so the weights stay small in memory (measured, docs/quantization.md):
+# without PRIORITY_BASED order ORT runs every DequantizeLinear/Cast first and holds all the fp32 copies at
+# once; without disabling ConstantFolding it folds Cast(fp16 initializer) back into an fp32 initializer.
+# DequantizeLinear of an initializer is not folded as long as "session.disable_quant_qdq" stays "0".
+# int4 (com.microsoft MatMulNBits) runs from the packed weights with the defaults.
+SESSION_SETTINGS: dict[str, dict[str, Any]] = {
+    FP32: {},
+    INT4: {},
+    INT8: {"execution_order": "PRIORITY_BASED"},
+    FP16: {
+        "execution_order": "PRIORITY_BASED",
+        "config": {"optimization.disable_specified_optimizers": "ConstantFolding"},
+    },
+}
+
+
+def check_weights(weights: str) -> str:
+    """`weights` if it is a known precision, else ValueError naming the choices."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r} is not one of {', '.join(WEIGHTS)}")
+    return weights
+
+
+def session_settings(weights: str) -> dict[str, Any]:
+    """A copy of SESSION_SETTINGS[weights]: {"execution_order"?: ExecutionOrder member name, "config"?: {k: v}}."""
+    s = SESSION_SETTINGS[check_weights(weights)]
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
+
+
+def apply_session_settings(opts: Any, weights: str, execution_order: Any) -> None:
+    """Set what a session over `weights` graphs needs on an onnxruntime.SessionOptions.
+
+    `execution_order` is onnxruntime.ExecutionOrder (passed in: this module does not import onnxruntime).
+    """
+    s = session_settings(weights)
+    if "execution_order" in s:
+        opts.execution_order = getattr(execution_order, s["execution_order"])
+    for key, value in s.get("config", {}).items():
+        opts.add_session_config_entry(key, value)
+
+
+def default_weights(target: str) -> str:
+    """The weight precision a bundle for `target` gets when `--weights` is not given.
+
+    `cpu`: fp32 (the reference; memory is not the constraint there). Jetson Orin (Ampere, sm_87) runs FP16 and
+    INT8 in TensorRT (no FP8/FP4), and one LPDDR pool serves CPU and GPU, so the precision follows the board's
+    memory: AGX Orin 32/64 GB keep fp16 (half the fp32 bytes, the precision TensorRT runs natively there),
+    Orin NX 16 GB int8 (a quarter: big frozen groups and text encoders fit beside the training step), Orin Nano
+    8 GB int4 (an eighth: the only way a multi-billion-parameter model's frozen weights fit at all; ONNX
+    Runtime runs it as MatMulNBits).
+    """
+    if target == CPU:
+        return FP32
+    board = JETSONS.get(target)
+    if board is None:
+        raise ValueError(f"target {target!r} is not one of {', '.join(BUNDLE_TARGETS)}")
+    if board.memory_bytes >= 32 * GiB:
+        return FP16
+    if board.memory_bytes >= 16 * GiB:
+        return INT8
+    return INT4

@@ -1,0 +1,157 @@
+"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder and the generation-only
+graphs (prologue, epilogue, VAE) rewritten with weight-only quantized MatMul weights (compile/quantize.py), each
+measured against its fp32 self on real feeds; the trainable blocks' graphs and training artifacts stay fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from edge_runtime import graph_names as gn
+from edge_runtime.fileio import sha256_file
+from edge_runtime.patch_sampling import with_grid_crop
+from edge_runtime.weights import FP32, INT4, INT4_BLOCK_SIZE
+
+from .context import PROMPT, CompileContext
+
+# the chain graphs that are quantized (the trainable blocks' infer graphs keep the training precision)
+QUANTIZED_KINDS = (gn.PROLOGUE, gn.GROUP, gn.EPILOGUE)
+
+
+def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
+    """Quantize the bundle in ctx.tmp in place; returns the manifest's `weights` ({} for fp32).
+
+    {"precision", "block_size" (int4) , "graphs": {graph key: {"rel_error", "max_abs", "bytes_fp32", "bytes",
+    "matrices"}}, "chain": {"rel_error", "max_abs"}}: rel_error = max over the graph's outputs of
+    ||fp32 - quantized|| / ||fp32||, on the generation-shape feeds the fp32 graphs compute (each graph on fp32
+    inputs); chain: the prediction of the quantized chain (zero LoRA) against the fp32 chain's.
+    A non-finite error fails the compile.
+    """
+    precision = ctx.opts.weight_precision()
+    if precision == FP32:
+        return {}
+    ctx.sessions = None  # the fp32 sessions of the shape/verify passes: their graphs are about to change
+    block = INT4_BLOCK_SIZE if precision == INT4 else None
+    ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "")
+            + ": frozen groups, text encoder and generation graphs; the trainable blocks stay fp32")
+    graphs: dict[str, dict[str, Any]] = {}
+    pred_fp32, feeds0 = _quantize_chain(ctx, precision, block, graphs)
+    text = ctx.extra.get("text_encoder")
+    if text is not None:
+        ext = _quantize_file(ctx, text["path"], precision, block, _text_feeds(ctx, text), graphs)
+        text["external_data"] = ext
+    vae = ctx.extra.get("vae")
+    if vae is not None:
+        for name, feeds in _vae_feeds(ctx, vae):
+            vae[name]["external_data"] = _quantize_file(ctx, vae[name]["path"], precision, block, feeds, graphs)
+    chain = _chain_error(ctx, pred_fp32, feeds0)
+    ctx.say(f"[compile]   weights {precision}: chain prediction rel {chain['rel_error']:.2e}  "
+            f"max abs {chain['max_abs']:.2e}")
+    _refresh_plan_hashes(ctx)
+    out: dict[str, Any] = {"precision": precision, "graphs": graphs, "chain": chain}
+    if block:
+        out["block_size"] = block
+    return out
+
+
+def _quantize_chain(ctx: CompileContext, precision: str, block: int | None, graphs: dict):
+    """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs."""
+    from . import onnx_export as ox
+
+    zero = {n: np.zeros(d["shape"], np.float32) for s in ctx.specs for n, d in s.lora.items()}
+    feeds0 = {k: ox._np(v) for k, v in {**ox.prologue_inputs(ctx.x_gen), **zero}.items()}
+    acc: dict[str, Any] = dict(feeds0)
+    for spec in ctx.specs:
+        acc = with_grid_crop(spec.inputs, acc)
+        out = ox.run_onnx(spec.path, acc)  # fp32, before the file changes
+        if spec.kind in QUANTIZED_KINDS:
+            feeds = {n: acc[n] for n in spec.inputs if n in acc}
+            spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], precision, block, feeds, graphs)
+        gn.fold_outputs(acc, out, spec.state_in, spec.state_out)
+    return acc[gn.PREDICTION], feeds0
+
+
+def _quantize_file(ctx: CompileContext, rel: str, precision: str, block: int | None, feeds: dict, graphs: dict) -> bool:
+    """Quantize one graph file in place, measure it, record it under its graph key; returns external data?"""
+    import onnx
+
+    from . import onnx_export as ox
+    from .quantize import quantization_error, quantize_model
+
+    path = os.path.join(ctx.tmp, *rel.split("/"))
+    before = _file_bytes(path)
+    model = onnx.load(path)  # with its external data
+    q, report = quantize_model(model, precision, block_size=block or INT4_BLOCK_SIZE)
+    errors = quantization_error(model, q, feeds)
+    del model
+    rel_error = max((e["rel"] for e in errors.values()), default=0.0)
+    max_abs = max((e["max_abs"] for e in errors.values()), default=0.0)
+    external = ox.save_onnx(q, path)
+    after = _file_bytes(path)
+    key = gn.graph_key(rel)
+    graphs[key] = {"rel_error": rel_error, "max_abs": max_abs, "bytes_fp32": before, "bytes": after,
+                   "matrices": report["quantized"]}
+    ctx.say(f"[compile]   {rel:<28} {precision} rel {rel_error:.2e}  max abs {max_abs:.2e}  "
+            f"{before / 2**20:.2f} -> {after / 2**20:.2f} MiB ({report['quantized']} matrices)")
+    if not np.isfinite(rel_error) or not np.isfinite(max_abs):
+        raise RuntimeError(f"verification failed (no bundle written): {rel} at {precision} gives a non-finite error "
+                           f"({rel_error}, {max_abs})")
+    return external
+
+
+def _file_bytes(path: str) -> int:
+    data = path + ".data"
+    return os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+def _text_feeds(ctx: CompileContext, desc: dict) -> dict[str, np.ndarray]:
+    """The text encoder's inputs for the compile prompt and the empty guidance prompt, through the device's
+    own tokenizers (edge_runtime/text.py)."""
+    from edge_runtime.text import BundleTokenizer
+
+    feeds: dict[str, np.ndarray] = {}
+    for spec in desc["tokenizers"]:
+        feeds.update(BundleTokenizer(ctx.tmp, spec)([PROMPT, ""]))
+    return feeds
+
+
+def _vae_feeds(ctx: CompileContext, vae: dict):
+    """(name, feeds) of the VAE graphs at the generation resolution: random images in [-1, 1] for the encoder,
+    the fp32 encoder's latents of them for the decoder (computed before the encoder is quantized)."""
+    from . import onnx_export as ox
+
+    rng = np.random.default_rng(ctx.opts.seed)
+    images = rng.uniform(-1.0, 1.0, (1, 3, ctx.gen_res, ctx.gen_res)).astype(np.float32)
+    enc, dec = vae["vae_encoder"], vae["vae_decoder"]
+    latents = ox.run_onnx(os.path.join(ctx.tmp, *enc["path"].split("/")), {enc["inputs"][0]: images})[enc["outputs"][0]]
+    return [("vae_encoder", {enc["inputs"][0]: images}), ("vae_decoder", {dec["inputs"][0]: latents})]
+
+
+def _chain_error(ctx: CompileContext, pred_fp32: np.ndarray, feeds0: dict) -> dict[str, float]:
+    from . import onnx_export as ox
+
+    got = ox.run_chain(ctx.specs, feeds0, {})[gn.PREDICTION]
+    a, b = pred_fp32.astype(np.float64), got.astype(np.float64)
+    norm = float(np.linalg.norm(a))
+    diff = float(np.linalg.norm(a - b))
+    r = {"rel_error": diff / norm if norm > 0 else diff, "max_abs": float(np.abs(a - b).max())}
+    if not all(np.isfinite(v) for v in r.values()):
+        raise RuntimeError(f"verification failed (no bundle written): the quantized chain's error is not finite: {r}")
+    return r
+
+
+def _refresh_plan_hashes(ctx: CompileContext) -> None:
+    """engines/plan.json names each frozen group's ONNX sha256: the quantized file's now."""
+    from .tensorrt_plan import PLAN_FILE
+
+    path = os.path.join(ctx.tmp, *PLAN_FILE.split("/"))
+    with open(path) as f:
+        plan = json.load(f)
+    for g in plan["groups"]:
+        g["onnx_sha256"] = sha256_file(os.path.join(ctx.tmp, *g["onnx"].split("/")))
+    with open(path, "w") as f:
+        json.dump(plan, f, indent=2)

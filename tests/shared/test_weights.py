@@ -1,0 +1,65 @@
+"""The weight-precision contract (edge_runtime.weights) and the manifest's record of it: names, ORT session
+settings, each target's default, and older manifests (no `weights`) reading as fp32."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime import weights as w
+from edge_runtime.manifest import Manifest, ManifestError, validate_fields
+from edge_runtime.targets import BUNDLE_TARGETS
+
+
+def test_default_weights_follow_the_board_memory():
+    assert {t: w.default_weights(t) for t in BUNDLE_TARGETS} == {
+        "cpu": "fp32", "agx-orin-64gb": "fp16", "agx-orin-32gb": "fp16", "orin-nx-16gb": "int8", "orin-nano-8gb": "int4"}
+    with pytest.raises(ValueError, match="jetson-tx9"):
+        w.default_weights("jetson-tx9")
+
+
+class _Opts:
+    """Records what apply_session_settings sets (an onnxruntime.SessionOptions stand-in)."""
+
+    def __init__(self):
+        self.execution_order = "DEFAULT"
+        self.config = {}
+
+    def add_session_config_entry(self, k, v):
+        self.config[k] = v
+
+
+class _Order:
+    PRIORITY_BASED = "priority"
+
+
+def test_session_settings_per_precision():
+    seen = {}
+    for p in w.WEIGHTS:
+        o = _Opts()
+        w.apply_session_settings(o, p, _Order)
+        seen[p] = (o.execution_order, o.config)
+    assert seen == {
+        "fp32": ("DEFAULT", {}), "int4": ("DEFAULT", {}), "int8": ("priority", {}),
+        "fp16": ("priority", {"optimization.disable_specified_optimizers": "ConstantFolding"})}
+    w.session_settings("fp16")["config"]["x"] = "y"  # a copy: the table itself is unchanged
+    assert "x" not in w.SESSION_SETTINGS["fp16"]["config"]
+    with pytest.raises(ValueError, match="int3"):
+        w.apply_session_settings(_Opts(), "int3", _Order)
+
+
+def _manifest(**kw) -> Manifest:
+    return Manifest(family="flux", blocks=[{"index": 0}, {"index": 1}], trainable=[1], train_res=32, gen_res=64,
+                    scheduler={}, patch_schedule={}, lora={"rank": 2}, **kw)
+
+
+def test_manifest_weights_field_is_optional_and_typed():
+    old = _manifest()
+    assert old.weight_precision == "fp32" and old.graph_weights("frozen/group_00") == "fp32"
+    assert "weights" not in old.to_dict()  # fp32 bundles read exactly as before the field existed
+    q = _manifest(weights={"precision": "int4", "block_size": 32, "graphs": {"frozen/group_00": {"rel_error": 0.01}}})
+    assert q.weight_precision == "int4" and q.to_dict()["weights"]["block_size"] == 32
+    assert q.graph_weights("frozen/group_00") == "int4" and q.graph_weights("trainable/infer") == "fp32"
+    d = {**q.to_dict(), "files": {}}
+    validate_fields(d)
+    with pytest.raises(ManifestError, match="weights"):
+        validate_fields({**d, "weights": {"precision": "int3"}})
