@@ -14,6 +14,8 @@ Stages (each printed as a `[compile] ...` line):
 6. verify   (default for models under 1B parameters) each inference graph against torch on
             torch's inputs, the whole ORT chain against the torch prediction at both shapes, one
             ORT training step (loss and LoRA gradients) and ten AdamW steps against torch;
+   weights  (--weights fp16/int8/int4; default by --target) the frozen groups, text encoder and generation
+            graphs quantized in place and measured against fp32 (compile/bundle_weights.py);
 7. write    manifest.json via edge_runtime.manifest (sha256 of every file), then the temporary
             directory beside --out is renamed onto --out.
 
@@ -29,7 +31,7 @@ verified through the device's own code path (edge_runtime/text.py) against torch
 
 Modules: context.py (CompileOptions, CompileContext, fingerprint), checks.py (stage 1's checks),
 stages.py (one function per stage over the CompileContext), tensorrt_plan.py, verify.py,
-manifest_build.py; this module runs the stages and installs the bundle.
+bundle_weights.py, manifest_build.py; this module runs the stages and installs the bundle.
 """
 
 from __future__ import annotations
