@@ -137,7 +137,7 @@ def test_fingerprint_and_bad_weights(bundles, tmp_path, capsys, monkeypatch):
     assert bd.CompileOptions(**opts, weights="fp32").fingerprint_args() == base  # fp32 keeps the old key
     assert bd.CompileOptions(**opts, weights="int4").fingerprint_args() == {**base, "weights": "int4"}
     # a Jetson target without --weights gets its default, which is part of the key
-    assert bd.CompileOptions(**opts, target="orin-nx-16gb").fingerprint_args()["weights"] == "int8"
+    assert bd.CompileOptions(**opts, target="orin-nx-16gb").fingerprint_args()["weights"] == "fp16"  # the Jetson default
     with pytest.raises(ValueError, match="--weights 'int3'"):
         bd.check_options(bd.CompileOptions(**opts, weights="int3"))
     with pytest.raises(SystemExit) as e:
