@@ -15,8 +15,7 @@ from PIL import Image
 
 from .flow import image_ids
 from .recipe import CROP_IDS  # noqa: F401 - a training crop's position ids (FLUX): its own grid or the image's
-
-SCHEDULE_KINDS = ("linear", "cosine", "step")
+from .recipe import SCHEDULE_KINDS
 
 
 @dataclass(frozen=True)

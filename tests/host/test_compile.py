@@ -202,6 +202,7 @@ def test_compile_writes_the_models_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(parts, "builtin_dir", lambda: root)
     m = bd.compile_bundle(bd.CompileOptions("builtin", str(tmp_path / "b"), verify=False), progress=None).manifest
     assert (m.train_res, m.gen_res) == (48, 64) and m.patch_schedule["f_min"] == 0.75
+    assert (m.patch_schedule["kind"], m.patch_schedule["levels"]) == ("step", 2)  # the recipe's crop schedule
     assert len(m.trainable) == min(BUILTIN.trainable_blocks, len(m.blocks)) == 3  # 1 double + 2 single blocks
     assert m.lora["rank"] == 8 and m.lora["alpha"] == 8.0
     r = m.training_recipe()

@@ -327,6 +327,7 @@ def test_eval_runs_only_the_rows_asked_for(tmp_path, eval_model, monkeypatch):
 def test_eval_patch_rows_take_the_training_resolution_and_schedule_asked_for(tmp_path, eval_model, monkeypatch):
     from edge_runtime import patch_sampling as ps
     from edgeblock.eval import run as run_mod
+    from edgeblock.method import model_recipe
 
     boxes, crops = [], []  # the crops the patch rows drew, and the arrays they trained on
     sample = ps.PatchSampler.sample
@@ -343,15 +344,22 @@ def test_eval_patch_rows_take_the_training_resolution_and_schedule_asked_for(tmp
     full = boxes[0][1]
     assert res["config"]["patch_train_res"] == 32 and res["config"]["patch_schedule"]["f_min"] == 32 / full
     assert crops and all(c[:2] == (32, 32) for c in crops)
-    # f(t) = f_min + (1 - f_min) t with f_min = R / S: no crop smaller than R, the whole image at t = 1
-    assert all(size == round((32 / full + (1 - 32 / full) * t) * full) for size, _, t in boxes)
-    assert all(size >= 32 for size, _, _ in boxes)
-    assert "patch rows: 32 px crops, f_min 0.5" in (tmp_path / "e" / "results.md").read_text()
+    # the model's recipe gives the schedule's shape, f_min = R / S: no crop smaller than R, the whole image at t = 1
+    recipe = model_recipe(eval_model)
+    sched = res["config"]["patch_schedule"]
+    assert (sched["kind"], sched["levels"]) == (recipe.schedule_kind, recipe.schedule_levels)
+    f = ps.PatchSchedule.from_dict(sched)
+    assert all(size == round(float(f.scale(t)) * full) for size, _, t in boxes)
+    assert all(size >= 32 for size, _, _ in boxes) and max(size for size, _, t in boxes if t >= 0.5) <= full
+    assert "patch rows: 32 px crops, f_min 0.5, " in (tmp_path / "e" / "results.md").read_text()
+    if recipe.name == "builtin":  # its two-size step: a crop of exactly R below t = 0.5, the whole image from there
+        assert all(size == (32 if t < 0.5 else full) for size, _, t in boxes)
     boxes.clear()
     res = run_mod.run_eval(str(tmp_path / "e2"), model=eval_model, quick=True, progress=False, rows=("patch",),
                            steps=6, patch_min=0.25)
     assert res["config"]["patch_train_res"] == 3 * full // 4 and res["config"]["patch_schedule"]["f_min"] == 0.25
-    assert all(size == round((0.25 + 0.75 * t) * full) for size, _, t in boxes)
+    f = ps.PatchSchedule.from_dict(res["config"]["patch_schedule"])
+    assert f.f_min == 0.25 and all(size == round(float(f.scale(t)) * full) for size, _, t in boxes)
 
 
 def test_eval_refuses_models_it_cannot_generate_with(tmp_path, capsys):

@@ -31,7 +31,7 @@ def build_manifest(ctx: CompileContext) -> Manifest:
     return Manifest(
         family=adapter.family, blocks=block_list, trainable=list(plan.trainable), train_res=ctx.train_res,
         gen_res=ctx.gen_res, scheduler=ctx.objective.to_dict(),
-        patch_schedule={**asdict(PatchSchedule(f_min=recipe.schedule_f_min(ctx.train_res, ctx.gen_res))),
+        patch_schedule={**asdict(PatchSchedule(**recipe.patch_schedule(ctx.train_res, ctx.gen_res))),
                         "train_res": ctx.train_res, "gen_res": ctx.gen_res, "crop_ids": crop_ids},
         lora={**asdict(ctx.lora), "targets": list(ctx.lora.targets), "init": "B = 0 (the adapter starts at the base model)",
               "names": "diffusers/PEFT saved names (see graphs.*.lora)"},

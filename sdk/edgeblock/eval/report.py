@@ -70,7 +70,10 @@ def _set_text(cfg: dict) -> str:
 
 
 def _patch_text(cfg: dict) -> str:
-    return f"patch rows: {cfg['patch_train_res']} px crops, f_min {cfg['patch_schedule']['f_min']:g}; "
+    ps = cfg["patch_schedule"]
+    kind = ps.get("kind", "linear")
+    shape = f"{ps.get('levels', 3)} sizes" if kind == "step" else kind
+    return f"patch rows: {cfg['patch_train_res']} px crops, f_min {ps['f_min']:g}, {shape} in the noise level; "
 
 
 def markdown(results: dict) -> str:

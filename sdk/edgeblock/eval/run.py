@@ -209,7 +209,7 @@ def patch_setting(cfg: EvalConfig, side: int, pack: int) -> tuple[int, PatchSche
     if res > side or res % pack:  # res >= 1: EvalConfig checks a given one, the default is >= pack
         raise ValueError(f"--train-res {res}: needs a multiple of the packing factor {pack} in 1..{side} "
                          f"(the generation side)")
-    return res, PatchSchedule(f_min=cfg.patch_min if cfg.patch_min is not None else recipe.schedule_f_min(res, side))
+    return res, PatchSchedule(**recipe.patch_schedule(res, side, f_min=cfg.patch_min))
 
 
 @dataclass
