@@ -51,6 +51,7 @@ class Bundle:
         self.threads = threads
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.prompt_cache: Any = None  # a PromptCache once use_prompt_cache is called
         self.chain = self._chain()
         self.lora_shapes: dict[str, tuple[int, ...]] = {}
         for name in self.chain_names:
@@ -190,15 +191,43 @@ class Bundle:
         """Drop the text encoder's session (reloaded on next use; a caller holding it keeps it alive)."""
         self._text = None
 
+    def use_prompt_cache(self, root: str, max_bytes: int) -> None:
+        """Keep prompt encodings in a bounded folder (edge_runtime.prompt_cache): a prompt encoded once, by this
+        process or an earlier one on the same bundle, skips the text encoder (which then is not even loaded)."""
+        from .prompt_cache import PromptCache
+
+        self.prompt_cache = PromptCache(root, max_bytes, self.manifest_sha256)
+
     def encode_prompts(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """prompts -> the prologue's text feeds: text, pooled (if any), text_mask (if any)."""
-        out = self.text_encoder().encode(prompts)
+        out = self._encode_cached(list(prompts))
         feeds = {"text": out["text"]}
         if "pooled" in out:
             feeds["pooled"] = out["pooled"]
         if "mask" in out:
             feeds["text_mask"] = out["mask"]
         return feeds
+
+    def _encode_cached(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """The text encoder's outputs for prompts, one row each; through the prompt cache when one is set."""
+        cache = self.prompt_cache
+        if cache is None or not prompts:
+            return self.text_encoder().encode(prompts)
+        rows: dict[str, dict[str, np.ndarray]] = {}
+        for p in dict.fromkeys(prompts):
+            hit = cache.get(p)
+            if hit is not None:
+                rows[p] = hit
+        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        if missing:
+            fresh = self.text_encoder().encode(missing)
+            for i, p in enumerate(missing):
+                rows[p] = {k: v[i : i + 1] for k, v in fresh.items()}
+                cache.put(p, rows[p])
+        names = list(rows[prompts[0]])
+        if any(list(r) != names for r in rows.values()):  # an entry from an encoder with other outputs
+            return self.text_encoder().encode(prompts)
+        return {k: np.concatenate([rows[p][k] for p in prompts], axis=0) for k in names}
 
     def vae_encode(self, images: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> model-space latents (identity for pixel-space models)."""

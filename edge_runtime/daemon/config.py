@@ -67,6 +67,7 @@ class ServerConfig:
     defaults: Defaults = field(default_factory=Defaults)
     threads: int | None = None
     workers: int = 32
+    prompt_cache_mb: float = 64.0  # prompt encodings kept in STATE/prompt-cache (0: none)
 
     def __post_init__(self) -> None:
         if self.max_concurrent_generations is not None:
@@ -107,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=None, help="queued training jobs beyond which Personalize is refused")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of each ONNX Runtime session (default: ONNX Runtime's)")
+    p.add_argument("--prompt-cache-mb", type=float, default=None,
+                   help="MiB of prompt encodings kept on disk in STATE/prompt-cache, so repeated prompts skip the "
+                        "text encoder (default 64; 0: no cache)")
     return p
 
 
@@ -135,12 +139,14 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--max-concurrent-generations must be at least 1, got {args.max_concurrent_generations}")
     if args.max_queue is not None and args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.prompt_cache_mb is not None and not args.prompt_cache_mb >= 0:
+        raise ValueError(f"--prompt-cache-mb must be >= 0, got {args.prompt_cache_mb}")
     kwargs: dict[str, Any] = dict(
         bundle=args.bundle, listen=args.listen, state_dir=args.state, token=read_token(args.token_file),
         allow_insecure_remote=args.allow_insecure_remote, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, trainer=args.trainer, train_device=args.train_device,
     )
-    for flag in ("max_concurrent_generations", "max_queue", "threads"):
+    for flag in ("max_concurrent_generations", "max_queue", "threads", "prompt_cache_mb"):
         if getattr(args, flag) is not None:
             kwargs[flag] = getattr(args, flag)
     return kwargs

@@ -85,6 +85,8 @@ class Daemon:
                                 learning_rate=cfg.defaults.learning_rate or self.recipe.learning_rate)
         self._state_lock = lock_state_dir(cfg.state_dir)
         self.store = Store(cfg.state_dir)
+        if cfg.prompt_cache_mb > 0:
+            self.bundle.use_prompt_cache(os.path.join(cfg.state_dir, "prompt-cache"), int(cfg.prompt_cache_mb * 2**20))
         self.trainer = pick_trainer(cfg.trainer)
         self.train_device = pick_train_device(self.trainer, cfg.train_device)
         self.shutting_down = threading.Event()

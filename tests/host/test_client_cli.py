@@ -385,10 +385,11 @@ def test_serve_builds_the_server_config(tmp_path, token_file, monkeypatch):
     assert main(["serve", "--bundle", str(bundle), "--listen", "0.0.0.0:6000", "--state", str(tmp_path / "st"),
                  "--token-file", token_file, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca),
                  "--trainer", "ort", "--train-device", "cuda:1", "--max-concurrent-generations", "2",
-                 "--max-queue", "5"]) == 0
+                 "--max-queue", "5", "--prompt-cache-mb", "0"]) == 0
     assert got == dict(bundle=str(bundle), listen="0.0.0.0:6000", state_dir=str(tmp_path / "st"), token=TOKEN,
                        allow_insecure_remote=False, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(ca),
-                       trainer="ort", train_device="cuda:1", max_concurrent_generations=2, max_queue=5)
+                       trainer="ort", train_device="cuda:1", max_concurrent_generations=2, max_queue=5,
+                       prompt_cache_mb=0.0)
 
     got.clear()
     monkeypatch.setenv("EDGEBLOCK_TOKEN", "from-env")
@@ -399,5 +400,6 @@ def test_serve_builds_the_server_config(tmp_path, token_file, monkeypatch):
 
     got.clear()
     assert main(["serve", "--bundle", str(bundle), "--state", "s", "--tls-cert", str(cert)]) == 2
+    assert main(["serve", "--bundle", str(bundle), "--state", "s", "--prompt-cache-mb", "-1"]) == 2
     assert main(["serve", "--bundle", str(tmp_path / "nope"), "--state", "s"]) == 2
     assert not got
