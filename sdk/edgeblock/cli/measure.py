@@ -226,8 +226,9 @@ def register(sub) -> None:
                    help="the benchmark's subjects (default) or the validation designs, held out from every choice "
                         "of the defaults")
     e.add_argument("--rows", type=argtypes.rows, default=None,
-                   help="comma-separated rows to run, of base, standard_lora, patch, skip, blockskip (default: all; "
-                        "the targets need base, standard_lora and blockskip)")
+                   help="comma-separated rows to run, of base, standard_lora, patch, skip, blockskip, and "
+                        "blockskip_device with --runtime device (default: all of them; the targets need base, "
+                        "standard_lora and blockskip, the device target blockskip_device too)")
     e.add_argument("--runtime", choices=("torch", "device"), default=None,
                    help="device: add the row blockskip_device, DiT-BlockSkip through `edgeblock compile` (into OUT/bundle), "
                         "the daemon's ONNX Runtime trainer and the device's generation (default: torch rows only)")
