@@ -213,21 +213,15 @@ class Bundle:
         cache = self.prompt_cache
         if cache is None or not prompts:
             return self.text_encoder().encode(prompts)
-        rows: dict[str, dict[str, np.ndarray]] = {}
-        for p in dict.fromkeys(prompts):
-            hit = cache.get(p)
-            if hit is not None:
-                rows[p] = hit
-        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        # entries are keyed by this bundle's manifest, so every one holds this text encoder's outputs
+        rows = {p: cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, r in rows.items() if r is None]
         if missing:
             fresh = self.text_encoder().encode(missing)
             for i, p in enumerate(missing):
                 rows[p] = {k: v[i : i + 1] for k, v in fresh.items()}
                 cache.put(p, rows[p])
-        names = list(rows[prompts[0]])
-        if any(list(r) != names for r in rows.values()):  # an entry from an encoder with other outputs
-            return self.text_encoder().encode(prompts)
-        return {k: np.concatenate([rows[p][k] for p in prompts], axis=0) for k in names}
+        return {k: np.concatenate([rows[p][k] for p in prompts], axis=0) for k in rows[prompts[0]]}
 
     def vae_encode(self, images: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> model-space latents (identity for pixel-space models)."""

@@ -134,11 +134,10 @@ def _vae_feeds(ctx: CompileContext, vae: dict):
 def _chain_error(ctx: CompileContext, pred_fp32: np.ndarray, feeds0: dict) -> dict[str, float]:
     from . import onnx_export as ox
 
-    got = ox.run_chain(ctx.specs, feeds0, {})[gn.PREDICTION]
-    a, b = pred_fp32.astype(np.float64), got.astype(np.float64)
-    norm = float(np.linalg.norm(a))
-    diff = float(np.linalg.norm(a - b))
-    r = {"rel_error": diff / norm if norm > 0 else diff, "max_abs": float(np.abs(a - b).max())}
+    from .quantize import array_error
+
+    e = array_error(pred_fp32, ox.run_chain(ctx.specs, feeds0, {})[gn.PREDICTION])
+    r = {"rel_error": e["rel"], "max_abs": e["max_abs"]}
     if not all(np.isfinite(v) for v in r.values()):
         raise RuntimeError(f"verification failed (no bundle written): the quantized chain's error is not finite: {r}")
     return r

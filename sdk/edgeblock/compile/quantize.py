@@ -305,16 +305,16 @@ def quantization_error(
     """Run both models in ORT CPU on `feeds`; per output: {"max_abs", "rel"} with rel = ||a - b|| / ||a||."""
     a = _run(original, feeds)
     b = _run(quantized, feeds)
-    errors = {}
-    for name, ref in a.items():
-        ref64, got64 = ref.astype(np.float64), b[name].astype(np.float64)
-        norm = float(np.linalg.norm(ref64))
-        diff = float(np.linalg.norm(ref64 - got64))
-        errors[name] = {
-            "max_abs": float(np.abs(ref64 - got64).max()) if ref.size else 0.0,
-            "rel": diff / norm if norm > 0 else diff,
-        }
-    return errors
+    return {name: array_error(ref, b[name]) for name, ref in a.items()}
+
+
+def array_error(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """{"max_abs", "rel"} of got against ref, rel = ||ref - got|| / ||ref|| (the plain norm when ref is 0)."""
+    ref64, got64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    norm = float(np.linalg.norm(ref64))
+    diff = float(np.linalg.norm(ref64 - got64))
+    return {"max_abs": float(np.abs(ref64 - got64).max()) if ref64.size else 0.0,
+            "rel": diff / norm if norm > 0 else diff}
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
