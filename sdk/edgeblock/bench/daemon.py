@@ -138,7 +138,7 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
             rss.phase = None
         from edge_runtime.memstat import rss_peak_bytes
 
-        hwm = rss_peak_bytes(proc.pid)
+        hwm = max([rss_peak_bytes(proc.pid), *rss.peaks.values()])  # the sampler resets the mark per phase
     finally:
         rss.stop()
         proc.send_signal(signal.SIGTERM)

@@ -27,18 +27,18 @@ class Calibration:
     torch_train_linear_factor: float  # torch autograd: elements per linear unit of the whole model
     torch_train_attention_factor: float  # ... per attention unit (SDPA kernels keep no queries x keys matrix)
 
-HOST_CPU = Calibration(  # least-squares fit on relative error, 13 figures, 2026-11-22 (docs/plan.md)
-    daemon_base_bytes=int(156 * MiB),  # fitted; the idle daemon measures 79 MiB, a job adds decoding/feeds/heap
+HOST_CPU = Calibration(  # fit 2026-12-05, 13 figures (docs/plan.md)
+    daemon_base_bytes=int(201 * MiB),  # fitted; the idle daemon measures ~80 MiB, a job adds decoding/feeds/heap
     torch_base_bytes=int(449 * MiB),
-    session_weight_factor=2.28,
-    online_session_factor=3.31,
-    text_session_factor=1.01,
-    inference_activation_factor=3.10,
-    train_weight_factor=1.78,
-    ort_train_linear_factor=1.79,
-    ort_train_attention_factor=5.45,
-    torch_weight_factor=1.0,
-    torch_train_linear_factor=4.27,
+    session_weight_factor=1.67,
+    online_session_factor=2.80,
+    text_session_factor=0.71,
+    inference_activation_factor=4.47,
+    train_weight_factor=1.50,
+    ort_train_linear_factor=1.82,
+    ort_train_attention_factor=5.54,
+    torch_weight_factor=0.95,
+    torch_train_linear_factor=5.09,
     torch_train_attention_factor=0.15,
 )
 
