@@ -145,10 +145,27 @@ class Bundle:
         for n in list(self._sessions):
             self.release(n)
 
-    def run(self, name: str, acc: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None
-            ) -> dict[str, np.ndarray]:
-        """Run one chain graph on the accumulated tensors; returns its outputs by name."""
-        sess = self.session(name)
+    def run(self, name: str, acc: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None,
+            streamed: bool = False) -> dict[str, np.ndarray]:
+        """Run one chain graph on the accumulated tensors; returns its outputs by name.
+
+        streamed: a graph not already open is opened for this run only and released after it (its weights are
+        resident for one graph's run, not kept), as generation does when memory is short.
+        """
+        sess = self._sessions.get(name) if streamed else self.session(name)
+        private = sess is None
+        if private:
+            sess = self._open(name)
+        try:
+            return self._run_session(name, sess, acc, lora)
+        finally:
+            if private:
+                from .memstat import trim_heap
+
+                del sess
+                trim_heap()
+
+    def _run_session(self, name: str, sess, acc: Mapping[str, np.ndarray], lora) -> dict[str, np.ndarray]:
         feeds = {}
         acc = with_grid_crop([i.name for i in sess.get_inputs()], acc)  # FLUX prologue: the latent's own grid
         for i in sess.get_inputs():
@@ -168,11 +185,11 @@ class Bundle:
         gn.fold_outputs(acc, out, g.get("state_in") or [], g.get("state_out") or [])
 
     def predict(self, feeds: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None,
-                names: Iterable[str] | None = None) -> np.ndarray:
+                names: Iterable[str] | None = None, streamed: bool = False) -> np.ndarray:
         """The model's prediction (B, C, h, w) for prologue feeds (latents, timestep, text, ...)."""
         acc = dict(feeds)
         for name in names or self.chain_names:
-            self.advance(name, acc, self.run(name, acc, lora))
+            self.advance(name, acc, self.run(name, acc, lora, streamed))
         return acc[gn.PREDICTION]
 
     # ------------------------------------------------------------------ text, VAE
@@ -198,9 +215,11 @@ class Bundle:
 
         self.prompt_cache = PromptCache(root, max_bytes, self.manifest_sha256)
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        """prompts -> the prologue's text feeds: text, pooled (if any), text_mask (if any)."""
-        out = self._encode_cached(list(prompts))
+    def encode_prompts(self, prompts: list[str], streamed: bool = False) -> dict[str, np.ndarray]:
+        """prompts -> the prologue's text feeds: text, pooled (if any), text_mask (if any).
+
+        streamed: a text encoder not already open is opened for these prompts only and dropped after them."""
+        out = self._encode_cached(list(prompts), streamed)
         feeds = {"text": out["text"]}
         if "pooled" in out:
             feeds["pooled"] = out["pooled"]
@@ -208,20 +227,40 @@ class Bundle:
             feeds["text_mask"] = out["mask"]
         return feeds
 
-    def _encode_cached(self, prompts: list[str]) -> dict[str, np.ndarray]:
+    def _encoder(self, streamed: bool):
+        if not streamed or getattr(self, "_text", None) is not None:
+            return self.text_encoder()
+        from .text import TextEncoder
+
+        if "text_encoder" not in self.graphs:
+            return self.text_encoder()  # raises the missing-encoder error
+        return TextEncoder(self.root, self.graphs["text_encoder"], self.providers,
+                           weights=self.manifest.graph_weights("text_encoder"))
+
+    def _encode_cached(self, prompts: list[str], streamed: bool = False) -> dict[str, np.ndarray]:
         """The text encoder's outputs for prompts, one row each; through the prompt cache when one is set."""
         cache = self.prompt_cache
         if cache is None or not prompts:
-            return self.text_encoder().encode(prompts)
+            return self._encoder_run(prompts, streamed)
         # entries are keyed by this bundle's manifest, so every one holds this text encoder's outputs
         rows = {p: cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, r in rows.items() if r is None]
         if missing:
-            fresh = self.text_encoder().encode(missing)
+            fresh = self._encoder_run(missing, streamed)
             for i, p in enumerate(missing):
                 rows[p] = {k: v[i : i + 1] for k, v in fresh.items()}
                 cache.put(p, rows[p])
         return {k: np.concatenate([rows[p][k] for p in prompts], axis=0) for k in rows[prompts[0]]}
+
+    def _encoder_run(self, prompts: list[str], streamed: bool) -> dict[str, np.ndarray]:
+        te = self._encoder(streamed)
+        out = te.encode(prompts)
+        if te is not getattr(self, "_text", None):  # a streamed encoder of its own: gone before sampling starts
+            from .memstat import trim_heap
+
+            del te
+            trim_heap()
+        return out
 
     def vae_encode(self, images: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> model-space latents (identity for pixel-space models)."""
@@ -230,10 +269,13 @@ class Bundle:
         sess = self.session(self.graphs["vae"]["vae_encoder"]["path"])
         return sess.run(None, {"images": images.astype(np.float32)})[0]
 
-    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+    def vae_decode(self, latents: np.ndarray, streamed: bool = False) -> np.ndarray:
         if self.downsample == 1 and "vae" not in self.graphs:
             return np.clip(latents, -1.0, 1.0)
-        sess = self.session(self.graphs["vae"]["vae_decoder"]["path"])
+        name = self.graphs["vae"]["vae_decoder"]["path"]
+        sess = self._sessions.get(name) if streamed else self.session(name)
+        if sess is None:
+            sess = self._open(name)
         return sess.run(None, {"latents": latents.astype(np.float32)})[0]
 
     # ------------------------------------------------------------------ generation
@@ -243,11 +285,17 @@ class Bundle:
 
     def generate(self, prompt: str, *, seed: int = 0, steps: int = 30, guidance: float = 3.0,
                  size: int | None = None, lora: Mapping[str, np.ndarray] | None = None,
-                 noise: np.ndarray | None = None, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+                 noise: np.ndarray | None = None, on_step: Callable[[int, int], None] | None = None,
+                 streamed: bool = False) -> np.ndarray:
         """One image (H, W, 3) uint8 for `prompt`.
 
         Models with a guidance embedding (FLUX-dev) take `guidance` as an input; the others use
         classifier-free guidance against the empty prompt (batch 2) when guidance != 1.
+
+        streamed (edge_runtime.memory_plan.STREAMED): every graph not already open is loaded for its own run
+        and released after it, at each sampling step, the text encoder before sampling and the VAE decoder
+        after it: the peak is one graph's weights and activations instead of all of them; slower by the
+        sessions' load time per step. Resident (the default): the sessions stay open for the next request.
         """
         size = int(size or self.manifest.gen_res)
         if size % self.multiple:
@@ -257,7 +305,7 @@ class Bundle:
             noise = initial_noise(seed, (1, self.latent_channels, side, side))
         embedded = bool(self.model.get("guidance_embeds"))
         cfg_on = (not embedded) and guidance != 1.0
-        text = self.encode_prompts([prompt, ""] if cfg_on else [prompt])
+        text = self.encode_prompts([prompt, ""] if cfg_on else [prompt], streamed)
 
         def predict(x: np.ndarray, t: np.ndarray) -> np.ndarray:
             b = 2 if cfg_on else 1
@@ -265,7 +313,7 @@ class Bundle:
                      **text}
             if embedded:
                 feeds["guidance"] = np.full((x.shape[0],), guidance, np.float32)
-            pred = self.predict(feeds, lora)
+            pred = self.predict(feeds, lora, streamed=streamed)
             if cfg_on:
                 c, u = pred[:1], pred[1:]
                 return u + guidance * (c - u)
@@ -273,7 +321,7 @@ class Bundle:
 
         tokens = (side // max(1, self.multiple // self.downsample)) ** 2
         x = sample(predict, noise, steps, self.model.get("sampler", {"kind": "flow_euler"}), tokens, on_step)
-        img = self.vae_decode(x)[0]
+        img = self.vae_decode(x, streamed)[0]
         return to_uint8(img)
 
 

@@ -36,6 +36,12 @@ def check_weights(weights: str) -> str:
     return weights
 
 
+def bytes_per_weight(weights: str) -> float:
+    """Stored bytes per weight of a quantized MatMul weight: int8 one byte (per-channel fp32 scales: negligible),
+    int4 half a byte plus an fp32 scale and a 4-bit zero point per block of INT4_BLOCK_SIZE."""
+    return {FP32: 4.0, FP16: 2.0, INT8: 1.0, INT4: 0.5 + (4 + 0.5) / INT4_BLOCK_SIZE}[check_weights(weights)]
+
+
 def session_settings(weights: str) -> dict[str, Any]:
     """A copy of SESSION_SETTINGS[weights]: {"execution_order"?: ExecutionOrder member name, "config"?: {k: v}}."""
     s = SESSION_SETTINGS[check_weights(weights)]

@@ -246,3 +246,20 @@ def test_class_images_are_drawn_at_the_prior_share_with_their_class_captions(bui
         JobOptions("sks", "ring", 2, 3e-3, 5, 0, class_captions=["a sks ring"])
     with pytest.raises(PersonalizeError, match="prior_share must be in"):
         JobOptions("sks", "ring", 2, 3e-3, 5, 0, prior_share=1.0)
+
+
+def test_streamed_generation_is_the_resident_image_and_keeps_no_session(builtin_bundle):
+    """Streamed: each graph opened for its own run and released; the image is the resident one's."""
+    pytest.importorskip("onnxruntime.training")
+    from edge_runtime.runtime import Bundle
+
+    streamed, resident = Bundle(builtin_bundle[0], threads=1), Bundle(builtin_bundle[0], threads=1)
+    prompt = "a small green square on a white background, top left"
+    a = streamed.generate(prompt, seed=3, steps=3, streamed=True)
+    assert streamed._sessions == {} and getattr(streamed, "_text", None) is None
+    b = resident.generate(prompt, seed=3, steps=3)
+    assert set(resident._sessions) == set(resident.chain_names) and resident._text is not None
+    assert np.array_equal(a, b)
+    # sessions a resident generation left open are used, not reopened or dropped, by a streamed one
+    c = resident.generate(prompt, seed=3, steps=3, streamed=True)
+    assert np.array_equal(c, b) and set(resident._sessions) == set(resident.chain_names)

@@ -61,6 +61,35 @@ def test_more_memory_fits_more():
     assert a["train"]["peak_bytes"] == b["train"]["peak_bytes"]  # same device precision and runtime estimate
 
 
+def test_streaming_and_quantized_weights_lower_generation():
+    by = {(w, g): plan(PlanOptions("flux1-dev", "orin-nx-16gb", weights=w, generation=g))
+          for w in ("fp16", "int8", "int4") for g in ("resident", "streamed")}
+    gen = {k: r["methods"]["blockskip"]["generate"]["peak_bytes"] for k, r in by.items()}
+    for w in ("fp16", "int8", "int4"):
+        assert gen[(w, "streamed")] < 0.25 * gen[(w, "resident")], w
+    for g in ("resident", "streamed"):
+        assert gen[("int4", g)] < gen[("int8", g)] < gen[("fp16", g)], g
+    r = by[("int4", "resident")]
+    assert r["precision"]["weights"] == "int4" and r["generation"]["mode"] == "resident"
+    assert r["generation"]["streamed"]["peak_bytes"] == gen[("int4", "streamed")]
+    # the training step's trainable blocks stay fp32 whatever the frozen weights
+    assert by[("int4", "resident")]["methods"]["blockskip"]["train"] == by[("fp16", "resident")]["methods"]["blockskip"]["train"]
+
+
+@pytest.mark.parametrize("model,target,generates", [
+    ("flux1-dev", "orin-nx-16gb", True), ("flux1-dev", "orin-nano-8gb", False),
+    ("sd35-medium", "orin-nano-8gb", True), ("sana-1600m-1024", "orin-nano-8gb", True)])
+def test_big_models_fit_the_small_boards_with_int8_streamed(model, target, generates):
+    """Issue 23's targets on paper: 1024 px generation, 512 px training, the recipe's blocks."""
+    r = plan(PlanOptions(model, target, weights="int8", generation="streamed"))
+    bs = r["methods"]["blockskip"]
+    assert bs["precompute"]["fits"] and bs["train"]["fits"], (model, target)
+    if generates:
+        assert bs["generate"]["fits"], (model, target)
+    default = plan(PlanOptions(model, target))["methods"]["blockskip"]
+    assert not default["fits"]  # at the defaults (fp16, resident) it does not
+
+
 def test_frozen_groups_are_maximal_skipped_runs():
     assert frozen_groups(6, (2, 3)) == [[0, 1], [4, 5]]
     assert frozen_groups(4, (0, 2)) == [[1], [3]]
@@ -72,7 +101,8 @@ def test_frozen_groups_are_maximal_skipped_runs():
     (dict(blocks=(99,)), "out of range"),
     (dict(train_res=2048, gen_res=1024), "above --gen-res"),
     (dict(gen_res=1000), "not a multiple"),
-    (dict(precision="int3"), "--precision"),
+    (dict(weights="int3"), "--weights"),
+    (dict(generation="paged"), "--generation"),
 ])
 def test_bad_input_is_a_clear_error(opts, msg):
     with pytest.raises(ValueError, match=msg):

@@ -10,8 +10,10 @@ import logging
 import os
 import sys
 
+from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES
 from edge_runtime.targets import HOST_CPU, JETSONS
+from edge_runtime.weights import WEIGHTS
 
 from . import argtypes
 
@@ -110,8 +112,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     results = {}
     for t in names:
         results[t] = plan(PlanOptions(args.config, t, train_res=args.train_res, gen_res=args.gen_res, blocks=args.blocks,
-                                      precision=args.precision, lora_rank=args.lora_rank, precompute=args.precompute,
-                                      max_group_mb=args.max_group_mb))
+                                      weights=args.weights, generation=args.generation, lora_rank=args.lora_rank,
+                                      precompute=args.precompute, max_group_mb=args.max_group_mb))
     if args.json:
         print(json.dumps(results[names[0]] if len(names) == 1 else results, indent=2))
     else:
@@ -181,8 +183,12 @@ def register(sub) -> None:
     pl.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the family's)")
     pl.add_argument("--blocks", type=argtypes.blocks, default=None,
                     help="trainable blocks (default: the recipe's number of blocks, the middle ones; two without a measured recipe)")
-    pl.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
-                    help="frozen and generation weights (default: fp16 on Jetson, fp32 on host-cpu)")
+    pl.add_argument("--weights", choices=list(WEIGHTS), default=None,
+                    help="as `edgeblock compile --weights`: the frozen groups, text encoders and generation graphs "
+                         "(default: fp16 on Jetson, fp32 on host-cpu; the trainable blocks stay fp32)")
+    pl.add_argument("--generation", choices=list(GENERATION_MODES), default=RESIDENT,
+                    help="resident: every graph held while sampling (fast); streamed: one graph at a time, as the "
+                         "daemon generates when its memory budget is short (default: resident)")
     pl.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (4 without a measured one)")
     pl.add_argument("--precompute", choices=list(PRECOMPUTE_MODES), default=None,
                     help="default: the daemon's rule (bank above 256 MiB of transformer weights)")

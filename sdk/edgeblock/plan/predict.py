@@ -8,8 +8,9 @@ Phases (each the peak resident bytes of one process):
   the epilogue at the training resolution (+ every frozen group when the precompute is online).
   Standard LoRA: a torch process holding the whole transformer, LoRA on every block, at the
   generation resolution (the reference the method is measured against).
-- generate: the daemon sampling one image at the generation resolution (text encoder, every
-  graph, VAE decoder), the same for both methods.
+- generate: the daemon sampling one image at the generation resolution, the same for both methods.
+  Resident (--generation resident): text encoder, every graph and the VAE decoder held at once.
+  Streamed: one of them at a time (each graph loaded for its own run at every sampling step).
 
 Each phase = the process's fixed runtime cost (targets.py) + weights x a resident factor +
 activation elements (inventory units x measured factors) x bytes, with the factors fitted on this
@@ -20,14 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
+from edge_runtime.weights import FP16, FP32, WEIGHTS, bytes_per_weight
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from .calibration import HOST_CPU, Calibration
 from .inventory import Inventory, block_units, load_inventory, stream_tokens
 from .targets import GiB, Target, get_target
 
-PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}
 LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
 
 
@@ -38,7 +40,8 @@ class PlanOptions:
     train_res: int | None = None  # None: the model's recipe (edge_runtime.recipe)
     gen_res: int | None = None
     blocks: tuple[int, ...] | None = None  # None: the recipe's number of blocks, the middle window
-    precision: str | None = None  # frozen / generation weights; default: the target's (fp16 Jetson, fp32 CPU)
+    weights: str | None = None  # frozen / generation weights (edge_runtime.weights); default: the target's
+    generation: str = RESIDENT  # resident | streamed (edge_runtime.memory_plan)
     lora_rank: int | None = None  # None: the recipe's
     precompute: str | None = None  # bank | online; default: the daemon's rule (edge_runtime.precompute)
     guidance_batch: int | None = None  # generation batch: 2 with classifier-free guidance, 1 with a guidance embed
@@ -161,10 +164,15 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         trainable = tuple(sorted(set(opts.blocks)))
     else:
         trainable = recipe.middle(L)
-    if opts.precision is not None and opts.precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
-    wb = PRECISIONS[opts.precision] if opts.precision else t.weight_bytes
-    ab = min(wb, 4) if t.gpu else 4  # activations at inference (fp16 engines on Jetson)
+    if opts.weights is not None and opts.weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
+    if opts.generation not in GENERATION_MODES:
+        raise ValueError(f"--generation must be one of {', '.join(GENERATION_MODES)}, got {opts.generation!r}")
+    native = t.weight_bytes  # the target's inference precision (fp16 engines on Jetson, fp32 on the CPU)
+    weights = opts.weights or {2: FP16, 4: FP32}[native]
+    wb = bytes_per_weight(weights)  # the frozen groups, text encoders, prologue/epilogue and VAE
+    ab = min(native, 4) if t.gpu else 4  # activations at inference
+    tw = 4  # the trainable blocks' graphs stay in training precision (fp32), generation's too
     block_params = [b.params for b in inv.blocks]
     groups = compiled_groups(block_params, trainable, opts.max_group_mb)
     prologue = inv.shell_params - inv.epilogue_params
@@ -197,19 +205,19 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     online_w = (sum(group_w) + prologue * wb * sw) / sw * cal.online_session_factor if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
-    gen_w = text_w + total_params * wb * sw + vae_dec_w
-    gen_act = _units(inv, range(L), n_gen, gen_batch, not t.gpu)[1] * ia * ab + _vae_decode_act(inv, gen_res) * ab
-    generate = _phase(t.daemon_runtime_bytes, gen_w, gen_act)
+    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb, ab, tw, text_w, vae_dec_w)
+    generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
     lora_all = _lora_params(inv, range(L), rank)
-    sl_pre = _phase(t.torch_runtime_bytes, (inv.text_encoder_params + inv.vae_encoder_params) * wb * cal.torch_weight_factor, 0)
+    sl_pre = _phase(t.torch_runtime_bytes, (inv.text_encoder_params + inv.vae_encoder_params) * native
+                    * cal.torch_weight_factor, 0)
     s_lin, s_att = _split_units(inv, range(L), n_gen, 1)
     # on the GPU targets torch's SDPA runs fused (flash / memory-efficient) kernels: no attention matrix
     sl_att = 0.0 if t.gpu else s_att * cal.torch_train_attention_factor
     sl_act = (s_lin * cal.torch_train_linear_factor + sl_att
               + _lora_saved_inputs(inv, range(L), n_gen, 1)) * (2 if t.gpu else 4)
-    sl_train = _phase(t.torch_runtime_bytes, total_params * wb * cal.torch_weight_factor, sl_act,
+    sl_train = _phase(t.torch_runtime_bytes, total_params * native * cal.torch_weight_factor, sl_act,
                       lora_state_bytes=lora_all * 4 * 4)
 
     methods = {
@@ -231,13 +239,38 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                   "pixel_space": inv.pixel_space, "lora_rank": rank, "lora_params": lora,
                   "precompute": precompute, "generation_batch": gen_batch, "notes": inv.notes},
         "target": t.as_json(),
-        "precision": {"weights": opts.precision or {2: "fp16", 4: "fp32"}[wb], "training": "fp32"},
+        "precision": {"weights": weights, "training": "fp32"},
+        "generation": {"mode": opts.generation, **generation},
         "methods": methods,
         "blockskip_vs_standard_lora_job_peak": methods["blockskip"]["job_peak_bytes"] / methods["standard_lora"]["job_peak_bytes"],
         "calibration": {"host": "x86 CPU, 2 cores", "measured_on_target": t.measured},
     }
     result["advice"] = advice(result, inv, groups, group_w, text_w)
     return result
+
+
+def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
+                wb: float, ab: int, tw: int, text_w: float, vae_dec_w: float) -> dict[str, dict]:
+    """The generate phase held resident (every graph open) and streamed (one graph at a time)."""
+    sw, ia = cal.session_weight_factor, cal.inference_activation_factor
+    L = len(inv.blocks)
+    block_params = [b.params for b in inv.blocks]
+    trained = sum(block_params[i] for i in trainable)
+    frozen_and_shell = inv.parameters - trained
+    vae_act = _vae_decode_act(inv, res) * ab
+    act = _units(inv, range(L), n_gen, batch, not t.gpu)[1] * ia * ab
+    resident = _phase(t.daemon_runtime_bytes, text_w + (frozen_and_shell * wb + trained * tw) * sw + vae_dec_w,
+                      act + vae_act)
+    # streamed: the text encoder, then at each step every chain graph in turn, then the VAE decoder
+    runs = [(sum(block_params[i] for i in g) * wb, g) for g in groups]
+    runs += [(sum(block_params[i] for i in run) * tw, run) for run in frozen_groups(L, tuple(
+        i for i in range(L) if i not in trainable))]  # the trainable runs (frozen_groups of the complement)
+    shell = (inv.shell_params - inv.epilogue_params) * wb * sw
+    stages = [(text_w, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
+    stages += [(w * sw, _units(inv, blocks, n_gen, batch, not t.gpu)[1] * ia * ab) for w, blocks in runs]
+    w, a = max(stages, key=lambda s: s[0] + s[1])
+    streamed = _phase(t.daemon_runtime_bytes, w, a)
+    return {"resident": resident, "streamed": streamed}
 
 
 def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
@@ -253,16 +286,19 @@ def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
         over = p["peak_bytes"] - usable
         msg = f"blockskip {ph}: {gib(p['peak_bytes'])} > usable {gib(usable)} (over by {gib(over)})"
         if ph == "precompute" and text_w >= p["parts"]["weights_bytes"] * 0.5:
-            msg += (f"; the text encoders ({', '.join(inv.text_encoders)}: {gib(text_w)}) dominate: encode prompts "
-                    "on the host, or quantise them")
+            msg += (f"; the text encoders ({', '.join(inv.text_encoders)}: {gib(text_w)}) dominate: quantise them "
+                    "(--weights int8 / int4), or encode prompts on the host")
         elif ph == "precompute" and groups:
             msg += (f"; the largest frozen group ({gib(max(group_w))}) dominates: pick trainable blocks that split the "
                     "model into smaller runs (--blocks), or a target with more memory")
         elif ph == "train":
             msg += "; lower --train-res, train fewer blocks (--blocks), or a lower LoRA rank"
         elif ph == "generate":
-            msg += (f"; every weight is resident while sampling, the text encoders ({gib(text_w)}) included: encode "
-                    "prompts on the host or quantise the text encoders, a smaller --gen-res, or a target with more memory")
+            msg += ("; stream the graphs (--generation streamed: one resident at a time, as the daemon does when its "
+                    "budget is short), quantise the weights (--weights int8 / int4), a smaller --gen-res, or a target "
+                    "with more memory" if r["generation"]["mode"] == "resident" else
+                    f"; the largest graph held while streaming (the text encoders: {gib(text_w)}) dominates: quantise "
+                    "the weights (--weights int8 / int4), or a target with more memory")
         out.append(msg)
     if not out:
         head = usable - max(bs[ph]["peak_bytes"] for ph in ("precompute", "train", "generate"))
@@ -278,7 +314,8 @@ def format_plan(r: dict) -> str:
              f"trainable {m['trainable_blocks']}; train {m['train_res']}px ({m['train_tokens']} tokens), generate "
              f"{m['gen_res']}px ({m['gen_tokens']} tokens); precompute {m['precompute']}",
              f"target {r['target']['name']}: usable {r['target']['usable_bytes'] / GiB:.1f} GiB of "
-             f"{r['target']['total_bytes'] / GiB:.1f} GiB ({r['precision']['weights']} weights)",
+             f"{r['target']['total_bytes'] / GiB:.1f} GiB ({r['precision']['weights']} weights, "
+             f"generation {r['generation']['mode']})",
              f"{'method':<14} {'precompute':>12} {'train':>12} {'generate':>12}  fits"]
     for name, meth in r["methods"].items():
         cells = [f"{meth[ph]['peak_bytes'] / GiB:>10.2f}{'' if meth[ph]['fits'] else ' !':<2}"
