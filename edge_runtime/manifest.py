@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .fileio import atomic_json, sha256_file  # noqa: F401 - sha256_file is part of this module's API
+from .memory_plan import MemoryPlan, MemoryPlanError
 from .recipe import Recipe
 from .targets import BUNDLE_TARGETS, CPU
 from .weights import FP32, WEIGHTS
@@ -59,6 +60,9 @@ class Manifest:
     # {"precision", "block_size", "graphs": {graph key: {"rel_error", "max_abs", "bytes_fp32", "bytes"}}, "chain"};
     # empty (and not written) for fp32, as in bundles written before it existed
     weights: dict[str, Any] = field(default_factory=dict)
+    # each operation's predicted peak memory on the bundle's target (edge_runtime.memory_plan; the planner's, written
+    # by compile), read by the daemon's admission control; empty (and not written) in bundles compiled before it
+    memory: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -87,6 +91,10 @@ class Manifest:
         the bundle's for the graphs compile quantized, fp32 for the others (the trainable blocks' graphs)."""
         return self.weight_precision if key in self.weights.get("graphs", {}) else FP32
 
+    def memory_plan(self) -> MemoryPlan | None:
+        """The predicted peaks (edge_runtime.memory_plan.MemoryPlan); None for bundles that record none."""
+        return MemoryPlan.from_dict(self.memory) if self.memory else None
+
     def training_recipe(self) -> Recipe:
         """The bundle's recipe; for a bundle that records none, the settings it was compiled with and the
         daemon's defaults of that time (lr 5e-4, 200 steps of one draw)."""
@@ -100,6 +108,8 @@ class Manifest:
         d = asdict(self)
         if not d["weights"]:
             del d["weights"]  # fp32: the manifest reads as it did before the field existed
+        if not d["memory"]:
+            del d["memory"]
         return d
 
 
@@ -149,6 +159,11 @@ def validate_fields(d: dict[str, Any]) -> None:
     w = d.get("weights", {})
     if not isinstance(w, dict) or (w and w.get("precision") not in WEIGHTS):
         raise ManifestError(f"manifest weights must be an object with a precision in {WEIGHTS}, got {w!r}")
+    if d.get("memory"):
+        try:
+            MemoryPlan.from_dict(d["memory"])
+        except MemoryPlanError as e:
+            raise ManifestError(str(e)) from e
 
 
 def load_manifest(bundle: str, verify_files: bool = True) -> Manifest:
