@@ -26,6 +26,7 @@ CONTRACTS = {
     "edge_runtime.flow",  # flow-matching sampling levels, Euler step, patch packing, position ids
     "edge_runtime.graph_names",  # the bundle graphs' tensor names, kinds and chain order
     "edge_runtime.manifest",  # manifest.json schema
+    "edge_runtime.memory_plan",  # predicted peaks per operation (compile writes them, the daemon admits by them)
     "edge_runtime.noise",  # noise schedules, training noise levels, noising, targets, timesteps
     "edge_runtime.patch_sampling",  # timestep-aware patch sampling
     "edge_runtime.precompute",  # the bank-or-online precompute rule

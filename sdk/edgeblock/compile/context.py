@@ -128,6 +128,7 @@ class CompileContext:
     verification: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, dict] = field(default_factory=dict)  # text_encoder / vae graph descriptions
     weights: dict[str, Any] = field(default_factory=dict)  # manifest.weights (compile/bundle_weights.py; {} for fp32)
+    memory: dict[str, Any] = field(default_factory=dict)  # manifest.memory (compile/memory.py)
     manifest: Manifest | None = None
 
     @property

@@ -38,7 +38,7 @@ def build_manifest(ctx: CompileContext) -> Manifest:
         target=opts.target, graphs=graphs, model=_model(ctx),
         recipe=recipe.with_(train_res_fraction=ctx.train_res / ctx.gen_res, trainable_blocks=len(plan.trainable),
                             crop_ids=crop_ids).to_dict(),
-        weights=ctx.weights,
+        weights=ctx.weights, memory=ctx.memory,
     )
 
 

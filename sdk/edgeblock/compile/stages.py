@@ -246,6 +246,13 @@ def weights(ctx: CompileContext) -> None:
     ctx.weights = quantize_bundle(ctx)
 
 
+def memory(ctx: CompileContext) -> None:
+    """The planner's predicted peaks of the daemon's operations on this bundle (compile/memory.py)."""
+    from .memory import memory as predict
+
+    predict(ctx)
+
+
 def write(ctx: CompileContext) -> None:
     """7/7: manifest.json (sha256 of every file) into the bundle being built."""
     from .manifest_build import build_manifest
@@ -256,4 +263,4 @@ def write(ctx: CompileContext) -> None:
 
 
 # the stages that build the bundle in ctx.tmp, in order (check and select run before it exists)
-BUILD = (export, train, shapes, verify, encoders, weights, write)
+BUILD = (export, train, shapes, verify, encoders, weights, memory, write)
