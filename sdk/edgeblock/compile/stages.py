@@ -69,11 +69,12 @@ def _up_to_date(ctx: CompileContext) -> bool:
     out = ctx.opts.out
     try:
         old = load_manifest(out)
-        if old.model.get("fingerprint") == ctx.fingerprint:
+        if old.model.get("fingerprint") == ctx.fingerprint and old.memory:
             ctx.say(f"[compile] {out} is up to date (same model files and arguments): nothing to do")
             ctx.result = CompileResult(out, True, old, old.model.get("verification", {}), time.time() - ctx.t0)
             return True
-        ctx.say(f"[compile] {out} is a bundle of another model or arguments: rebuilding it")
+        ctx.say(f"[compile] {out} is a bundle of another model or arguments, or without the memory predictions "
+                "the daemon admits by: rebuilding it")
     except ManifestError as e:
         ctx.say(f"[compile] {out} is a broken bundle ({e}): rebuilding it")
     return False
