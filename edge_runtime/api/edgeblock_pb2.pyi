@@ -104,7 +104,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("png", "seed", "steps", "guidance", "size", "adapter_id", "time_s")
+    __slots__ = ("png", "seed", "steps", "guidance", "size", "adapter_id", "time_s", "mode")
     PNG_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class GenerateResponse(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_S_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     seed: int
     steps: int
@@ -119,7 +120,8 @@ class GenerateResponse(_message.Message):
     size: int
     adapter_id: str
     time_s: float
-    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., adapter_id: _Optional[str] = ..., time_s: _Optional[float] = ...) -> None: ...
+    mode: str
+    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., adapter_id: _Optional[str] = ..., time_s: _Optional[float] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("id", "name", "token", "class_noun", "steps", "final_loss", "created", "sha256", "lora_rank", "job_id", "size_bytes")
@@ -282,7 +284,7 @@ class Defaults(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., generate_steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Info(_message.Message):
-    __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version")
+    __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version", "memory")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +298,7 @@ class Info(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     family: str
     parameters: int
     trainable_blocks: _containers.RepeatedScalarFieldContainer[int]
@@ -309,4 +312,23 @@ class Info(_message.Message):
     limits: Limits
     defaults: Defaults
     version: str
-    def __init__(self, family: _Optional[str] = ..., parameters: _Optional[int] = ..., trainable_blocks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., train_res: _Optional[int] = ..., gen_res: _Optional[int] = ..., sizes: _Optional[_Iterable[int]] = ..., lora_rank: _Optional[int] = ..., trainer: _Optional[str] = ..., executor: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    memory: Memory
+    def __init__(self, family: _Optional[str] = ..., parameters: _Optional[int] = ..., trainable_blocks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., train_res: _Optional[int] = ..., gen_res: _Optional[int] = ..., sizes: _Optional[_Iterable[int]] = ..., lora_rank: _Optional[int] = ..., trainer: _Optional[str] = ..., executor: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., version: _Optional[str] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ...) -> None: ...
+
+class Memory(_message.Message):
+    __slots__ = ("budget_bytes", "in_use_bytes", "admission", "planner_target", "job_peak_bytes", "generate_resident_bytes", "generate_streamed_bytes")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_TARGET_FIELD_NUMBER: _ClassVar[int]
+    JOB_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_STREAMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    in_use_bytes: int
+    admission: bool
+    planner_target: str
+    job_peak_bytes: int
+    generate_resident_bytes: int
+    generate_streamed_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., in_use_bytes: _Optional[int] = ..., admission: _Optional[bool] = ..., planner_target: _Optional[str] = ..., job_peak_bytes: _Optional[int] = ..., generate_resident_bytes: _Optional[int] = ..., generate_streamed_bytes: _Optional[int] = ...) -> None: ...

@@ -70,6 +70,9 @@ class ServerConfig:
     # prompt encodings kept in STATE/prompt-cache (0: none). Off by default until the planner is calibrated with it:
     # on cal-b it lowered the job's measured peak by ~60 MiB (599 -> 540 MiB), outside the planner's 15 %
     prompt_cache_mb: float = 0.0
+    # bytes the daemon process may hold (admission control, daemon/admission.py); None: what the machine has free
+    # at start plus the daemon's own memory, less a margin
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrent_generations is not None:
@@ -87,6 +90,8 @@ class ServerConfig:
 
             parse_device(self.train_device)
         check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -113,6 +118,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-mb", type=float, default=None,
                    help="MiB of prompt encodings kept on disk in STATE/prompt-cache, so repeated prompts skip the "
                         "text encoder (default 0: no cache; e.g. 64)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="memory the daemon may use, e.g. 6GiB or 800MiB: a job or generation starts only when its "
+                        "predicted peak fits beside what runs (generation streams its graphs when resident does not "
+                        "fit), and one that never fits is refused with RESOURCE_EXHAUSTED (default: what the "
+                        "machine has free at start, less a margin)")
     return p
 
 
@@ -151,6 +161,13 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("max_concurrent_generations", "max_queue", "threads", "prompt_cache_mb"):
         if getattr(args, flag) is not None:
             kwargs[flag] = getattr(args, flag)
+    if getattr(args, "memory_budget", None) is not None:
+        from ..memory_plan import MemoryPlanError, parse_size
+
+        try:
+            kwargs["memory_budget"] = parse_size(args.memory_budget)
+        except MemoryPlanError as e:
+            raise ValueError(f"--memory-budget: {e}") from e
     return kwargs
 
 

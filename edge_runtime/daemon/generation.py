@@ -11,6 +11,8 @@ import threading
 import time
 from collections import OrderedDict
 
+from ..memory_plan import STREAMED
+from .admission import Admission
 from .config import Defaults, Limits
 from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
@@ -22,8 +24,10 @@ ADAPTER_CACHE = 8  # adapters whose weights stay loaded
 class Generator:
     """Generations on a bundle, with the adapters of a store."""
 
-    def __init__(self, bundle, store, *, limits: Limits, defaults: Defaults, shutting_down: threading.Event):
+    def __init__(self, bundle, store, *, limits: Limits, defaults: Defaults, shutting_down: threading.Event,
+                 admission: Admission | None = None):
         self.bundle, self.store = bundle, store
+        self.admission = admission or Admission(None, None, evict=lambda: None)
         self.limits, self.defaults = limits, defaults
         self.shutting_down = shutting_down
         self.slots = threading.BoundedSemaphore(limits.max_concurrent_generations)
@@ -78,6 +82,7 @@ class Generator:
         if request.adapter_id:
             check_id(request.adapter_id, "adapter_id")
             lora = self.adapter_weights(request.adapter_id)
+        self.admission.check_generation(size)  # one that could never fit the memory budget is refused now
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         if not self.slots.acquire(timeout=timeout if timeout is not None else 600):
             raise ResourceExhausted(
@@ -90,14 +95,15 @@ class Generator:
                 if self.shutting_down.is_set():
                     raise Unavailable("the daemon is shutting down")
 
-            t0 = time.perf_counter()
-            img = self.bundle.generate(request.prompt, seed=seed, steps=steps, guidance=g, size=size, lora=lora,
-                                       on_step=on_step)
-            dt = time.perf_counter() - t0
+            with self.admission.generation(size, deadline) as mode:  # resident when it fits, else streamed
+                t0 = time.perf_counter()
+                img = self.bundle.generate(request.prompt, seed=seed, steps=steps, guidance=g, size=size, lora=lora,
+                                           on_step=on_step, streamed=mode == STREAMED)
+                dt = time.perf_counter() - t0
         finally:
             self.slots.release()
         from PIL import Image
 
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
-        return buf.getvalue(), {"seed": seed, "steps": steps, "guidance": g, "size": size, "time_s": dt}
+        return buf.getvalue(), {"seed": seed, "steps": steps, "guidance": g, "size": size, "time_s": dt, "mode": mode}

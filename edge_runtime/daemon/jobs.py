@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from .admission import Admission
 from .config import Defaults, Limits
 from .errors import InvalidArgument, ResourceExhausted, Unavailable
 
@@ -46,13 +47,14 @@ class JobQueue:
     Unfinished jobs of the state directory are queued again before the worker starts."""
 
     def __init__(self, bundle, store, *, trainer: str, train_device: str, limits: Limits, defaults: Defaults,
-                 batch: int, shutting_down: threading.Event):
+                 batch: int, shutting_down: threading.Event, admission: Admission | None = None):
         from ..personalize import ImageLimits
 
         self.bundle, self.store = bundle, store
         self.trainer, self.train_device = trainer, train_device
         self.limits, self.defaults, self.batch = limits, defaults, batch
         self.shutting_down = shutting_down
+        self.admission = admission or Admission(None, None, evict=lambda: None)
         self.image_limits = ImageLimits(max_images=limits.max_images, max_image_bytes=limits.max_image_bytes,
                                         max_image_pixels=limits.max_image_pixels)
         self.jobs: dict[str, JobRecord] = {}
@@ -133,6 +135,7 @@ class JobQueue:
         if every > L.max_steps:
             raise InvalidArgument(f"checkpoint_every {every} more than max_steps={L.max_steps}")
         mode = choose_precompute(self.bundle, request.precompute)
+        self.admission.check_job(mode)  # one that could never fit the memory budget is refused now
         if len(request.images) > L.max_images:  # before decoding anything
             raise InvalidArgument(f"{len(request.images)} images, more than max_images={L.max_images}")
         try:
@@ -236,10 +239,12 @@ class JobQueue:
         try:
             images = images_from_pngs(self.store.job_images(rec.id))
             class_images = images_from_pngs(self.store.job_images(rec.id, kind="class_images"))
-            result = run_job(self.bundle, opts, images, work, trainer_backend=self.trainer, train_device=self.train_device,
-                             progress=Progress(event, should_stop), start_step=start, on_checkpoint=on_checkpoint,
-                             checkpoint_on_stop=lambda: self.shutting_down.is_set() and not rec.cancel.is_set(),
-                             class_images=class_images or None)
+            with self.admission.job(opts.precompute, should_stop):  # waits until its predicted peak fits
+                result = run_job(self.bundle, opts, images, work, trainer_backend=self.trainer,
+                                 train_device=self.train_device, progress=Progress(event, should_stop),
+                                 start_step=start, on_checkpoint=on_checkpoint,
+                                 checkpoint_on_stop=lambda: self.shutting_down.is_set() and not rec.cancel.is_set(),
+                                 class_images=class_images or None)
         except Cancelled as e:
             if rec.cancel.is_set():
                 self._finish(rec, "CANCELLED", str(e))

@@ -8,6 +8,7 @@ import os
 import threading
 from dataclasses import replace
 
+from .admission import Admission, default_budget
 from .config import ConfigError, ServerConfig
 from .generation import Generator
 from .jobs import JobQueue, JobRecord
@@ -69,6 +70,38 @@ def pick_trainer(want: str) -> str:
     return "torch"
 
 
+def make_admission(bundle, budget: int | None) -> Admission:
+    """The daemon's admission control over `bundle`'s predicted peaks (manifest.memory) and `budget` bytes
+    (None: daemon.admission.default_budget)."""
+    from ..memory_plan import format_size
+    from ..personalize import choose_precompute
+
+    m = bundle.manifest
+    try:
+        plan = m.memory_plan()
+    except ValueError as e:  # validated on load; kept for a hand-edited manifest
+        raise ConfigError(f"bundle manifest memory: {e}") from e
+    budget = budget if budget is not None else default_budget()
+
+    def evict() -> None:
+        bundle.release_all()
+        bundle.release_text_encoder()
+
+    hints = {"job": f", {len(m.trainable)} trainable blocks, {m.train_res}px training crops",
+             "sizes": f" (sizes {bundle.sizes()})"}
+    adm = Admission(plan, budget, evict=evict, hints=hints)
+    if plan is None:
+        log.warning("the bundle has no memory predictions (compiled before them): admission control is off; "
+                    "recompile it to have it")
+    else:
+        log.info("memory budget %s; predicted on %s: job %s, generation at %dpx %s resident / %s streamed",
+                 format_size(budget) if budget else "unknown", plan.planner_target,
+                 format_size(plan.job_peak(choose_precompute(bundle))),
+                 m.gen_res, format_size(plan.generation("resident", m.gen_res)["peak_bytes"]),
+                 format_size(plan.generation("streamed", m.gen_res)["peak_bytes"]))
+    return adm
+
+
 class Daemon:
     """The service state: bundle, store, job queue and worker, generation slots."""
 
@@ -90,11 +123,12 @@ class Daemon:
         self.trainer = pick_trainer(cfg.trainer)
         self.train_device = pick_train_device(self.trainer, cfg.train_device)
         self.shutting_down = threading.Event()
+        self.admission = make_admission(self.bundle, cfg.memory_budget)
         self.generator = Generator(self.bundle, self.store, limits=self.limits, defaults=self.defaults,
-                                   shutting_down=self.shutting_down)
+                                   shutting_down=self.shutting_down, admission=self.admission)
         self.jobs = JobQueue(self.bundle, self.store, trainer=self.trainer, train_device=self.train_device,
                              limits=self.limits, defaults=self.defaults, batch=self.recipe.batch,
-                             shutting_down=self.shutting_down)
+                             shutting_down=self.shutting_down, admission=self.admission)
 
     def submit(self, request) -> JobRecord:
         return self.jobs.submit(request)
