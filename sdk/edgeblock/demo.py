@@ -128,8 +128,10 @@ def _grid(rows: list[list[np.ndarray]], path: str, scale: int = 3) -> None:
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
 
 
-def start_daemon(bundle: str, state: str, log_path: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "edge_runtime.server", "--bundle", bundle, "--listen", "127.0.0.1:0", "--state", state]
+def start_daemon(bundle: str, state: str, log_path: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`python -m edge_runtime.server` on a free loopback port (extra: more of its flags); (process, address)."""
+    cmd = [sys.executable, "-m", "edge_runtime.server", "--bundle", bundle, "--listen", "127.0.0.1:0", "--state", state,
+           *extra]
     log = open(log_path, "ab")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
     deadline = time.time() + 120

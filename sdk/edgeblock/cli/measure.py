@@ -55,8 +55,10 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "daemon":
         return _bench_daemon(args)
+    if args.what == "scale":
+        return _bench_scale(args)
     if args.what != "memory":
-        raise ValueError(f"unknown benchmark {args.what!r}; available: memory, daemon")
+        raise ValueError(f"unknown benchmark {args.what!r}; available: memory, daemon, scale")
     from ..bench import memory
 
     def show(v, r):
@@ -81,6 +83,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from ..bench import scale
+
+    names = args.configs or list(scale.SCALE_CONFIGS)
+    for n in names:
+        scale.scale_config(n)  # unknown names fail before any work
+    say = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    results = scale.run(names, steps=args.steps or 2, gen_steps=args.gen_steps or 1, progress=say)
+    print(json.dumps(results, indent=2) if args.json else scale.format_table(results))
+    return 0
+
+
 def _bench_daemon(args: argparse.Namespace) -> int:
     from ..bench import daemon
 
@@ -88,7 +102,8 @@ def _bench_daemon(args: argparse.Namespace) -> int:
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print
     results = {}
     for m in models:
-        results[m] = daemon.run(m, steps=args.steps or 20, gen_steps=args.gen_steps, blocks=args.blocks, progress=say)
+        results[m] = daemon.run(m, steps=args.steps or 20, gen_steps=args.gen_steps or 10, blocks=args.blocks,
+                                  progress=say)
         if not args.json:
             print(daemon.format_table(results[m]))
     if args.json:
@@ -159,13 +174,18 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_select)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
-    b.add_argument("what", choices=["memory", "daemon"],
-                   help="memory: the method's training variants; daemon: the edge daemon beside torch")
+    b.add_argument("what", choices=["memory", "daemon", "scale"],
+                   help="memory: the method's training variants; daemon: the edge daemon beside torch; scale: the "
+                        "daemon's job and generation peaks (fp32/int8/int4, resident/streamed) on 0.1B-1.1B models")
     b.add_argument("--model", default=None,
                    help="memory: default the FLUX-shaped >=100M benchmark config; daemon: builtin, bench (the >=100M "
                         "FLUX-shaped config laid out like builtin) or a builtin-layout directory (default: both)")
-    b.add_argument("--steps", type=int, default=None, help="daemon: personalization steps (default 20)")
-    b.add_argument("--gen-steps", type=int, default=10, help="daemon: sampling steps of the timed generation")
+    b.add_argument("--steps", type=int, default=None,
+                   help="daemon: personalization steps (default 20); scale: steps of its job (default 2)")
+    b.add_argument("--configs", type=lambda s: [c for c in s.split(",") if c], default=None,
+                   help="scale: comma-separated configurations (default: flux-0.1b,flux-0.5b,flux-1b)")
+    b.add_argument("--gen-steps", type=int, default=None,
+                   help="sampling steps of each generation (daemon: the timed one, default 10; scale: default 1)")
     b.add_argument("--blocks", type=argtypes.blocks, default=None, help="trainable blocks for the skip variants")
     b.add_argument("--runtime", choices=["torch", "ort"], default="torch",
                    help="ort: add the ONNX Runtime training step (the device trainer) as ort_blockskip")

@@ -1,0 +1,199 @@
+"""`edgeblock bench scale`: how the daemon's memory follows model size, on FLUX-shaped transformers of about
+0.1B, 0.5B and 1.1B parameters laid out like the built-in model (pixel space, MiniLM text, 128 px).
+
+Per configuration, on an otherwise idle machine:
+- the daemon's personalization job (fp32 bundle, request to adapter) and the torch standard-LoRA training step
+  (a child process, batch 1, the generation resolution): peak RSS of each whole process;
+- one generation per weights precision (fp32, int8, int4 bundles) and mode: resident (the daemon's default
+  budget) and streamed (`--memory-budget` between the bundle's predicted streamed and resident peaks, so the
+  daemon's own admission picks streaming), each in a fresh daemon: peak RSS;
+- beside each figure, the bundle's prediction (manifest.memory, the planner's), measured before it was known.
+
+The peaks are the kernel's RSS high-water mark per phase (demo.RssSampler), exact under CPU load; times are not
+reported (other jobs on the machine change them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+
+from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, pixel_model_dir
+
+# name -> (attention heads of 128 channels, double-stream blocks, single-stream blocks)
+SCALE_CONFIGS = {
+    "flux-0.1b": (6, 3, 6),  # 120M: the `bench` config
+    "flux-0.5b": (10, 5, 10),  # 549M
+    "flux-1b": (16, 4, 8),  # 1127M
+}
+WEIGHTS = ("fp32", "int8", "int4")
+
+
+def scale_config(name: str) -> dict:
+    if name not in SCALE_CONFIGS:
+        raise ValueError(f"unknown scale configuration {name!r}; choose from {', '.join(SCALE_CONFIGS)}")
+    heads, double, single = SCALE_CONFIGS[name]
+    return {**BENCH_PIXEL, "num_attention_heads": heads, "num_layers": double, "num_single_layers": single}
+
+
+def _bundle(path: str, name: str, weights: str, blocks: tuple[int, ...], say) -> str:
+    from ..compile.bundle import CompileOptions, compile_bundle
+
+    key = hashlib.sha256(json.dumps([os.path.abspath(path), list(blocks), weights]).encode()).hexdigest()[:10]
+    out = os.path.join(_cache_root(), "bundles", f"scale-{name}-{weights}-{key}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    compile_bundle(CompileOptions(path, out, blocks=blocks, verify=False, weights=weights), progress=say)
+    return out
+
+
+def _daemon(bundle: str, *extra: str):
+    from ..demo import RssSampler, start_daemon
+
+    state = tempfile.mkdtemp(prefix="edgeblock-scale-")
+    proc, address = start_daemon(bundle, state, os.path.join(state, "daemon.log"), *extra)
+    return proc, address, RssSampler(proc.pid, every=0.01), state
+
+
+def _stop(proc, rss) -> None:
+    rss.stop()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def measure_job(bundle: str, steps: int) -> int:
+    """Peak RSS of the daemon over one personalization job (request to adapter)."""
+    from ..client import EdgeClient
+    from ..eval.subjects import load_subjects
+
+    subject = load_subjects(names=["ringstar"])[0]
+    ref_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "eval", "data")
+    pngs = [os.path.join(ref_dir, r.file) for r in subject.references]
+    proc, address, rss, _ = _daemon(bundle)
+    try:
+        with EdgeClient(address, timeout=7200) as c:
+            c.wait_ready(120)
+            rss.phase = "job"
+            last = None
+            for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps, seed=1):
+                last = ev
+            rss.phase = None
+            if type(last).Kind.Name(last.kind) != "DONE":
+                raise RuntimeError(f"the job did not finish: {last}")
+    finally:
+        _stop(proc, rss)
+    return int(rss.peaks["job"])
+
+
+def measure_generation(bundle: str, gen_steps: int, budget: int | None) -> tuple[int, str]:
+    """(peak RSS of a fresh daemon over one generation, the mode the daemon ran it in)."""
+    from ..client import EdgeClient
+
+    proc, address, rss, _ = _daemon(bundle, *(["--memory-budget", str(budget)] if budget else []))
+    try:
+        with EdgeClient(address, timeout=3600) as c:
+            c.wait_ready(120)
+            rss.phase = "generate"
+            g = c.generate("a sks star on a blue background", steps=gen_steps, seed=1)
+            rss.phase = None
+    finally:
+        _stop(proc, rss)
+    return int(rss.peaks["generate"]), g.mode
+
+
+def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=WEIGHTS, progress=None) -> dict:
+    from edge_runtime.manifest import load_manifest
+
+    from ..method import model_recipe
+    from . import memory
+
+    say = progress or (lambda m: None)
+    out: dict = {}
+    for name in names:
+        path = pixel_model_dir(scale_config(name), BENCH_PIXEL_META, f"scale-{name}")
+        cfg = scale_config(name)
+        blocks = tuple(model_recipe(path).middle(cfg["num_layers"] + cfg["num_single_layers"]))
+        say(f"[bench scale] {name}: compile fp32/int8/int4 bundles (cached after the first run)")
+        bundles = {w: _bundle(path, name, w, blocks, lambda m: say("  " + m)) for w in weights}
+        man = {w: load_manifest(b, verify_files=False) for w, b in bundles.items()}
+        plans = {w: m.memory_plan() for w, m in man.items()}
+        first = man[weights[0]]
+        gen_res = int(first.gen_res)
+        r: dict = {"params": int(first.model["parameters"]), "num_blocks": int(first.model["num_blocks"]),
+                   "trainable_blocks": list(first.trainable), "gen_res": gen_res, "train_res": int(first.train_res)}
+        say(f"[bench scale] {name}: {r['params'] / 1e6:.0f}M parameters; daemon job ({steps} steps)")
+        r["job_peak_bytes"] = measure_job(bundles[weights[0]], steps)
+        say(f"[bench scale] {name}: torch standard LoRA step")
+        sl = memory.run(path, blocks, variants=("standard_lora",))["standard_lora"]
+        r["standard_lora_peak_bytes"] = int(sl["peak_rss_total_bytes"])
+        gen: dict = {}
+        for w in weights:
+            p = plans[w]
+            res, st = p.generation("resident", gen_res)["peak_bytes"], p.generation("streamed", gen_res)["peak_bytes"]
+            gen[w] = {}
+            for mode, budget in (("resident", None), ("streamed", (res + st) // 2 if st < res else None)):
+                if mode == "streamed" and budget is None:
+                    continue
+                say(f"[bench scale] {name}: generate, {w} weights, {mode}")
+                peak, ran = measure_generation(bundles[w], gen_steps, budget)
+                if ran != mode:
+                    raise RuntimeError(f"{name} {w}: the daemon generated {ran}, expected {mode} (budget {budget})")
+                gen[w][mode] = peak
+        r["generate_peak_bytes"] = gen
+        base = plans[weights[0]]
+        r["predicted"] = {
+            "job_peak_bytes": base.job_peak(_precompute(first)),
+            "generate_peak_bytes": {w: {m: plans[w].generation(m, gen_res)["peak_bytes"] for m in gen[w]}
+                                    for w in weights},
+        }
+        fp32_res = gen.get("fp32", {}).get("resident")
+        r["ratios"] = {"job_vs_standard_lora": r["job_peak_bytes"] / r["standard_lora_peak_bytes"]}
+        if fp32_res:
+            for w in weights:
+                for m, v in gen[w].items():
+                    if (w, m) != ("fp32", "resident"):
+                        r["ratios"][f"generate_{w}_{m}_vs_fp32_resident"] = v / fp32_res
+        r["prediction_errors"] = _errors(r)
+        out[name] = r
+    return out
+
+
+def _precompute(manifest) -> str:
+    from edge_runtime.precompute import precompute_mode
+
+    return precompute_mode(int(manifest.model["parameters"]))
+
+
+def _errors(r: dict) -> dict:
+    """predicted / measured - 1 of every figure with a prediction."""
+    p = r["predicted"]
+    e = {"job": p["job_peak_bytes"] / r["job_peak_bytes"] - 1}
+    for w, by in r["generate_peak_bytes"].items():
+        for m, v in by.items():
+            e[f"generate_{w}_{m}"] = p["generate_peak_bytes"][w][m] / v - 1
+    return e
+
+
+def format_table(results: dict) -> str:
+    mb = 2**20
+    lines = ["| config | params | standard LoRA | job (ratio) | " + " | ".join(
+        f"gen {w} {m}" for w in WEIGHTS for m in ("resident", "streamed")) + " |",
+             "|---|---|---|---|" + "---|" * (2 * len(WEIGHTS))]
+    for name, r in results.items():
+        cells = []
+        for w in WEIGHTS:
+            for m in ("resident", "streamed"):
+                v = r["generate_peak_bytes"].get(w, {}).get(m)
+                e = r["prediction_errors"].get(f"generate_{w}_{m}")
+                cells.append("-" if v is None else f"{v / mb:.0f} ({e:+.0%})")
+        lines.append(f"| {name} | {r['params'] / 1e6:.0f}M | {r['standard_lora_peak_bytes'] / mb:.0f} | "
+                     f"{r['job_peak_bytes'] / mb:.0f} ({r['ratios']['job_vs_standard_lora']:.3f}; pred "
+                     f"{r['prediction_errors']['job']:+.0%}) | " + " | ".join(cells) + " |")
+    lines.append("MiB of peak RSS (whole process); in brackets: the bundle's prediction / measured - 1.")
+    return "\n".join(lines)
