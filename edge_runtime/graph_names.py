@@ -35,6 +35,8 @@ PROLOGUE_FILE = "prologue.onnx"
 EPILOGUE_FILE = "epilogue.onnx"
 FROZEN_DIR = "frozen"
 TRAINABLE_DIR = "trainable"
+TEXT_ENCODER = "text_encoder"  # manifest.graphs key of the text encoder (text_encoder.onnx, or its parts)
+TEXT_PARTS_DIR = "text_encoder"  # text_encoder/part_NN.onnx: the text encoder cut into consecutive parts
 # chain run kinds (manifest.model.generation_chain[*].kind)
 FROZEN_RUN, TRAINABLE_RUN = "frozen", "trainable"
 
@@ -98,6 +100,11 @@ def group_file(k: int) -> str:
 def infer_file(k: int, runs: int) -> str:
     """trainable/infer.onnx for one trainable run; trainable/infer_NN.onnx, one per run, otherwise."""
     return f"{TRAINABLE_DIR}/infer.onnx" if runs == 1 else f"{TRAINABLE_DIR}/infer_{k:02d}.onnx"
+
+
+def text_part_file(k: int) -> str:
+    """text_encoder/part_NN.onnx: the k-th part of a text encoder compiled in parts (its graph key drops .onnx)."""
+    return f"{TEXT_PARTS_DIR}/part_{k:02d}.onnx"
 
 
 def graph_key(rel_path: str) -> str:

@@ -159,11 +159,33 @@ def validate_fields(d: dict[str, Any]) -> None:
     w = d.get("weights", {})
     if not isinstance(w, dict) or (w and w.get("precision") not in WEIGHTS):
         raise ManifestError(f"manifest weights must be an object with a precision in {WEIGHTS}, got {w!r}")
+    text = d.get("graphs", {}).get("text_encoder") if isinstance(d.get("graphs"), dict) else None
+    if isinstance(text, dict) and "parts" in text:
+        validate_text_parts(text["parts"])
     if d.get("memory"):
         try:
             MemoryPlan.from_dict(d["memory"])
         except MemoryPlanError as e:
             raise ManifestError(str(e)) from e
+
+
+def validate_text_parts(parts: Any) -> None:
+    """graphs.text_encoder.parts (a text encoder compiled in parts): a non-empty list of {"path": "<...>.onnx",
+    "inputs": [names], "outputs": [names] (non-empty), "bytes": int >= 0}, every input a tokenizer feed or an
+    earlier part's output (checked by the device as it runs them)."""
+    if not isinstance(parts, list) or not parts:
+        raise ManifestError(f"manifest graphs.text_encoder.parts must be a non-empty list, got {parts!r}")
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+    for i, p in enumerate(parts):
+        size = p.get("bytes", 0) if isinstance(p, dict) else None
+        ok = (isinstance(p, dict) and isinstance(p.get("path"), str) and p["path"].endswith(".onnx")
+              and names(p.get("inputs")) and names(p.get("outputs")) and bool(p["outputs"])
+              and isinstance(size, int) and not isinstance(size, bool) and size >= 0)
+        if not ok:
+            raise ManifestError(f"manifest graphs.text_encoder.parts[{i}] must be {{path: <file>.onnx, inputs: [names], "
+                                f"outputs: [names, ...], bytes: int >= 0}}, got {p!r}")
 
 
 def load_manifest(bundle: str, verify_files: bool = True) -> Manifest:

@@ -363,7 +363,9 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     if class_images:
         prompts = (prompts if len(prompts) > 1 else prompts * len(images)) + opts.class_prompts(len(class_images))
         prior_from, images = len(images), list(images) + list(class_images)
-    text = bundle.encode_prompts(prompts)  # one row, or one per image
+    # a text encoder compiled in parts and not already open is streamed, part by part: the job's encode phase then
+    # peaks near its largest part, not the whole encoder
+    text = bundle.encode_prompts(prompts, streamed=bool(bundle.graphs.get("text_encoder", {}).get("parts")))
     bundle.release_text_encoder()  # not needed again by this job
     plan = DrawPlan(bundle, images, opts.seed, prior_from, opts.prior_share)
     from .training_spec import load_spec

@@ -200,8 +200,9 @@ class Bundle:
                 raise RuntimeError_("this bundle has no text encoder (recompile it with a current edgeblock)")
             from .text import TextEncoder
 
+            # each graph (the whole encoder, or each part) gets its own precision's session settings
             te = self._text = TextEncoder(self.root, self.graphs["text_encoder"], self.providers,
-                                          weights=self.manifest.graph_weights("text_encoder"))
+                                          weights=self.manifest.graph_weights)
         return te
 
     def release_text_encoder(self) -> None:
@@ -228,6 +229,9 @@ class Bundle:
         return feeds
 
     def _encoder(self, streamed: bool):
+        """The resident text encoder (opened and kept), or for streamed, when none is open, one of its own that
+        opens each graph for its run and releases it after: part by part for a bundle compiled in parts (the
+        peak is near the largest part), the whole encoder for one compiled before them."""
         if not streamed or getattr(self, "_text", None) is not None:
             return self.text_encoder()
         from .text import TextEncoder
@@ -235,7 +239,7 @@ class Bundle:
         if "text_encoder" not in self.graphs:
             return self.text_encoder()  # raises the missing-encoder error
         return TextEncoder(self.root, self.graphs["text_encoder"], self.providers,
-                           weights=self.manifest.graph_weights("text_encoder"))
+                           weights=self.manifest.graph_weights, streamed=True)
 
     def _encode_cached(self, prompts: list[str], streamed: bool = False) -> dict[str, np.ndarray]:
         """The text encoder's outputs for prompts, one row each; through the prompt cache when one is set."""

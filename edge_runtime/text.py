@@ -1,4 +1,4 @@
-"""Prompt encoding on the device: the bundle's tokenizer files + text_encoder.onnx (torch-free).
+"""Prompt encoding on the device: the bundle's tokenizer files + text_encoder.onnx or its parts (torch-free).
 
 The compiler describes the text graph in manifest.graphs["text_encoder"]:
 
@@ -7,6 +7,9 @@ The compiler describes the text graph in manifest.graphs["text_encoder"]:
                      "max_length": 77, "pad_id": 49407, "pad_token": "<|endoftext|>",
                      "preprocess": "none" | "lower_strip"}, ...],
      "outputs": ["text", "pooled"] (and/or "mask")}
+
+A text encoder compiled in parts (`edgeblock compile --text-parts`) has no "path" but "parts":
+[{"path": "text_encoder/part_00.onnx", "inputs": [...], "outputs": [...], "bytes": ...}, ...], run in order.
 
 Each tokenizer pads (right) and truncates to its max_length, exactly as the diffusers pipeline's
 `tokenizer(..., padding="max_length", truncation=True)` does; its ids (and attention mask, when
@@ -17,10 +20,12 @@ the graph reads one) feed the graph as int64. The graph's outputs are what the p
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from . import graph_names as gn
 from .weights import FP32, apply_session_settings
 
 PREPROCESS = ("none", "lower_strip")
@@ -72,24 +77,61 @@ class BundleTokenizer:
 
 
 class TextEncoder:
-    """prompts -> {"text", "pooled"?, "mask"?} float32 through the bundle's text_encoder.onnx."""
+    """prompts -> {"text", "pooled"?, "mask"?} float32 through the bundle's text_encoder.onnx, or its parts.
 
-    def __init__(self, root: str, desc: dict[str, Any], providers: list[str] | None = None, weights: str = FP32):
-        """`weights`: the graph's weight precision (the manifest's weight_precision), whose ONNX Runtime session
-        settings keep quantized weights small (edge_runtime/weights.py)."""
+    A description with "parts" ([{"path", "inputs", "outputs", ...}], text_encoder/part_NN.onnx) runs them in
+    order: the tokenizer feeds go to the first, each part's outputs are carried to the later parts that read
+    them, and the final outputs are collected by name. Resident (default): every session opened here and kept.
+    streamed: each session is opened for its own run and released after it (edge_runtime.memstat.trim_heap), so
+    encoding peaks near the largest part instead of the whole encoder.
+    """
+
+    def __init__(self, root: str, desc: dict[str, Any], providers: list[str] | None = None,
+                 weights: str | Callable[[str], str] = FP32, streamed: bool = False):
+        """`weights`: the graphs' weight precision (the manifest's weight_precision), or a function of a graph key
+        ("text_encoder", "text_encoder/part_00", ...) giving it (Manifest.graph_weights), whose ONNX Runtime
+        session settings keep quantized weights small (edge_runtime/weights.py)."""
+        parts = desc.get("parts") if isinstance(desc, dict) else None
+        if (not isinstance(desc, dict) or not desc.get("tokenizers") or ("path" not in desc and not parts)
+                or (parts is not None and not _valid_parts(parts))):
+            raise TextEncodeError(f"bad text encoder description: {desc!r}")
+        self.root, self.desc, self.streamed = root, desc, streamed
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.tokenizers = [BundleTokenizer(root, t) for t in desc["tokenizers"]]
+        self._weights = weights
+        # (graph key, path, inputs or None) per graph run: the parts in order, or the whole encoder
+        if parts:
+            self.graphs = [(gn.graph_key(p["path"]), p["path"], list(p["inputs"])) for p in parts]
+        else:
+            self.graphs = [(gn.TEXT_ENCODER, desc["path"], None)]
+        self.sessions = [] if streamed else [self._open(k, p) for k, p, _ in self.graphs]
+        if parts:
+            self.inputs = list(dict.fromkeys(n for _, _, ins in self.graphs for n in ins))
+            self.outputs = list(desc.get("outputs") or parts[-1]["outputs"])
+        elif streamed:
+            self.inputs, self.outputs = list(desc.get("inputs") or []), list(desc.get("outputs") or [])
+        else:
+            self.inputs = [i.name for i in self.sessions[0].get_inputs()]
+            self.outputs = [o.name for o in self.sessions[0].get_outputs()]
+
+    @property
+    def session(self):
+        """The whole encoder's session (resident, bundles without parts)."""
+        return self.sessions[0] if len(self.graphs) == 1 and self.sessions else None
+
+    def _open(self, key: str, rel: str):
         import onnxruntime as ort
 
-        if not isinstance(desc, dict) or "path" not in desc or not desc.get("tokenizers"):
-            raise TextEncodeError(f"bad text encoder description: {desc!r}")
-        self.root, self.desc = root, desc
-        self.tokenizers = [BundleTokenizer(root, t) for t in desc["tokenizers"]]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if self.streamed and len(self.graphs) > 1:
+            # parts streamed: what Bundle._open sets for the chain graphs, no arena high-water mark and no packed
+            # weight copies (other MatMul kernels: ~1e-6 relative); a whole encoder keeps the settings it always had
+            opts.enable_cpu_mem_arena = False
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        weights = self._weights(key) if callable(self._weights) else self._weights
         apply_session_settings(opts, weights, ort.ExecutionOrder)
-        self.session = ort.InferenceSession(os.path.join(root, *desc["path"].split("/")), opts,
-                                            providers=providers or ["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        return ort.InferenceSession(os.path.join(self.root, *rel.split("/")), opts, providers=self.providers)
 
     def feeds(self, prompts: list[str]) -> dict[str, np.ndarray]:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -97,8 +139,39 @@ class TextEncoder:
         feeds: dict[str, np.ndarray] = {}
         for t in self.tokenizers:
             feeds.update(t(list(prompts)))
-        return {k: v for k, v in feeds.items() if k in self.inputs}
+        return {k: v for k, v in feeds.items() if k in self.inputs or not self.inputs}
 
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, self.feeds(prompts))
-        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.outputs, outs)}
+        acc: dict[str, Any] = self.feeds(prompts)
+        last: dict[str, int] = {}  # tensor -> the last graph that reads it (dropped after it)
+        for j, (_, _, ins) in enumerate(self.graphs):
+            for n in ins or ():
+                last[n] = j
+        for j, (key, rel, ins) in enumerate(self.graphs):
+            sess = self.sessions[j] if self.sessions else self._open(key, rel)
+            try:
+                names = ins if ins is not None else [i.name for i in sess.get_inputs()]
+                missing = [n for n in names if n not in acc]
+                if missing:
+                    raise TextEncodeError(f"text encoder graph {rel}: no value for inputs {missing}")
+                produced = [o.name for o in sess.get_outputs()]
+                acc.update(zip(produced, sess.run(None, {n: acc[n] for n in names})))
+            finally:
+                if not self.sessions:  # streamed: this graph's weights go before the next one's load
+                    from .memstat import trim_heap
+
+                    del sess
+                    trim_heap()
+            for n in [n for n, k in last.items() if k == j and n not in self.outputs]:
+                acc.pop(n, None)
+        outputs = self.outputs or produced  # a description naming no outputs: the (last) graph's
+        missing = [n for n in outputs if n not in acc]
+        if missing:
+            raise TextEncodeError(f"text encoder: the graphs produced no {missing}")
+        return {n: np.asarray(acc[n], dtype=np.float32) for n in outputs}
+
+
+def _valid_parts(parts: Any) -> bool:
+    return isinstance(parts, list) and bool(parts) and all(
+        isinstance(p, dict) and isinstance(p.get("path"), str) and isinstance(p.get("inputs"), list)
+        and isinstance(p.get("outputs"), list) for p in parts)

@@ -21,7 +21,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, blocks=args.blocks, selection=args.selection, target=args.target,
         train_res=args.train_res, gen_res=args.gen_res, lora_rank=args.lora_rank, precision=args.precision,
         verify=False if args.no_verify else None, seed=args.seed, max_group_mb=args.max_group_mb,
-        crop_ids=args.crop_ids, top_k=args.top_k, weights=args.weights,
+        crop_ids=args.crop_ids, top_k=args.top_k, weights=args.weights, text_parts=args.text_parts,
     )
     compile_bundle(opts, progress=print)
     return 0
@@ -66,6 +66,10 @@ def register(sub) -> None:
     c.add_argument("--max-group-mb", type=float, default=None,
                    help="cap each frozen group's fp32 weights (MiB): the bank precompute holds one group at a time "
                         "(default: the trainable blocks' size; 0: one group per skipped run)")
+    c.add_argument("--text-parts", type=int, default=None, metavar="N",
+                   help="cut the text encoder into N consecutive parts (text_encoder/part_NN.onnx) the device runs one "
+                        "after another, streamed when memory is short; 0: auto, so that no part is above the largest "
+                        "frozen group; 1: one text_encoder.onnx (default: auto for a Jetson --target, 1 for cpu)")
     c.add_argument("--crop-ids", choices=("grid", "image"), default=None,
                    help="FLUX: position ids of the daemon's training crops, the coordinates of the place in the "
                         "image they were cut from (image, the recipe's) or their own token grid (grid)")

@@ -1,5 +1,5 @@
-"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder and the generation-only
-graphs (prologue, epilogue, VAE) rewritten with weight-only quantized MatMul weights (compile/quantize.py), each
+"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder (each of its parts) and
+the generation-only graphs (prologue, epilogue, VAE) rewritten with weight-only quantized MatMul weights (compile/quantize.py), each
 measured against its fp32 self on real feeds; the trainable blocks' graphs and training artifacts stay fp32.
 """
 
@@ -41,7 +41,9 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     graphs: dict[str, dict[str, Any]] = {}
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, block, graphs)
     text = ctx.extra.get("text_encoder")
-    if text is not None:
+    if text is not None and text.get("parts"):
+        _quantize_text_parts(ctx, text, precision, block, graphs)
+    elif text is not None:
         ext = _quantize_file(ctx, text["path"], precision, block, _text_feeds(ctx, text), graphs)
         text["external_data"] = ext
     vae = ctx.extra.get("vae")
@@ -117,6 +119,20 @@ def _text_feeds(ctx: CompileContext, desc: dict) -> dict[str, np.ndarray]:
     for spec in desc["tokenizers"]:
         feeds.update(BundleTokenizer(ctx.tmp, spec)([PROMPT, ""]))
     return feeds
+
+
+def _quantize_text_parts(ctx: CompileContext, desc: dict, precision: str, block: int | None, graphs: dict) -> None:
+    """Each part of a text encoder compiled in parts (text_encoder/part_NN.onnx), on the inputs the fp32 parts
+    before it compute, recorded under its own graph key; its description's bytes become the quantized file's."""
+    from . import onnx_export as ox
+    from .text_parts import file_bytes
+
+    acc: dict[str, np.ndarray] = dict(_text_feeds(ctx, desc))
+    for part in desc["parts"]:
+        feeds = {n: acc[n] for n in part["inputs"]}
+        acc.update(ox.run_onnx(os.path.join(ctx.tmp, *part["path"].split("/")), feeds))  # fp32, before it changes
+        part["external_data"] = _quantize_file(ctx, part["path"], precision, block, feeds, graphs)
+        part["bytes"] = file_bytes(os.path.join(ctx.tmp, *part["path"].split("/")))
 
 
 def _vae_feeds(ctx: CompileContext, vae: dict):

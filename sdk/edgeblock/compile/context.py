@@ -49,10 +49,25 @@ class CompileOptions:
     crop_ids: str | None = None  # FLUX: a training crop's position ids, "image" or "grid" (None: the recipe's)
     top_k: int | None = None  # blocks selection picks when no --blocks/--selection is given (None: the recipe's)
     weights: str | None = None  # frozen graphs' weight precision (edge_runtime.weights); None: the target's default
+    # text encoder parts (compile/text_parts.py): 0 auto (none above the largest frozen group), 1 whole, N parts;
+    # None: what the target needs (text_part_count)
+    text_parts: int | None = None
 
     def weight_precision(self) -> str:
         """--weights, or what the target needs (edge_runtime.weights.default_weights)."""
         return self.weights if self.weights is not None else default_weights(self.target)
+
+    def __post_init__(self) -> None:
+        t = self.text_parts
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+            raise ValueError(f"--text-parts must be an integer >= 0 (0: auto, 1: whole encoder, N: N parts), got {t!r}")
+
+    def text_part_count(self) -> int:
+        """--text-parts, or what the target needs: auto (0) on a Jetson, whose memory the encoder shares with the
+        DiT, the whole encoder (1) on `cpu`, the reference (as its weights stay fp32)."""
+        if self.text_parts is not None:
+            return self.text_parts
+        return 1 if self.target == CPU else 0
 
     def recipe(self) -> Recipe:
         """The model's recommended recipe (edge_runtime.recipe) with this compile's overrides."""
@@ -65,8 +80,10 @@ class CompileOptions:
 
     def fingerprint_args(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("model", "out", "verify", "selection", "weights"):
+        for k in ("model", "out", "verify", "selection", "weights", "text_parts"):
             d.pop(k)
+        if self.text_parts is not None:  # bundles without --text-parts keep the fingerprint they had before it
+            d["text_parts"] = self.text_parts
         if self.weight_precision() != FP32:  # fp32 bundles keep the fingerprint they had before --weights existed
             d["weights"] = self.weight_precision()
         d["recipe"] = self.recipe().to_dict()

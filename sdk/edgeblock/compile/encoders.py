@@ -232,6 +232,26 @@ def export_text_encoder(stack, out_dir: str, verify: bool = True, opset: int = 1
     return desc
 
 
+def check_text_parts(out_dir: str, desc: dict[str, Any], prompts: list[str], bound: float) -> dict[str, Any]:
+    """The chained parts against the whole encoder on `prompts`, both in ONNX Runtime with the same (resident)
+    session settings: {"max_abs", "max_rel", "parts"}; RuntimeError past `bound` (text_parts.PARTS_REL_BOUND)."""
+    from .onnx_run import compare
+
+    whole = {k: v for k, v in desc.items() if k != "parts"}
+    ref = TextEncoder(out_dir, whole, streamed=True).encode(prompts)  # streamed whole: the resident settings
+    got = TextEncoder(out_dir, desc).encode(prompts)
+    if set(got) != set(ref):
+        raise RuntimeError(f"verification failed (no bundle written): the text encoder's parts give outputs "
+                           f"{sorted(got)}, the whole encoder {sorted(ref)}")
+    r = compare(got, ref)
+    out = {"max_abs": r.max_abs, "max_rel": r.max_rel, "parts": len(desc["parts"])}
+    if not r.max_rel <= bound:
+        raise RuntimeError(f"verification failed (no bundle written): the text encoder's {len(desc['parts'])} parts "
+                           f"differ from the whole encoder by rel {r.max_rel:.2e} (max abs {r.max_abs:.2e}; bound "
+                           f"{bound:.0e}); compile with --text-parts 1 to keep it whole")
+    return out
+
+
 def export_vae(codec, out_dir: str, train_res: int, gen_res: int, verify: bool = True, opset: int = 17,
                seed: int = 0) -> dict[str, Any]:
     """The VAE of a latent model -> vae_encoder.onnx + vae_decoder.onnx (dynamic batch/spatial axes)."""

@@ -226,6 +226,7 @@ def encoders(ctx: CompileContext) -> None:
     extra: dict[str, dict[str, Any]] = {}
     ctx.say("[compile]   text_encoder.onnx + tokenizer files")
     extra["text_encoder"] = export_text_encoder(ctx.text, ctx.tmp, ctx.verify)
+    _text_parts(ctx, extra["text_encoder"])
     if ctx.downsample > 1:
         ctx.say("[compile]   vae_encoder.onnx + vae_decoder.onnx")
         extra["vae"] = export_vae(load_codec(opts.model), ctx.tmp, ctx.train_res, ctx.gen_res, ctx.verify, seed=opts.seed)
@@ -237,6 +238,31 @@ def encoders(ctx: CompileContext) -> None:
             if r["max_rel"] > REL_BOUND["fp32"]:
                 raise RuntimeError(f"verification failed (no bundle written): {name} rel {r['max_rel']:.2e}")
     ctx.extra = extra
+
+
+def _text_parts(ctx: CompileContext, desc: dict[str, Any]) -> None:
+    """--text-parts: the text encoder cut into text_encoder/part_NN.onnx (compile/text_parts.py), the chained parts
+    checked against the whole encoder (unless --no-verify); auto (0) cuts it when it is above the largest frozen
+    group (the group cap, or the largest group's bytes when there is no cap)."""
+    from edge_runtime import graph_names as gn
+
+    from .text_parts import file_bytes, make_parts
+
+    opts = ctx.opts
+    count = opts.text_part_count()  # validated by CompileOptions
+    limit = None
+    if count == 0:
+        groups = [file_bytes(s.path) for s in ctx.specs if s.kind == gn.GROUP]
+        caps = [*groups, *([ctx.group_limit * 4] if ctx.group_limit else [])]  # the cap is in fp32 parameters
+        limit = max(caps) if caps else None
+    r = make_parts(ctx.tmp, desc, count, limit, check=opts.verify is not False)
+    if r is None:
+        return
+    sizes = ", ".join(f"{p['bytes'] / 2**20:.1f}" for p in desc["parts"])
+    ctx.say(f"[compile]   text encoder in {len(desc['parts'])} parts ({sizes} MiB; whole "
+            f"{desc['whole_bytes'] / 2**20:.1f} MiB)" + (f": chained parts vs whole max abs {r['max_abs']:.2e}  "
+                                                       f"rel {r['max_rel']:.2e}" if "max_rel" in r else ""))
+    ctx.verification["text_encoder_parts"] = r
 
 
 def weights(ctx: CompileContext) -> None:
