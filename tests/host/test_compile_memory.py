@@ -42,3 +42,26 @@ def test_the_predictions_follow_the_bundles_weights(builtin_bundle, tmp_path):
     assert q.weights == "int8"
     size = r.manifest.gen_res
     assert q.generation("resident", size)["weights_bytes"] < 0.5 * fp32.generation("resident", size)["weights_bytes"]
+
+
+def test_predictions_are_the_planners_for_this_model(tmp_path):
+    """A builtin-layout pixel model of another size: compile's figures are the planner's on that model's own
+    config (not the built-in model's), with the bundle's blocks, resolutions and weights."""
+    pytest.importorskip("onnxruntime.training")
+    from edgeblock.bench.daemon import pixel_model_dir
+    from edgeblock.compile import bundle as bd
+    from edgeblock.plan.calibration import _cfg, _meta
+    from edgeblock.plan.predict import PlanOptions, plan
+
+    import os
+
+    path = pixel_model_dir(_cfg(256, 2, 1, 2), _meta(32), "test-mem-pixel")
+    r = bd.compile_bundle(bd.CompileOptions(path, str(tmp_path / "b"), blocks=(1,), verify=False), progress=None)
+    m = r.manifest
+    p = m.memory_plan()
+    ref = plan(PlanOptions(os.path.join(path, "transformer", "config.json"), "host-cpu", train_res=m.train_res,
+                           gen_res=m.gen_res, blocks=(1,), weights="fp32", lora_rank=m.lora_rank))
+    assert ref["model"]["parameters"] == m.model["parameters"]
+    assert p.generation("resident", m.gen_res)["peak_bytes"] == ref["generation"]["resident"]["peak_bytes"]
+    assert p.generation("streamed", m.gen_res)["peak_bytes"] == ref["generation"]["streamed"]["peak_bytes"]
+    assert p.job_peak(ref["model"]["precompute"]) == ref["methods"]["blockskip"]["job_peak_bytes"]

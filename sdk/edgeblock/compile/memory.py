@@ -42,6 +42,14 @@ def text_stack_params(stack: Any) -> int:
     return walk(stack, 0)
 
 
+def transformer_config(root: str) -> str:
+    """The model's transformer config.json (a pipeline's transformer/, or the transformer folder itself)."""
+    for p in (os.path.join(root, "transformer", "config.json"), os.path.join(root, "config.json")):
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"{root}: no transformer/config.json or config.json")
+
+
 def planner_target(bundle_target: str) -> str:
     """The planner's name of a bundle target: a CPU bundle runs on a CPU like the calibration host's."""
     return HOST_CPU if bundle_target == CPU else bundle_target
@@ -53,7 +61,7 @@ def predict_memory(ctx) -> dict[str, Any]:
     from ..plan.predict import PlanOptions, plan
 
     opts = ctx.opts
-    config = "builtin" if ctx.builtin else os.path.join(ctx.root, "transformer", "config.json")
+    config = transformer_config(ctx.root)
     inv = load_inventory(config)
     inv.text_encoder_params = text_stack_params(ctx.text)
     inv.text_tokens = int(ctx.text.length)
