@@ -65,3 +65,21 @@ def test_predictions_are_the_planners_for_this_model(tmp_path):
     assert p.generation("resident", m.gen_res)["peak_bytes"] == ref["generation"]["resident"]["peak_bytes"]
     assert p.generation("streamed", m.gen_res)["peak_bytes"] == ref["generation"]["streamed"]["peak_bytes"]
     assert p.job_peak(ref["model"]["precompute"]) == ref["methods"]["blockskip"]["job_peak_bytes"]
+
+
+def test_a_text_encoder_in_parts_lowers_the_predicted_encode(builtin_bundle, tmp_path):
+    """With --text-parts the job encodes part by part (and so does a streamed generation): the predictions
+    hold one part of the text encoder there, the whole one only in a resident generation."""
+    pytest.importorskip("onnxruntime.training")
+    from edgeblock.compile import bundle as bd
+
+    from edge_runtime.manifest import load_manifest
+
+    whole = load_manifest(builtin_bundle[0]).memory_plan()
+    r = bd.compile_bundle(bd.CompileOptions("builtin", str(tmp_path / "parts"), blocks=(0, 2), lora_rank=4,
+                                            train_res=32, verify=False, text_parts=3), progress=None)
+    assert len(r.manifest.graphs["text_encoder"]["parts"]) == 3
+    p, size = r.manifest.memory_plan(), r.manifest.gen_res
+    assert p.job_peak("online") < whole.job_peak("online")
+    assert p.generation("streamed", size)["peak_bytes"] < whole.generation("streamed", size)["peak_bytes"]
+    assert p.generation("resident", size) == whole.generation("resident", size)

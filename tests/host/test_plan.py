@@ -67,8 +67,16 @@ def test_streaming_and_quantized_weights_lower_generation():
     gen = {k: r["methods"]["blockskip"]["generate"]["peak_bytes"] for k, r in by.items()}
     for w in ("fp16", "int8", "int4"):
         assert gen[(w, "streamed")] < 0.25 * gen[(w, "resident")], w
-    for g in ("resident", "streamed"):
-        assert gen[("int4", g)] < gen[("int8", g)] < gen[("fp16", g)], g
+    assert gen[("int4", "resident")] < gen[("int8", "resident")] < gen[("fp16", "resident")]
+    # streamed, the largest graph held is the trainable blocks' (fp32 whatever --weights) once the T5 encoder
+    # streams in parts (the Jetson default): quantizing cannot lower it below that
+    assert gen[("int4", "streamed")] <= gen[("int8", "streamed")] <= gen[("fp16", "streamed")]
+    whole_text = plan(PlanOptions("flux1-dev", "orin-nx-16gb", weights="fp16", generation="streamed",
+                                  text_encoder="resident"))
+    assert whole_text["text_encoder"] == "resident" and by[("fp16", "streamed")]["text_encoder"] == "streamed"
+    assert whole_text["methods"]["blockskip"]["generate"]["peak_bytes"] > gen[("fp16", "streamed")]
+    assert whole_text["methods"]["blockskip"]["precompute"]["peak_bytes"] > \
+        by[("fp16", "streamed")]["methods"]["blockskip"]["precompute"]["peak_bytes"]
     r = by[("int4", "resident")]
     assert r["precision"]["weights"] == "int4" and r["generation"]["mode"] == "resident"
     assert r["generation"]["streamed"]["peak_bytes"] == gen[("int4", "streamed")]
@@ -103,6 +111,7 @@ def test_frozen_groups_are_maximal_skipped_runs():
     (dict(gen_res=1000), "not a multiple"),
     (dict(weights="int3"), "--weights"),
     (dict(generation="paged"), "--generation"),
+    (dict(text_encoder="paged"), "--text-encoder"),
 ])
 def test_bad_input_is_a_clear_error(opts, msg):
     with pytest.raises(ValueError, match=msg):

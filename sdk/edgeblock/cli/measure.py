@@ -127,7 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     results = {}
     for t in names:
         results[t] = plan(PlanOptions(args.config, t, train_res=args.train_res, gen_res=args.gen_res, blocks=args.blocks,
-                                      weights=args.weights, generation=args.generation, lora_rank=args.lora_rank,
+                                      weights=args.weights, generation=args.generation,
+                                      text_encoder=args.text_encoder, lora_rank=args.lora_rank,
                                       precompute=args.precompute, max_group_mb=args.max_group_mb))
     if args.json:
         print(json.dumps(results[names[0]] if len(names) == 1 else results, indent=2))
@@ -209,6 +210,9 @@ def register(sub) -> None:
     pl.add_argument("--generation", choices=list(GENERATION_MODES), default=RESIDENT,
                     help="resident: every graph held while sampling (fast); streamed: one graph at a time, as the "
                          "daemon generates when its memory budget is short (default: resident)")
+    pl.add_argument("--text-encoder", choices=list(GENERATION_MODES), default=None,
+                    help="resident: the text encoders loaded whole; streamed: in parts, one at a time (`edgeblock "
+                         "compile --text-parts`; default: as compile does for the target, parts on Jetson)")
     pl.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (4 without a measured one)")
     pl.add_argument("--precompute", choices=list(PRECOMPUTE_MODES), default=None,
                     help="default: the daemon's rule (bank above 256 MiB of transformer weights)")

@@ -72,8 +72,10 @@ def predict_memory(ctx) -> dict[str, Any]:
         inv.vae_encoder_params = _params(vae, ("encoder.", "quant_conv."))
         inv.vae_decoder_params = _params(vae, ("decoder.", "post_quant_conv."))
     target = planner_target(opts.target)
+    parts = ctx.extra.get("text_encoder", {}).get("parts") or []
     base = dict(target=target, blocks=tuple(ctx.plan.trainable), weights=opts.weight_precision(),
-                lora_rank=ctx.lora.rank, max_group_mb=opts.max_group_mb)
+                lora_rank=ctx.lora.rank, max_group_mb=opts.max_group_mb,
+                text_encoder="streamed" if len(parts) > 1 else "resident")  # the job and streaming encode part by part
     jobs, generate, r = {}, {m: {} for m in GENERATION_MODES}, None
     for mode in PRECOMPUTE_MODES:
         r = plan(PlanOptions(config, train_res=ctx.train_res, gen_res=ctx.gen_res, precompute=mode, **base), inv=inv)

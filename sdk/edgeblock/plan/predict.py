@@ -42,6 +42,9 @@ class PlanOptions:
     blocks: tuple[int, ...] | None = None  # None: the recipe's number of blocks, the middle window
     weights: str | None = None  # frozen / generation weights (edge_runtime.weights); default: the target's
     generation: str = RESIDENT  # resident | streamed (edge_runtime.memory_plan)
+    # resident: loaded whole; streamed: in parts, one at a time (`compile --text-parts`); None: what compile does
+    # for the target (parts on Jetson, whole on the CPU)
+    text_encoder: str | None = None
     lora_rank: int | None = None  # None: the recipe's
     precompute: str | None = None  # bank | online; default: the daemon's rule (edge_runtime.precompute)
     guidance_batch: int | None = None  # generation batch: 2 with classifier-free guidance, 1 with a guidance embed
@@ -168,6 +171,9 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
     if opts.generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be one of {', '.join(GENERATION_MODES)}, got {opts.generation!r}")
+    text_mode = opts.text_encoder or ("streamed" if t.gpu else RESIDENT)
+    if text_mode not in GENERATION_MODES:
+        raise ValueError(f"--text-encoder must be one of {', '.join(GENERATION_MODES)}, got {opts.text_encoder!r}")
     native = t.weight_bytes  # the target's inference precision (fp16 engines on Jetson, fp32 on the CPU)
     weights = opts.weights or {2: FP16, 4: FP32}[native]
     wb = bytes_per_weight(weights)  # the frozen groups, text encoders, prologue/epilogue and VAE
@@ -184,6 +190,10 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
     sw, ia = cal.session_weight_factor, cal.inference_activation_factor
     text_w = inv.text_encoder_params * wb * cal.text_session_factor
+    # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
+    largest_group = max((sum(block_params[i] for i in g) for g in groups), default=inv.text_encoder_params)
+    text_held = (min(inv.text_encoder_params, largest_group) * wb * cal.text_session_factor
+                 if text_mode == "streamed" else text_w)
     vae_enc_w = inv.vae_encoder_params * wb * sw
     vae_dec_w = inv.vae_decoder_params * wb * sw
 
@@ -195,7 +205,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * wb * sw, group_act[k])
     else:
         bank_peak = _phase(t.daemon_runtime_bytes, prologue * wb * sw, 0)
-    encode = _phase(t.daemon_runtime_bytes, text_w + vae_enc_w, 0)
+    encode = _phase(t.daemon_runtime_bytes, text_held + vae_enc_w, 0)
     bs_pre = max(encode, bank_peak, key=lambda p: p["peak_bytes"]) if precompute == "bank" else encode
     trained_params = sum(block_params[i] for i in trainable) + inv.epilogue_params
     lora = _lora_params(inv, trainable, rank)
@@ -205,7 +215,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     online_w = (sum(group_w) + prologue * wb * sw) / sw * cal.online_session_factor if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
-    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb, ab, tw, text_w, vae_dec_w)
+    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb, ab, tw, text_w, vae_dec_w,
+                             text_held)
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -241,6 +252,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         "target": t.as_json(),
         "precision": {"weights": weights, "training": "fp32"},
         "generation": {"mode": opts.generation, **generation},
+        "text_encoder": text_mode,
         "methods": methods,
         "blockskip_vs_standard_lora_job_peak": methods["blockskip"]["job_peak_bytes"] / methods["standard_lora"]["job_peak_bytes"],
         "calibration": {"host": "x86 CPU, 2 cores", "measured_on_target": t.measured},
@@ -250,8 +262,9 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                wb: float, ab: int, tw: int, text_w: float, vae_dec_w: float) -> dict[str, dict]:
-    """The generate phase held resident (every graph open) and streamed (one graph at a time)."""
+                wb: float, ab: int, tw: int, text_w: float, vae_dec_w: float, text_held: float) -> dict[str, dict]:
+    """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
+    whole or, `text_held`, its largest part)."""
     sw, ia = cal.session_weight_factor, cal.inference_activation_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
@@ -266,7 +279,7 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     runs += [(sum(block_params[i] for i in run) * tw, run) for run in frozen_groups(L, tuple(
         i for i in range(L) if i not in trainable))]  # the trainable runs (frozen_groups of the complement)
     shell = (inv.shell_params - inv.epilogue_params) * wb * sw
-    stages = [(text_w, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
+    stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
     stages += [(w * sw, _units(inv, blocks, n_gen, batch, not t.gpu)[1] * ia * ab) for w, blocks in runs]
     w, a = max(stages, key=lambda s: s[0] + s[1])
     streamed = _phase(t.daemon_runtime_bytes, w, a)
