@@ -1,4 +1,5 @@
-"""Process memory figures from /proc (Linux, Jetson included): current RSS and its high-water mark."""
+"""Memory figures from /proc (Linux, Jetson included): a process's current RSS and its high-water mark, and the
+machine's /proc/meminfo fields."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ def _status_kb(field: str, pid: int | None = None) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/{pid or 'self'}/status")
+
+
+def meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field ("MemTotal", "MemAvailable", ...) in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def rss_bytes(pid: int | None = None) -> int:

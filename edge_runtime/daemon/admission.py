@@ -29,35 +29,12 @@ log = logging.getLogger("edgeblock.daemon")
 WAIT_S = 600.0  # the longest a generation without a deadline waits for memory
 
 
-def mem_available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (what can be allocated without swapping), None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def mem_total_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def default_budget() -> int | None:
     """What the machine has free now plus what this process already holds, less a margin (5 % of the memory,
     at least 256 MiB) for the rest of the system; None where /proc/meminfo cannot be read."""
-    from ..memstat import rss_bytes
+    from ..memstat import meminfo_bytes, rss_bytes
 
-    avail, total = mem_available_bytes(), mem_total_bytes()
+    avail, total = meminfo_bytes("MemAvailable"), meminfo_bytes("MemTotal")
     if avail is None or total is None:
         return None
     return max(1, rss_bytes() + avail - max(256 * 2**20, total // 20))

@@ -146,6 +146,16 @@ def start_daemon(bundle: str, state: str, log_path: str, *extra: str) -> tuple[s
     raise RuntimeError(f"the daemon did not start; see {log_path}")
 
 
+def stop_daemon(proc: subprocess.Popen, wait: float = 60) -> int:
+    """SIGTERM (the daemon checkpoints and exits 0), killed after `wait` seconds; its exit code (-9: killed)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return -9
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edgeblock-demo")
     p.add_argument("--out", default="demo-out")
@@ -266,13 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             rss.phase = None
     finally:
         rss.stop()
-        # 5. stop: SIGTERM, graceful
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = -9
+        code = stop_daemon(proc)  # 5. stop: SIGTERM, graceful
     summary["daemon"]["exit_code"] = code
     summary["daemon"]["peak_rss_bytes"] = {k: int(v) for k, v in rss.peaks.items()}
     summary["total_s"] = time.perf_counter() - t_start

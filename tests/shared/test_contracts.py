@@ -62,8 +62,9 @@ HOST_TOOLS = {
                                  "eval's device row personalizes with the daemon's job code"),
     "edge_runtime.isolation": (["sdk/edgeblock/bench/memory"],
                                "the memory benchmark proves its device process loads no torch"),
-    "edge_runtime.memstat": (["sdk/edgeblock/bench", "sdk/edgeblock/demo"],
-                             "benchmarks and the demo measure memory as the daemon reports it"),
+    "edge_runtime.memstat": (["sdk/edgeblock/bench", "sdk/edgeblock/demo", "sdk/edgeblock/plan/targets"],
+                             "benchmarks and the demo measure memory as the daemon reports it; the planner reads "
+                             "this machine's memory as the daemon does"),
 }
 
 def _module_name(path: Path) -> tuple[str, list[str]]:

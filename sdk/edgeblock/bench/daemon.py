@@ -90,7 +90,7 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
         precompute: str = "", torch_reference: bool = True, progress=None,
         reference_variants: tuple[str, ...] = ("standard_lora", "blockskip")) -> dict:
     from ..client import EdgeClient
-    from ..demo import RssSampler, start_daemon
+    from ..demo import RssSampler, start_daemon, stop_daemon
     from . import memory
 
     say = progress or (lambda m: None)
@@ -141,11 +141,7 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
         hwm = max([rss_peak_bytes(proc.pid), *rss.peaks.values()])  # the sampler resets the mark per phase
     finally:
         rss.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_daemon(proc)
     with open(os.path.join(state, "jobs", last.job_id, "job.json")) as f:
         job = json.load(f)
     result["daemon"] = {

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import tempfile
 
 from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, pixel_model_dir
@@ -59,12 +57,10 @@ def _daemon(bundle: str, *extra: str):
 
 
 def _stop(proc, rss) -> None:
+    from ..demo import stop_daemon
+
     rss.stop()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_daemon(proc)
 
 
 def measure_job(bundle: str, steps: int) -> int:

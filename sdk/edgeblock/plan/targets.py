@@ -41,14 +41,9 @@ class Target:
 
 
 def _host_total() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 16 * GiB
+    from edge_runtime.memstat import meminfo_bytes
+
+    return meminfo_bytes("MemTotal") or 16 * GiB
 
 
 # Jetson estimates: 0.9 GiB headless L4T (r36) + carveouts; a daemon with ONNX Runtime's CUDA and
