@@ -503,3 +503,34 @@ def test_device_rows_need_the_device_runtime():
     with pytest.raises(ValueError, match="runtime must be one of"):
         EvalConfig.make("builtin", True, runtime="gpu")
     assert EvalConfig.make("builtin", True, runtime="device").rows[-1] == "blockskip_device"
+
+
+def test_weights_add_quantized_device_rows_judged_against_the_fp32_one(tmp_path, eval_model):
+    """--weights int8: the row blockskip_device_int8 runs through a bundle compiled with int8 frozen weights (in
+    OUT/bundle-int8) beside the fp32 blockskip_device row; issue 23's target compares the two."""
+    from edgeblock.eval import run as run_mod
+
+    from edge_runtime.manifest import load_manifest
+
+    res = run_mod.run_eval(str(tmp_path / "e"), model=eval_model, quick=True, progress=False, weights=("int8",),
+                           rows=("base",), steps=2)
+    assert list(res["rows"]) == ["base", "blockskip_device", "blockskip_device_int8"]
+    rows = res["config"]["device"]["rows"]
+    assert rows["blockskip_device"]["weights"] == "fp32" and rows["blockskip_device_int8"]["weights"] == "int8"
+    assert load_manifest(rows["blockskip_device_int8"]["bundle"]).weight_precision == "int8"
+    assert load_manifest(rows["blockskip_device"]["bundle"]).weight_precision == "fp32"
+    q, d = res["rows"]["blockskip_device_int8"], res["rows"]["blockskip_device"]
+    assert 0.0 <= q["subject_fidelity"] <= 1.0 and q["final_loss"] > 0
+    t = res["quantized_targets"]["blockskip_device_int8"]
+    assert t["subject_fidelity_vs_fp32"] == pytest.approx(q["subject_fidelity"] - d["subject_fidelity"])
+    assert t["met"] == (abs(t["subject_fidelity_vs_fp32"]) <= 0.02 and abs(t["prompt_fidelity_vs_fp32"]) <= 0.01)
+    assert "int8 weights (issue 23)" in open(tmp_path / "e" / "results.md").read()
+
+
+def test_weights_are_checked():
+    from edgeblock.eval.run import EvalConfig
+
+    with pytest.raises(ValueError, match="weights must be among int8, int4"):
+        EvalConfig.make("builtin", True, weights=("fp16",))
+    cfg = EvalConfig.make("builtin", True, weights=("int4",))
+    assert cfg.runtime == "device" and cfg.rows[-2:] == ("blockskip_device", "blockskip_device_int4")

@@ -146,7 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
                        crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
                        prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows,
-                       train_res=args.train_res, patch_min=args.patch_min, runtime=args.runtime)
+                       train_res=args.train_res, patch_min=args.patch_min, runtime=args.runtime,
+                       weights=args.weights or ())
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -262,6 +263,10 @@ def register(sub) -> None:
     e.add_argument("--runtime", choices=("torch", "device"), default=None,
                    help="device: add the row blockskip_device, DiT-BlockSkip through `edgeblock compile` (into OUT/bundle), "
                         "the daemon's ONNX Runtime trainer and the device's generation (default: torch rows only)")
+    e.add_argument("--weights", type=argtypes.rows, default=None, metavar="int8,int4",
+                   help="add the quantized device rows blockskip_device_<w>: DiT-BlockSkip through a bundle compiled "
+                        "with --weights w (into OUT/bundle-w), judged against the fp32 blockskip_device row (which "
+                        "runs too; implies --runtime device)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")

@@ -22,17 +22,20 @@ ROW = "blockskip_device"
 class DeviceRow:
     """The compiled bundle, loaded once; then one personalization and one generation pass per subject."""
 
-    def __init__(self, cfg, out_dir: str, train_res: int, progress=None):
+    def __init__(self, cfg, out_dir: str, train_res: int, progress=None, weights: str | None = None,
+                 subdir: str = "bundle"):
+        """weights: the bundle's frozen weights (`edgeblock compile --weights`; None: the target's, fp32 on cpu)."""
         from edge_runtime.runtime import Bundle
 
         from ..compile.bundle import CompileOptions, compile_bundle
 
         self.cfg = cfg
-        self.dir = os.path.join(os.path.abspath(out_dir), "bundle")
+        self.dir = os.path.join(os.path.abspath(out_dir), subdir)
+        self.weights = weights or "fp32"
         say = (lambda m: progress(m)) if progress else None
         t0 = time.perf_counter()
         opts = CompileOptions(cfg.model, self.dir, blocks=cfg.blocks, train_res=train_res, lora_rank=cfg.lora_rank,
-                              crop_ids=cfg.crop_ids, top_k=cfg.top_k, verify=False)
+                              crop_ids=cfg.crop_ids, top_k=cfg.top_k, verify=False, weights=weights)
         self.compile = compile_bundle(opts, progress=say)
         self.compile_s = time.perf_counter() - t0
         self.bundle = Bundle(self.dir)

@@ -9,6 +9,8 @@ from .subjects import Subject
 
 ROWS = ("base", *VARIANTS)
 DEVICE_ROWS = ("blockskip_device",)  # --runtime device: DiT-BlockSkip through compile, the daemon's trainer and generation
+# --weights int8 / int4: the same through a bundle compiled with those frozen weights (`edgeblock compile --weights`)
+QUANTIZED_ROWS = {"int8": "blockskip_device_int8", "int4": "blockskip_device_int4"}
 
 
 def targets(rows: dict) -> dict:
@@ -36,6 +38,21 @@ def targets(rows: dict) -> dict:
         out["device"] = {"subject_fidelity_vs_torch": gap, "subject_fidelity_ratio": d_ratio,
                          "prompt_fidelity_diff": d["prompt_fidelity"] - s["prompt_fidelity"],
                          "met": bool(d_ratio is not None and abs(gap) <= 0.03 and d_ratio >= 0.95)}
+    return out
+
+
+def quantized_targets(rows: dict) -> dict:
+    """Issue 23's, per quantized device row: subject fidelity within 0.02 of the fp32 device row's, prompt fidelity
+    equal (within 0.01); {} without the fp32 device row or a quantized one."""
+    d = rows.get(DEVICE_ROWS[0])
+    out = {}
+    for w, name in QUANTIZED_ROWS.items():
+        q = rows.get(name)
+        if d is None or q is None:
+            continue
+        gap, pgap = q["subject_fidelity"] - d["subject_fidelity"], q["prompt_fidelity"] - d["prompt_fidelity"]
+        out[name] = {"weights": w, "subject_fidelity_vs_fp32": gap, "prompt_fidelity_vs_fp32": pgap,
+                     "met": bool(abs(gap) <= 0.02 and abs(pgap) <= 0.01)}
     return out
 
 
@@ -109,6 +126,10 @@ def markdown(results: dict) -> str:
         target_line += (f" Device (issue 22): blockskip_device - blockskip subject fidelity = "
                         f"{dev['subject_fidelity_vs_torch']:+.3f} (within 0.03), blockskip_device / standard_lora = "
                         f"{dev['subject_fidelity_ratio']:.3f} (>= 0.95): {'met' if dev['met'] else 'not met'}.")
+    for name, q in results.get("quantized_targets", {}).items():
+        target_line += (f" {q['weights']} weights (issue 23): {name} - blockskip_device subject fidelity = "
+                        f"{q['subject_fidelity_vs_fp32']:+.3f} (within 0.02), prompt fidelity "
+                        f"{q['prompt_fidelity_vs_fp32']:+.3f} (within 0.01): {'met' if q['met'] else 'not met'}.")
     lines += [
         "",
         target_line,

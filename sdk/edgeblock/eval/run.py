@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,12 +26,13 @@ from edge_runtime.patch_sampling import PatchSchedule
 
 from ..method.train import CROP_IDS, SKIP_VARIANTS, VARIANTS, MethodConfig, Prior, Trainer
 from . import metrics
-from .report import DEVICE_ROWS, ROWS, markdown, save_grid, targets
+from .report import DEVICE_ROWS, QUANTIZED_ROWS, ROWS, markdown, quantized_targets, save_grid, targets
 from .subjects import CAPTION_MODES, SUBJECT_SETS, Subject, load_subjects, subject_set_dir
 
 log = logging.getLogger("edgeblock.eval")
 
-ALL_ROWS = ROWS + DEVICE_ROWS
+ALL_ROWS = ROWS + DEVICE_ROWS + tuple(QUANTIZED_ROWS.values())
+ON_DEVICE = DEVICE_ROWS + tuple(QUANTIZED_ROWS.values())  # the rows the device runtime runs
 RUNTIMES = ("torch", "device")
 TRACKED_STEPS = 1  # steps of the first subject run under the tensor-memory tracker (slow: not timed)
 
@@ -79,6 +81,9 @@ class EvalConfig:
     # "device" adds the row blockskip_device: DiT-BlockSkip through `edgeblock compile`, the daemon's ONNX Runtime trainer
     # and the device's generation (eval/device_row.py)
     runtime: str = "torch"
+    # quantized device rows (`--weights int8,int4`): blockskip_device_<w>, through a bundle compiled with those
+    # weights, beside the fp32 blockskip_device row they are judged against (implies the device runtime)
+    weights: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from ..method import model_recipe
@@ -90,13 +95,23 @@ class EvalConfig:
                 object.__setattr__(self, name, value)
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        bad = [w for w in self.weights if w not in QUANTIZED_ROWS]
+        if bad:
+            raise ValueError(f"weights must be among {', '.join(QUANTIZED_ROWS)} (the fp32 device row is "
+                             f"blockskip_device), got {', '.join(bad)}")
+        quantized = tuple(QUANTIZED_ROWS[w] for w in self.weights)
+        if quantized:
+            object.__setattr__(self, "runtime", "device")
         if self.rows is None:
-            object.__setattr__(self, "rows", ALL_ROWS if self.runtime == "device" else ROWS)
+            object.__setattr__(self, "rows", ROWS + DEVICE_ROWS + quantized if self.runtime == "device" else ROWS)
+        elif quantized:  # the quantized rows and the fp32 device row they are judged against
+            object.__setattr__(self, "rows", tuple(self.rows) + DEVICE_ROWS + quantized)
         unknown = [r for r in self.rows if r not in ALL_ROWS]
         if unknown or not self.rows:
             raise ValueError(f"rows must be a non-empty subset of {', '.join(ALL_ROWS)}; got {', '.join(self.rows) or 'none'}")
-        if self.runtime != "device" and set(self.rows) & set(DEVICE_ROWS):
-            raise ValueError(f"rows {', '.join(DEVICE_ROWS)} run on the device runtime: add --runtime device")
+        if self.runtime != "device" and set(self.rows) & set(ON_DEVICE):
+            raise ValueError(f"rows {', '.join(ON_DEVICE)} run on the device runtime: add --runtime device "
+                             "(or --weights for the quantized ones)")
         object.__setattr__(self, "rows", tuple(r for r in ALL_ROWS if r in self.rows))  # table order, no repeats
         for name in ("steps", "batch", "lora_rank", "top_k", "gen_steps", "samples"):
             if getattr(self, name) < 1:
@@ -257,7 +272,7 @@ class Runner:
         self.timing = {r: {"train_s": 0.0, "gen_s": 0.0, "step_times": [], "first_losses": [], "final_losses": []}
                        for r in ALL_ROWS}
         self.peak_mib: dict[str, float | None] = {r: None for r in ALL_ROWS}
-        self.device = None  # the device row's compiled bundle (--runtime device), built when the run starts
+        self.devices: dict[str, Any] = {}  # the device rows' compiled bundles (--runtime device), built when the run starts
         self.generations: dict[str, dict[str, np.ndarray]] = {s.name: {} for s in self.subjects}
         self.selection_s = 0.0
         self.bar = None
@@ -266,15 +281,18 @@ class Runner:
         cfg, t_start = self.cfg, time.perf_counter()
         os.makedirs(out_dir, exist_ok=True)
         gens = len(cfg.rows) + (1 if cfg.prior else 0)  # generation passes per subject (the class images: one)
-        trained = len(self.variants) + len(set(cfg.rows) & set(DEVICE_ROWS))
+        trained = len(self.variants) + len(set(cfg.rows) & set(ON_DEVICE))
         total = len(self.subjects) * (trained * cfg.steps + gens * cfg.gen_steps)
         per_subject = {}
-        if set(cfg.rows) & set(DEVICE_ROWS):
+        for row in (r for r in ON_DEVICE if r in cfg.rows):
             from .device_row import DeviceRow
 
+            w = next((k for k, v in QUANTIZED_ROWS.items() if v == row), None)
+            sub = "bundle" if w is None else f"bundle-{w}"
             if self.progress:
-                print(f"[eval] {DEVICE_ROWS[0]}: edgeblock compile --model {cfg.model} --out {out_dir}/bundle")
-            self.device = DeviceRow(cfg, out_dir, self.train_res, progress=None)
+                print(f"[eval] {row}: edgeblock compile --model {cfg.model} --out {out_dir}/{sub}"
+                      + (f" --weights {w}" if w else ""))
+            self.devices[row] = DeviceRow(cfg, out_dir, self.train_res, progress=None, weights=w, subdir=sub)
         with tqdm(total=total, desc="eval", unit="step", disable=not self.progress) as self.bar:
             for si, subject in enumerate(self.subjects):
                 per_subject[subject.name] = self._subject(si, subject)
@@ -287,13 +305,16 @@ class Runner:
                        "generation_seed": "seed + subject index",
                        "patch_train_res": self.train_res, "patch_schedule": self.schedule.to_dict(),
                        "tracked_steps": TRACKED_STEPS,
-                       **({"device": {"bundle": self.device.dir, "trainable_blocks": self.device.trainable,
-                                      "compile_s": self.device.compile_s, "trainer": "ort",
-                                      "generation_seed": "seed + subject index + prompt index (initial_noise)"}}
-                          if self.device else {})},
+                       **({"device": {"bundle": d.dir, "trainable_blocks": d.trainable, "compile_s": d.compile_s,
+                                      "trainer": "ort",
+                                      "generation_seed": "seed + subject index + prompt index (initial_noise)",
+                                      "rows": {r: {"bundle": v.dir, "weights": v.weights, "compile_s": v.compile_s}
+                                               for r, v in self.devices.items()}}}
+                          if (d := next(iter(self.devices.values()), None)) else {})},
             "selection_s": self.selection_s,
         }
         results["targets"] = targets(results["rows"])
+        results["quantized_targets"] = quantized_targets(results["rows"])
         results["wall_s"] = time.perf_counter() - t_start
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -330,16 +351,16 @@ class Runner:
             trained = {int(i): b.eval() for i, b in trainer.net.blocks.items()}
             with swapped_blocks(self.transformer, self.loaded.adapter.block_names, trained):
                 self._generate(variant, run)
-        if self.device is not None:
-            self._device(run, prior)
+        for row in self.devices:
+            self._device(row, run, prior)
         return run.record
 
-    def _device(self, run: _SubjectRun, prior: Prior | None) -> None:
-        """The blockskip_device row for one subject: the daemon's job code trains, the device runtime generates."""
-        row, cfg = DEVICE_ROWS[0], self.cfg
+    def _device(self, row: str, run: _SubjectRun, prior: Prior | None) -> None:
+        """A device row for one subject: the daemon's job code trains, the device runtime generates."""
+        cfg, device = self.cfg, self.devices[row]
         self.bar.set_postfix_str(f"{run.subject.name}: train {row}")
         t0 = time.perf_counter()
-        weights, job = self.device.personalize(
+        weights, job = device.personalize(
             run.subject, cfg.seed, prior_images=None if prior is None else prior.images,
             prior_prompts=run.record.get("prior_prompts"), on_step=lambda: self.bar.update(1))
         timing = self.timing[row]
@@ -351,7 +372,7 @@ class Runner:
         timing["final_losses"].append(float(np.mean(losses[-tenth:])))
         self.bar.set_postfix_str(f"{run.subject.name}: generate {row}")
         t0 = time.perf_counter()
-        imgs = self.device.generate([p.text for p in run.prompts], run.seed, weights)
+        imgs = device.generate([p.text for p in run.prompts], run.seed, weights)
         timing["gen_s"] += time.perf_counter() - t0
         self._score(row, run, imgs)
 
