@@ -32,8 +32,10 @@ def _build_one(trt, logger, onnx_path: str, rel: str, group: Mapping[str, Any], 
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if group["precision"] == "fp16":
+    if group["precision"] in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
+        if group["precision"] == "int8":  # explicit weight-only quantization: DequantizeLinear of int8 weights
+            config.set_flag(trt.BuilderFlag.INT8)
     else:
         # fp32 means fp32: TF32 matmuls (on by default on Ampere, i.e. Orin) cost ~1e-3 relative error
         config.clear_flag(trt.BuilderFlag.TF32)

@@ -17,10 +17,24 @@ PLAN = "engines/plan.json"
 BUILT = "engines/built.json"
 CACHE_DIR = "engines/cache"
 PLAN_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
+# fp32 (no TF32), fp16, int8: weight-only, the groups' MatMul weights arrive as DequantizeLinear of int8
+# initializers (`edgeblock compile --weights int8`), the rest runs in fp16 (INT8 and FP16 builder flags)
+PRECISIONS = ("fp32", "fp16", "int8")
 PROFILE_ORDER = ("training", "generation")
 TIMING_CACHE = "engines/timing.cache"
 CACHE_KEY = ("tensorrt_version", "gpu_name", "onnx_sha256")
+
+
+def engine_precision(weights: str, requested: str) -> str | None:
+    """The engine precision of a bundle's frozen groups: `requested` (`edgeblock compile --precision`) for fp32
+    weights, fp16 / int8 for fp16 / int8 weights (Orin runs both natively), None for int4: its com.microsoft
+    MatMulNBits is an ONNX Runtime contrib op TensorRT's ONNX parser does not read, so no engine is planned and
+    ONNX Runtime runs the groups."""
+    if weights == "int4":
+        return None
+    if weights in ("fp16", "int8"):
+        return weights
+    return requested
 
 
 def plan_group(onnx: str, onnx_sha256: str, blocks: list[int], profiles: Mapping[str, Any], precision: str,

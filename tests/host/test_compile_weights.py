@@ -91,10 +91,18 @@ def test_quantized_bundle_records_errors_and_keeps_the_trainable_graphs_fp32(bun
     with open(os.path.join(out, "trainable", "infer.onnx"), "rb") as a, \
             open(os.path.join(bundles["fp32"], "trainable", "infer.onnx"), "rb") as b:
         assert a.read() == b.read()
-    # the TensorRT plan names the quantized files
+    # the TensorRT plan names the quantized files, at the precision the weights take (int8 engines for int8, fp16
+    # for fp16); int4's MatMulNBits is not TensorRT's: no engines, ONNX Runtime runs the groups
     with open(os.path.join(out, "engines", "plan.json")) as f:
         plan = json.load(f)
     assert all(g["onnx_sha256"] == sha256_file(os.path.join(out, g["onnx"])) for g in plan["groups"])
+    if precision == "int4":
+        assert plan["groups"] == [] and "MatMulNBits" in plan["note"]
+    else:
+        assert plan["groups"] and {g["precision"] for g in plan["groups"]} == {precision} == {plan["precision"]}
+        from edge_runtime.engines.plan import validate_plan
+
+        validate_plan(plan)
 
 
 def test_fp32_bundle_is_as_before(bundles):

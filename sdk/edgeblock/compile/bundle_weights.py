@@ -160,13 +160,24 @@ def _chain_error(ctx: CompileContext, pred_fp32: np.ndarray, feeds0: dict) -> di
 
 
 def _refresh_plan_hashes(ctx: CompileContext) -> None:
-    """engines/plan.json names each frozen group's ONNX sha256: the quantized file's now."""
+    """engines/plan.json names each frozen group's ONNX sha256 (the quantized file's now) and the engine precision
+    the weights take (edge_runtime.engines.plan.engine_precision: int8 engines for int8, none for int4)."""
+    from edge_runtime.engines.plan import engine_precision
+
     from .tensorrt_plan import PLAN_FILE
 
     path = os.path.join(ctx.tmp, *PLAN_FILE.split("/"))
     with open(path) as f:
         plan = json.load(f)
+    precision = engine_precision(ctx.opts.weight_precision(), ctx.opts.precision)
+    if precision is None:
+        plan["groups"] = []
+        plan["note"] += (f" No engines for {ctx.opts.weight_precision()} weights: TensorRT's ONNX parser does not "
+                         "read com.microsoft MatMulNBits; ONNX Runtime runs the frozen groups.")
+    else:
+        plan["precision"] = precision
     for g in plan["groups"]:
         g["onnx_sha256"] = sha256_file(os.path.join(ctx.tmp, *g["onnx"].split("/")))
+        g["precision"] = precision
     with open(path, "w") as f:
         json.dump(plan, f, indent=2)
