@@ -28,17 +28,17 @@ class Calibration:
     torch_train_attention_factor: float  # ... per attention unit (SDPA kernels keep no queries x keys matrix)
 
 HOST_CPU = Calibration(  # fit 2026-12-05, 13 figures (docs/plan.md)
-    daemon_base_bytes=int(213 * MiB),  # fitted; the idle daemon measures ~80 MiB, a job adds decoding/feeds/heap
-    torch_base_bytes=int(446 * MiB),
-    session_weight_factor=1.61,
-    online_session_factor=2.57,
-    text_session_factor=0.51,
-    inference_activation_factor=4.30,
-    train_weight_factor=1.41,
-    ort_train_linear_factor=1.93,
+    daemon_base_bytes=int(158 * MiB),  # fitted; the idle daemon measures ~80 MiB, a job adds decoding/feeds/heap
+    torch_base_bytes=int(449 * MiB),
+    session_weight_factor=1.19,
+    online_session_factor=2.14,
+    text_session_factor=0.90,
+    inference_activation_factor=6.05,
+    train_weight_factor=1.24,
+    ort_train_linear_factor=2.13,
     ort_train_attention_factor=5.70,
-    torch_weight_factor=0.92,
-    torch_train_linear_factor=5.31,
+    torch_weight_factor=0.77,
+    torch_train_linear_factor=5.45,
     torch_train_attention_factor=0.15,
 )
 
