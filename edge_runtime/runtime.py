@@ -208,14 +208,17 @@ class Bundle:
     def text_encoder(self):
         te = getattr(self, "_text", None)
         if te is None:
-            if "text_encoder" not in self.graphs:
-                raise RuntimeError_("this bundle has no text encoder (recompile it with a current edgeblock)")
-            from .text import TextEncoder
-
-            # each graph (the whole encoder, or each part) gets its own precision's session settings
-            te = self._text = TextEncoder(self.root, self.graphs["text_encoder"], self.providers,
-                                          weights=self.manifest.graph_weights)
+            te = self._text = self._new_text_encoder(streamed=False)
         return te
+
+    def _new_text_encoder(self, streamed: bool):
+        if "text_encoder" not in self.graphs:
+            raise RuntimeError_("this bundle has no text encoder (recompile it with a current edgeblock)")
+        from .text import TextEncoder
+
+        # each graph (the whole encoder, or each part) gets its own precision's session settings
+        return TextEncoder(self.root, self.graphs["text_encoder"], self.providers, weights=self.manifest.graph_weights,
+                           streamed=streamed)
 
     def release_text_encoder(self) -> None:
         """Drop the text encoder's session (reloaded on next use; a caller holding it keeps it alive)."""
@@ -246,12 +249,7 @@ class Bundle:
         peak is near the largest part), the whole encoder for one compiled before them."""
         if not streamed or getattr(self, "_text", None) is not None:
             return self.text_encoder()
-        from .text import TextEncoder
-
-        if "text_encoder" not in self.graphs:
-            return self.text_encoder()  # raises the missing-encoder error
-        return TextEncoder(self.root, self.graphs["text_encoder"], self.providers,
-                           weights=self.manifest.graph_weights, streamed=True)
+        return self._new_text_encoder(streamed=True)
 
     def _encode_cached(self, prompts: list[str], streamed: bool = False) -> dict[str, np.ndarray]:
         """The text encoder's outputs for prompts, one row each; through the prompt cache when one is set."""

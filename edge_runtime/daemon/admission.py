@@ -65,10 +65,13 @@ class Admission:
         if self.plan is None:
             return 0
         with self._cond:
-            return self.plan.runtime_bytes + self.cache_bytes + sum(self._held.values())
+            return self._in_use()
+
+    def _in_use(self) -> int:
+        return self.plan.runtime_bytes + self.cache_bytes + sum(self._held.values())
 
     def _free(self) -> int:
-        return self.budget - (self.plan.runtime_bytes + self.cache_bytes + sum(self._held.values()))
+        return self.budget - self._in_use()
 
     def _take(self, n: int) -> int:
         self._next += 1
@@ -184,6 +187,12 @@ class Admission:
                     self._resident_running -= 1
             self._give_back(ticket)
 
-    def summary(self) -> dict:
-        """What GetInfo reports."""
-        return {"budget_bytes": self.budget or 0, "in_use_bytes": self.in_use_bytes(), "enabled": self.enabled}
+    def summary(self, precompute: str, size: int) -> dict:
+        """What GetInfo reports (and the daemon logs at start): the budget, what is held, and the predicted job (of
+        `precompute`) and resident / streamed generation (at `size`) peaks; no predictions without a plan."""
+        out = {"budget_bytes": self.budget or 0, "in_use_bytes": self.in_use_bytes(), "enabled": self.enabled}
+        if self.plan is not None:
+            out.update(planner_target=self.plan.planner_target, job_peak_bytes=self.plan.job_peak(precompute),
+                       generate_resident_bytes=self.plan.generation(RESIDENT, size)["peak_bytes"],
+                       generate_streamed_bytes=self.plan.generation(STREAMED, size)["peak_bytes"])
+        return out

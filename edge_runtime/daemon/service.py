@@ -181,19 +181,11 @@ class Servicer(pb_grpc.EdgeBlockServicer):
         )
 
     def _memory(self):
-        from ..memory_plan import RESIDENT, STREAMED
         from ..personalize import choose_precompute
 
-        adm, b = self.d.admission, self.d.bundle
-        s = adm.summary()
-        msg = pb.Memory(budget_bytes=s["budget_bytes"], in_use_bytes=s["in_use_bytes"], admission=s["enabled"])
-        if adm.plan is not None:
-            p, size = adm.plan, int(b.manifest.gen_res)
-            msg.planner_target = p.planner_target
-            msg.job_peak_bytes = p.job_peak(choose_precompute(b))
-            msg.generate_resident_bytes = p.generation(RESIDENT, size)["peak_bytes"]
-            msg.generate_streamed_bytes = p.generation(STREAMED, size)["peak_bytes"]
-        return msg
+        b = self.d.bundle
+        s = self.d.admission.summary(choose_precompute(b), int(b.manifest.gen_res))
+        return pb.Memory(admission=s.pop("enabled"), **s)
 
 
 class _Undecodable:

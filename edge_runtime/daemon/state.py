@@ -77,10 +77,7 @@ def make_admission(bundle, budget: int | None) -> Admission:
     from ..personalize import choose_precompute
 
     m = bundle.manifest
-    try:
-        plan = m.memory_plan()
-    except ValueError as e:  # validated on load; kept for a hand-edited manifest
-        raise ConfigError(f"bundle manifest memory: {e}") from e
+    plan = m.memory_plan()  # validated when the manifest was loaded
     budget = budget if budget is not None else default_budget()
 
     def evict() -> None:
@@ -94,11 +91,10 @@ def make_admission(bundle, budget: int | None) -> Admission:
         log.warning("the bundle has no memory predictions (compiled before them): admission control is off; "
                     "recompile it to have it")
     else:
+        p = adm.summary(choose_precompute(bundle), int(m.gen_res))
         log.info("memory budget %s; predicted on %s: job %s, generation at %dpx %s resident / %s streamed",
-                 format_size(budget) if budget else "unknown", plan.planner_target,
-                 format_size(plan.job_peak(choose_precompute(bundle))),
-                 m.gen_res, format_size(plan.generation("resident", m.gen_res)["peak_bytes"]),
-                 format_size(plan.generation("streamed", m.gen_res)["peak_bytes"]))
+                 format_size(budget) if budget else "unknown", p["planner_target"], format_size(p["job_peak_bytes"]),
+                 m.gen_res, format_size(p["generate_resident_bytes"]), format_size(p["generate_streamed_bytes"]))
     return adm
 
 

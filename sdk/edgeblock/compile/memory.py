@@ -76,12 +76,15 @@ def predict_memory(ctx) -> dict[str, Any]:
     base = dict(target=target, blocks=tuple(ctx.plan.trainable), weights=opts.weight_precision(),
                 lora_rank=ctx.lora.rank, max_group_mb=opts.max_group_mb,
                 text_encoder="streamed" if len(parts) > 1 else "resident")  # the job and streaming encode part by part
-    jobs, generate, r = {}, {m: {} for m in GENERATION_MODES}, None
-    for mode in PRECOMPUTE_MODES:
+    jobs, by_size, r = {}, {}, None
+    for mode in PRECOMPUTE_MODES:  # the precompute mode does not change generation: gen_res's comes with these
         r = plan(PlanOptions(config, train_res=ctx.train_res, gen_res=ctx.gen_res, precompute=mode, **base), inv=inv)
         jobs[mode] = r["methods"]["blockskip"]["job_peak_bytes"]
-    for size in sorted({ctx.train_res, ctx.gen_res}):
-        g = plan(PlanOptions(config, train_res=min(ctx.train_res, size), gen_res=size, **base), inv=inv)["generation"]
+        by_size[ctx.gen_res] = r["generation"]
+    for size in {ctx.train_res} - {ctx.gen_res}:
+        by_size[size] = plan(PlanOptions(config, train_res=size, gen_res=size, **base), inv=inv)["generation"]
+    generate: dict[str, dict] = {m: {} for m in GENERATION_MODES}
+    for size, g in sorted(by_size.items()):
         for m in GENERATION_MODES:
             generate[m][size] = {"peak_bytes": g[m]["peak_bytes"], "weights_bytes": g[m]["parts"]["weights_bytes"]}
     plan_ = MemoryPlan(target, bool(r["target"]["measured"]), opts.weight_precision(),
