@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
                        prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows,
                        train_res=args.train_res, patch_min=args.patch_min, runtime=args.runtime,
-                       weights=args.weights or ())
+                       weights=args.weights or (), ablations=args.ablations or None)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
@@ -257,8 +257,8 @@ def register(sub) -> None:
                    help="the benchmark's subjects (default) or the validation designs, held out from every choice "
                         "of the defaults")
     e.add_argument("--rows", type=argtypes.rows, default=None,
-                   help="comma-separated rows to run, of base, standard_lora, patch, skip, blockskip, and "
-                        "blockskip_device with --runtime device (default: all of them; the targets need base, "
+                   help="comma-separated rows to run, of base, standard_lora, patch, skip, blockskip, the "
+                        "ablation rows (--ablations), and blockskip_device with --runtime device (default: all of them; the targets need base, "
                         "standard_lora and blockskip, the device target blockskip_device too)")
     e.add_argument("--runtime", choices=("torch", "device"), default=None,
                    help="device: add the row blockskip_device, DiT-BlockSkip through `edgeblock compile` (into OUT/bundle), "
@@ -267,6 +267,10 @@ def register(sub) -> None:
                    help="add the quantized device rows blockskip_device_<w>: DiT-BlockSkip through a bundle compiled "
                         "with --weights w (into OUT/bundle-w), judged against the fp32 blockskip_device row (which "
                         "runs too; implies --runtime device)")
+    e.add_argument("--ablations", action="store_true",
+                   help="add the paper's ablation rows beside blockskip, each trained as it but for one thing: "
+                        "no_residuals, schedule_shrinking, schedule_random, resize_only, skip_first, skip_last, "
+                        "selection_contiguous (docs/eval.md)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")
