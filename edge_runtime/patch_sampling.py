@@ -20,12 +20,19 @@ from .recipe import SCHEDULE_KINDS
 
 @dataclass(frozen=True)
 class PatchSchedule:
-    """f(t): the crop side as a fraction of the image side, non-decreasing in t.
+    """f(t): the crop side as a fraction of the image side, between f_min and f_max.
 
-    kind:     "linear" f = f_min + (f_max - f_min) * t
-              "cosine" f = f_min + (f_max - f_min) * (1 - cos(pi t)) / 2
-              "step"   f takes `levels` equally spaced values from f_min to
-                       f_max, switching at equally spaced t thresholds
+    kind:     "linear"    f = f_min + (f_max - f_min) * t
+              "cosine"    f = f_min + (f_max - f_min) * (1 - cos(pi t)) / 2
+              "step"      f takes `levels` equally spaced values from f_min to
+                          f_max, switching at equally spaced t thresholds
+              "shrinking" f = f_max - (f_max - f_min) * t (the paper's ablation:
+                          large crops at low noise)
+              "random"    f uniform in [f_min, f_max], drawn per crop from the
+                          sampler's rng, independent of t (the paper's ablation)
+
+    The first three (the method's) are non-decreasing in t: large crops at high
+    noise. f_min = f_max = 1 is plain resizing of the whole image.
     """
 
     kind: str = "linear"
@@ -43,10 +50,19 @@ class PatchSchedule:
         if self.kind == "step" and self.levels < 2:
             raise ValueError(f"a step schedule needs levels >= 2, got {self.levels}")
 
+    @property
+    def is_random(self) -> bool:
+        """f is drawn per crop (fraction), not a function of t (scale)."""
+        return self.kind == "random"
+
     def scale(self, t: float | np.ndarray) -> np.ndarray:
-        """f(t) for t in [0, 1] (values outside are clipped)."""
+        """f(t) for t in [0, 1] (values outside are clipped); a random schedule has none (use fraction)."""
+        if self.is_random:
+            raise ValueError("a random patch schedule has no f(t): draw a crop's fraction with fraction(rng, t)")
         t = np.clip(np.asarray(t, dtype=np.float64), 0.0, 1.0)
         span = self.f_max - self.f_min
+        if self.kind == "shrinking":
+            return self.f_max - span * t
         if self.kind == "linear":
             return self.f_min + span * t
         if self.kind == "cosine":
@@ -54,6 +70,13 @@ class PatchSchedule:
         # step: level k for t in [k/levels, (k+1)/levels), the last level includes t = 1
         k = np.minimum(np.floor(t * self.levels), self.levels - 1)
         return self.f_min + span * k / (self.levels - 1)
+
+    def fraction(self, rng: np.random.Generator, t: float) -> float:
+        """One crop's side fraction at noise level t: f(t), drawing nothing from rng (so every t-driven kind
+        leaves the random stream as it was), or for "random" one uniform draw in [f_min, f_max]."""
+        if self.is_random:
+            return float(rng.uniform(self.f_min, self.f_max))
+        return float(self.scale(t))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "f_min": self.f_min, "f_max": self.f_max, "levels": self.levels}
@@ -82,9 +105,10 @@ class PatchSampler:
             raise ValueError(f"train_res must be positive, got {self.train_res}")
 
     def crop_box(self, rng: np.random.Generator, height: int, width: int, t: float) -> CropBox:
-        """A square crop of side round(f(t) * min(H, W)), uniformly placed inside the image."""
+        """A square crop of side round(f * min(H, W)), f = the schedule's fraction at t (drawn before the
+        position for a random schedule), uniformly placed inside the image."""
         side = min(height, width)
-        size = int(round(float(self.schedule.scale(t)) * side))
+        size = int(round(self.schedule.fraction(rng, t) * side))
         size = max(1, min(size, side))
         top = int(rng.integers(0, height - size + 1))
         left = int(rng.integers(0, width - size + 1))

@@ -12,8 +12,9 @@ from typing import Any
 
 # the crop position ids a FLUX training crop can take (patch_sampling.CROP_IDS re-exports them)
 CROP_IDS = ("grid", "image")
-# how the crop side follows the noise level (patch_sampling.PatchSchedule implements them)
-SCHEDULE_KINDS = ("linear", "cosine", "step")
+# how the crop side follows the noise level (patch_sampling.PatchSchedule implements them): the method's three,
+# growing with it, then the paper's ablations, a crop shrinking with it and one of a random size
+SCHEDULE_KINDS = ("linear", "cosine", "step", "shrinking", "random")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class Recipe:
         the model's resolution multiple); f_min: the smallest crop's side as a fraction of the image at
         t = 0 (None: R / S, the crop at the image's own scale); schedule_kind / schedule_levels: how the crop
         side grows from f_min to the whole image with the noise level (patch_sampling.PatchSchedule: linear,
-        cosine, or `step` through schedule_levels sizes); crop_ids: a FLUX crop's position ids ("image":
+        cosine, or `step` through schedule_levels sizes; `shrinking` and `random` are the paper's ablations,
+        for `edgeblock eval --ablations`, not recommendations); crop_ids: a FLUX crop's position ids ("image":
         the coordinates of the place it was cut from; other families have none); trainable_blocks: how many
         blocks selection picks (the rest are skipped with precomputed residuals); lora_rank / lora_alpha
         (None: alpha = rank); learning_rate, steps (optimizer steps) and batch (draws per step: the device
