@@ -57,7 +57,8 @@ class Manifest:
     # (edge_runtime.recipe.Recipe.to_dict(); bundles written before it carry none: see recipe_of)
     recipe: dict[str, Any] = field(default_factory=dict)
     # the frozen graphs' weight precision (edge_runtime.weights; `edgeblock compile --weights`):
-    # {"precision", "block_size", "graphs": {graph key: {"rel_error", "max_abs", "bytes_fp32", "bytes"}}, "chain"};
+    # {"precision", "block_size", "graphs": {graph key: {"precision", "rel_error", "max_abs", "bytes_fp32", "bytes"}},
+    # "chain"} (a graph's own precision: edge_runtime.weights.graph_precision; older bundles record none);
     # empty (and not written) for fp32, as in bundles written before it existed
     weights: dict[str, Any] = field(default_factory=dict)
     # each operation's predicted peak memory on the bundle's target (edge_runtime.memory_plan; the planner's, written
@@ -88,8 +89,12 @@ class Manifest:
 
     def graph_weights(self, key: str) -> str:
         """The weight precision of one graph (its graph key: "frozen/group_00", "text_encoder", "vae_decoder" ...):
-        the bundle's for the graphs compile quantized, fp32 for the others (the trainable blocks' graphs)."""
-        return self.weight_precision if key in self.weights.get("graphs", {}) else FP32
+        the one compile recorded for it (edge_runtime.weights.graph_precision; bundles that record none per graph:
+        the bundle's) for the graphs compile quantized, fp32 for the others (the trainable blocks' graphs)."""
+        g = self.weights.get("graphs", {}).get(key)
+        if g is None:
+            return FP32
+        return str(g.get("precision", self.weight_precision)) if isinstance(g, dict) else self.weight_precision
 
     def memory_plan(self) -> MemoryPlan | None:
         """The predicted peaks (edge_runtime.memory_plan.MemoryPlan); None for bundles that record none."""
@@ -159,6 +164,9 @@ def validate_fields(d: dict[str, Any]) -> None:
     w = d.get("weights", {})
     if not isinstance(w, dict) or (w and w.get("precision") not in WEIGHTS):
         raise ManifestError(f"manifest weights must be an object with a precision in {WEIGHTS}, got {w!r}")
+    for key, g in (w.get("graphs") or {}).items():
+        if isinstance(g, dict) and g.get("precision", WEIGHTS[0]) not in WEIGHTS:
+            raise ManifestError(f"manifest weights.graphs[{key!r}].precision must be one of {WEIGHTS}, got {g['precision']!r}")
     text = d.get("graphs", {}).get("text_encoder") if isinstance(d.get("graphs"), dict) else None
     if isinstance(text, dict) and "parts" in text:
         validate_text_parts(text["parts"])

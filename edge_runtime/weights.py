@@ -29,6 +29,29 @@ SESSION_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+# The graphs of a bundle by what their weights do (compile's weights step and the planner use these names).
+GROUP, TEXT, SHELL, VAE = "group", "text_encoder", "shell", "vae"  # frozen DiT groups; text encoders; prologue
+# and epilogue; VAE encoder and decoder
+GRAPH_ROLES: tuple[str, ...] = (GROUP, TEXT, SHELL, VAE)
+
+# int4 is for the frozen DiT groups, where nearly all the weights are and each block's error is added to a
+# residual stream; the graphs whose error reaches every output take int8 instead (measured on the built-in
+# model, docs/quantization.md: the MiniLM text encoder's prompt-token states move by 0.21 relative error at
+# int4 and 0.03 at int8, prologue and epilogue by 0.064 / 0.062 at int4 and 0.005 at int8; the int4 row lost
+# 0.063 subject fidelity with them at int4). They hold few weights beside the DiT's (FLUX.1-dev: T5-XXL's 4.8B
+# are streamed part by part; prologue and epilogue ~0.04B).
+_INT4_KEEPS_INT8 = (TEXT, SHELL, VAE)
+
+
+def graph_precision(weights: str, role: str) -> str:
+    """The precision compile gives a graph of `role` (GRAPH_ROLES) in a bundle compiled with `--weights weights`:
+    `weights` itself, except int8 for text encoders, prologue, epilogue and VAE under int4."""
+    check_weights(weights)
+    if role not in GRAPH_ROLES:
+        raise ValueError(f"graph role {role!r} is not one of {', '.join(GRAPH_ROLES)}")
+    return INT8 if weights == INT4 and role in _INT4_KEEPS_INT8 else weights
+
+
 def check_weights(weights: str) -> str:
     """`weights` if it is a known precision, else ValueError naming the choices."""
     if weights not in WEIGHTS:

@@ -14,6 +14,7 @@ from edgeblock.cli import main
 from edgeblock.compile import bundle as bd
 
 from edge_runtime.fileio import sha256_file
+from edge_runtime.weights import GROUP, SHELL, TEXT, graph_precision
 from edge_runtime.manifest import load_manifest
 from edge_runtime.runtime import Bundle
 
@@ -74,10 +75,14 @@ def test_quantized_bundle_records_errors_and_keeps_the_trainable_graphs_fp32(bun
     assert m.weight_precision == precision and set(m.weights["graphs"]) == QUANTIZED
     assert m.weights.get("block_size") == (32 if precision == "int4" else None)
     assert m.model["compile_args"]["weights"] == precision
-    op = {"int4": "MatMulNBits", "int8": "DequantizeLinear", "fp16": "fp16 weights"}[precision]
+    ops = {"int4": "MatMulNBits", "int8": "DequantizeLinear", "fp16": "fp16 weights"}
     for key, g in m.weights["graphs"].items():
-        assert g["matrices"] > 0 and op in _ops(os.path.join(out, key + ".onnx")), key
-        bound = TEXT_BOUND[precision] if key == "text_encoder" else GRAPH_BOUND[precision]
+        # each graph at its role's precision: under int4 only the frozen groups, the rest int8
+        role = GROUP if key.startswith("frozen/") else TEXT if key == "text_encoder" else SHELL
+        assert g["precision"] == graph_precision(precision, role) == m.graph_weights(key), (key, g)
+        assert g["precision"] == (precision if precision != "int4" or role == GROUP else "int8"), (key, g)
+        assert g["matrices"] > 0 and ops[g["precision"]] in _ops(os.path.join(out, key + ".onnx")), key
+        bound = TEXT_BOUND[g["precision"]] if key == "text_encoder" else GRAPH_BOUND[g["precision"]]
         assert np.isfinite(g["max_abs"]) and 0 < g["rel_error"] <= bound, (key, g)
         assert g["bytes"] < g["bytes_fp32"]
         if key.startswith("frozen/"):
@@ -130,8 +135,10 @@ def test_device_runtime_generates_close_to_fp32(bundles, precision, monkeypatch)
     applied.clear()
     b = Bundle(bundles[precision])
     img = b.generate("a photo of sks dog", **kw).astype(np.float64)
-    # the quantized graphs' sessions got their precision's settings, the trainable infer graph fp32's
-    assert applied.count(precision) == len(QUANTIZED) and applied.count("fp32") == 1
+    # the quantized graphs' sessions got their own precision's settings (int4: int8 beside the frozen groups),
+    # the trainable infer graph fp32's
+    own = [b.manifest.graph_weights(k) for k in QUANTIZED]
+    assert sorted(applied) == sorted(own + ["fp32"]) and own.count(precision) >= 1
     diff = np.abs(img - ref).mean() / 255
     assert diff <= IMAGE_BOUND[precision], diff
 
@@ -143,7 +150,10 @@ def test_fingerprint_and_bad_weights(bundles, tmp_path, capsys, monkeypatch):
     opts = dict(model="builtin", out="x", blocks=(1,))
     base = bd.CompileOptions(**opts).fingerprint_args()
     assert bd.CompileOptions(**opts, weights="fp32").fingerprint_args() == base  # fp32 keeps the old key
-    assert bd.CompileOptions(**opts, weights="int4").fingerprint_args() == {**base, "weights": "int4"}
+    assert bd.CompileOptions(**opts, weights="int8").fingerprint_args() == {**base, "weights": "int8"}
+    # int4 bundles say which graphs are int4 (a bundle compiled when int4 quantized every graph is rebuilt)
+    assert bd.CompileOptions(**opts, weights="int4").fingerprint_args() == {
+        **base, "weights": "int4", "graph_weights": {"group": "int4", "text_encoder": "int8", "shell": "int8", "vae": "int8"}}
     # a Jetson target without --weights gets its default, which is part of the key
     assert bd.CompileOptions(**opts, target="orin-nx-16gb").fingerprint_args()["weights"] == "fp16"  # the Jetson default
     with pytest.raises(ValueError, match="--weights 'int3'"):

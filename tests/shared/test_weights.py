@@ -64,3 +64,24 @@ def test_manifest_weights_field_is_optional_and_typed():
     validate_fields(d)
     with pytest.raises(ManifestError, match="weights"):
         validate_fields({**d, "weights": {"precision": "int3"}})
+
+
+def test_int4_keeps_the_graphs_whose_error_reaches_every_output_at_int8():
+    assert [w.graph_precision("int4", r) for r in w.GRAPH_ROLES] == ["int4", "int8", "int8", "int8"]
+    for p in ("fp32", "fp16", "int8"):
+        assert {w.graph_precision(p, r) for r in w.GRAPH_ROLES} == {p}
+    with pytest.raises(ValueError, match="decoder"):
+        w.graph_precision("int4", "decoder")
+    with pytest.raises(ValueError, match="int3"):
+        w.graph_precision("int3", "group")
+
+
+def test_a_graph_records_its_own_precision():
+    q = _manifest(weights={"precision": "int4", "graphs": {"frozen/group_00": {"precision": "int4"},
+                                                           "text_encoder": {"precision": "int8"}}})
+    assert q.graph_weights("frozen/group_00") == "int4" and q.graph_weights("text_encoder") == "int8"
+    assert q.graph_weights("trainable/infer") == "fp32"
+    d = {**q.to_dict(), "files": {}}
+    validate_fields(d)
+    with pytest.raises(ManifestError, match="text_encoder"):
+        validate_fields({**d, "weights": {"precision": "int4", "graphs": {"text_encoder": {"precision": "int5"}}}})

@@ -14,7 +14,7 @@ import numpy as np
 from edge_runtime import graph_names as gn
 from edge_runtime.fileio import sha256_file
 from edge_runtime.patch_sampling import with_grid_crop
-from edge_runtime.weights import FP32, INT4, INT4_BLOCK_SIZE
+from edge_runtime.weights import FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, VAE, graph_precision
 
 from .context import PROMPT, CompileContext
 
@@ -25,31 +25,36 @@ QUANTIZED_KINDS = (gn.PROLOGUE, gn.GROUP, gn.EPILOGUE)
 def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     """Quantize the bundle in ctx.tmp in place; returns the manifest's `weights` ({} for fp32).
 
-    {"precision", "block_size" (int4) , "graphs": {graph key: {"rel_error", "max_abs", "bytes_fp32", "bytes",
-    "matrices"}}, "chain": {"rel_error", "max_abs"}}: rel_error = max over the graph's outputs of
-    ||fp32 - quantized|| / ||fp32||, on the generation-shape feeds the fp32 graphs compute (each graph on fp32
-    inputs); chain: the prediction of the quantized chain (zero LoRA) against the fp32 chain's.
-    A non-finite error fails the compile.
+    {"precision", "block_size" (int4) , "graphs": {graph key: {"precision", "rel_error", "max_abs", "bytes_fp32",
+    "bytes", "matrices"}}, "chain": {"rel_error", "max_abs"}}: each graph at the precision its role takes
+    (edge_runtime.weights.graph_precision: under int4 the text encoders, prologue, epilogue and VAE take int8);
+    rel_error = max over the graph's outputs of ||fp32 - quantized|| / ||fp32||, on the generation-shape feeds the
+    fp32 graphs compute (each graph on fp32 inputs); chain: the prediction of the quantized chain (zero LoRA)
+    against the fp32 chain's. A non-finite error fails the compile.
     """
     precision = ctx.opts.weight_precision()
     if precision == FP32:
         return {}
     ctx.sessions = None  # the fp32 sessions of the shape/verify passes: their graphs are about to change
     block = INT4_BLOCK_SIZE if precision == INT4 else None
+    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES} - {precision})
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "")
-            + ": frozen groups, text encoder and generation graphs; the trainable blocks stay fp32")
+            + ": frozen groups, text encoder and generation graphs"
+            + (f" (text encoder, prologue, epilogue and VAE at {', '.join(kept)})" if kept else "")
+            + "; the trainable blocks stay fp32")
     graphs: dict[str, dict[str, Any]] = {}
-    pred_fp32, feeds0 = _quantize_chain(ctx, precision, block, graphs)
+    pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
     text = ctx.extra.get("text_encoder")
+    text_w = graph_precision(precision, TEXT)
     if text is not None and text.get("parts"):
-        _quantize_text_parts(ctx, text, precision, block, graphs)
+        _quantize_text_parts(ctx, text, text_w, graphs)
     elif text is not None:
-        ext = _quantize_file(ctx, text["path"], precision, block, _text_feeds(ctx, text), graphs)
-        text["external_data"] = ext
+        text["external_data"] = _quantize_file(ctx, text["path"], text_w, _text_feeds(ctx, text), graphs)
     vae = ctx.extra.get("vae")
     if vae is not None:
         for name, feeds in _vae_feeds(ctx, vae):
-            vae[name]["external_data"] = _quantize_file(ctx, vae[name]["path"], precision, block, feeds, graphs)
+            vae[name]["external_data"] = _quantize_file(ctx, vae[name]["path"], graph_precision(precision, VAE),
+                                                        feeds, graphs)
     chain = _chain_error(ctx, pred_fp32, feeds0)
     ctx.say(f"[compile]   weights {precision}: chain prediction rel {chain['rel_error']:.2e}  "
             f"max abs {chain['max_abs']:.2e}")
@@ -60,7 +65,7 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     return out
 
 
-def _quantize_chain(ctx: CompileContext, precision: str, block: int | None, graphs: dict):
+def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
     """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs."""
     from . import onnx_export as ox
 
@@ -72,13 +77,15 @@ def _quantize_chain(ctx: CompileContext, precision: str, block: int | None, grap
         out = ox.run_onnx(spec.path, acc)  # fp32, before the file changes
         if spec.kind in QUANTIZED_KINDS:
             feeds = {n: acc[n] for n in spec.inputs if n in acc}
-            spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], precision, block, feeds, graphs)
+            w = graph_precision(precision, GROUP if spec.kind == gn.GROUP else SHELL)
+            spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], w, feeds, graphs)
         gn.fold_outputs(acc, out, spec.state_in, spec.state_out)
     return acc[gn.PREDICTION], feeds0
 
 
-def _quantize_file(ctx: CompileContext, rel: str, precision: str, block: int | None, feeds: dict, graphs: dict) -> bool:
-    """Quantize one graph file in place, measure it, record it under its graph key; returns external data?"""
+def _quantize_file(ctx: CompileContext, rel: str, precision: str, feeds: dict, graphs: dict) -> bool:
+    """Quantize one graph file in place to `precision`, measure it, record it under its graph key; returns
+    external data?"""
     import onnx
 
     from . import onnx_export as ox
@@ -87,7 +94,7 @@ def _quantize_file(ctx: CompileContext, rel: str, precision: str, block: int | N
     path = os.path.join(ctx.tmp, *rel.split("/"))
     before = _file_bytes(path)
     model = onnx.load(path)  # with its external data
-    q, report = quantize_model(model, precision, block_size=block or INT4_BLOCK_SIZE)
+    q, report = quantize_model(model, precision, block_size=INT4_BLOCK_SIZE)
     errors = quantization_error(model, q, feeds)
     del model
     rel_error = max((e["rel"] for e in errors.values()), default=0.0)
@@ -95,8 +102,8 @@ def _quantize_file(ctx: CompileContext, rel: str, precision: str, block: int | N
     external = ox.save_onnx(q, path)
     after = _file_bytes(path)
     key = gn.graph_key(rel)
-    graphs[key] = {"rel_error": rel_error, "max_abs": max_abs, "bytes_fp32": before, "bytes": after,
-                   "matrices": report["quantized"]}
+    graphs[key] = {"precision": precision, "rel_error": rel_error, "max_abs": max_abs, "bytes_fp32": before,
+                   "bytes": after, "matrices": report["quantized"]}
     ctx.say(f"[compile]   {rel:<28} {precision} rel {rel_error:.2e}  max abs {max_abs:.2e}  "
             f"{before / 2**20:.2f} -> {after / 2**20:.2f} MiB ({report['quantized']} matrices)")
     if not np.isfinite(rel_error) or not np.isfinite(max_abs):
@@ -121,7 +128,7 @@ def _text_feeds(ctx: CompileContext, desc: dict) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _quantize_text_parts(ctx: CompileContext, desc: dict, precision: str, block: int | None, graphs: dict) -> None:
+def _quantize_text_parts(ctx: CompileContext, desc: dict, precision: str, graphs: dict) -> None:
     """Each part of a text encoder compiled in parts (text_encoder/part_NN.onnx), on the inputs the fp32 parts
     before it compute, recorded under its own graph key; its description's bytes become the quantized file's."""
     from . import onnx_export as ox
@@ -131,7 +138,7 @@ def _quantize_text_parts(ctx: CompileContext, desc: dict, precision: str, block:
     for part in desc["parts"]:
         feeds = {n: acc[n] for n in part["inputs"]}
         acc.update(ox.run_onnx(os.path.join(ctx.tmp, *part["path"].split("/")), feeds))  # fp32, before it changes
-        part["external_data"] = _quantize_file(ctx, part["path"], precision, block, feeds, graphs)
+        part["external_data"] = _quantize_file(ctx, part["path"], precision, feeds, graphs)
         part["bytes"] = file_bytes(os.path.join(ctx.tmp, *part["path"].split("/")))
 
 

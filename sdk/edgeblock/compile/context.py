@@ -15,7 +15,7 @@ from edge_runtime.fileio import sha256_file
 from edge_runtime.manifest import Manifest
 from edge_runtime.recipe import Recipe
 from edge_runtime.targets import CPU
-from edge_runtime.weights import FP32, default_weights
+from edge_runtime.weights import FP32, GRAPH_ROLES, default_weights, graph_precision
 
 PRECISIONS = ("fp32", "fp16")
 VERIFY_PARAM_LIMIT = 1_000_000_000
@@ -86,6 +86,9 @@ class CompileOptions:
             d["text_parts"] = self.text_parts
         if self.weight_precision() != FP32:  # fp32 bundles keep the fingerprint they had before --weights existed
             d["weights"] = self.weight_precision()
+            mixed = {r: graph_precision(d["weights"], r) for r in GRAPH_ROLES}
+            if set(mixed.values()) != {d["weights"]}:  # int4: int8 text encoder, prologue, epilogue, VAE
+                d["graph_weights"] = mixed
         d["recipe"] = self.recipe().to_dict()
         d["blocks"] = list(self.blocks) if self.blocks is not None else None
         if self.selection:

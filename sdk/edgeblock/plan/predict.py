@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
-from edge_runtime.weights import FP16, FP32, WEIGHTS, bytes_per_weight
+from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from .calibration import HOST_CPU, Calibration
@@ -176,7 +176,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--text-encoder must be one of {', '.join(GENERATION_MODES)}, got {opts.text_encoder!r}")
     native = t.weight_bytes  # the target's inference precision (fp16 engines on Jetson, fp32 on the CPU)
     weights = opts.weights or {2: FP16, 4: FP32}[native]
-    wb = bytes_per_weight(weights)  # the frozen groups, text encoders, prologue/epilogue and VAE
+    # bytes per weight of the frozen groups, text encoders, prologue/epilogue and VAE (int4: the last three int8)
+    wb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TEXT, SHELL, VAE))
     ab = min(native, 4) if t.gpu else 4  # activations at inference
     tw = 4  # the trainable blocks' graphs stay in training precision (fp32), generation's too
     block_params = [b.params for b in inv.blocks]
@@ -189,22 +190,22 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
     sw, ia = cal.session_weight_factor, cal.inference_activation_factor
-    text_w = inv.text_encoder_params * wb * cal.text_session_factor
+    text_w = inv.text_encoder_params * tb * cal.text_session_factor
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
     largest_group = max((sum(block_params[i] for i in g) for g in groups), default=inv.text_encoder_params)
-    text_held = (min(inv.text_encoder_params, largest_group) * wb * cal.text_session_factor
+    text_held = (min(inv.text_encoder_params, largest_group) * tb * cal.text_session_factor
                  if text_mode == "streamed" else text_w)
-    vae_enc_w = inv.vae_encoder_params * wb * sw
-    vae_dec_w = inv.vae_decoder_params * wb * sw
+    vae_enc_w = inv.vae_encoder_params * vb * sw
+    vae_dec_w = inv.vae_decoder_params * vb * sw
 
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
     group_w = [sum(block_params[i] for i in g) * wb * sw for g in groups]
     group_act = [_units(inv, g, n_train, 1, not t.gpu)[1] * ia * ab for g in groups]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
-        bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * wb * sw, group_act[k])
+        bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * sw, group_act[k])
     else:
-        bank_peak = _phase(t.daemon_runtime_bytes, prologue * wb * sw, 0)
+        bank_peak = _phase(t.daemon_runtime_bytes, prologue * sb * sw, 0)
     encode = _phase(t.daemon_runtime_bytes, text_held + vae_enc_w, 0)
     bs_pre = max(encode, bank_peak, key=lambda p: p["peak_bytes"]) if precompute == "bank" else encode
     trained_params = sum(block_params[i] for i in trainable) + inv.epilogue_params
@@ -212,10 +213,10 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     t_lin, t_att = _split_units(inv, trainable, n_train, 1)
     train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor
                  + _lora_saved_inputs(inv, trainable, n_train, 1)) * 4
-    online_w = (sum(group_w) + prologue * wb * sw) / sw * cal.online_session_factor if precompute == "online" else 0
+    online_w = (sum(group_w) + prologue * sb * sw) / sw * cal.online_session_factor if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
-    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb, ab, tw, text_w, vae_dec_w,
+    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb, sb, ab, tw, text_w, vae_dec_w,
                              text_held)
     generate = generation[opts.generation]
 
@@ -262,23 +263,23 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                wb: float, ab: int, tw: int, text_w: float, vae_dec_w: float, text_held: float) -> dict[str, dict]:
+                wb: float, sb: float, ab: int, tw: int, text_w: float, vae_dec_w: float, text_held: float) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
     whole or, `text_held`, its largest part)."""
     sw, ia = cal.session_weight_factor, cal.inference_activation_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
-    frozen_and_shell = inv.parameters - trained
+    frozen = inv.parameters - trained - inv.shell_params
     vae_act = _vae_decode_act(inv, res) * ab
     act = _units(inv, range(L), n_gen, batch, not t.gpu)[1] * ia * ab
-    resident = _phase(t.daemon_runtime_bytes, text_w + (frozen_and_shell * wb + trained * tw) * sw + vae_dec_w,
+    resident = _phase(t.daemon_runtime_bytes, text_w + (frozen * wb + inv.shell_params * sb + trained * tw) * sw + vae_dec_w,
                       act + vae_act)
     # streamed: the text encoder, then at each step every chain graph in turn, then the VAE decoder
     runs = [(sum(block_params[i] for i in g) * wb, g) for g in groups]
     runs += [(sum(block_params[i] for i in run) * tw, run) for run in frozen_groups(L, tuple(
         i for i in range(L) if i not in trainable))]  # the trainable runs (frozen_groups of the complement)
-    shell = (inv.shell_params - inv.epilogue_params) * wb * sw
+    shell = (inv.shell_params - inv.epilogue_params) * sb * sw
     stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
     stages += [(w * sw, _units(inv, blocks, n_gen, batch, not t.gpu)[1] * ia * ab) for w, blocks in runs]
     w, a = max(stages, key=lambda s: s[0] + s[1])
