@@ -328,3 +328,63 @@ def test_trainer_gives_crops_their_image_coordinates():
         Trainer(_loaded(sd3[2], "sd3"), cfg, _cond(sd3[0]), _images(sd3[0]))
     with pytest.raises(ValueError, match="crop_ids"):
         MethodConfig("patch", crop_ids="box")
+
+
+# ---- without residuals (the paper's ablation, `edgeblock eval --ablations` no_residuals) ------------
+
+
+def _dropped_model(model, adapter, trainable):
+    """A copy of the diffusers model holding only the trainable blocks: the skipped ones dropped outright."""
+    import copy
+
+    out = copy.deepcopy(model)
+    keep: dict[str, list[int]] = {}
+    for i in trainable:
+        lst, j = adapter.block_names[i].split(".")
+        keep.setdefault(lst, []).append(int(j))
+    for lst in {n.split(".")[0] for n in adapter.block_names}:
+        blocks = getattr(out, lst)
+        setattr(out, lst, torch.nn.ModuleList([blocks[j] for j in keep.get(lst, [])]))
+    return out
+
+
+def test_without_residuals_the_forward_runs_only_the_trainable_blocks(family):
+    preset, model, adapter = _setup(family)
+    x = make_inputs(preset, batch=2)
+    n = adapter.num_blocks
+    for blocks in [(1, 3), (n - 1,), (0, n - 1)]:
+        plan = SkipPlan.make(n, blocks)
+        net = BlockSkipModel(adapter, plan, LoRASpec(rank=2))
+        with torch.no_grad():
+            out = net.forward_dropped(x)
+            ref = adapter.reference_forward(_dropped_model(model, adapter, plan.trainable), x)
+            (pre,) = precompute(adapter, plan, [(x, torch.zeros_like(ref))])
+            with_residuals = net(pre)
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-5, f"{family} blocks {blocks}: max abs error {err}"
+        assert (out - with_residuals).abs().max().item() > 1e-4  # the gaps' residuals are really missing
+
+
+def test_a_trainer_without_residuals_never_precomputes(monkeypatch):
+    from edgeblock.method import train as train_mod
+
+    preset, model, adapter = _setup("flux")
+    loaded, images, cond = _loaded(adapter, "flux"), _images(preset), _cond(preset)
+    calls = []
+    real = train_mod.precompute
+    monkeypatch.setattr(train_mod, "precompute", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cfg = MethodConfig("blockskip", blocks=(1, 3), lora=LoRASpec(rank=2), seed=1, lr=1e-2)
+    dropped = Trainer(loaded, replace(cfg, residuals=False), cond, images)
+    before = {k: v.detach().clone() for k, v in dropped.net.lora_parameters().items()}
+    steps = [dropped.step() for _ in range(2)]
+    assert not calls and all(np.isfinite(s["loss"]) and s["precompute_s"] == 0.0 for s in steps)
+    assert any(not torch.equal(before[k], p) for k, p in dropped.net.lora_parameters().items())  # it trained
+    assert set(dropped.net.blocks) == {"1", "3"}
+    Trainer(loaded, cfg, cond, images).step()  # the method (residuals: the default) precomputes every step
+    assert len(calls) == 1
+
+
+def test_residuals_off_needs_a_skip_variant():
+    with pytest.raises(ValueError, match="residuals=False"):
+        MethodConfig("patch", residuals=False)
+    assert MethodConfig("skip", residuals=False).uses_precompute is False and MethodConfig().uses_precompute

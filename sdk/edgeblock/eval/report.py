@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..method.train import VARIANTS
+from .ablations import ABLATION_ROWS, ABLATIONS
 from .subjects import Subject
 
 ROWS = ("base", *VARIANTS)
@@ -110,11 +111,13 @@ def markdown(results: dict) -> str:
         "|---|" + "---|" * len(cols),
     ]
     for name, r in rows.items():
-        cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if name not in ABLATION_ROWS:
+            lines.append(f"| {name} | " + " | ".join(_cells(r, cols)) + " |")
     t, ref = results["targets"], results["reference_check"]
     ratio = "n/a" if t["subject_fidelity_ratio"] is None else f"{t['subject_fidelity_ratio']:.3f}"
-    blocks = "; ".join(f"{n} {v['blocks'] or 'none (no skip row run)'}" for n, v in results["per_subject"].items())
+    blocks = "; ".join(f"{n} {v['blocks'] or 'none (no skip row run)'}" + (" (ablations: " + ", ".join(
+        f"{a} {b}" for a, b in v["ablation_blocks"].items()) + ")" if v.get("ablation_blocks") else "")
+        for n, v in results["per_subject"].items())
     if t["met"] is None:
         target_line = f"Targets (issue 3): not measured (rows not run: {', '.join(t['missing'])})."
     else:
@@ -142,6 +145,7 @@ def markdown(results: dict) -> str:
         "",
         "Trainable blocks of the skip rows: " + blocks + ".",
         "",
+        *_ablation_lines(rows, cols),
         (
             "Peak training memory: live tensor bytes (weights held, activations, gradients, optimizer state) during "
             "the first subject's model load, trainer construction and first training step. Per-process RSS (one "
@@ -150,6 +154,32 @@ def markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _cells(r: dict, cols) -> list[str]:
+    return [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in cols]
+
+
+def _ablation_lines(rows: dict, cols) -> list[str]:
+    """The ablation rows' table (issue 26): each beside blockskip, with its difference from it in subject and
+    prompt fidelity; [] without them."""
+    names = [r for r in ABLATION_ROWS if r in rows]
+    if not names:
+        return []
+    ref = rows.get("blockskip")
+    lines = ["## Ablations", "",
+             "Each row trains as blockskip (same steps, seeds, subjects, LoRA, crop side and blocks) but for one "
+             "thing; d = row - blockskip.", "",
+             "| row | changes | d subject fid. | d prompt fid. | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    if ref is not None:
+        lines.append("| blockskip | (the reference) | - | - | " + " | ".join(_cells(ref, cols)) + " |")
+    for name in names:
+        r = rows[name]
+        d = [f"{r[k] - ref[k]:+.3f}" if ref is not None and r.get(k) is not None and ref.get(k) is not None else "-"
+             for k in ("subject_fidelity", "prompt_fidelity")]
+        lines.append(f"| {name} | {ABLATIONS[name]} | {d[0]} | {d[1]} | " + " | ".join(_cells(r, cols)) + " |")
+    return lines + [""]
 
 
 def save_grid(subjects: list[Subject], prompts: dict, generations: dict, path: str, rows: tuple[str, ...] = ROWS,

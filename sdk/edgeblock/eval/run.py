@@ -1,8 +1,9 @@
 """`edgeblock eval`: personalize every held-out subject with each variant, generate, score, tabulate.
 
-Rows: base (no fine-tune), standard_lora, patch, skip, blockskip (or a subset: rows); the fine-tuned
-rows share steps, seeds, LoRA spec, batch and learning rate. The skip rows train the blocks given (--blocks) or the
-top-k blocks that selection by cross-attention masking ranks on each subject's references.
+Rows: base (no fine-tune), standard_lora, patch, skip, blockskip (or a subset: rows), and with ablations the paper's
+ablation rows (eval/ablations.py); the fine-tuned rows share steps, seeds, LoRA spec, batch and learning rate. The skip
+rows train the blocks given (--blocks) or the top-k blocks that selection by cross-attention masking ranks on each
+subject's references.
 Outputs: DIR/results.json ({"rows": {row: {metric: value}}, ...}), DIR/results.md, DIR/grid.png.
 """
 
@@ -26,12 +27,13 @@ from edge_runtime.patch_sampling import PatchSchedule
 
 from ..method.train import CROP_IDS, SKIP_VARIANTS, VARIANTS, MethodConfig, Prior, Trainer
 from . import metrics
+from .ablations import ABLATION_ROWS, NEEDS_SCORES, ablation_config
 from .report import DEVICE_ROWS, QUANTIZED_ROWS, ROWS, markdown, quantized_targets, save_grid, targets
 from .subjects import CAPTION_MODES, SUBJECT_SETS, Subject, load_subjects, subject_set_dir
 
 log = logging.getLogger("edgeblock.eval")
 
-ALL_ROWS = ROWS + DEVICE_ROWS + tuple(QUANTIZED_ROWS.values())
+ALL_ROWS = ROWS + DEVICE_ROWS + tuple(QUANTIZED_ROWS.values()) + ABLATION_ROWS
 ON_DEVICE = DEVICE_ROWS + tuple(QUANTIZED_ROWS.values())  # the rows the device runtime runs
 RUNTIMES = ("torch", "device")
 TRACKED_STEPS = 1  # steps of the first subject run under the tensor-memory tracker (slow: not timed)
@@ -84,6 +86,8 @@ class EvalConfig:
     # quantized device rows (`--weights int8,int4`): blockskip_device_<w>, through a bundle compiled with those
     # weights, beside the fp32 blockskip_device row they are judged against (implies the device runtime)
     weights: tuple[str, ...] = ()
+    # the paper's ablation rows (eval/ablations.py) beside blockskip, the row they are judged against
+    ablations: bool = False
 
     def __post_init__(self) -> None:
         from ..method import model_recipe
@@ -106,6 +110,8 @@ class EvalConfig:
             object.__setattr__(self, "rows", ROWS + DEVICE_ROWS + quantized if self.runtime == "device" else ROWS)
         elif quantized:  # the quantized rows and the fp32 device row they are judged against
             object.__setattr__(self, "rows", tuple(self.rows) + DEVICE_ROWS + quantized)
+        if self.ablations:
+            object.__setattr__(self, "rows", tuple(self.rows) + ("blockskip",) + ABLATION_ROWS)
         unknown = [r for r in self.rows if r not in ALL_ROWS]
         if unknown or not self.rows:
             raise ValueError(f"rows must be a non-empty subset of {', '.join(ALL_ROWS)}; got {', '.join(self.rows) or 'none'}")
@@ -268,6 +274,7 @@ class Runner:
         self.lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha)
         self.train_res, self.schedule = patch_setting(cfg, self.meta["size"], self.meta["patch"])
         self.variants = [v for v in VARIANTS if v in cfg.rows]  # the fine-tuned rows run
+        self.ablations = [r for r in ABLATION_ROWS if r in cfg.rows]
         self.values: dict[str, dict[str, list[float]]] = {r: {} for r in ALL_ROWS}  # row -> metric -> per image
         self.timing = {r: {"train_s": 0.0, "gen_s": 0.0, "step_times": [], "first_losses": [], "final_losses": []}
                        for r in ALL_ROWS}
@@ -281,7 +288,7 @@ class Runner:
         cfg, t_start = self.cfg, time.perf_counter()
         os.makedirs(out_dir, exist_ok=True)
         gens = len(cfg.rows) + (1 if cfg.prior else 0)  # generation passes per subject (the class images: one)
-        trained = len(self.variants) + len(set(cfg.rows) & set(ON_DEVICE))
+        trained = len(self.variants) + len(self.ablations) + len(set(cfg.rows) & set(ON_DEVICE))
         total = len(self.subjects) * (trained * cfg.steps + gens * cfg.gen_steps)
         per_subject = {}
         for row in (r for r in ON_DEVICE if r in cfg.rows):
@@ -330,23 +337,26 @@ class Runner:
                           {"prompts": [p.text for p in sp], "samples": cfg.samples, "rows": {}})
         if "base" in cfg.rows:
             self._generate("base", run)
-        if cfg.blocks is not None:
-            chosen, block_scores = sorted(cfg.blocks), None
-        elif not set(SKIP_VARIANTS) & set(cfg.rows):
-            chosen, block_scores = [], None  # no row trains a subset of blocks: nothing to select
-        else:
+        chosen, block_scores = (sorted(cfg.blocks) if cfg.blocks is not None else []), None
+        selects = set(SKIP_VARIANTS + ABLATION_ROWS if cfg.blocks is None else NEEDS_SCORES) & set(cfg.rows)
+        if selects:  # else no row trains selection's blocks nor needs its scores
             self.bar.set_postfix_str(f"{subject.name}: select blocks")
             t0 = time.perf_counter()
-            chosen, block_scores = select_blocks(self.loaded, self.text, subject, cfg)
+            picked, block_scores = select_blocks(self.loaded, self.text, subject, cfg)
+            chosen = chosen or picked
             self.selection_s += time.perf_counter() - t0
         run.record.update(blocks=list(chosen) or None, block_scores=block_scores)
         cond = self.text.encode(subject.training_prompts(cfg.captions))
         prior = self._prior(run) if cfg.prior else None
-        for variant in self.variants:
+        for variant in self.variants + self.ablations:
             self.bar.set_postfix_str(f"{subject.name}: train {variant}")
-            mcfg = MethodConfig(variant, blocks=tuple(chosen), lora=self.lora, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed,
-                                crop_ids=cfg.crop_ids, prior_share=cfg.prior_share, train_res=self.train_res,
-                                schedule=self.schedule)
+            mcfg = MethodConfig(variant if variant in VARIANTS else "blockskip", blocks=tuple(chosen), lora=self.lora,
+                                lr=cfg.lr, batch=cfg.batch, seed=cfg.seed, crop_ids=cfg.crop_ids,
+                                prior_share=cfg.prior_share, train_res=self.train_res, schedule=self.schedule)
+            if variant in ABLATION_ROWS:  # the blockskip row's config with the row's one change
+                mcfg = ablation_config(variant, mcfg, block_scores, len(chosen), self.loaded.adapter.num_blocks)
+                if list(mcfg.blocks) != list(chosen):
+                    run.record.setdefault("ablation_blocks", {})[variant] = list(mcfg.blocks)
             trainer = self._train(variant, mcfg, cond, subject.model_images(), prior, track=si == 0)
             trained = {int(i): b.eval() for i, b in trainer.net.blocks.items()}
             with swapped_blocks(self.transformer, self.loaded.adapter.block_names, trained):

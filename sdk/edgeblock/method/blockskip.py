@@ -185,6 +185,15 @@ class BlockSkipModel(nn.Module):
     def forward(self, pre: Precomputed) -> Tensor:
         return self.run(pre.entry, pre.ctx, pre.residuals)
 
+    def forward_dropped(self, x: DiTInputs) -> Tensor:
+        """The skipped blocks dropped, nothing in their place (the paper's ablation of the residuals): the
+        prologue without gradients, then only the trainable blocks in order, then the epilogue."""
+        with torch.no_grad():
+            state, ctx = self.adapter.prologue(x)
+        for i in self.plan.trainable:
+            state = self.adapter.run_block(self.blocks[str(i)], i, state, ctx)
+        return self.adapter.epilogue(state, ctx)
+
     def forward_full(self, x: DiTInputs) -> Tensor:
         """Prologue inline, then the plan (standard LoRA when every block is trainable)."""
         if self.plan.first != 0 or self.plan.skipped:

@@ -55,6 +55,9 @@ class MethodConfig:
     # coordinates of the place it was cut from ("image")
     crop_ids: str = "grid"
     prior_share: float = 0.5  # share of draws taken from the class images (Prior), when the trainer has some
+    # skip variants: the skipped blocks' precomputed residuals stand in for them (the method); False drops them
+    # (the paper's ablation): nothing precomputed, the prologue then only the trainable blocks, then the epilogue
+    residuals: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prior_share < 1.0:
@@ -65,6 +68,9 @@ class MethodConfig:
             raise ValueError(f"crop_ids {self.crop_ids!r} is not one of {CROP_IDS}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if not self.residuals and not self.uses_skip:
+            raise ValueError(f"residuals=False drops skipped blocks: it needs a skip variant {SKIP_VARIANTS}, "
+                             f"got {self.variant!r}")
 
     @property
     def uses_patches(self) -> bool:
@@ -77,6 +83,11 @@ class MethodConfig:
     @property
     def uses_skip(self) -> bool:
         return self.variant in SKIP_VARIANTS
+
+    @property
+    def uses_precompute(self) -> bool:
+        """The frozen model runs per draw to record the skipped blocks' residuals."""
+        return self.uses_skip and self.residuals
 
 
 class DrawSampler:
@@ -187,10 +198,13 @@ class Trainer:
         return precompute(self.model.adapter, self.plan, chunks, on_block)
 
     def train_on(self, pre: Precomputed | tuple[DiTInputs, Tensor]) -> float:
-        """One optimizer step on precomputed draws (skip variants) or raw draws (the others)."""
+        """One optimizer step on precomputed draws (skip variants) or raw draws (the others, and a skip variant
+        without residuals, which drops its skipped blocks)."""
         self.opt.zero_grad(set_to_none=True)
         if isinstance(pre, Precomputed):
             pred, target = self.net(pre), pre.target
+        elif not self.cfg.residuals:
+            pred, target = self.net.forward_dropped(pre[0]), pre[1]
         else:
             pred, target = self.net.forward_full(pre[0]), pre[1]
         loss = torch.nn.functional.mse_loss(pred, target)
@@ -204,7 +218,7 @@ class Trainer:
         t0 = time.perf_counter()
         chunk = self.chunk()
         pre_s = 0.0
-        if self.cfg.uses_skip:
+        if self.cfg.uses_precompute:
             item: Precomputed | tuple[DiTInputs, Tensor] = self.precompute([chunk])[0]
             pre_s = time.perf_counter() - t0
         else:
