@@ -20,6 +20,17 @@ def rows(text: str) -> tuple[str, ...]:
     return tuple(r.strip() for r in text.split(",") if r.strip())
 
 
+def seeds(text: str) -> tuple[int, ...]:
+    """`eval --seeds 0,1,2`: distinct non-negative whole numbers."""
+    try:
+        out = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds wants comma-separated whole numbers like 0,1,2; got {text!r}")
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds wants distinct seeds >= 0, got {text!r}")
+    return out
+
+
 def floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(b) for b in text.split(","))

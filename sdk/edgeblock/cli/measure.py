@@ -141,16 +141,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.run import run_eval
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    results = run_eval(args.out, model=args.model, quick=args.quick, steps=args.steps, seed=args.seed,
-                       blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
-                       lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
-                       crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
-                       prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows,
-                       train_res=args.train_res, patch_min=args.patch_min, runtime=args.runtime,
-                       weights=args.weights or (), ablations=args.ablations or None)
+    if args.seeds is not None and args.seed is not None:
+        print("edgeblock eval: give --seed or --seeds, not both", file=sys.stderr)
+        return 2
+
+    def one(out: str, seed: int) -> dict:
+        return run_eval(out, model=args.model, quick=args.quick, steps=args.steps, seed=seed,
+                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
+                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
+                        crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
+                        prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows,
+                        train_res=args.train_res, patch_min=args.patch_min, runtime=args.runtime,
+                        weights=args.weights or (), ablations=args.ablations or None)
+
+    if args.seeds is not None:
+        from ..eval.seeds import run_seeds
+
+        results = run_seeds(args.out, args.seeds, one)
+    else:
+        results = one(args.out, args.seed if args.seed is not None else 0)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
-    print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png")
+    print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png"
+          + (" (each seed's run in seed-N/)" if args.seeds is not None else ""))
     return 0
 
 
@@ -271,7 +284,10 @@ def register(sub) -> None:
                    help="add the paper's ablation rows beside blockskip, each trained as it but for one thing: "
                         "no_residuals, schedule_shrinking, schedule_random, resize_only, skip_first, skip_last, "
                         "selection_contiguous (docs/eval.md)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=None, help="seed of the training draws and generations (default 0)")
+    e.add_argument("--seeds", type=argtypes.seeds, default=None, metavar="0,1,2",
+                   help="one run per seed into OUT/seed-N, then each metric's mean and min-max spread per row in "
+                        "OUT/results.json and results.md; the targets are judged on the means")
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
