@@ -16,10 +16,16 @@ MiB = 2**20
 class Calibration:
     daemon_base_bytes: int  # the daemon process after imports, before the bundle's first session
     torch_base_bytes: int  # a torch process after importing torch + diffusers, before the model
-    session_weight_factor: float  # resident bytes of an ONNX Runtime inference session per weight byte
+    session_weight_factor: float  # resident bytes of an ONNX Runtime inference session per weight byte (fp32)
+    # ... per stored byte of int8 weights (DequantizeLinear's fp32 transients; fp16's Cast: assumed the same) and of
+    # int4 weights (MatMulNBits' working buffers)
+    int8_session_factor: float
+    int4_session_factor: float
+    graph_session_bytes: int  # a generation graph's open session beyond its weights (each resident one)
     online_session_factor: float  # frozen sessions opened beside the live trainer (online precompute)
     text_session_factor: float  # the same for the text encoder session (embedding tables dominate small ones)
-    inference_activation_factor: float  # peak transient activation elements per unit of the largest block
+    inference_linear_factor: float  # inference: peak transient elements per linear unit of the largest block
+    inference_attention_factor: float  # ... per attention unit (the exported graph materialises softmax(QK^T))
     train_weight_factor: float  # ORT training session: resident bytes per weight byte of the trained graph
     ort_train_linear_factor: float  # ORT training: saved + transient elements per linear unit of the trained blocks
     ort_train_attention_factor: float  # ... per attention unit (the exported graph materialises softmax(QK^T))
@@ -31,9 +37,13 @@ HOST_CPU = Calibration(  # fit 2026-12-05, 13 figures (docs/plan.md)
     daemon_base_bytes=int(158 * MiB),  # fitted; the idle daemon measures ~80 MiB, a job adds decoding/feeds/heap
     torch_base_bytes=int(449 * MiB),
     session_weight_factor=1.19,
+    int8_session_factor=1.19,
+    int4_session_factor=1.19,
+    graph_session_bytes=0,
     online_session_factor=2.14,
     text_session_factor=0.90,
-    inference_activation_factor=6.05,
+    inference_linear_factor=6.05,
+    inference_attention_factor=6.05,
     train_weight_factor=1.24,
     ort_train_linear_factor=2.13,
     ort_train_attention_factor=5.70,

@@ -113,16 +113,6 @@ def compiled_groups(block_params: list[int], trainable: tuple[int, ...], max_gro
     return [g for run in frozen_groups(len(block_params), trainable) for g in split_run(run, block_params, limit)]
 
 
-def _units(inv: Inventory, indices, tokens: int, batch: int, attention: bool = True) -> tuple[int, int]:
-    """(sum over the blocks, max over the blocks) of linear (+ attention) units.
-
-    attention=False: fused attention kernels (TensorRT on the GPU targets) keep no queries x keys
-    matrix, so only the linear units count (an assumption: not measured on a Jetson).
-    """
-    per = [a + (b if attention else 0) for a, b in (block_units(inv, i, tokens, batch) for i in indices)]
-    return (sum(per), max(per)) if per else (0, 0)
-
-
 def _split_units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int, int]:
     """(linear units, attention units) summed over the blocks."""
     lin = att = 0
@@ -189,23 +179,24 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--precompute must be one of {', '.join(PRECOMPUTE_MODES)}, got {precompute!r}")
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
-    sw, ia = cal.session_weight_factor, cal.inference_activation_factor
+    sw = cal.session_weight_factor
+    gs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, SHELL, VAE))
     text_w = inv.text_encoder_params * tb * cal.text_session_factor
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
     largest_group = max((sum(block_params[i] for i in g) for g in groups), default=inv.text_encoder_params)
     text_held = (min(inv.text_encoder_params, largest_group) * tb * cal.text_session_factor
                  if text_mode == "streamed" else text_w)
-    vae_enc_w = inv.vae_encoder_params * vb * sw
-    vae_dec_w = inv.vae_decoder_params * vb * sw
+    vae_enc_w = inv.vae_encoder_params * vb * vs
+    vae_dec_w = inv.vae_decoder_params * vb * vs
 
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
-    group_w = [sum(block_params[i] for i in g) * wb * sw for g in groups]
-    group_act = [_units(inv, g, n_train, 1, not t.gpu)[1] * ia * ab for g in groups]
+    group_w = [sum(block_params[i] for i in g) * wb * gs for g in groups]
+    group_act = [_act(inv, cal, g, n_train, 1, not t.gpu) * ab for g in groups]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
-        bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * sw, group_act[k])
+        bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * ss, group_act[k])
     else:
-        bank_peak = _phase(t.daemon_runtime_bytes, prologue * sb * sw, 0)
+        bank_peak = _phase(t.daemon_runtime_bytes, prologue * sb * ss, 0)
     encode = _phase(t.daemon_runtime_bytes, text_held + vae_enc_w, 0)
     bs_pre = max(encode, bank_peak, key=lambda p: p["peak_bytes"]) if precompute == "bank" else encode
     trained_params = sum(block_params[i] for i in trainable) + inv.epilogue_params
@@ -213,11 +204,11 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     t_lin, t_att = _split_units(inv, trainable, n_train, 1)
     train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor
                  + _lora_saved_inputs(inv, trainable, n_train, 1)) * 4
-    online_w = (sum(group_w) + prologue * sb * sw) / sw * cal.online_session_factor if precompute == "online" else 0
+    online_w = (sum(group_w) / gs + prologue * sb) * cal.online_session_factor if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb, sb, ab, tw, text_w, vae_dec_w,
-                             text_held)
+                             text_held, weights)
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -263,28 +254,48 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                wb: float, sb: float, ab: int, tw: int, text_w: float, vae_dec_w: float, text_held: float) -> dict[str, dict]:
+                wb: float, sb: float, ab: int, tw: int, text_w: float, vae_dec_w: float, text_held: float,
+                weights: str) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
     whole or, `text_held`, its largest part)."""
-    sw, ia = cal.session_weight_factor, cal.inference_activation_factor
+    gs, ss, sw = session_factor(cal, graph_precision(weights, GROUP)), session_factor(cal, graph_precision(weights, SHELL)), \
+        cal.session_weight_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
     frozen = inv.parameters - trained - inv.shell_params
     vae_act = _vae_decode_act(inv, res) * ab
-    act = _units(inv, range(L), n_gen, batch, not t.gpu)[1] * ia * ab
-    resident = _phase(t.daemon_runtime_bytes, text_w + (frozen * wb + inv.shell_params * sb + trained * tw) * sw + vae_dec_w,
-                      act + vae_act)
+    act = _act(inv, cal, range(L), n_gen, batch, not t.gpu) * ab
+    trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
+    # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder)
+    sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
+    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * wb * gs + inv.shell_params * sb * ss + trained * tw * sw
+                      + vae_dec_w, act + vae_act, sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, then the VAE decoder
-    runs = [(sum(block_params[i] for i in g) * wb, g) for g in groups]
-    runs += [(sum(block_params[i] for i in run) * tw, run) for run in frozen_groups(L, tuple(
-        i for i in range(L) if i not in trainable))]  # the trainable runs (frozen_groups of the complement)
-    shell = (inv.shell_params - inv.epilogue_params) * sb * sw
+    runs = [(sum(block_params[i] for i in g) * wb * gs, g) for g in groups]
+    runs += [(sum(block_params[i] for i in run) * tw * sw, run) for run in trained_runs]
+    shell = (inv.shell_params - inv.epilogue_params) * sb * ss
     stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
-    stages += [(w * sw, _units(inv, blocks, n_gen, batch, not t.gpu)[1] * ia * ab) for w, blocks in runs]
+    stages += [(w, _act(inv, cal, blocks, n_gen, batch, not t.gpu) * ab) for w, blocks in runs]
     w, a = max(stages, key=lambda s: s[0] + s[1])
-    streamed = _phase(t.daemon_runtime_bytes, w, a)
+    streamed = _phase(t.daemon_runtime_bytes, w, a, sessions_bytes=cal.graph_session_bytes)
     return {"resident": resident, "streamed": streamed}
+
+
+def session_factor(cal: Calibration, weights: str) -> float:
+    """Resident bytes of an inference session per stored weight byte at `weights` (fp16: as int8, unmeasured)."""
+    return {FP32: cal.session_weight_factor, FP16: cal.int8_session_factor, "int8": cal.int8_session_factor,
+            "int4": cal.int4_session_factor}[weights]
+
+
+def _act(inv: Inventory, cal: Calibration, indices, tokens: int, batch: int, attention: bool = True) -> float:
+    """Peak transient activation elements of an inference pass over the blocks `indices`: the largest block's
+    linear and (unless fused, attention=False) attention units times their factors."""
+    best = 0.0
+    for i in indices:
+        lin, att = block_units(inv, i, tokens, batch)
+        best = max(best, lin * cal.inference_linear_factor + (att * cal.inference_attention_factor if attention else 0))
+    return best
 
 
 def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
