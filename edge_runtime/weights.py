@@ -88,10 +88,10 @@ def default_weights(target: str) -> str:
 
     `cpu`: fp32 (the reference; memory is not the constraint there). Every Jetson Orin: fp16, half the fp32
     bytes and the precision TensorRT runs natively on Orin (Ampere, sm_87: FP16 and INT8, no FP8/FP4), with a
-    text-encoder error of ~3.5e-3 on the built-in model. int8 and int4 are opt-in (`--weights`) until
-    `edgeblock eval` has measured them: on the built-in model the quantized MiniLM text encoder's states move by
-    0.31 (int8) and 0.35 (int4) relative error (docs/compile.md), and int4's MatMulNBits is an ONNX Runtime
-    contrib op that TensorRT's ONNX parser does not read.
+    text-encoder error of ~3.5e-3 on the built-in model. int8 and int4 are opt-in (`--weights`): on the built-in
+    model the int8 MiniLM text encoder's states move by 0.31 relative error (mostly its padding positions',
+    docs/compile.md), and int4's MatMulNBits is an ONNX Runtime contrib op that TensorRT's ONNX parser does not
+    read.
     """
     if target == CPU:
         return FP32
