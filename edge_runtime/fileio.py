@@ -2,7 +2,9 @@
 
 atomic_write: a temporary file beside the target, fsynced, renamed over it, the directory fsynced;
 on any error the temporary file is removed and the old file (if any) is left as it was. The
-bundle manifest, engine caches, adapters and job state all go through it.
+bundle manifest, engine caches, adapters and job state all go through it. Files another library writes
+(ORT checkpoints, numpy archives) go to temp_path(path) and then commit_file(tmp, path), the same steps.
+Every temporary name carries TMP_MARK, which is_temp recognises: the daemon's store removes leftovers at start.
 """
 
 from __future__ import annotations
@@ -12,7 +14,38 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from typing import Any
+
+TMP_MARK = ".tmp-"  # in every temporary file's name: NAME.tmp-<pid>-<thread>[suffix], or NAME.tmp-XXXX (mkstemp)
+
+
+def temp_path(path: str, suffix: str = "") -> str:
+    """A temporary name beside `path`, unique to this process and thread (suffix: for writers that want one,
+    such as numpy's .npz)."""
+    return f"{path}{TMP_MARK}{os.getpid()}-{threading.get_ident()}{suffix}"
+
+
+def is_temp(name: str) -> bool:
+    """A file name temp_path or atomic_write made (also the `.NAME.XXXX.tmp` of earlier versions)."""
+    return TMP_MARK in name or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def commit_file(tmp: str, path: str) -> None:
+    """Make a finished temporary file `path`: fsync it, rename it over `path`, fsync the folder; on any error the
+    temporary file is removed and `path` left as it was."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -41,7 +74,7 @@ def atomic_write(path: str, data: bytes) -> None:
     """Write `data` to `path` so a crash leaves the old file or the new one, never part of one."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}{TMP_MARK}", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

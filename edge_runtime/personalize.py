@@ -19,6 +19,7 @@ entering the first trainable block, the prologue's context, and each frozen gap'
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import graph_names as gn
+from .fileio import commit_file, temp_path
 from .noise import EpsilonDDPM, schedule_from_dict
 from .patch_sampling import PatchSampler, PatchSchedule, check_prior_from, pick_image
 from .precompute import PRECOMPUTE_MODES, precompute_mode
@@ -308,9 +310,14 @@ class Progress:
 
 
 def _npz_save(path: str, arrays: dict[str, np.ndarray]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    tmp = temp_path(path, ".npz")
+    try:
+        np.savez(tmp, **arrays)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    commit_file(tmp, path)
 
 
 def _npz_load(path: str) -> dict[str, np.ndarray]:

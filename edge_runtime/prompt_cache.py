@@ -9,12 +9,15 @@ miss: the caller encodes the prompt again, nothing is lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 import zipfile
 
 import numpy as np
+
+from .fileio import commit_file, temp_path
 
 SUFFIX = ".npz"
 
@@ -64,10 +67,15 @@ class PromptCache:
             raise ValueError(f"a prompt's encoding holds one row per output, got shapes "
                              f"{ {k: v.shape for k, v in arrays.items()} }")
         path = self.path(prompt)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # the daemon's store removes leftovers at start
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        tmp = temp_path(path)  # the daemon's store removes leftovers at start
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        commit_file(tmp, path)
         self.evict()
 
     def entries(self) -> list[tuple[float, int, str]]:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import adapter_file
-from .fileio import atomic_json, atomic_write, fsync_dir
+from .fileio import atomic_json, atomic_write, fsync_dir, is_temp
 
 # what the adapter file's own record (metadata "edgeblock") keeps of an adapter's adapter.json
 RECORDED = ("name", "token", "class_noun", "steps", "final_loss", "job_id", "bundle_sha256", "recipe", "learning_rate",
@@ -88,7 +88,7 @@ class Store:
                 shutil.rmtree(d, ignore_errors=True)
         for dirpath, _dirs, files in os.walk(self.root):
             for n in files:
-                if ".tmp-" in n:
+                if is_temp(n):
                     with _suppress():
                         os.remove(os.path.join(dirpath, n))
 
