@@ -135,8 +135,8 @@ class Bundle:
         """Open every chain graph's session now, before the text encoder or any graph runs. Measured on the 120M
         `bench scale` bundle (fp32), one generation in a fresh daemon: 1920 MiB peak RSS when each graph was opened
         at its first run, after the text encoder had run; 1445 MiB with the sessions opened first (docs/bench.md).
-        Sessions an ONNX Runtime process opens after a run hold ~150 MiB more each on that bundle (cause not
-        found: not the glibc heap, not the memory pattern)."""
+        (Most of that difference was the text encoder's session, then opened with ONNX Runtime's CPU arena: with it
+        open, each chain graph kept ~165 MiB after its first run; edge_runtime/text.py opens it without one.)"""
         for name in self.chain_names:
             self.session(name)
 
