@@ -45,6 +45,30 @@ def reset_rss_peak(pid: int | None = None) -> bool:
         return False
 
 
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed (M_MMAP_THRESHOLD)
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+
+
+def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (mallopt M_MMAP_THRESHOLD) for this process; False where unavailable.
+
+    glibc raises the threshold each time a large mmapped block is freed (up to 32 MiB), after which buffers
+    below it come from the heap, where freed memory stays mapped. ONNX Runtime sessions without their CPU arena
+    allocate each run's buffers and each session's weights through malloc, so a daemon that opens and releases
+    sessions grew from run to run. Measured on the 120M `bench scale` bundle (fp32, in-process, after a prompt
+    was encoded): streamed generation 973 -> 615 MiB peak, resident 1298 -> 1010 MiB. Setting the threshold
+    explicitly turns the adjustment off (and the trim threshold's with it).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
+
+
 def trim_heap() -> bool:
     """Return freed heap memory to the OS (glibc malloc_trim); False where that is not available.
 

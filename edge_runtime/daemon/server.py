@@ -95,6 +95,10 @@ def serve_forever(cfg: ServerConfig | None = None, **kwargs) -> int:
     already = block_host_frameworks(names, strict=False)
     if already:
         log.warning("host frameworks already imported in this process: %s (the device runtime does not use them)", already)
+    from ..memstat import pin_mmap_threshold
+
+    if not pin_mmap_threshold():
+        log.info("glibc's mallopt is not available: the mmap threshold keeps its dynamic adjustment")
     if cfg.trainer == "auto":
         cfg = replace(cfg, trainer=pick_trainer("auto"))  # with torch blocked: the ORT check must not load it
         if cfg.trainer == "torch" and sys.modules.get("torch", 0) is None:
