@@ -3,7 +3,7 @@
 atomic_write: a temporary file beside the target, fsynced, renamed over it, the directory fsynced;
 on any error the temporary file is removed and the old file (if any) is left as it was. The
 bundle manifest, engine caches, adapters and job state all go through it. Files another library writes
-(ORT checkpoints, numpy archives) go to temp_path(path) and then commit_file(tmp, path), the same steps.
+(ORT checkpoints, numpy archives) go through write_atomically: temp_path(path), then commit_file, the same steps.
 Every temporary name carries TMP_MARK, which is_temp recognises: the daemon's store removes leftovers at start.
 """
 
@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 TMP_MARK = ".tmp-"  # in every temporary file's name: NAME.tmp-<pid>-<thread>[suffix], or NAME.tmp-XXXX (mkstemp)
@@ -68,6 +69,19 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """write(tmp) fills a temporary file beside `path` (another library's writer: ORT checkpoints, numpy
+    archives, torch.save), then commit_file makes it `path`; a failed write leaves no temporary file."""
+    tmp = temp_path(path, suffix)
+    try:
+        write(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    commit_file(tmp, path)
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -13,14 +13,13 @@ trainable LoRA names, ...). The host compiler verifies its artifacts with this s
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from .fileio import commit_file, temp_path
+from .fileio import write_atomically
 from .training_spec import SPEC_FILE, TrainingError, TrainingSpec, load_spec
 
 __all__ = ["OrtTrainer", "SPEC_FILE", "TrainingError", "TrainingSpec", "load_spec", "parse_device"]
@@ -171,11 +170,4 @@ class OrtTrainer:
     def save_checkpoint(self, path: str, include_optimizer_state: bool = True) -> None:
         """Write the training state to `path` atomically (tmp file + rename)."""
         C = _capi()
-        tmp = temp_path(path)
-        try:
-            C.save_checkpoint(self._state, os.fspath(tmp), include_optimizer_state)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        commit_file(tmp, path)
+        write_atomically(path, lambda tmp: C.save_checkpoint(self._state, os.fspath(tmp), include_optimizer_state))

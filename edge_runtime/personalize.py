@@ -19,7 +19,6 @@ entering the first trainable block, the prologue's context, and each frozen gap'
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import graph_names as gn
-from .fileio import commit_file, temp_path
+from .fileio import write_atomically
 from .noise import EpsilonDDPM, schedule_from_dict
 from .patch_sampling import PatchSampler, PatchSchedule, check_prior_from, pick_image
 from .precompute import PRECOMPUTE_MODES, precompute_mode
@@ -310,14 +309,7 @@ class Progress:
 
 
 def _npz_save(path: str, arrays: dict[str, np.ndarray]) -> None:
-    tmp = temp_path(path, ".npz")
-    try:
-        np.savez(tmp, **arrays)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    commit_file(tmp, path)
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays), ".npz")
 
 
 def _npz_load(path: str) -> dict[str, np.ndarray]:

@@ -9,7 +9,6 @@ miss: the caller encodes the prompt again, nothing is lost.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
@@ -17,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from .fileio import commit_file, temp_path
+from .fileio import write_atomically
 
 SUFFIX = ".npz"
 
@@ -67,15 +66,7 @@ class PromptCache:
             raise ValueError(f"a prompt's encoding holds one row per output, got shapes "
                              f"{ {k: v.shape for k, v in arrays.items()} }")
         path = self.path(prompt)
-        tmp = temp_path(path)  # the daemon's store removes leftovers at start
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        commit_file(tmp, path)
+        write_atomically(path, lambda tmp: _savez(tmp, arrays))  # the daemon's store removes leftovers at start
         self.evict()
 
     def entries(self) -> list[tuple[float, int, str]]:
@@ -111,3 +102,8 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: numpy adds no ".npz" to the temporary name
+        np.savez(f, **arrays)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from .fileio import commit_file, temp_path
+from .fileio import write_atomically
 from .onnx_interp import Interpreter, OnnxFormatError, OnnxGraph, UnsupportedOp
 from .training_spec import TrainingError, TrainingSpec, load_spec
 from .torch_layout_ops import load_torch
@@ -225,15 +225,7 @@ class TorchTrainer:
             "lr": float(self.lr),
             "optimizer": self._optimizer.state_dict() if include_optimizer_state else None,
         }
-        tmp = temp_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        commit_file(tmp, path)
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
 
     def _load_checkpoint(self, path: str) -> None:
         torch = load_torch()

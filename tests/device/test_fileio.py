@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from edge_runtime.fileio import atomic_write, commit_file, is_temp, temp_path
+from edge_runtime.fileio import atomic_write, commit_file, is_temp, temp_path, write_atomically
 from edge_runtime.store import Store
 
 
@@ -33,6 +33,21 @@ def test_atomic_write_and_commit_leave_the_old_file_or_the_new_one(tmp_path):
     with pytest.raises(FileNotFoundError):
         commit_file(temp_path(p), p)  # nothing written: the file stays as it was
     assert open(p, "rb").read() == b"new"
+
+
+def test_write_atomically_hands_the_writer_a_temporary_name_and_cleans_up_a_failure(tmp_path):
+    p = str(tmp_path / "bank.npz")
+    write_atomically(p, lambda tmp: np.savez(tmp, a=np.arange(3)), ".npz")
+    assert np.load(p)["a"].tolist() == [0, 1, 2] and os.listdir(tmp_path) == ["bank.npz"]
+
+    def fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(p, fail)
+    assert np.load(p)["a"].tolist() == [0, 1, 2] and os.listdir(tmp_path) == ["bank.npz"]
 
 
 def test_store_removes_leftover_temporaries_of_every_writer_at_start(tmp_path):
