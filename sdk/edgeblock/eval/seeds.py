@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from edge_runtime.fileio import atomic_write
+
 from .report import markdown, quantized_targets, targets
 
-# results.json keys of a row that are not measurements of its own (none today; kept for readers)
+# the metrics the spread table shows
 _FIDELITY = ("subject_fidelity", "prompt_fidelity")
 
 
@@ -32,20 +33,13 @@ def run_seeds(out_dir: str, seeds: Sequence[int], run_one: Callable[[str, int], 
     os.makedirs(out_dir, exist_ok=True)
     per_seed = {s: run_one(seed_dir(out_dir, s), s) for s in seeds}
     results = aggregate(per_seed)
-    _write(out_dir, "results.json", json.dumps(results, indent=2))
-    _write(out_dir, "results.md", seeds_markdown(results))
+    atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2).encode())
+    atomic_write(os.path.join(out_dir, "results.md"), seeds_markdown(results).encode())
     grid = os.path.join(seed_dir(out_dir, seeds[0]), "grid.png")
     if os.path.exists(grid):
-        shutil.copyfile(grid, os.path.join(out_dir, "grid.png.tmp"))
-        os.replace(os.path.join(out_dir, "grid.png.tmp"), os.path.join(out_dir, "grid.png"))
+        with open(grid, "rb") as f:
+            atomic_write(os.path.join(out_dir, "grid.png"), f.read())
     return results
-
-
-def _write(out_dir: str, name: str, text: str) -> None:
-    tmp = os.path.join(out_dir, name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out_dir, name))
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:

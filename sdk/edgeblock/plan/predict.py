@@ -179,7 +179,6 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--precompute must be one of {', '.join(PRECOMPUTE_MODES)}, got {precompute!r}")
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
-    sw = cal.session_weight_factor
     gs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, SHELL, VAE))
     text_w = inv.text_encoder_params * tb * cal.text_session_factor
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
@@ -207,8 +206,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     online_w = (sum(group_w) / gs + prologue * sb) * cal.online_session_factor if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
-    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb, sb, ab, tw, text_w, vae_dec_w,
-                             text_held, weights)
+    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
+                             text_w, vae_dec_w, text_held)
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -254,12 +253,12 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                wb: float, sb: float, ab: int, tw: int, text_w: float, vae_dec_w: float, text_held: float,
-                weights: str) -> dict[str, dict]:
+                group_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
+                text_held: float) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
-    whole or, `text_held`, its largest part)."""
-    gs, ss, sw = session_factor(cal, graph_precision(weights, GROUP)), session_factor(cal, graph_precision(weights, SHELL)), \
-        cal.session_weight_factor
+    whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
+    weight (stored bytes x their precision's session factor)."""
+    sw = cal.session_weight_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
@@ -269,12 +268,12 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
     # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder)
     sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
-    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * wb * gs + inv.shell_params * sb * ss + trained * tw * sw
+    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
                       + vae_dec_w, act + vae_act, sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, then the VAE decoder
-    runs = [(sum(block_params[i] for i in g) * wb * gs, g) for g in groups]
+    runs = [(sum(block_params[i] for i in g) * group_b, g) for g in groups]
     runs += [(sum(block_params[i] for i in run) * tw * sw, run) for run in trained_runs]
-    shell = (inv.shell_params - inv.epilogue_params) * sb * ss
+    shell = (inv.shell_params - inv.epilogue_params) * shell_b
     stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
     stages += [(w, _act(inv, cal, blocks, n_gen, batch, not t.gpu) * ab) for w, blocks in runs]
     w, a = max(stages, key=lambda s: s[0] + s[1])
