@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench proto venv clean
 
+# buf (the protobuf linter) for tests/device/test_proto.py's `buf lint`, from the npm registry, pinned
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (onnxruntime-training has no wheels beyond 3.11)"; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +23,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m edgeblock.demo
 
-test: $(STAMP)
+$(BUF):
+	@command -v npm >/dev/null 2>&1 && npm install --prefix .tools --no-save --silent --no-audit --no-fund \
+		@bufbuild/buf@$(BUF_VERSION) || echo "npm could not install buf: the buf lint test will say so"
+
+test: $(STAMP) $(BUF)
 	$(BIN)/python -m pytest -q -x tests
 
 bench: $(STAMP)
@@ -30,4 +38,4 @@ proto: $(STAMP)
 	$(BIN)/python -m edge_runtime.api.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .tools build *.egg-info

@@ -3,6 +3,7 @@
     STATE/adapters/<id>/adapter.safetensors   the adapter file (edge_runtime.adapter_file: diffusers/PEFT LoRA)
     STATE/adapters/<id>/adapter.json          metadata + sha256 of the weights (written last)
     STATE/jobs/<id>/job.json                  request options, state, step, checkpoint step
+    STATE/jobs/<id>/events                    the job's events (JobEvent messages, each after its length)
     STATE/jobs/<id>/images/NN.png             the decoded subject images (a resumed job reads them)
     STATE/jobs/<id>/checkpoint                ORT training checkpoint (with optimizer state)
     STATE/jobs/<id>/bank/                     precomputed states (bank mode)
@@ -50,6 +51,10 @@ class NotFound(StoreError):
     pass
 
 
+class CorruptData(StoreError):
+    """A stored file that no longer matches its checksum or does not parse (the daemon answers DATA_LOSS)."""
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -86,6 +91,9 @@ class Store:
             d = os.path.join(self.adapters_dir, name)
             if not ID_RE.match(name) or not os.path.exists(os.path.join(d, "adapter.json")):
                 shutil.rmtree(d, ignore_errors=True)
+        for name in os.listdir(self.jobs_dir):
+            if name.startswith(".trash-"):  # a deletion cut short
+                shutil.rmtree(os.path.join(self.jobs_dir, name), ignore_errors=True)
         for dirpath, _dirs, files in os.walk(self.root):
             for n in files:
                 if is_temp(n):
@@ -115,7 +123,10 @@ class Store:
         p = os.path.join(self.adapter_dir(adapter_id), "adapter.json")
         if not os.path.exists(p):
             raise NotFound(f"unknown adapter {adapter_id}")
-        return read_json(p)
+        try:
+            return read_json(p)
+        except ValueError as e:  # written atomically, so only a damaged disk or a hand edit gets here
+            raise CorruptData(f"adapter {adapter_id}: adapter.json does not parse ({e})") from e
 
     def list_adapters(self) -> list[dict]:
         out = []
@@ -132,7 +143,7 @@ class Store:
         try:
             return adapter_file.decode(data, default_alpha=info.get("lora_alpha")).weights, info
         except adapter_file.AdapterFileError as e:
-            raise StoreError(f"adapter {adapter_id}: adapter.safetensors is not readable ({e})") from e
+            raise CorruptData(f"adapter {adapter_id}: adapter.safetensors is not readable ({e})") from e
 
     def adapter_bytes(self, adapter_id: str) -> tuple[bytes, dict]:
         """The adapter file as stored (checked against its sha256): what ExportAdapter sends."""
@@ -140,7 +151,8 @@ class Store:
         with open(os.path.join(self.adapter_dir(adapter_id), "adapter.safetensors"), "rb") as f:
             data = f.read()
         if sha256_bytes(data) != info["sha256"]:
-            raise StoreError(f"adapter {adapter_id}: weights do not match their sha256 (corrupt file)")
+            raise CorruptData(f"adapter {adapter_id}: adapter.safetensors does not match its sha256 (corrupt file): "
+                              "delete the adapter and train it again")
         return data, info
 
     def delete_adapter(self, adapter_id: str) -> None:
@@ -157,9 +169,10 @@ class Store:
         return os.path.join(self.jobs_dir, check_id(job_id, "job id"))
 
     def save_job(self, job: dict) -> None:
+        """Write job.json, setting job["updated"] (in the caller's dict too) to now."""
         d = self.job_dir(job["id"])
         os.makedirs(d, exist_ok=True)
-        job = {**job, "updated": time.time()}
+        job["updated"] = time.time()
         atomic_json(os.path.join(d, "job.json"), job)
 
     def get_job(self, job_id: str) -> dict:
@@ -194,6 +207,38 @@ class Store:
                 with open(os.path.join(d, n), "rb") as f:
                     out.append(f.read())
         return out
+
+    def append_job_event(self, job_id: str, event: bytes) -> None:
+        """Add one serialized event to the job's log (a 4-byte little-endian length, then the bytes). Not fsynced:
+        a crash may lose the last events, never the job (job.json is what resumes it)."""
+        with open(os.path.join(self.job_dir(job_id), "events"), "ab") as f:
+            f.write(len(event).to_bytes(4, "little") + event)
+
+    def job_events(self, job_id: str) -> list[bytes]:
+        """The job's logged events in order; a record cut short by a crash (the last one) is left out."""
+        p = os.path.join(self.job_dir(job_id), "events")
+        if not os.path.exists(p):
+            return []
+        with open(p, "rb") as f:
+            data = f.read()
+        out, i = [], 0
+        while i + 4 <= len(data):
+            n = int.from_bytes(data[i:i + 4], "little")
+            if i + 4 + n > len(data):
+                break
+            out.append(data[i + 4:i + 4 + n])
+            i += 4 + n
+        return out
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job: its folder goes (its adapter, if any, stays)."""
+        d = self.job_dir(job_id)
+        if not os.path.isdir(d):
+            raise NotFound(f"unknown job {job_id}")
+        trash = os.path.join(self.jobs_dir, f".trash-{job_id}-{os.getpid()}")
+        os.replace(d, trash)  # atomic: the job disappears at once
+        fsync_dir(self.jobs_dir)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def drop_job_work(self, job_id: str) -> None:
         """A finished job keeps job.json only (its images, checkpoint and bank are removed)."""

@@ -11,4 +11,15 @@ from . import edgeblock_pb2, edgeblock_pb2_grpc
 # "edgeblock.v1.EdgeBlock": for server reflection and per-service health status.
 SERVICE_NAME: str = edgeblock_pb2.DESCRIPTOR.services_by_name["EdgeBlock"].full_name
 
-__all__ = ["SERVICE_NAME", "edgeblock_pb2", "edgeblock_pb2_grpc"]
+
+def kind_name(kind: int) -> str:
+    """A JobEvent kind's short name: "DONE" for KIND_DONE (the value names carry their enum's prefix)."""
+    return edgeblock_pb2.JobEvent.Kind.Name(kind).removeprefix("KIND_")
+
+
+def state_name(state: int) -> str:
+    """A Job state's short name: "DONE" for STATE_DONE, as job.json records it."""
+    return edgeblock_pb2.Job.State.Name(state).removeprefix("STATE_")
+
+
+__all__ = ["SERVICE_NAME", "edgeblock_pb2", "edgeblock_pb2_grpc", "kind_name", "state_name"]

@@ -29,6 +29,12 @@ class EdgeBlockStub:
     """The edge daemon's service. One training job runs at a time, up to
     Limits.max_queue wait behind it; generations run beside it, up to
     Limits.max_concurrent_generations at once.
+
+    Jobs outlive the calls that start them (the long-running-operation pattern): a
+    job runs until it is done, fails or is cancelled with CancelJob, whether or not a
+    client follows it. WatchJob follows a job from any client; GetJob and ListJobs
+    read its state. Finished jobs are kept for Limits.finished_job_retention and at
+    most Limits.max_finished_jobs of them (the oldest go first); their adapters stay.
     """
 
     def __init__(self, channel):
@@ -41,6 +47,16 @@ class EdgeBlockStub:
                 '/edgeblock.v1.EdgeBlock/Personalize',
                 request_serializer=edgeblock__pb2.PersonalizeRequest.SerializeToString,
                 response_deserializer=edgeblock__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/edgeblock.v1.EdgeBlock/WatchJob',
+                request_serializer=edgeblock__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=edgeblock__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/edgeblock.v1.EdgeBlock/ListJobs',
+                request_serializer=edgeblock__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=edgeblock__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/edgeblock.v1.EdgeBlock/Generate',
@@ -88,15 +104,38 @@ class EdgeBlockServicer:
     """The edge daemon's service. One training job runs at a time, up to
     Limits.max_queue wait behind it; generations run beside it, up to
     Limits.max_concurrent_generations at once.
+
+    Jobs outlive the calls that start them (the long-running-operation pattern): a
+    job runs until it is done, fails or is cancelled with CancelJob, whether or not a
+    client follows it. WatchJob follows a job from any client; GetJob and ListJobs
+    read its state. Finished jobs are kept for Limits.finished_job_retention and at
+    most Limits.max_finished_jobs of them (the oldest go first); their adapters stay.
     """
 
     def Personalize(self, request, context):
-        """Train a LoRA adapter on 1..N subject images. Streams progress events until the
-        job is done, failed or cancelled (the last event is DONE, FAILED or CANCELLED).
-        Errors before the job starts: INVALID_ARGUMENT (a limit, a bad image, a bad
-        option), RESOURCE_EXHAUSTED (the queue is full), UNAVAILABLE (the daemon is
-        shutting down). If the client goes away, the job is cancelled before its next
-        training step.
+        """Train a LoRA adapter on 1..N subject images. Streams the job's events until it
+        is done, failed or cancelled (the last event is KIND_DONE, KIND_FAILED or
+        KIND_CANCELLED). Errors before the job starts: INVALID_ARGUMENT (a limit, a bad
+        image, a bad option), RESOURCE_EXHAUSTED (the queue is full), UNAVAILABLE (the
+        daemon is shutting down), ALREADY_EXISTS (request_id was used for a different
+        request). If the client goes away the job goes on: re-attach with WatchJob (the
+        first event names the job), or send the same request with the same request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Follow a job from any client: every event it has had so far (from KIND_QUEUED
+        on), then live ones, ending with its final event (at once for a finished job).
+        NOT_FOUND for an unknown job (or one past retention).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The jobs the daemon knows, newest first, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,7 +152,7 @@ class EdgeBlockServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """The adapters in the daemon's state directory, oldest first.
+        """The adapters in the daemon's state directory, oldest first, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +211,16 @@ def add_EdgeBlockServicer_to_server(servicer, server):
                     request_deserializer=edgeblock__pb2.PersonalizeRequest.FromString,
                     response_serializer=edgeblock__pb2.JobEvent.SerializeToString,
             ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=edgeblock__pb2.WatchJobRequest.FromString,
+                    response_serializer=edgeblock__pb2.JobEvent.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=edgeblock__pb2.ListJobsRequest.FromString,
+                    response_serializer=edgeblock__pb2.ListJobsResponse.SerializeToString,
+            ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=edgeblock__pb2.GenerateRequest.FromString,
@@ -224,6 +273,12 @@ class EdgeBlock:
     """The edge daemon's service. One training job runs at a time, up to
     Limits.max_queue wait behind it; generations run beside it, up to
     Limits.max_concurrent_generations at once.
+
+    Jobs outlive the calls that start them (the long-running-operation pattern): a
+    job runs until it is done, fails or is cancelled with CancelJob, whether or not a
+    client follows it. WatchJob follows a job from any client; GetJob and ListJobs
+    read its state. Finished jobs are kept for Limits.finished_job_retention and at
+    most Limits.max_finished_jobs of them (the oldest go first); their adapters stay.
     """
 
     @staticmethod
@@ -243,6 +298,60 @@ class EdgeBlock:
             '/edgeblock.v1.EdgeBlock/Personalize',
             edgeblock__pb2.PersonalizeRequest.SerializeToString,
             edgeblock__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgeblock.v1.EdgeBlock/WatchJob',
+            edgeblock__pb2.WatchJobRequest.SerializeToString,
+            edgeblock__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeblock.v1.EdgeBlock/ListJobs',
+            edgeblock__pb2.ListJobsRequest.SerializeToString,
+            edgeblock__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

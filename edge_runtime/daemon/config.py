@@ -29,6 +29,9 @@ class Limits:
     max_concurrent_generations: int = 2
     max_token_chars: int = 64
     max_name_chars: int = 200
+    max_finished_jobs: int = 100  # finished jobs kept (the oldest beyond it are forgotten; adapters stay)
+    finished_job_retention_s: float = 7 * 86400.0  # how long a finished job is kept after its last update
+    max_page_size: int = 1000  # items per page of ListJobs / ListAdapters
 
 
 @dataclass
@@ -39,6 +42,21 @@ class Defaults:
     generate_steps: int = 30
     guidance: float = 3.0
     seed: int = 0
+
+
+def parse_duration(text: str, flag: str = "duration") -> float:
+    """Seconds of "90", "90s", "15m", "12h" or "7d"; a clear error otherwise."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    t = str(text).strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a duration: give seconds or a number with s, m, h or d "
+                         "(e.g. 90s, 15m, 12h, 7d)") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{flag} must be a positive duration, got {text!r}")
+    return value
 
 
 def check_tls(tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None) -> None:
@@ -83,6 +101,12 @@ class ServerConfig:
             raise ValueError("max_concurrent_generations must be >= 1")
         if self.limits.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if self.limits.max_finished_jobs < 0:
+            raise ValueError(f"max_finished_jobs must be >= 0, got {self.limits.max_finished_jobs}")
+        if not self.limits.finished_job_retention_s > 0:
+            raise ValueError(f"job retention must be positive, got {self.limits.finished_job_retention_s} s")
+        if self.limits.max_page_size < 1:
+            raise ValueError(f"max_page_size must be >= 1, got {self.limits.max_page_size}")
         if self.trainer not in ("auto", "ort", "torch"):
             raise ValueError(f"trainer must be auto, ort or torch, got {self.trainer!r}")
         if self.train_device != "auto":
@@ -113,6 +137,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="where the trainer runs: auto (cuda when its runtime has it, else cpu), cpu or cuda[:N]")
     p.add_argument("--max-concurrent-generations", type=int, default=None, help="default: the daemon's")
     p.add_argument("--max-queue", type=int, default=None, help="queued training jobs beyond which Personalize is refused")
+    p.add_argument("--max-finished-jobs", type=int, default=None,
+                   help=f"finished jobs kept for GetJob/WatchJob/ListJobs; beyond it the oldest are forgotten, their "
+                        f"adapters stay (default {Limits.max_finished_jobs})")
+    p.add_argument("--job-retention", default=None, metavar="DURATION",
+                   help="how long a finished job is kept after it ended, e.g. 12h or 7d (default 7d)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of each ONNX Runtime session (default: ONNX Runtime's)")
     p.add_argument("--prompt-cache-mb", type=float, default=None,
@@ -161,6 +190,15 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("max_concurrent_generations", "max_queue", "threads", "prompt_cache_mb"):
         if getattr(args, flag) is not None:
             kwargs[flag] = getattr(args, flag)
+    limits = {}
+    if getattr(args, "max_finished_jobs", None) is not None:
+        if args.max_finished_jobs < 0:
+            raise ValueError(f"--max-finished-jobs must be >= 0, got {args.max_finished_jobs}")
+        limits["max_finished_jobs"] = args.max_finished_jobs
+    if getattr(args, "job_retention", None) is not None:
+        limits["finished_job_retention_s"] = parse_duration(args.job_retention, "--job-retention")
+    if limits:
+        kwargs["limits"] = Limits(**limits)
     if getattr(args, "memory_budget", None) is not None:
         from ..memory_plan import MemoryPlanError, parse_size
 

@@ -24,3 +24,15 @@ class DeadlineExceeded(RpcFailure):
 
 class Unavailable(RpcFailure):
     code_name = "UNAVAILABLE"
+
+
+class AlreadyExists(RpcFailure):
+    code_name = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(RpcFailure):
+    code_name = "FAILED_PRECONDITION"
+
+
+class DataLoss(RpcFailure):
+    code_name = "DATA_LOSS"

@@ -77,7 +77,7 @@ class Generator:
         size = int(request.size) or int(self.bundle.manifest.gen_res)
         if size not in sizes:
             raise InvalidArgument(f"size {size} is not supported by this bundle (sizes: {sizes})")
-        seed = int(request.seed) or D.seed
+        seed = int(request.seed) if request.HasField("seed") else D.seed
         lora = None
         if request.adapter_id:
             check_id(request.adapter_id, "adapter_id")

@@ -1,13 +1,17 @@
 """The daemon's training jobs: one runs at a time from a bounded queue, checkpoints into the state
 directory, and after a restart (crash or SIGTERM) every unfinished job resumes from its last
-checkpoint. An adapter's id is fixed when its job is accepted, so no job is trained twice."""
+checkpoint. An adapter's id is fixed when its job is accepted, so no job is trained twice. A job
+outlives the calls that follow it: its events are logged beside it for any watcher, a request id
+makes a retried request find its job, and finished jobs are kept for a bounded time and count."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import asdict
@@ -15,20 +19,45 @@ from typing import Any
 
 from .admission import Admission
 from .config import Defaults, Limits
-from .errors import InvalidArgument, ResourceExhausted, Unavailable
+from .errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger("edgeblock.daemon")
 
 JOB_STATES = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED")
 TERMINAL = ("DONE", "FAILED", "CANCELLED")
+REQUEST_ID_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
+
+
+def request_digest(request) -> str:
+    """What a retried request must repeat: the request's fields, its request_id aside."""
+    from ..api import edgeblock_pb2 as pb
+
+    r = pb.PersonalizeRequest()
+    r.CopyFrom(request)
+    r.request_id = ""
+    return hashlib.sha256(r.SerializeToString(deterministic=True)).hexdigest()
 
 
 class JobRecord:
-    def __init__(self, data: dict):
+    """A job: its job.json (data), its events so far (loaded from its log on first use after a restart),
+    and the condition watchers wait on for the next one."""
+
+    def __init__(self, data: dict, logged: list[bytes] | None = None):
         self.data = data
-        self.events: list[Any] = []
+        self._logged = logged  # serialized events of an earlier run, parsed when first watched
+        self._events: list[Any] | None = None if logged is not None else []
         self.cond = threading.Condition()
         self.cancel = threading.Event()
+
+    @property
+    def events(self) -> list[Any]:
+        with self.cond:
+            if self._events is None:
+                from ..api import edgeblock_pb2 as pb
+
+                self._events = [pb.JobEvent.FromString(b) for b in self._logged or ()]
+                self._logged = None
+            return self._events
 
     @property
     def id(self) -> str:
@@ -58,6 +87,7 @@ class JobQueue:
         self.image_limits = ImageLimits(max_images=limits.max_images, max_image_bytes=limits.max_image_bytes,
                                         max_image_pixels=limits.max_image_pixels)
         self.jobs: dict[str, JobRecord] = {}
+        self.by_request: dict[str, str] = {}  # request_id -> job id, for the jobs kept
         self.queue: queue.Queue[JobRecord] = queue.Queue()
         self.queued = 0
         self.lock = threading.Lock()
@@ -67,14 +97,44 @@ class JobQueue:
         self.worker.start()
 
     def get(self, job_id: str) -> JobRecord | None:
+        self.prune()
         return self.jobs.get(job_id)
+
+    def all(self) -> list[JobRecord]:
+        self.prune()
+        with self.lock:
+            return list(self.jobs.values())
+
+    # ------------------------------------------------------------------ retention
+    def prune(self, now: float | None = None) -> None:
+        """Forget finished jobs past Limits.finished_job_retention_s (from their last update) and the oldest
+        beyond Limits.max_finished_jobs; their adapters stay."""
+        now = time.time() if now is None else now
+        L = self.limits
+        with self.lock:
+            done = sorted((r for r in self.jobs.values() if r.finished()),
+                          key=lambda r: (r.data.get("updated", r.data.get("created", 0)), r.id))
+            expired = [r for r in done if now - r.data.get("updated", r.data.get("created", now)) > L.finished_job_retention_s]
+            keep = [r for r in done if r not in expired]
+            expired += keep[:max(0, len(keep) - L.max_finished_jobs)]
+            for r in expired:
+                self.jobs.pop(r.id, None)
+                if self.by_request.get(r.data.get("request_id", "")) == r.id:
+                    del self.by_request[r.data["request_id"]]
+        for r in expired:
+            try:
+                self.store.delete_job(r.id)
+            except Exception as e:  # noqa: BLE001 - forgetting a job must not fail a call
+                log.warning("could not remove finished job %s: %s", r.id, e)
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
         """Unfinished jobs of a previous run (crash or SIGTERM) resume from their last checkpoint."""
         for data in self.store.list_jobs():
-            rec = JobRecord(data)
+            rec = JobRecord(data, logged=self.store.job_events(data["id"]))
             self.jobs[rec.id] = rec
+            if data.get("request_id"):
+                self.by_request[data["request_id"]] = rec.id
             if rec.state in TERMINAL:
                 continue
             adapter_path = os.path.join(self.store.adapters_dir, data["adapter_id"], "adapter.json")
@@ -95,8 +155,13 @@ class JobQueue:
     def _emit(self, rec: JobRecord, kind: str, **kw) -> None:
         from ..api import edgeblock_pb2 as pb
 
-        ev = pb.JobEvent(kind=pb.JobEvent.Kind.Value(kind), job_id=rec.id,
-                         elapsed_s=time.time() - rec.data.get("created", time.time()), **kw)
+        elapsed = time.time() - rec.data.get("created", time.time())
+        ev = pb.JobEvent(kind=pb.JobEvent.Kind.Value(f"KIND_{kind}"), job_id=rec.id, elapsed_s=elapsed, **kw)
+        ev.elapsed.FromNanoseconds(int(elapsed * 1e9))
+        try:
+            self.store.append_job_event(rec.id, ev.SerializeToString())
+        except OSError as e:  # the log is for watchers after a restart; the job goes on without it
+            log.warning("job %s: could not log its event (%s)", rec.id, e)
         with rec.cond:
             rec.events.append(ev)
             rec.cond.notify_all()
@@ -107,15 +172,40 @@ class JobQueue:
         self._emit(rec, state, message=message, adapter_id=rec.data["adapter_id"] if state == "DONE" else "",
                    step=int(rec.data.get("step", 0)), total_steps=int(rec.data["options"]["steps"]))
         self.store.drop_job_work(rec.id)
+        self.prune()
 
     # ------------------------------------------------------------------ submit
+    def _same_request(self, request_id: str, digest: str) -> JobRecord | None:
+        """The kept job a request id names (call with self.lock held): None if none, AlreadyExists if that job
+        was started by a different request."""
+        job_id = self.by_request.get(request_id)
+        rec = self.jobs.get(job_id) if job_id else None
+        if rec is None:
+            return None
+        if rec.data.get("request_digest") != digest:
+            raise AlreadyExists(f"request_id {request_id!r} was used for a different request (job {rec.id}): "
+                                "choose a new request_id for a new job")
+        return rec
+
     def submit(self, request) -> JobRecord:
-        """Check a PersonalizeRequest and queue its job. Raises InvalidArgument, ResourceExhausted,
-        Unavailable, or PersonalizeError (a request the personalization code refuses)."""
+        """Check a PersonalizeRequest and queue its job, or return the job its request_id already started.
+        Raises InvalidArgument, ResourceExhausted, Unavailable, AlreadyExists, or PersonalizeError (a request
+        the personalization code refuses)."""
         from ..personalize import JobOptions, PersonalizeError, choose_precompute, decode_images
         from ..store import new_id
 
         L, D = self.limits, self.defaults
+        request_id, digest = request.request_id, ""
+        if request_id:
+            if not REQUEST_ID_RE.match(request_id):
+                raise InvalidArgument(f"request_id must be 1..64 characters of letters, digits, '-', '_', '.' or "
+                                      f"':', got {request_id[:80]!r}")
+            digest = request_digest(request)
+            self.prune()
+            with self.lock:
+                rec = self._same_request(request_id, digest)
+            if rec is not None:
+                return rec
         if self.shutting_down.is_set():
             raise Unavailable("the daemon is shutting down")
         token, noun = request.token.strip(), request.class_noun.strip()
@@ -165,26 +255,43 @@ class JobQueue:
                 if not c or len(c) > L.max_prompt_chars:
                     raise InvalidArgument(f"{what} {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)")
         share = float(request.prior_share) or 0.5
-        opts = JobOptions(token, noun, steps, lr, int(request.seed) or D.seed, every, mode, captions=captions,
+        opts = JobOptions(token, noun, steps, lr, int(request.seed) if request.HasField("seed") else D.seed, every, mode, captions=captions,
                           class_captions=class_captions, prior_share=share, batch=self.batch)
         opts.training_prompts(len(request.images))  # one caption per image, or none
         if class_pngs:
             opts.class_prompts(len(class_pngs))  # one class caption per class image, or none
-        with self.lock:
-            if self.queued >= L.max_queue + (0 if self.current is not None else 1):
-                raise ResourceExhausted(f"the job queue is full (max_queue={L.max_queue} waiting behind the running job)")
-            self.queued += 1
         now = time.time()
         data = {"id": new_id(), "adapter_id": new_id(), "state": "QUEUED", "step": 0, "checkpoint_step": 0,
                 "loss": 0.0, "message": "", "created": now, "name": request.name or f"{token} {noun}",
-                "options": asdict(opts), "trainer": self.trainer}
+                "options": asdict(opts), "trainer": self.trainer, "request_id": request_id,
+                "request_digest": digest}
         rec = JobRecord(data)
-        self.store.save_job(data)
-        self.store.save_job_images(rec.id, pngs)
-        if class_pngs:
-            self.store.save_job_images(rec.id, class_pngs, kind="class_images")
-        with self.lock:
+        with self.lock:  # a request id is taken at most once, even by two retries at the same time
+            same = self._same_request(request_id, digest) if request_id else None
+            if same is not None:
+                return same
+            if self.queued >= L.max_queue + (0 if self.current is not None else 1):
+                raise ResourceExhausted(f"the job queue is full (max_queue={L.max_queue} waiting behind the running job)")
+            self.queued += 1
             self.jobs[rec.id] = rec
+            if request_id:
+                self.by_request[request_id] = rec.id
+        try:
+            self.store.save_job(data)
+            self.store.save_job_images(rec.id, pngs)
+            if class_pngs:
+                self.store.save_job_images(rec.id, class_pngs, kind="class_images")
+        except BaseException:
+            with self.lock:
+                self.queued -= 1
+                self.jobs.pop(rec.id, None)
+                if self.by_request.get(request_id) == rec.id:
+                    del self.by_request[request_id]
+            try:
+                self.store.delete_job(rec.id)
+            except Exception:  # noqa: BLE001 - nothing was written, or it goes at the next start
+                pass
+            raise
         self._emit(rec, "QUEUED", queue_position=max(0, self.queue.qsize() + (1 if self.current else 0)))
         self.queue.put(rec)
         return rec

@@ -19,6 +19,18 @@ from .state import Daemon, pick_trainer
 log = logging.getLogger("edgeblock.daemon")
 
 
+# keepalive: the daemon pings an idle connection every 60 s and drops it after 20 s without an answer (a client
+# that went away mid-stream is noticed), and lets clients ping every 20 s or more (edgeblock.client pings every 30 s)
+KEEPALIVE_TIME_S = 60.0
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 def _max_message(cfg: ServerConfig) -> int:
     """Large enough for a Personalize request at the image limits, so the daemon's own checks answer."""
     return max(256 * 2**20, cfg.limits.max_images * cfg.limits.max_image_bytes + 4 * 2**20)
@@ -44,7 +56,8 @@ class Server:
                                   interceptors=interceptors,
                                   options=[("grpc.max_receive_message_length", _max_message(cfg)),
                                            ("grpc.max_send_message_length", _max_message(cfg)),
-                                           ("grpc.so_reuseport", 0)])  # a second daemon on the port fails
+                                           ("grpc.so_reuseport", 0),  # a second daemon on the port fails
+                                           *KEEPALIVE_OPTIONS])
         creds = server_credentials(cfg)
         try:
             if creds is not None:

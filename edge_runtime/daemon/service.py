@@ -5,7 +5,6 @@ parse) becomes a gRPC status code and message."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -15,9 +14,10 @@ import grpc
 from ..api import edgeblock_pb2 as pb
 from ..api import edgeblock_pb2_grpc as pb_grpc
 from ..personalize import PersonalizeError
-from ..store import NotFound, StoreError, check_id
-from .errors import InvalidArgument, NotFoundError, RpcFailure
+from ..store import CorruptData, NotFound, StoreError, check_id
+from .errors import DataLoss, InvalidArgument, NotFoundError, RpcFailure, Unavailable
 from .jobs import JobRecord
+from .settings import settings_msg
 from .state import Daemon
 
 log = logging.getLogger("edgeblock.daemon")
@@ -30,7 +30,8 @@ def _abort(context, e: RpcFailure):
 @contextmanager
 def answering(context, store_error: type[RpcFailure] | None = InvalidArgument) -> Iterator[None]:
     """Errors of the block as the RPC's status: an RpcFailure its own code, PersonalizeError
-    INVALID_ARGUMENT, NotFound NOT_FOUND, another StoreError store_error's code (None: not answered)."""
+    INVALID_ARGUMENT, NotFound NOT_FOUND, CorruptData (stored data that fails its checksum) DATA_LOSS, another
+    StoreError store_error's code (None: not answered)."""
     try:
         yield
     except RpcFailure as e:
@@ -39,26 +40,47 @@ def answering(context, store_error: type[RpcFailure] | None = InvalidArgument) -
         _abort(context, InvalidArgument(str(e)))
     except NotFound as e:
         _abort(context, NotFoundError(str(e)))
+    except CorruptData as e:
+        _abort(context, DataLoss(str(e)))
     except StoreError as e:
         if store_error is None:
             raise
         _abort(context, store_error(str(e)))
 
 
+def _timestamp(t: float) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _duration(seconds: float) -> Any:
+    from google.protobuf.duration_pb2 import Duration
+
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
 def adapter_msg(a: dict) -> Any:
+    created = float(a.get("created", 0.0))
     return pb.Adapter(id=a["id"], name=a.get("name", ""), token=a.get("token", ""), class_noun=a.get("class_noun", ""),
                       steps=int(a.get("steps", 0)), final_loss=float(a.get("final_loss", 0.0)),
-                      created=float(a.get("created", 0.0)), sha256=a.get("sha256", ""),
+                      created=created, create_time=_timestamp(created), sha256=a.get("sha256", ""),
                       lora_rank=int(a.get("lora_rank", 0)), job_id=a.get("job_id", ""),
                       size_bytes=int(a.get("size_bytes", 0)))
 
 
 def job_msg(d: dict) -> Any:
-    return pb.Job(id=d["id"], state=pb.Job.State.Value(d["state"]), step=int(d.get("step", 0)),
+    created, updated = float(d.get("created", 0.0)), float(d.get("updated", 0.0))
+    return pb.Job(id=d["id"], state=pb.Job.State.Value(f"STATE_{d['state']}"), step=int(d.get("step", 0)),
                   total_steps=int(d["options"]["steps"]), loss=float(d.get("loss", 0.0)),
                   adapter_id=d["adapter_id"] if d["state"] == "DONE" else "", message=d.get("message", ""),
-                  checkpoint_step=int(d.get("checkpoint_step", 0)), created=float(d.get("created", 0.0)),
-                  updated=float(d.get("updated", 0.0)))
+                  checkpoint_step=int(d.get("checkpoint_step", 0)), created=created, updated=updated,
+                  create_time=_timestamp(created), update_time=_timestamp(updated),
+                  request_id=d.get("request_id", ""), name=d.get("name", ""))
 
 
 class Servicer(pb_grpc.EdgeBlockServicer):
@@ -81,41 +103,60 @@ class Servicer(pb_grpc.EdgeBlockServicer):
             _abort(context, NotFoundError(f"unknown job {value}"))
         return rec
 
-    def Personalize(self, request, context):
-        with answering(context):
-            rec = self.d.submit(request)
-        done = threading.Event()
+    def _follow(self, rec: JobRecord, context) -> Iterator[Any]:
+        """The job's events from the first, then live ones until its final event or until the client goes
+        away (the job goes on: only CancelJob stops it)."""
+        final = (pb.JobEvent.KIND_DONE, pb.JobEvent.KIND_FAILED, pb.JobEvent.KIND_CANCELLED)
 
-        def gone() -> None:  # the RPC ended: if the client went away mid-job, cancel the job
-            if not done.is_set() and not rec.finished():
-                log.info("client of job %s went away: cancelling", rec.id)
-                rec.cancel.set()
+        def wake() -> None:
             with rec.cond:
                 rec.cond.notify_all()
 
-        context.add_callback(gone)
+        context.add_callback(wake)
         i = 0
         while True:
             with rec.cond:
-                while i >= len(rec.events) and context.is_active():
+                while i >= len(rec.events) and context.is_active() and not self.d.shutting_down.is_set():
                     rec.cond.wait(timeout=0.5)
                 evs = rec.events[i:]
             i += len(evs)
             for ev in evs:
                 yield ev
-                if ev.kind in (pb.JobEvent.DONE, pb.JobEvent.FAILED, pb.JobEvent.CANCELLED):
-                    done.set()
+                if ev.kind in final:
                     return
             if not context.is_active():
                 return
+            if self.d.shutting_down.is_set() and not evs:
+                _abort(context, Unavailable("the daemon is shutting down; the job resumes at its next start: "
+                                            f"WatchJob {rec.id} then"))
+
+    def Personalize(self, request, context):
+        with answering(context):
+            rec = self.d.submit(request)
+        yield from self._follow(rec, context)
+
+    def WatchJob(self, request, context):
+        yield from self._follow(self._job(context, request.job_id), context)
+
+    def ListJobs(self, request, context):
+        with answering(context):
+            recs, token = self.d.pager.page("jobs", self.d.jobs.all(), lambda r: [r.data.get("created", 0.0), r.id],
+                                            request.page_size, request.page_token, newest_first=True)
+        return pb.ListJobsResponse(jobs=[job_msg(r.data) for r in recs], next_page_token=token)
 
     def Generate(self, request, context):
         with answering(context):
             png, meta = self.d.generate(request, self._deadline(context))
-        return pb.GenerateResponse(png=png, adapter_id=request.adapter_id, **meta)
+        r = pb.GenerateResponse(png=png, adapter_id=request.adapter_id, **meta)
+        r.time.FromNanoseconds(int(meta["time_s"] * 1e9))
+        return r
 
     def ListAdapters(self, request, context):
-        return pb.ListAdaptersResponse(adapters=[adapter_msg(a) for a in self.d.store.list_adapters()])
+        with answering(context):
+            items, token = self.d.pager.page("adapters", self.d.store.list_adapters(),
+                                             lambda a: [a.get("created", 0.0), a["id"]], request.page_size,
+                                             request.page_token)
+        return pb.ListAdaptersResponse(adapters=[adapter_msg(a) for a in items], next_page_token=token)
 
     def GetAdapter(self, request, context):
         aid = self._adapter_id(context, request.adapter_id)
@@ -140,6 +181,8 @@ class Servicer(pb_grpc.EdgeBlockServicer):
             f = adapter_file.decode(data, default_alpha=info.get("lora_alpha", self.d.bundle.manifest.lora_alpha))
         except NotFound as e:
             _abort(context, NotFoundError(str(e)))
+        except CorruptData as e:
+            _abort(context, DataLoss(str(e)))
         except (StoreError, adapter_file.AdapterFileError) as e:
             _abort(context, RpcFailure(str(e)))
         if f.info.get("format") != adapter_file.FORMAT:
@@ -174,10 +217,12 @@ class Servicer(pb_grpc.EdgeBlockServicer):
             limits=pb.Limits(max_images=L.max_images, max_image_bytes=L.max_image_bytes,
                              max_image_pixels=L.max_image_pixels, max_steps=L.max_steps,
                              max_prompt_chars=L.max_prompt_chars, max_generate_steps=L.max_generate_steps,
-                             max_queue=L.max_queue, max_concurrent_generations=L.max_concurrent_generations),
+                             max_queue=L.max_queue, max_concurrent_generations=L.max_concurrent_generations,
+                             max_finished_jobs=L.max_finished_jobs, max_page_size=L.max_page_size,
+                             finished_job_retention=_duration(L.finished_job_retention_s)),
             defaults=pb.Defaults(steps=D.steps, learning_rate=D.learning_rate, checkpoint_every=D.checkpoint_every,
                                  generate_steps=D.generate_steps, guidance=D.guidance, seed=D.seed),
-            version=__version__, memory=self._memory(),
+            version=__version__, memory=self._memory(), settings=settings_msg(d.cfg),
         )
 
     def _memory(self):

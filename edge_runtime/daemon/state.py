@@ -12,6 +12,7 @@ from .admission import Admission, default_budget
 from .config import ConfigError, ServerConfig
 from .generation import Generator
 from .jobs import JobQueue, JobRecord
+from .paging import Pager
 
 log = logging.getLogger("edgeblock.daemon")
 
@@ -119,6 +120,7 @@ class Daemon:
         self.trainer = pick_trainer(cfg.trainer)
         self.train_device = pick_train_device(self.trainer, cfg.train_device)
         self.shutting_down = threading.Event()
+        self.pager = Pager(self.limits.max_page_size)
         self.admission = make_admission(self.bundle, cfg.memory_budget)
         self.generator = Generator(self.bundle, self.store, limits=self.limits, defaults=self.defaults,
                                    shutting_down=self.shutting_down, admission=self.admission)

@@ -32,6 +32,12 @@ _MAX_MESSAGE = 512 * 2**20
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    # keepalive: a ping every 30 s finds a dead connection (a board that rebooted, a Wi-Fi that roamed) within
+    # 40 s even while a job's stream is quiet; the daemon allows pings 20 s apart (edge_runtime/daemon/server.py)
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 
@@ -70,8 +76,8 @@ def _read(path_or_bytes, what: str) -> bytes:
 
 
 class JobStream(Iterator["pb.JobEvent"]):
-    """The events of one Personalize call. `job_id` is known from the first event on; `cancel()` ends
-    the stream (the daemon then cancels the job within one step); CancelJob is the explicit way."""
+    """The events of one Personalize or WatchJob call. `job_id` is known from the first event on; `cancel()`
+    ends the stream only (the job goes on: CancelJob stops it)."""
 
     def __init__(self, call):
         self._call = call
@@ -159,15 +165,17 @@ class EdgeClient:
         return self._unary(self.stub.GetInfo, pb.GetInfoRequest())
 
     def personalize(self, images: Sequence[bytes | str | os.PathLike], token: str, class_noun: str, steps: int = 0,
-                    learning_rate: float = 0.0, seed: int = 0, checkpoint_every: int = 0, name: str = "",
+                    learning_rate: float = 0.0, seed: int | None = None, checkpoint_every: int = 0, name: str = "",
                     precompute: str = "", timeout: float | None = None, captions: Sequence[str] = (),
                     class_images: Sequence[bytes | str | os.PathLike] = (), class_captions: Sequence[str] = (),
-                    prior_share: float = 0.0) -> JobStream:
+                    prior_share: float = 0.0, request_id: str = "") -> JobStream:
         """Start a training job; iterate the result for its JobEvents (the last one DONE, FAILED or
         CANCELLED). Images are PNG/JPEG bytes or paths to such files; `captions`, if given, one training
         caption per image naming the token (PersonalizeRequest.captions). `class_images` (prior
         preservation: the base model's generations of the class, e.g. from `generate` without an adapter),
-        with `class_captions` (one each, not naming the token) and `prior_share` (0: the daemon's 0.5)."""
+        with `class_captions` (one each, not naming the token) and `prior_share` (0: the daemon's 0.5).
+        `request_id` (e.g. a uuid4 hex): the same request sent again with it returns the same job, so a retry
+        after a dropped connection never starts a second one."""
         for what, v in (("images", images), ("class_images", class_images)):
             if isinstance(v, (str, bytes, os.PathLike)):
                 raise TypeError(f"{what} must be a list of paths or bytes, not a single one")
@@ -176,17 +184,36 @@ class EdgeClient:
             steps=steps, learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, name=name,
             precompute=precompute, captions=list(captions),
             class_images=[pb.Image(data=_read(im, "class image")) for im in class_images],
-            class_captions=list(class_captions), prior_share=prior_share,
+            class_captions=list(class_captions), prior_share=prior_share, request_id=request_id,
         )
         return JobStream(_call(self.stub.Personalize, req, metadata=self._metadata, timeout=timeout))
 
-    def generate(self, prompt: str, adapter_id: str = "", seed: int = 0, steps: int = 0, guidance: float = 0.0,
+    def watch_job(self, job_id: str, timeout: float | None = None) -> JobStream:
+        """Follow a job from its first event to its final one (at once for a finished job)."""
+        return JobStream(_call(self.stub.WatchJob, pb.WatchJobRequest(job_id=job_id), metadata=self._metadata,
+                               timeout=timeout))
+
+    def _pages(self, method, request_type, field: str, page_size: int) -> list:
+        out, token = [], ""
+        while True:
+            resp = self._unary(method, request_type(page_size=page_size, page_token=token))
+            out.extend(getattr(resp, field))
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def list_jobs(self, page_size: int = 0) -> list[pb.Job]:
+        """Every job the daemon keeps, newest first (all pages; page_size 0: the daemon's largest page)."""
+        return self._pages(self.stub.ListJobs, pb.ListJobsRequest, "jobs", page_size)
+
+    def generate(self, prompt: str, adapter_id: str = "", seed: int | None = None, steps: int = 0, guidance: float = 0.0,
                  size: int = 0) -> pb.GenerateResponse:
         req = pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, seed=seed, steps=steps, guidance=guidance, size=size)
         return self._unary(self.stub.Generate, req)
 
-    def list_adapters(self) -> list[pb.Adapter]:
-        return list(self._unary(self.stub.ListAdapters, pb.ListAdaptersRequest()).adapters)
+    def list_adapters(self, page_size: int = 0) -> list[pb.Adapter]:
+        """Every adapter, oldest first (all pages; page_size 0: the daemon's largest page)."""
+        return self._pages(self.stub.ListAdapters, pb.ListAdaptersRequest, "adapters", page_size)
 
     def get_adapter(self, adapter_id: str) -> pb.Adapter:
         return self._unary(self.stub.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id))

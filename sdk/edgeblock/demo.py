@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["compile_s"] = time.perf_counter() - t0
     summary["compile_cached"] = bool(res.up_to_date)
 
+    from edge_runtime.api import kind_name
     from edge_runtime.manifest import load_manifest
 
     from .client import EdgeClient
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps,
                                         learning_rate=lr, seed=1, captions=subject.captions,
                                         class_images=class_pngs, class_captions=class_caps):
-                    kind = type(ev).Kind.Name(ev.kind)
+                    kind = kind_name(ev.kind)
                     if kind == "STEP":
                         losses.append(ev.loss)
                         bar.update(ev.step - bar.n)

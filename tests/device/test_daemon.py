@@ -18,11 +18,12 @@ from edgeblock.client import ClientError, EdgeClient
 from PIL import Image
 
 from edge_runtime.api import edgeblock_pb2 as pb
+from edge_runtime.api import kind_name, state_name
 from edge_runtime.manifest import load_manifest
 
 pytest.importorskip("onnxruntime.training")
 
-KIND = pb.JobEvent.Kind.Name
+KIND = kind_name
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_end_to_end_personalize_generate_adapters(daemon, bundle, tmp_path):
         assert all(np.isfinite(e.loss) and e.loss > 0 for e in steps)
         assert [e.step for e in events if KIND(e.kind) == "CHECKPOINT"] == [5, 10]
         job = c.get_job(events[0].job_id)
-        assert pb.Job.State.Name(job.state) == "DONE" and job.adapter_id == aid and job.step == 12
+        assert state_name(job.state) == "DONE" and job.adapter_id == aid and job.step == 12
         ads = c.list_adapters()
         assert [a.id for a in ads] == [aid] and ads[0].token == "sks" and ads[0].steps == 12 and ads[0].lora_rank == 4
         assert c.get_adapter(aid).sha256 == ads[0].sha256
@@ -171,7 +172,7 @@ def test_daemon_process_is_torch_free(daemon):
         assert lib not in maps, f"{lib} is mapped into the daemon"
 
 
-def test_cancel_job_and_client_going_away(daemon):
+def test_cancel_job_and_a_job_outliving_its_client(daemon):
     with EdgeClient(daemon.address, timeout=60) as c:
         c.wait_ready(20)
         stream = c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3000)
@@ -183,23 +184,82 @@ def test_cancel_job_and_client_going_away(daemon):
         t0 = time.time()
         j = c.cancel_job(job_id)
         j = wait_job(c, job_id, timeout=30)
-        assert pb.Job.State.Name(j.state) == "CANCELLED" and time.time() - t0 < 10
+        assert state_name(j.state) == "CANCELLED" and time.time() - t0 < 10
         assert j.step < 3000
         rest = [KIND(e.kind) for e in stream]
         assert rest and rest[-1] == "CANCELLED"
 
-        # a client that goes away mid-job: the job stops too
+        # a client that goes away mid-job: the job goes on, and another client follows it from its first event
         stream = c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3000)
         for ev in stream:
             job_id = ev.job_id
             if KIND(ev.kind) == "STEP":
                 break
         stream.cancel()
-        j = wait_job(c, job_id, timeout=30)
-        assert pb.Job.State.Name(j.state) == "CANCELLED"
+        time.sleep(1.5)
+        j = c.get_job(job_id)
+        assert state_name(j.state) == "RUNNING" and j.step >= 1
+        with EdgeClient(daemon.address, timeout=60) as other:
+            watch = other.watch_job(job_id)
+            seen = []
+            for ev in watch:
+                seen.append(ev)
+                if KIND(ev.kind) == "STEP" and ev.step > j.step:  # past the events so far: a live one
+                    break
+            assert KIND(seen[0].kind) == "QUEUED" and all(e.job_id == job_id for e in seen)
+            steps = [e.step for e in seen if KIND(e.kind) == "STEP"]
+            assert steps == list(range(1, len(steps) + 1))  # every event, in order, none twice
+            assert [j.id for j in other.list_jobs()][0] == job_id  # newest first
+            other.cancel_job(job_id)
+            rest = [KIND(e.kind) for e in watch]
+            assert rest and rest[-1] == "CANCELLED"
+        assert [KIND(e.kind) for e in c.watch_job(job_id)][-1] == "CANCELLED"  # a finished job: at once
         assert c.list_adapters() == []
         # and the daemon still trains the next job
         _personalize(c, steps=3)
+
+
+def test_request_id_retries_pages_and_retention(bundle, tmp_path):
+    d = DaemonProc(bundle, str(tmp_path / "state"), "--max-finished-jobs", "2", "--job-retention", "15s")
+    try:
+        with EdgeClient(d.address, timeout=60) as c:
+            c.wait_ready(20)
+            info = c.info()
+            assert info.limits.max_finished_jobs == 2 and info.limits.finished_job_retention.seconds == 15
+            first = next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3,
+                                            request_id="retry-1")))
+            # the retry (same request, same id) gets the same job's events from its first, not a second job
+            again = list(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3, request_id="retry-1"))
+            assert {e.job_id for e in again} == {first.job_id}
+            assert KIND(again[0].kind) == "QUEUED" and KIND(again[-1].kind) == "DONE"
+            assert c.get_job(first.job_id).request_id == "retry-1"
+            with pytest.raises(ClientError) as e:  # the same id for another request
+                next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=4, request_id="retry-1")))
+            assert e.value.code == "ALREADY_EXISTS" and first.job_id in e.value.details
+            with pytest.raises(ClientError) as e:
+                next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", request_id="no spaces")))
+            assert e.value.code == "INVALID_ARGUMENT" and "request_id" in e.value.details
+            ids = [first.job_id] + [_personalize(c, steps=2)[0][-1].job_id for _ in range(2)]
+            # three finished jobs, two kept: the oldest is forgotten, its adapter stays
+            assert [j.id for j in c.list_jobs()] == ids[:0:-1]
+            assert [j.id for j in c.list_jobs(page_size=1)] == ids[:0:-1]  # page by page
+            with pytest.raises(ClientError) as e:
+                c.get_job(ids[0])
+            assert e.value.code == "NOT_FOUND"
+            assert len(c.list_adapters(page_size=1)) == 3
+            page = c.stub.ListJobs(pb.ListJobsRequest(page_size=1))
+            assert len(page.jobs) == 1 and page.next_page_token
+            with pytest.raises(ClientError) as e:
+                c._unary(c.stub.ListAdapters, pb.ListAdaptersRequest(page_token=page.next_page_token))
+            assert e.value.code == "INVALID_ARGUMENT"  # a token of another list
+            with pytest.raises(ClientError) as e:
+                c._unary(c.stub.ListJobs, pb.ListJobsRequest(page_token="forged.0123"))
+            assert e.value.code == "INVALID_ARGUMENT"
+            newest = c.get_job(ids[-1]).update_time.ToNanoseconds() / 1e9
+            time.sleep(max(0.0, newest + 15.5 - time.time()))  # past the retention: finished jobs go, adapters stay
+            assert c.list_jobs() == [] and len(c.list_adapters()) == 3
+    finally:
+        d.stop()
 
 
 def test_kill_9_mid_training_resumes_from_checkpoint(bundle, tmp_path):
@@ -221,8 +281,13 @@ def test_kill_9_mid_training_resumes_from_checkpoint(bundle, tmp_path):
     try:
         with EdgeClient(d2.address, timeout=60) as c:
             c.wait_ready(20)
+            # WatchJob after the restart: the events logged before the crash, the resumption, then to the end
+            kinds = [(KIND(e.kind), e.step) for e in c.watch_job(job_id)]
+            assert kinds[0] == ("QUEUED", 0) and ("STEP", 13) in kinds and kinds[-1][0] == "DONE"
+            resumed_at = [i for i, (k, _) in enumerate(kinds) if k == "QUEUED"]
+            assert len(resumed_at) == 2 and kinds.index(("STEP", 13)) < resumed_at[1]
             j = wait_job(c, job_id, timeout=120)
-            assert pb.Job.State.Name(j.state) == "DONE", j.message
+            assert state_name(j.state) == "DONE", j.message
             ads = c.list_adapters()
             assert [a.id for a in ads] == [j.adapter_id] and ads[0].job_id == job_id
             resumed, _ = c.export_adapter(j.adapter_id)
@@ -262,7 +327,7 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(bundle, tmp_path):
         with EdgeClient(d2.address, timeout=60) as c:
             c.wait_ready(20)
             j = wait_job(c, job_id, timeout=120)
-            assert pb.Job.State.Name(j.state) == "DONE" and j.step == 60
+            assert state_name(j.state) == "DONE" and j.step == 60
     finally:
         d2.stop()
 
@@ -364,7 +429,7 @@ def test_eight_clients_generate_while_a_job_trains(daemon):
             t.join(180)
         assert not errors and results == [(64, 64, 3)] * 8
         rest = [KIND(e.kind) for e in stream]
-        assert rest[-1] == "DONE" and pb.Job.State.Name(c.get_job(first.job_id).state) == "DONE"
+        assert rest[-1] == "DONE" and state_name(c.get_job(first.job_id).state) == "DONE"
 
 
 def test_remote_listen_needs_a_token_and_tokens_are_checked(bundle, tmp_path):

@@ -37,7 +37,7 @@ def _img(png: bytes) -> np.ndarray:
 def test_latent_bundle_personalize_and_generate_over_grpc(pixart_bundle, tmp_path):
     from edgeblock.client import EdgeClient
 
-    from edge_runtime.api import edgeblock_pb2 as pb
+    from edge_runtime.api import kind_name
     from edge_runtime.manifest import load_manifest
     from edge_runtime.runtime import Bundle
 
@@ -51,9 +51,9 @@ def test_latent_bundle_personalize_and_generate_over_grpc(pixart_bundle, tmp_pat
             assert info.family == "pixart" and info.gen_res == m.gen_res
             events = list(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=4, learning_rate=5e-3,
                                         seed=1))
-            kinds = [pb.JobEvent.Kind.Name(e.kind) for e in events]
+            kinds = [kind_name(e.kind) for e in events]
             assert kinds[-1] == "DONE", events[-1]
-            losses = [e.loss for e in events if pb.JobEvent.Kind.Name(e.kind) == "STEP"]
+            losses = [e.loss for e in events if kind_name(e.kind) == "STEP"]
             assert len(losses) == 4 and all(np.isfinite(losses))
             aid = events[-1].adapter_id
             base = c.generate("a sks ring on a blue background", steps=3, seed=2)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from edge_runtime.api import edgeblock_pb2 as pb
 from edge_runtime.api import edgeblock_pb2_grpc as pb_grpc
+from edge_runtime.api import kind_name
 
 pytest.importorskip("onnxruntime.training")
 
@@ -241,7 +242,7 @@ class Fuzzer:
             if first is None:
                 return
             # accepted: stop the job right away (its first event names it)
-            assert first.job_id and pb.JobEvent.Kind.Name(first.kind) == "QUEUED", first
+            assert first.job_id and kind_name(first.kind) == "QUEUED", first
             assert rpc == "Personalize", f"{rpc}: random bytes started a job"
             self.jobs.append(first.job_id)
             self.record("CancelJob", lambda: self.stub.CancelJob(pb.CancelJobRequest(job_id=first.job_id),
@@ -249,9 +250,9 @@ class Fuzzer:
             last = first
             for ev in call:  # ends with CANCELLED (or DONE when it was quicker than the cancel)
                 last = ev
-            self.outcomes[pb.JobEvent.Kind.Name(last.kind)] += 1
+            self.outcomes[kind_name(last.kind)] += 1
             # FAILED would mean the daemon accepted a request it cannot train on
-            assert pb.JobEvent.Kind.Name(last.kind) in ("CANCELLED", "DONE"), (request, last)
+            assert kind_name(last.kind) in ("CANCELLED", "DONE"), (request, last)
         finally:
             call.cancel()
 
@@ -365,7 +366,7 @@ def test_fuzzed_requests_never_break_the_daemon(fuzz_daemon):
     with EdgeClient(fuzz_daemon.address, timeout=CALL_TIMEOUT) as c:
         assert c.health() == "SERVING" and c.health(SERVICE) == "SERVING"
         events = list(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3))
-        assert pb.JobEvent.Kind.Name(events[-1].kind) == "DONE", events[-1]
+        assert kind_name(events[-1].kind) == "DONE", events[-1]
         aid = events[-1].adapter_id
         assert aid in {a.id for a in c.list_adapters()}
         r = c.generate("a sks ring", adapter_id=aid, steps=2, seed=1)

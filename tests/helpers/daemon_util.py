@@ -89,12 +89,12 @@ def subject_pngs(n: int = 3, side: int = 64, seed: int = 0) -> list[bytes]:
 
 
 def wait_job(client, job_id: str, states=("DONE", "FAILED", "CANCELLED"), timeout: float = 120):
-    from edge_runtime.api import edgeblock_pb2 as pb
+    from edge_runtime.api import state_name
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         j = client.get_job(job_id)
-        if pb.Job.State.Name(j.state) in states:
+        if state_name(j.state) in states:
             return j
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} not in {states} after {timeout} s")

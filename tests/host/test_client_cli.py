@@ -21,7 +21,7 @@ from edgeblock.client import ClientError, EdgeClient
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
-from edge_runtime.api import SERVICE_NAME
+from edge_runtime.api import SERVICE_NAME, kind_name
 from edge_runtime.api import edgeblock_pb2 as pb
 from edge_runtime.api import edgeblock_pb2_grpc as pb_grpc
 
@@ -61,21 +61,46 @@ class FakeEdge(pb_grpc.EdgeBlockServicer):
         K = pb.JobEvent
         if request.class_noun == "hang":  # waits for CancelJob (or the client going away)
             context.add_callback(self.cancelled.set)
-            yield K(kind=K.QUEUED, job_id="job-hang", queue_position=0)
+            yield K(kind=K.KIND_QUEUED, job_id="job-hang", queue_position=0)
             self.cancelled.wait(10)
-            yield K(kind=K.CANCELLED, job_id="job-hang", message="cancelled by the client")
+            yield K(kind=K.KIND_CANCELLED, job_id="job-hang", message="cancelled by the client")
             return
+        if request.class_noun == "drop0" and not any(r.request_id == request.request_id for n, r, _ in self.calls[:-1]
+                                                     if n == "Personalize"):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset before the first event")
+        for i, ev in enumerate(self._events(request)):
+            if request.class_noun == "drop" and i == 4:  # after the first step: the connection drops
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+            yield ev
+
+    def WatchJob(self, request, context):
+        self._enter("WatchJob", request, context)
+        if request.job_id != "job-1":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id}")
+        yield from self._events(pb.PersonalizeRequest(steps=3, token="sks"))
+
+    def ListJobs(self, request, context):
+        self._enter("ListJobs", request, context)
+        jobs = [pb.Job(id="job-2", state=pb.Job.STATE_RUNNING, step=1, total_steps=3, name="zwx cat"),
+                pb.Job(id="job-1", state=pb.Job.STATE_DONE, step=3, total_steps=3, name="sks dog", adapter_id="ad-new")]
+        start = 1 if request.page_token == "p2" else 0
+        if request.page_size == 1:
+            return pb.ListJobsResponse(jobs=jobs[start:start + 1], next_page_token="" if start else "p2")
+        return pb.ListJobsResponse(jobs=jobs)
+
+    def _events(self, request):
+        K = pb.JobEvent
         total = request.steps or 3
-        yield K(kind=K.QUEUED, job_id="job-1", queue_position=1)
-        yield K(kind=K.ENCODING, job_id="job-1")
-        yield K(kind=K.PRECOMPUTING, job_id="job-1", progress=1.0)
+        yield K(kind=K.KIND_QUEUED, job_id="job-1", queue_position=1)
+        yield K(kind=K.KIND_ENCODING, job_id="job-1")
+        yield K(kind=K.KIND_PRECOMPUTING, job_id="job-1", progress=1.0)
         for s in range(1, total + 1):
-            yield K(kind=K.STEP, job_id="job-1", step=s, total_steps=total, loss=1.0 / s, elapsed_s=0.1 * s)
+            yield K(kind=K.KIND_STEP, job_id="job-1", step=s, total_steps=total, loss=1.0 / s, elapsed_s=0.1 * s)
         if request.token == "fail":
-            yield K(kind=K.FAILED, job_id="job-1", message="trainer ran out of memory")
+            yield K(kind=K.KIND_FAILED, job_id="job-1", message="trainer ran out of memory")
             return
-        yield K(kind=K.CHECKPOINT, job_id="job-1", step=total, total_steps=total)
-        yield K(kind=K.DONE, job_id="job-1", adapter_id="ad-new", step=total, total_steps=total, elapsed_s=1.25)
+        yield K(kind=K.KIND_CHECKPOINT, job_id="job-1", step=total, total_steps=total)
+        yield K(kind=K.KIND_DONE, job_id="job-1", adapter_id="ad-new", step=total, total_steps=total, elapsed_s=1.25)
 
     def Generate(self, request, context):
         self._enter("Generate", request, context)
@@ -107,12 +132,12 @@ class FakeEdge(pb_grpc.EdgeBlockServicer):
 
     def GetJob(self, request, context):
         self._enter("GetJob", request, context)
-        return pb.Job(id=request.job_id, state=pb.Job.DONE, step=3, total_steps=3, adapter_id="ad-new")
+        return pb.Job(id=request.job_id, state=pb.Job.STATE_DONE, step=3, total_steps=3, adapter_id="ad-new")
 
     def CancelJob(self, request, context):
         self._enter("CancelJob", request, context)
         self.cancelled.set()
-        return pb.Job(id=request.job_id, state=pb.Job.CANCELLED, step=1, total_steps=3)
+        return pb.Job(id=request.job_id, state=pb.Job.STATE_CANCELLED, step=1, total_steps=3)
 
     def GetInfo(self, request, context):
         self._enter("GetInfo", request, context)
@@ -175,8 +200,8 @@ def test_client_calls_carry_the_bearer_token_and_map_errors(daemon, tmp_path):
         assert [a.id for a in c.list_adapters()] == ["ad-1", "ad-2"]
         assert c.get_adapter("ad-1").name == "sks dog"
         assert c.export_adapter("ad-2") == (b"ST:ad-2", "ad-2-zwx.safetensors")
-        assert c.get_job("job-1").state == pb.Job.DONE
-        assert c.cancel_job("job-1").state == pb.Job.CANCELLED
+        assert c.get_job("job-1").state == pb.Job.STATE_DONE
+        assert c.cancel_job("job-1").state == pb.Job.STATE_CANCELLED
         r = c.generate("a photo", adapter_id="ad-1", size=16)
         assert r.png.startswith(b"\x89PNG") and r.size == 16 and r.adapter_id == "ad-1"
         with pytest.raises(ClientError) as e:
@@ -188,7 +213,7 @@ def test_client_calls_carry_the_bearer_token_and_map_errors(daemon, tmp_path):
         paths = _images(tmp_path)
         events = list(c.personalize([paths[0], _bytes(paths[1])], token="sks", class_noun="dog", steps=2,
                                     learning_rate=1e-3, seed=5, name="rex"))
-    kinds = [pb.JobEvent.Kind.Name(e.kind) for e in events]
+    kinds = [kind_name(e.kind) for e in events]
     assert kinds == ["QUEUED", "ENCODING", "PRECOMPUTING", "STEP", "STEP", "CHECKPOINT", "DONE"]
     assert events[-1].adapter_id == "ad-new"
     _, req, _ = daemon.calls[-1]
@@ -262,8 +287,9 @@ def test_personalize_json_lines_and_env_token(daemon, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert rc == 0
     events = [json.loads(line) for line in out.splitlines()]
-    assert [e["kind"] for e in events][:3] == ["QUEUED", "ENCODING", "PRECOMPUTING"]
-    assert events[-1]["kind"] == "DONE" and events[-1]["adapter_id"] == "ad-new"
+    # the proto's value names
+    assert [e["kind"] for e in events][:3] == ["KIND_QUEUED", "KIND_ENCODING", "KIND_PRECOMPUTING"]
+    assert events[-1]["kind"] == "KIND_DONE" and events[-1]["adapter_id"] == "ad-new"
     assert events[3]["loss"] == 1.0 and events[4]["loss"] == 0.5
 
 
@@ -403,3 +429,47 @@ def test_serve_builds_the_server_config(tmp_path, token_file, monkeypatch):
     assert main(["serve", "--bundle", str(bundle), "--state", "s", "--prompt-cache-mb", "-1"]) == 2
     assert main(["serve", "--bundle", str(tmp_path / "nope"), "--state", "s"]) == 2
     assert not got
+
+
+def test_personalize_reattaches_after_a_dropped_connection(daemon, tmp_path, token_file, capsys):
+    # dropped after the first step: WatchJob re-attaches, and each event is shown once, in order
+    rc = main(["personalize", "--server", daemon.address, "--images", *_images(tmp_path, 1), "--token", "sks",
+               "--class-noun", "drop", "--auth-token-file", token_file, "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    kinds = [json.loads(line)["kind"].removeprefix("KIND_") for line in out.splitlines()]
+    assert kinds == ["QUEUED", "ENCODING", "PRECOMPUTING", "STEP", "STEP", "STEP", "CHECKPOINT", "DONE"]
+    assert [r.job_id for n, r, _ in daemon.calls if n == "WatchJob"] == ["job-1"]
+    (req,) = [r for n, r, _ in daemon.calls if n == "Personalize"]
+    assert len(req.request_id) == 32  # a fresh uuid4 hex per command
+
+    # dropped before the job was known: the same request again, with the same request id
+    rc = main(["personalize", "--server", daemon.address, "--images", *_images(tmp_path, 1), "--token", "sks",
+               "--class-noun", "drop0", "--auth-token-file", token_file, "--request-id", "mine-1", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.strip() == "ad-new"
+    again = [r for n, r, _ in daemon.calls if n == "Personalize" and r.class_noun == "drop0"]
+    assert [r.request_id for r in again] == ["mine-1", "mine-1"] and again[0] == again[1]
+
+    # --reattach-timeout 0: the drop is an error, naming the job to watch
+    rc = main(["personalize", "--server", daemon.address, "--images", *_images(tmp_path, 1), "--token", "sks",
+               "--class-noun", "drop", "--auth-token-file", token_file, "--reattach-timeout", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "UNAVAILABLE: connection reset" in err
+
+
+def test_jobs_ls_watch_cancel(daemon, tmp_path, token_file, capsys):
+    with EdgeClient(daemon.address, token=TOKEN, timeout=10) as c:
+        assert [j.id for j in c.list_jobs(page_size=1)] == ["job-2", "job-1"]  # every page
+    rc = main(["jobs", "--server", daemon.address, "--auth-token-file", token_file, "ls"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.splitlines()[0].split() == ["ID", "STATE", "STEP", "NAME", "ADAPTER", "CREATED"]
+    assert out.splitlines()[1].split()[:3] == ["job-2", "RUNNING", "1/3"]
+    rc = main(["jobs", "ls", "--json", "--server", daemon.address, "--auth-token-file", token_file])
+    assert rc == 0 and [j["id"] for j in json.loads(capsys.readouterr().out)] == ["job-2", "job-1"]
+    rc = main(["jobs", "watch", "job-1", "--server", daemon.address, "--auth-token-file", token_file, "--quiet"])
+    assert rc == 0 and capsys.readouterr().out.strip() == "ad-new"
+    rc = main(["jobs", "watch", "job-404", "--server", daemon.address, "--auth-token-file", token_file])
+    assert rc == 1 and "NOT_FOUND: unknown job job-404" in capsys.readouterr().err
+    rc = main(["jobs", "cancel", "job-1", "--server", daemon.address, "--auth-token-file", token_file])
+    assert rc == 0 and "job job-1: CANCELLED at step 1/3" in capsys.readouterr().out

@@ -89,6 +89,8 @@ def bundle_for(model: str, blocks: tuple[int, ...] | None, progress) -> str:
 def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tuple[int, ...] | None = None,
         precompute: str = "", torch_reference: bool = True, progress=None,
         reference_variants: tuple[str, ...] = ("standard_lora", "blockskip")) -> dict:
+    from edge_runtime.api import kind_name
+
     from ..client import EdgeClient
     from ..demo import RssSampler, start_daemon, stop_daemon
     from . import memory
@@ -129,7 +131,7 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
                 last = ev
                 rss.phase = _phase(ev, rss.phase)
             job_s = time.perf_counter() - t0
-            if type(last).Kind.Name(last.kind) != "DONE":
+            if kind_name(last.kind) != "DONE":
                 raise RuntimeError(f"the benchmark job did not finish: {last}")
             rss.phase = "generate"
             t0 = time.perf_counter()
@@ -184,7 +186,9 @@ JOB_PHASES = ("encode", "precompute", "train")
 
 def _phase(ev, current: str | None) -> str | None:
     """The job phase a progress event opens (the RSS sampler attributes samples to it)."""
-    kind = type(ev).Kind.Name(ev.kind)
+    from edge_runtime.api import kind_name
+
+    kind = kind_name(ev.kind)
     if kind == "PRECOMPUTING":
         return "train" if ev.progress >= 1.0 else "precompute"  # 1.0: every frozen group done
     if kind in ("STEP", "CHECKPOINT"):

@@ -65,6 +65,8 @@ def _stop(proc, rss) -> None:
 
 def measure_job(bundle: str, steps: int) -> int:
     """Peak RSS of the daemon over one personalization job (request to adapter)."""
+    from edge_runtime.api import kind_name
+
     from ..client import EdgeClient
     from ..eval.subjects import load_subjects
 
@@ -80,7 +82,7 @@ def measure_job(bundle: str, steps: int) -> int:
             for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps, seed=1):
                 last = ev
             rss.phase = None
-            if type(last).Kind.Name(last.kind) != "DONE":
+            if kind_name(last.kind) != "DONE":
                 raise RuntimeError(f"the job did not finish: {last}")
     finally:
         _stop(proc, rss)

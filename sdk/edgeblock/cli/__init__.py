@@ -12,7 +12,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bundle, daemon_client, generate, measure, serve
+    from . import bundle, daemon_client, generate, jobs, measure, serve
 
     p = argparse.ArgumentParser(prog="edgeblock", description="On-device DiT personalization (DiT-BlockSkip)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.register(sub)  # compile, build-engines
     serve.register(sub)  # serve
     daemon_client.register(sub)  # personalize, adapters
+    jobs.register(sub)  # jobs ls|watch|cancel
     from ..deploy import register as _register_deploy
 
     _register_deploy(sub)  # deploy

@@ -75,7 +75,7 @@ def generate_remote(args: argparse.Namespace) -> int:
     if args.model is not None:
         raise ValueError("--model and --server are exclusive (the daemon serves its bundle's model)")
     with _client(args) as c:
-        r = c.generate(args.prompt, adapter_id=args.adapter or "", seed=args.seed or 0, steps=args.steps or 0,
+        r = c.generate(args.prompt, adapter_id=args.adapter or "", seed=args.seed, steps=args.steps or 0,
                        guidance=args.guidance or 0.0, size=args.size or 0)
     _write_atomic(args.output, r.png)
     adapter = f", adapter {r.adapter_id}" if r.adapter_id else ""
@@ -85,10 +85,12 @@ def generate_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    import uuid
+
+    from .jobs import follow_job
 
     for flag in ("steps", "seed", "checkpoint_every"):
-        if getattr(args, flag) < 0:
+        if (getattr(args, flag) or 0) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.lr < 0:
         raise ValueError(f"--lr must be >= 0, got {args.lr}")
@@ -96,68 +98,21 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         raise ValueError(f"--prior-share must be in (0, 1), got {args.prior_share}")
     if (args.class_caption or args.prior_share) and not args.class_images:
         raise ValueError("--class-caption and --prior-share need --class-images")
+    if args.reattach_timeout < 0:
+        raise ValueError(f"--reattach-timeout must be >= 0, got {args.reattach_timeout}")
+    request_id = args.request_id or uuid.uuid4().hex  # a re-sent request (re-attaching) finds its job by it
     with _client(args) as c:
-        from ..client import pb
+        def open_stream(job_id: str):
+            if job_id:
+                return c.watch_job(job_id)
+            return c.personalize(args.images, token=args.token, class_noun=args.class_noun, steps=args.steps,
+                                 learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                                 name=args.name, precompute=args.precompute, captions=args.caption or (),
+                                 class_images=args.class_images or (), class_captions=args.class_caption or (),
+                                 prior_share=args.prior_share, request_id=request_id)
 
-        Kind = pb.JobEvent.Kind
-        stream = c.personalize(args.images, token=args.token, class_noun=args.class_noun, steps=args.steps,
-                               learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                               name=args.name, precompute=args.precompute, captions=args.caption or (),
-                               class_images=args.class_images or (), class_captions=args.class_caption or (),
-                               prior_share=args.prior_share)
-        bar = tqdm(total=None, desc="connecting", unit="step", disable=args.json or args.quiet, dynamic_ncols=True)
-        postfix: dict = {}
-        try:
-            for ev in stream:
-                if args.json:
-                    print(json.dumps(_as_dict(ev)), flush=True)
-                kind = Kind.Name(ev.kind) if ev.kind in Kind.values() else str(ev.kind)
-                if ev.kind == Kind.STEP:
-                    if ev.total_steps and bar.total != ev.total_steps:
-                        bar.total = ev.total_steps
-                    bar.set_description_str("training", refresh=False)
-                    postfix["loss"] = f"{ev.loss:.4f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(max(ev.step - bar.n, 0))
-                elif ev.kind == Kind.QUEUED:
-                    bar.set_description_str(f"queued ({ev.queue_position} ahead)" if ev.queue_position else "queued")
-                elif ev.kind == Kind.ENCODING:
-                    bar.set_description_str("encoding")
-                elif ev.kind == Kind.PRECOMPUTING:
-                    bar.set_description_str(f"precomputing {ev.progress:.0%}")
-                elif ev.kind == Kind.CHECKPOINT:
-                    postfix["checkpoint"] = ev.step
-                    bar.set_postfix(postfix)
-                elif ev.kind == Kind.DONE:
-                    bar.close()
-                    if not args.json:
-                        print(f"job {ev.job_id} done in {ev.elapsed_s:.1f} s: adapter {ev.adapter_id}", file=sys.stderr)
-                        print(ev.adapter_id)
-                    return 0
-                elif ev.kind in (Kind.FAILED, Kind.CANCELLED):
-                    bar.close()
-                    what = "failed" if ev.kind == Kind.FAILED else "was cancelled"
-                    print(f"edgeblock personalize: error: job {ev.job_id} {what}: {ev.message or kind}", file=sys.stderr)
-                    return 1
-            bar.close()
-            print(f"edgeblock personalize: error: the stream of job {stream.job_id or '?'} ended without DONE",
-                  file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            bar.close()
-            if stream.job_id:
-                try:
-                    job = c.cancel_job(stream.job_id)
-                    state = pb.Job.State.Name(job.state)
-                    print(f"interrupted: cancelled job {stream.job_id} ({state}, step {job.step})", file=sys.stderr)
-                except (RuntimeError, OSError) as e:  # ClientError; the daemon still cancels when the stream goes
-                    print(f"interrupted: CancelJob {stream.job_id} failed ({e}); closing the stream", file=sys.stderr)
-            else:
-                print("interrupted before the job started; closing the stream", file=sys.stderr)
-            stream.cancel()
-            return 130
-        finally:
-            bar.close()
+        args.cancel_on_interrupt = True
+        return follow_job(c, open_stream, args, "personalize")
 
 
 def _created(t: float) -> str:
@@ -174,7 +129,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
                 print(json.dumps([_as_dict(a) for a in adapters], indent=2))
                 return 0
             rows = [("ID", "NAME", "TOKEN", "STEPS", "FINAL LOSS", "CREATED")]
-            rows += [(a.id, a.name, a.token, str(a.steps), f"{a.final_loss:.4f}", _created(a.created)) for a in adapters]
+            rows += [(a.id, a.name, a.token, str(a.steps), f"{a.final_loss:.4f}", _created(a.create_time.seconds))
+                     for a in adapters]
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:
                 print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
@@ -210,7 +166,7 @@ def register(sub) -> None:
     pz.add_argument("--class-noun", required=True, help="the subject's class noun, e.g. dog")
     pz.add_argument("--steps", type=int, default=0, help="training steps (default: the bundle's)")
     pz.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the bundle's)")
-    pz.add_argument("--seed", type=int, default=0, help="seed of the draws (0: the daemon's default)")
+    pz.add_argument("--seed", type=int, default=None, help="seed of the draws (default: the daemon's)")
     pz.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: the daemon's)")
     pz.add_argument("--name", default="", help="adapter name (default: '{token} {class noun}')")
     pz.add_argument("--caption", action="append", default=None, metavar="TEXT",
@@ -229,7 +185,13 @@ def register(sub) -> None:
                     help="share of the training draws taken from the class images, in (0, 1) (default: 0.5)")
     pz.add_argument("--precompute", choices=["", *PRECOMPUTE_MODES], default="",
                     help="precompute mode (default: the daemon's rule, bank above 256 MiB of transformer weights)")
-    pz.add_argument("--json", action="store_true", help="print every event as a JSON line (the last one is DONE)")
+    pz.add_argument("--request-id", default="", metavar="ID",
+                    help="the request's id (default: a new uuid4): the same request sent again with the same id "
+                         "returns the same job instead of starting another")
+    pz.add_argument("--reattach-timeout", type=float, default=600.0, metavar="S",
+                    help="after a dropped connection, re-attach to the job (it goes on on the daemon) for up to S "
+                         "seconds (0: give up at once; default 600)")
+    pz.add_argument("--json", action="store_true", help="print every event as a JSON line (the last one is KIND_DONE)")
     pz.add_argument("--quiet", action="store_true", help="no progress bar")
     client_flags(pz, required=True)
     pz.set_defaults(func=cmd_personalize)

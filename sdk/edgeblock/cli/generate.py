@@ -40,7 +40,7 @@ def register(sub) -> None:
     g.add_argument("--model", default=None, help="`builtin` (default) or a directory laid out like it; not with --server")
     g.add_argument("--prompt", required=True)
     g.add_argument("-o", "--output", required=True, help="PNG to write")
-    g.add_argument("--seed", type=int, default=None, help="default 0 (with --server: the daemon's default seed)")
+    g.add_argument("--seed", type=int, default=None, help="default 0 (with --server: the daemon's default seed, Info.defaults.seed)")
     g.add_argument("--steps", type=int, default=None, help="default 30 (with --server: the bundle's default)")
     g.add_argument("--guidance", type=float, default=None, help="default 3.0 (with --server: the bundle's default)")
     g.add_argument("--adapter", default=None,
