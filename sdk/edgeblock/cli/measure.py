@@ -29,16 +29,27 @@ def cmd_select(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     items = calibration_set(args.model, loaded, args.images, args.token, args.class_noun, args.prompt, args.res, args.count)
     total = len(items) * len(args.noise_levels) * args.noises
-    with tqdm(total=total, desc="selection", unit="draw", disable=args.quiet) as bar:
-        scores = score_blocks(
-            loaded.adapter,
-            loaded.objective,
-            items,
-            noise_levels=args.noise_levels,
-            noises=args.noises,
-            seed=args.seed,
-            progress=lambda done, _: bar.update(done - bar.n),
-        )
+    if args.ray:
+        from ..cluster.selection import ActorResources, score_blocks_ray
+        from ..cluster.session import connect
+
+        resources = ActorResources(args.ray_actors, args.ray_cpus_per_task, args.ray_gpus_per_task)
+        with connect(args.ray) as ray, tqdm(total=total * loaded.adapter.num_blocks, desc="selection", unit="task",
+                                             disable=args.quiet) as bar:
+            scores = score_blocks_ray(ray, args.model, loaded.adapter.num_blocks, items, args.noise_levels,
+                                      args.noises, seed=args.seed, resources=resources,
+                                      progress=lambda done, _: bar.update(done - bar.n))
+    else:
+        with tqdm(total=total, desc="selection", unit="draw", disable=args.quiet) as bar:
+            scores = score_blocks(
+                loaded.adapter,
+                loaded.objective,
+                items,
+                noise_levels=args.noise_levels,
+                noises=args.noises,
+                seed=args.seed,
+                progress=lambda done, _: bar.update(done - bar.n),
+            )
     top_k = args.top_k if args.top_k is not None else model_recipe(args.model).blocks_of(len(scores))
     report = selection_report(loaded.adapter, scores, top_k, args.contiguous)
     report.update({"model": args.model, "token": args.token, "class_noun": args.class_noun, "calibration": {
@@ -145,14 +156,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("edgeblock eval: give --seed or --seeds, not both", file=sys.stderr)
         return 2
 
-    def one(out: str, seed: int) -> dict:
-        return run_eval(out, model=args.model, quick=args.quick, steps=args.steps, seed=seed,
-                        blocks=args.blocks, dino=args.dino, clip=args.clip, progress=not args.quiet,
-                        lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
-                        crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
-                        prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows,
-                        train_res=args.train_res, patch_min=args.patch_min, runtime=args.runtime,
-                        weights=args.weights or (), ablations=args.ablations or None)
+    settings = dict(steps=args.steps, blocks=args.blocks, dino=args.dino, clip=args.clip,
+                    lr=args.lr, lora_rank=args.rank, top_k=args.top_k, captions=args.captions,
+                    crop_ids=args.crop_ids, contiguous=args.contiguous or None, samples=args.samples,
+                    prior=args.prior, prior_share=args.prior_share, subject_set=args.subject_set, rows=args.rows,
+                    train_res=args.train_res, patch_min=args.patch_min, runtime=args.runtime,
+                    weights=args.weights or (), ablations=args.ablations or None)
+
+    if args.ray:  # every seed's units on the cluster at once; then the folders as the runs below write them
+        from ..cluster.evaluation import run_eval_ray
+        from ..cluster.session import connect
+        from ..eval.run import EvalConfig
+        from ..eval.seeds import seed_dir
+
+        seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
+        runs = {s: (seed_dir(args.out, s) if args.seeds is not None else args.out,
+                    EvalConfig.make(args.model, args.quick, seed=s, **settings)) for s in seeds}
+        with connect(args.ray) as ray:
+            done = run_eval_ray(ray, runs, args.ray_cpus_per_task, args.ray_gpus_per_task, progress=not args.quiet)
+
+        def one(out: str, seed: int) -> dict:  # the finished runs, for run_seeds to aggregate
+            return done[seed]
+    else:
+        def one(out: str, seed: int) -> dict:
+            return run_eval(out, model=args.model, quick=args.quick, seed=seed, progress=not args.quiet, **settings)
 
     if args.seeds is not None:
         from ..eval.seeds import run_seeds
@@ -165,6 +192,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"done in {results['wall_s']:.0f} s: {args.out}/results.json, results.md, grid.png"
           + (" (each seed's run in seed-N/)" if args.seeds is not None else ""))
     return 0
+
+
+def _ray_arguments(p: argparse.ArgumentParser, what: str, whose: str) -> None:
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help=f"run {what} on a Ray cluster: auto (the one Ray finds), local (one started in this "
+                        "process) or HOST:PORT (needs `pip install edgeblock[cluster]`; docs/scale.md)")
+    p.add_argument("--ray-cpus-per-task", type=float, default=1.0, metavar="N",
+                   help=f"with --ray: CPUs {whose} (default 1)")
+    p.add_argument("--ray-gpus-per-task", type=float, default=0.0, metavar="N",
+                   help=f"with --ray: GPUs {whose} (default 0)")
 
 
 def register(sub) -> None:
@@ -186,6 +223,10 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--chart", default=None)
     s.add_argument("--quiet", action="store_true")
+    _ray_arguments(s, "the masked passes on Ray actors, one per worker, each holding the model once",
+                   "of each actor")
+    s.add_argument("--ray-actors", type=argtypes.positive_int, default=None,
+                   help="with --ray: actors to start (default: as many as the cluster's free CPUs, or GPUs, hold)")
     s.set_defaults(func=cmd_select)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
@@ -291,4 +332,5 @@ def register(sub) -> None:
     e.add_argument("--dino", default=None, help="local DINO ViT folder (transformers) for the DINO metric")
     e.add_argument("--clip", default=None, help="local CLIP folder (transformers) for CLIP-I and CLIP-T")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _ray_arguments(e, "each (row, subject, seed) fine-tune and its generations as a task", "of each task")
     e.set_defaults(func=cmd_eval)

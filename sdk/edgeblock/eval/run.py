@@ -9,27 +9,27 @@ Outputs: DIR/results.json ({"rows": {row: {metric: value}}, ...}), DIR/results.m
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
+from edge_runtime.fileio import atomic_write, write_atomically
 from edge_runtime.patch_sampling import PatchSchedule
 
 from ..method.train import CROP_IDS, SKIP_VARIANTS, VARIANTS, MethodConfig, Prior, Trainer
-from . import metrics
+from . import metrics, units
 from .ablations import ABLATION_ROWS, NEEDS_SCORES, ablation_config
 from .report import DEVICE_ROWS, QUANTIZED_ROWS, ROWS, markdown, quantized_targets, save_grid, targets
 from .subjects import CAPTION_MODES, SUBJECT_SETS, Subject, load_subjects, subject_set_dir
+from .units import score_images, swapped_blocks  # noqa: F401 - swapped_blocks: imported from here too
 
 log = logging.getLogger("edgeblock.eval")
 
@@ -154,22 +154,6 @@ class EvalConfig:
 # ---- pieces ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def swapped_blocks(transformer: nn.Module, names: list[str], blocks: dict[int, nn.Module]) -> Iterator[None]:
-    """Trained blocks are drop-in replacements: put them into the diffusers transformer, then restore."""
-    saved = {}
-    for i, block in blocks.items():
-        lst, j = names[i].split(".")
-        saved[i] = getattr(transformer, lst)[int(j)]
-        getattr(transformer, lst)[int(j)] = block
-    try:
-        yield
-    finally:
-        for i, block in saved.items():
-            lst, j = names[i].split(".")
-            getattr(transformer, lst)[int(j)] = block
-
-
 def select_blocks(loaded, text, subject: Subject, cfg: EvalConfig) -> tuple[list[int], list[float]]:
     """Top-k blocks (or the best window of k, cfg.contiguous) by cross-attention masking of "sks" and the
     class noun, on the subject's references (each with the prompt it trains on)."""
@@ -185,18 +169,6 @@ def select_blocks(loaded, text, subject: Subject, cfg: EvalConfig) -> tuple[list
     scores = score_blocks(loaded.adapter, loaded.objective, items, noise_levels=cfg.selection_noise_levels,
                           noises=1, seed=cfg.seed)
     return choose_blocks(scores, min(cfg.top_k, len(scores)), cfg.contiguous), [float(s) for s in scores]
-
-
-def score_images(images: np.ndarray, subject: Subject, prompts, ref_descs, dreambench=None) -> dict[str, list[float]]:
-    """Per-image metric values for one subject's generations."""
-    out: dict[str, list[float]] = {}
-    for img, p in zip(images, prompts):
-        for k, v in metrics.score(img, ref_descs, p.background, p.position).items():
-            out.setdefault(k, []).append(v)
-    if dreambench is not None and dreambench.enabled:
-        for k, v in dreambench.score(images, subject.images, [p.text for p in prompts]).items():
-            out[k] = [float(x) for x in v]
-    return out
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -250,11 +222,9 @@ class Runner:
     the base generations, block selection, and for each variant training, generation and scoring."""
 
     def __init__(self, cfg: EvalConfig, progress: bool = True):
-        from ..generate import load_transformer, model_meta, pixel_model_dir
+        from ..generate import model_meta, pixel_model_dir
         from ..method.lora import LoRASpec
         from ..models import load_model
-        from ..models.pipeline_parts import BuiltinTextStack
-        from .dreambench import DreamBench
 
         self.cfg, self.progress = cfg, progress
         self.path = pixel_model_dir(cfg.model)
@@ -268,9 +238,6 @@ class Runner:
         n = self.loaded.adapter.num_blocks
         if cfg.blocks is not None and (not cfg.blocks or any(not 0 <= b < n for b in cfg.blocks)):
             raise ValueError(f"--blocks {list(cfg.blocks)}: the model has blocks 0..{n - 1}")
-        self.dreambench = DreamBench(cfg.dino, cfg.clip)
-        self.text = BuiltinTextStack(self.meta["text_len"])
-        self.transformer = load_transformer(self.path)
         self.lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha)
         self.train_res, self.schedule = patch_setting(cfg, self.meta["size"], self.meta["patch"])
         self.variants = [v for v in VARIANTS if v in cfg.rows]  # the fine-tuned rows run
@@ -282,7 +249,27 @@ class Runner:
         self.devices: dict[str, Any] = {}  # the device rows' compiled bundles (--runtime device), built when the run starts
         self.generations: dict[str, dict[str, np.ndarray]] = {s.name: {} for s in self.subjects}
         self.selection_s = 0.0
-        self.bar = None
+        self._shared_by_subject: dict[tuple[str, int], dict] = {}  # (subject, seed) -> what its rows share
+        self.bar = tqdm(disable=True)  # the run's bar while run() runs; a unit run alone reports to none
+
+    # loaded on first use (a Ray run's driver, cluster/evaluation.py, only merges and never needs them)
+    @functools.cached_property
+    def dreambench(self):
+        from .dreambench import DreamBench
+
+        return DreamBench(self.cfg.dino, self.cfg.clip)
+
+    @functools.cached_property
+    def text(self):
+        from ..models.pipeline_parts import BuiltinTextStack
+
+        return BuiltinTextStack(self.meta["text_len"])
+
+    @functools.cached_property
+    def transformer(self):
+        from ..generate import load_transformer
+
+        return load_transformer(self.path)
 
     def run(self, out_dir: str) -> dict:
         cfg, t_start = self.cfg, time.perf_counter()
@@ -302,7 +289,23 @@ class Runner:
             self.devices[row] = DeviceRow(cfg, out_dir, self.train_res, progress=None, weights=w, subdir=sub)
         with tqdm(total=total, desc="eval", unit="step", disable=not self.progress) as self.bar:
             for si, subject in enumerate(self.subjects):
-                per_subject[subject.name] = self._subject(si, subject)
+                per_subject[subject.name] = record = self.subject_record(subject)
+                for row in self.unit_rows():
+                    units.merge(self, record, self.run_unit(row, si, subject))
+        return self.finish(out_dir, per_subject, t_start)
+
+    def unit_rows(self) -> list[str]:
+        """The rows of each subject in the order they run: base, the fine-tuned rows, the device rows."""
+        return (["base"] if "base" in self.cfg.rows else []) + self.variants + self.ablations + list(self.devices)
+
+    def subject_record(self, subject: Subject) -> dict:
+        return units.subject_record([p.text for p in self.prompts[subject.name]], self.cfg.samples,
+                                    sorted(self.cfg.blocks) if self.cfg.blocks is not None else [])
+
+    def finish(self, out_dir: str, per_subject: dict, t_start: float, wall_s: float | None = None) -> dict:
+        """The results of the merged units: results.json, results.md and grid.png written into out_dir (each
+        whole or not at all: fileio's atomic writes); wall_s: the run's wall time if not since t_start."""
+        cfg = self.cfg
         results = {
             "rows": self._rows(),
             "reference_check": metrics.reference_check(load_subjects(self.data_dir)),  # every subject of the set
@@ -322,21 +325,46 @@ class Runner:
         }
         results["targets"] = targets(results["rows"])
         results["quantized_targets"] = quantized_targets(results["rows"])
-        results["wall_s"] = time.perf_counter() - t_start
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(out_dir, "results.md"), "w") as f:
-            f.write(markdown(results))
-        save_grid(self.subjects, self.image_prompts, self.generations, os.path.join(out_dir, "grid.png"), cfg.rows)
+        results["wall_s"] = time.perf_counter() - t_start if wall_s is None else wall_s
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2).encode())
+        atomic_write(os.path.join(out_dir, "results.md"), markdown(results).encode())
+        write_atomically(os.path.join(out_dir, "grid.png"), lambda tmp: save_grid(
+            self.subjects, self.image_prompts, self.generations, tmp, cfg.rows), suffix=".png")
         return results
 
-    def _subject(self, si: int, subject: Subject) -> dict:
+    def run_unit(self, row: str, si: int, subject: Subject) -> units.UnitResult:
+        """One row of subject si (the cfg's seed): its training (but base), generations and scores, collected
+        apart from the run's accumulators. What the subject's fine-tuned rows share (selection, the encoded
+        training prompts, the class images) is computed by the first of them and kept for the others."""
         cfg = self.cfg
-        sp = self.prompts[subject.name]
-        run = _SubjectRun(subject, self.image_prompts[subject.name], cfg.seed + si, [metrics.describe(im) for im in subject.images],
-                          {"prompts": [p.text for p in sp], "samples": cfg.samples, "rows": {}})
-        if "base" in cfg.rows:
-            self._generate("base", run)
+        kept = self.values, self.timing, self.peak_mib, self.generations, self.selection_s
+        self.values, self.timing, self.peak_mib = {row: {}}, {row: units.fresh_timing()}, {row: None}
+        self.generations, self.selection_s = {subject.name: {}}, 0.0
+        try:
+            run = _SubjectRun(subject, self.image_prompts[subject.name], cfg.seed + si,
+                              [metrics.describe(im) for im in subject.images], {"rows": {}})
+            if row == "base":
+                self._generate("base", run)
+            else:
+                shared = self._shared(run)
+                run.record.update({k: v for k, v in shared.items() if k in units.SHARED_KEYS})
+                if row in self.devices:
+                    self._device(row, run, shared["prior"])
+                else:
+                    self._train_row(row, si, run, shared)
+            return units.UnitResult(row, subject.name, self.values[row], self.timing[row], self.peak_mib[row],
+                                    self.generations[subject.name][row], run.record, self.selection_s)
+        finally:
+            self.values, self.timing, self.peak_mib, self.generations, self.selection_s = kept
+
+    def _shared(self, run: _SubjectRun) -> dict:
+        """The subject's selected blocks and their scores, encoded training prompts and class images (with
+        --prior), computed once per subject and seed."""
+        cfg, subject = self.cfg, run.subject
+        key = (subject.name, cfg.seed)
+        if key in self._shared_by_subject:
+            return self._shared_by_subject[key]
         chosen, block_scores = (sorted(cfg.blocks) if cfg.blocks is not None else []), None
         selects = set(SKIP_VARIANTS + ABLATION_ROWS if cfg.blocks is None else NEEDS_SCORES) & set(cfg.rows)
         if selects:  # else no row trains selection's blocks nor needs its scores
@@ -345,25 +373,30 @@ class Runner:
             picked, block_scores = select_blocks(self.loaded, self.text, subject, cfg)
             chosen = chosen or picked
             self.selection_s += time.perf_counter() - t0
-        run.record.update(blocks=list(chosen) or None, block_scores=block_scores)
-        cond = self.text.encode(subject.training_prompts(cfg.captions))
-        prior = self._prior(run) if cfg.prior else None
-        for variant in self.variants + self.ablations:
-            self.bar.set_postfix_str(f"{subject.name}: train {variant}")
-            mcfg = MethodConfig(variant if variant in VARIANTS else "blockskip", blocks=tuple(chosen), lora=self.lora,
-                                lr=cfg.lr, batch=cfg.batch, seed=cfg.seed, crop_ids=cfg.crop_ids,
-                                prior_share=cfg.prior_share, train_res=self.train_res, schedule=self.schedule)
-            if variant in ABLATION_ROWS:  # the blockskip row's config with the row's one change
-                mcfg = ablation_config(variant, mcfg, block_scores, len(chosen), self.loaded.adapter.num_blocks)
-                if list(mcfg.blocks) != list(chosen):
-                    run.record.setdefault("ablation_blocks", {})[variant] = list(mcfg.blocks)
-            trainer = self._train(variant, mcfg, cond, subject.model_images(), prior, track=si == 0)
-            trained = {int(i): b.eval() for i, b in trainer.net.blocks.items()}
-            with swapped_blocks(self.transformer, self.loaded.adapter.block_names, trained):
-                self._generate(variant, run)
-        for row in self.devices:
-            self._device(row, run, prior)
-        return run.record
+        shared = {"chosen": chosen, "blocks": list(chosen) or None, "block_scores": block_scores,
+                  "cond": self.text.encode(subject.training_prompts(cfg.captions))}
+        shared["prior"] = self._prior(run) if cfg.prior else None
+        if cfg.prior:
+            shared["prior_prompts"] = run.record["prior_prompts"]
+        self._shared_by_subject[key] = shared
+        return shared
+
+    def _train_row(self, variant: str, si: int, run: _SubjectRun, shared: dict) -> None:
+        """A fine-tuned row for one subject: train, swap the trained blocks in, generate and score."""
+        cfg, chosen = self.cfg, shared["chosen"]
+        self.bar.set_postfix_str(f"{run.subject.name}: train {variant}")
+        mcfg = MethodConfig(variant if variant in VARIANTS else "blockskip", blocks=tuple(chosen), lora=self.lora,
+                            lr=cfg.lr, batch=cfg.batch, seed=cfg.seed, crop_ids=cfg.crop_ids,
+                            prior_share=cfg.prior_share, train_res=self.train_res, schedule=self.schedule)
+        if variant in ABLATION_ROWS:  # the blockskip row's config with the row's one change
+            mcfg = ablation_config(variant, mcfg, shared["block_scores"], len(chosen), self.loaded.adapter.num_blocks)
+            if list(mcfg.blocks) != list(chosen):
+                run.record.setdefault("ablation_blocks", {})[variant] = list(mcfg.blocks)
+        trainer = self._train(variant, mcfg, shared["cond"], run.subject.model_images(), shared["prior"],
+                              track=si == 0)
+        trained = {int(i): b.eval() for i, b in trainer.net.blocks.items()}
+        with swapped_blocks(self.transformer, self.loaded.adapter.block_names, trained):
+            self._generate(variant, run)
 
     def _device(self, row: str, run: _SubjectRun, prior: Prior | None) -> None:
         """A device row for one subject: the daemon's job code trains, the device runtime generates."""

@@ -96,6 +96,83 @@ class CalibrationItem:
     positions: tuple[int, ...]  # text-token positions of the subject token and class noun
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One noise draw of the calibration set: item `item` noised at noise_levels[level] with `eps`."""
+
+    item: int
+    level: int
+    t: float
+    eps: Tensor  # (1, C, H, W), the draw's noise
+
+
+def selection_draws(
+    items: Sequence[CalibrationItem], noise_levels: Sequence[float], noises: int, seed: int
+) -> list[Draw]:
+    """Every draw of the calibration set in its one canonical order (item, noise level, noise), the noises
+    taken from one generator in that order: the same draws wherever the passes then run."""
+    for item in items:
+        if not item.positions:
+            raise ValueError("a calibration item has no text positions to mask")
+    g = torch.Generator().manual_seed(seed)
+    return [Draw(n, lv, float(t), torch.randn(item.latents.shape, generator=g))
+            for n, item in enumerate(items) for lv, t in enumerate(noise_levels) for _ in range(noises)]
+
+
+@dataclass
+class Reference:
+    """The unmasked pass of one draw: the state entering each block, the context, the prediction and the mask."""
+
+    inputs_to: list  # state entering block i, unmasked
+    ctx: object
+    base: Tensor
+    mask: TextKeyMask
+
+
+class BlockScorer:
+    """The masked passes of block selection over one model: each block built once (adapter.build_block), then
+    per draw one unmasked pass and, per block i, the pass with block i's text attention masked."""
+
+    def __init__(self, adapter: DiTAdapter, objective: Objective, guidance: float | None = 1.0):
+        self.adapter, self.objective, self.guidance = adapter, objective, guidance
+        self.blocks = [adapter.build_block(i) for i in range(adapter.num_blocks)]
+
+    @torch.no_grad()
+    def reference(self, item: CalibrationItem, draw: Draw) -> Reference:
+        adapter = self.adapter
+        t = torch.tensor([draw.t])
+        x = item.cond.inputs(self.objective.noisy(item.latents, draw.eps, t), self.objective.timestep(t), self.guidance)
+        state, ctx = adapter.prologue(x)
+        if adapter.text_layout == "cross" and len(set(item.positions)) >= x.text.shape[1]:
+            raise ValueError("masking every text token leaves cross-attention nothing to attend to")
+        mask = TextKeyMask(adapter.text_layout, x.text.shape[1], tuple(item.positions))
+        inputs_to = []
+        for i, block in enumerate(self.blocks):
+            inputs_to.append(state)
+            state = adapter.run_block(block, i, state, ctx)
+        return Reference(inputs_to, ctx, adapter.epilogue(state, ctx), mask)
+
+    @torch.no_grad()
+    def masked(self, ref: Reference, i: int) -> float:
+        """||pred with block i's text attention masked - pred|| / ||pred|| for one draw."""
+        adapter = self.adapter
+        with masked_attention(adapter.attention_to_mask(self.blocks[i]), ref.mask):
+            s = adapter.run_block(self.blocks[i], i, ref.inputs_to[i], ref.ctx)
+        for j in range(i + 1, len(self.blocks)):
+            s = adapter.run_block(self.blocks[j], j, s, ref.ctx)
+        pred = adapter.epilogue(s, ref.ctx)
+        return float((pred - ref.base).norm() / ref.base.norm().clamp_min(1e-12))
+
+
+def mean_scores(per_draw: Sequence[Sequence[float]], num_blocks: int) -> list[float]:
+    """Each block's mean over the draws, summed in the draws' canonical order (the same floats however the
+    passes were spread)."""
+    scores = np.zeros(num_blocks)
+    for row in per_draw:
+        scores += np.asarray(row, dtype=np.float64)
+    return list(scores / max(len(per_draw), 1))
+
+
 def score_blocks(
     adapter: DiTAdapter,
     objective: Objective,
@@ -107,41 +184,15 @@ def score_blocks(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Mean relative change ||pred_masked_i - pred|| / ||pred|| per block i over the calibration set."""
-    blocks = [adapter.build_block(i) for i in range(adapter.num_blocks)]
-    L = adapter.num_blocks
-    scores = np.zeros(L)
-    count = 0
-    g = torch.Generator().manual_seed(seed)
-    total = len(items) * len(noise_levels) * noises
-    with torch.no_grad():
-        for item in items:
-            if not item.positions:
-                raise ValueError("a calibration item has no text positions to mask")
-            for t_val in noise_levels:
-                for _ in range(noises):
-                    eps = torch.randn(item.latents.shape, generator=g)
-                    t = torch.tensor([float(t_val)])
-                    x = item.cond.inputs(objective.noisy(item.latents, eps, t), objective.timestep(t), guidance)
-                    state, ctx = adapter.prologue(x)
-                    if adapter.text_layout == "cross" and len(set(item.positions)) >= x.text.shape[1]:
-                        raise ValueError("masking every text token leaves cross-attention nothing to attend to")
-                    mask = TextKeyMask(adapter.text_layout, x.text.shape[1], tuple(item.positions))
-                    inputs_to = []  # state entering block i, unmasked
-                    for i in range(L):
-                        inputs_to.append(state)
-                        state = adapter.run_block(blocks[i], i, state, ctx)
-                    base = adapter.epilogue(state, ctx)
-                    for i in range(L):
-                        with masked_attention(adapter.attention_to_mask(blocks[i]), mask):
-                            s = adapter.run_block(blocks[i], i, inputs_to[i], ctx)
-                        for j in range(i + 1, L):
-                            s = adapter.run_block(blocks[j], j, s, ctx)
-                        pred = adapter.epilogue(s, ctx)
-                        scores[i] += float((pred - base).norm() / base.norm().clamp_min(1e-12))
-                    count += 1
-                    if progress:
-                        progress(count, total)
-    return list(scores / max(count, 1))
+    draws = selection_draws(items, noise_levels, noises, seed)
+    scorer = BlockScorer(adapter, objective, guidance)
+    per_draw = []
+    for d in draws:
+        ref = scorer.reference(items[d.item], d)
+        per_draw.append([scorer.masked(ref, i) for i in range(adapter.num_blocks)])
+        if progress:
+            progress(len(per_draw), len(draws))
+    return mean_scores(per_draw, adapter.num_blocks)
 
 
 def choose_blocks(scores: Sequence[float], k: int, contiguous: bool = False) -> list[int]:
