@@ -14,6 +14,7 @@ from dataclasses import replace
 from ..isolation import block_host_frameworks
 from .auth import auth_interceptor, check_security, server_credentials
 from .config import ConfigError, ServerConfig, add_arguments, config_from_args
+from .logs import configure_logging
 from .state import Daemon, pick_trainer
 
 log = logging.getLogger("edgeblock.daemon")
@@ -102,8 +103,9 @@ class Server:
 def serve_forever(cfg: ServerConfig | None = None, **kwargs) -> int:
     """Run until SIGTERM/SIGINT; exit status 0 after a graceful stop."""
     cfg = cfg or ServerConfig(**kwargs)
-    # the daemon's log is its operational record: INFO by default, whoever configured logging before
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    configure_logging(cfg.log_level, cfg.log_format)  # INFO text lines unless configured
+    if cfg.config_file:
+        log.info("settings from %s (flags given override it)", cfg.config_file)
     names = ("transformers", "diffusers", "peft") if cfg.trainer == "torch" else ("torch", "transformers", "diffusers", "peft")
     already = block_host_frameworks(names, strict=False)
     if already:
@@ -134,7 +136,8 @@ def serve_forever(cfg: ServerConfig | None = None, **kwargs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m edge_runtime.server --bundle B --listen ADDR --state DIR [...]` (the device entrypoint)."""
+    """`python -m edge_runtime.server --bundle B --listen ADDR --state DIR [...]` or `--config daemon.toml [...]`
+    (the device entrypoint)."""
     import argparse
 
     a = add_arguments(argparse.ArgumentParser(prog="edgeblock-daemon")).parse_args(argv)

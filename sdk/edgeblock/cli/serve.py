@@ -1,5 +1,5 @@
 """`edgeblock serve`: run the edge daemon on a bundle, with the flags of `python -m edge_runtime.server`
-(one argument parser, edge_runtime.daemon.config.add_arguments).
+(one argument parser, edge_runtime.daemon.config.add_arguments) and its `--config daemon.toml`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 def cmd_serve(args: argparse.Namespace) -> int:
     from edge_runtime.daemon.config import config_kwargs
 
-    kwargs = config_kwargs(args)  # checks the flags before the daemon (and grpc) load
+    kwargs = config_kwargs(args)  # reads --config and checks it and the flags before the daemon (and grpc) load
     from edge_runtime.server import ServerConfig, serve_forever
 
     rc = serve_forever(ServerConfig(**kwargs))
