@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from ..memory_plan import RESIDENT, STREAMED, MemoryPlan, format_size
 from .errors import ResourceExhausted
 
+MEMORY_RETRY_S = 5.0  # RetryInfo when running operations hold the memory budget: they end in seconds to minutes
+
 log = logging.getLogger("edgeblock.daemon")
 
 WAIT_S = 600.0  # the longest a generation without a deadline waits for memory
@@ -177,7 +179,8 @@ class Admission:
                 if left <= 0:
                     raise ResourceExhausted(
                         f"no memory for a {size}px generation now: {format_size(self.budget - free)} of the "
-                        f"{format_size(self.budget)} budget is held by running operations (retry later)")
+                        f"{format_size(self.budget)} budget is held by running operations (retry later)",
+                        retry_after_s=MEMORY_RETRY_S)
                 self._cond.wait(min(0.5, left))
         try:
             yield mode

@@ -1,9 +1,16 @@
 """Why a request fails, as exceptions naming the gRPC status code they answer with (grpc-free):
-the job queue and the generator raise them, the servicer (service.py) turns them into statuses."""
+the job queue and the generator raise them, the servicer (service.py) turns them into statuses.
+`field` names the request field at fault (a google.rpc.BadRequest field violation), `retry_after_s`
+says when a retry may succeed (google.rpc.RetryInfo): the status details clients read."""
 
 
 class RpcFailure(Exception):
     code_name = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str = "", retry_after_s: float | None = None):
+        super().__init__(message)
+        self.field = field
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(RpcFailure):

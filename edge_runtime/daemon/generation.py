@@ -14,9 +14,10 @@ from collections import OrderedDict
 from ..memory_plan import STREAMED
 from .admission import Admission
 from .config import Defaults, Limits
-from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from .errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger("edgeblock.daemon")
+SLOT_RETRY_S = 2.0  # RetryInfo when every generation slot is busy: a generation takes seconds
 
 ADAPTER_CACHE = 8  # adapters whose weights stay loaded
 
@@ -66,17 +67,20 @@ class Generator:
 
         L, D = self.limits, self.defaults
         if len(request.prompt) > L.max_prompt_chars:
-            raise InvalidArgument(f"prompt of {len(request.prompt)} characters, more than max_prompt_chars={L.max_prompt_chars}")
+            raise InvalidArgument(f"prompt of {len(request.prompt)} characters, more than "
+                                  f"max_prompt_chars={L.max_prompt_chars}", field="prompt")
         steps = int(request.steps) or D.generate_steps
         if steps > L.max_generate_steps:
-            raise InvalidArgument(f"steps {steps} more than max_generate_steps={L.max_generate_steps}")
+            raise InvalidArgument(f"steps {steps} more than max_generate_steps={L.max_generate_steps}", field="steps")
         g = float(request.guidance) or D.guidance
         if not math.isfinite(g) or not 0 < g <= 100:
-            raise InvalidArgument(f"guidance must be in (0, 100], got {request.guidance}")
+            raise InvalidArgument(f"guidance must be in (0, 100], got {request.guidance}", field="guidance")
         sizes = self.bundle.sizes()
         size = int(request.size) or int(self.bundle.manifest.gen_res)
         if size not in sizes:
-            raise InvalidArgument(f"size {size} is not supported by this bundle (sizes: {sizes})")
+            # valid in itself, not for this bundle: it was compiled for other sizes
+            raise FailedPrecondition(f"size {size} is not one this bundle was compiled for (sizes: {sizes}; "
+                                     "edgeblock compile --gen-res sets them)")
         seed = int(request.seed) if request.HasField("seed") else D.seed
         lora = None
         if request.adapter_id:
@@ -86,7 +90,8 @@ class Generator:
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         if not self.slots.acquire(timeout=timeout if timeout is not None else 600):
             raise ResourceExhausted(
-                f"all {L.max_concurrent_generations} generation slots are busy (max_concurrent_generations)")
+                f"all {L.max_concurrent_generations} generation slots are busy (max_concurrent_generations)",
+                retry_after_s=SLOT_RETRY_S)
         try:
             def on_step(i: int, n: int) -> None:
                 if deadline is not None and time.time() > deadline:

@@ -25,6 +25,7 @@ log = logging.getLogger("edgeblock.daemon")
 
 JOB_STATES = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED")
 TERMINAL = ("DONE", "FAILED", "CANCELLED")
+QUEUE_RETRY_S = 30.0  # RetryInfo of a full queue: a place frees when a job ends
 REQUEST_ID_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
 
 
@@ -90,7 +91,7 @@ class JobQueue:
         self.by_request: dict[str, str] = {}  # request_id -> job id, for the jobs kept
         self.queue: queue.Queue[JobRecord] = queue.Queue()
         self.queued = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # _finish (which prunes) runs under it for a job cancelled while queued
         self.current: JobRecord | None = None
         self._recover()
         self.worker = threading.Thread(target=self._work, name="edgeblock-trainer", daemon=True)
@@ -167,6 +168,9 @@ class JobQueue:
             rec.cond.notify_all()
 
     def _finish(self, rec: JobRecord, state: str, message: str = "") -> None:
+        with self.lock:  # its place is free from its final event on (a client may submit the next job at once)
+            if self.current is rec:
+                self.current = None
         rec.data.update(state=state, message=message)
         self.store.save_job(rec.data)
         self._emit(rec, state, message=message, adapter_id=rec.data["adapter_id"] if state == "DONE" else "",
@@ -199,7 +203,7 @@ class JobQueue:
         if request_id:
             if not REQUEST_ID_RE.match(request_id):
                 raise InvalidArgument(f"request_id must be 1..64 characters of letters, digits, '-', '_', '.' or "
-                                      f"':', got {request_id[:80]!r}")
+                                      f"':', got {request_id[:80]!r}", field="request_id")
             digest = request_digest(request)
             self.prune()
             with self.lock:
@@ -210,51 +214,58 @@ class JobQueue:
             raise Unavailable("the daemon is shutting down")
         token, noun = request.token.strip(), request.class_noun.strip()
         if not token or len(token) > L.max_token_chars or any(c.isspace() for c in token):
-            raise InvalidArgument(f"token must be one word of 1..{L.max_token_chars} characters (max_token_chars)")
+            raise InvalidArgument(f"token must be one word of 1..{L.max_token_chars} characters (max_token_chars)",
+                                  field="token")
         if not noun or len(noun) > L.max_token_chars:
-            raise InvalidArgument(f"class_noun must have 1..{L.max_token_chars} characters (max_token_chars)")
+            raise InvalidArgument(f"class_noun must have 1..{L.max_token_chars} characters (max_token_chars)",
+                                  field="class_noun")
         if len(request.name) > L.max_name_chars:
-            raise InvalidArgument(f"name longer than max_name_chars={L.max_name_chars}")
+            raise InvalidArgument(f"name longer than max_name_chars={L.max_name_chars}", field="name")
         steps = int(request.steps) or D.steps
         if steps > L.max_steps:
-            raise InvalidArgument(f"steps {steps} more than max_steps={L.max_steps}")
+            raise InvalidArgument(f"steps {steps} more than max_steps={L.max_steps}", field="steps")
         lr = float(request.learning_rate) or D.learning_rate
         if not math.isfinite(lr) or not 0 < lr <= 1.0:
-            raise InvalidArgument(f"learning_rate must be in (0, 1], got {request.learning_rate}")
+            raise InvalidArgument(f"learning_rate must be in (0, 1], got {request.learning_rate}", field="learning_rate")
         every = int(request.checkpoint_every) or D.checkpoint_every
         if every > L.max_steps:
-            raise InvalidArgument(f"checkpoint_every {every} more than max_steps={L.max_steps}")
+            raise InvalidArgument(f"checkpoint_every {every} more than max_steps={L.max_steps}", field="checkpoint_every")
         mode = choose_precompute(self.bundle, request.precompute)
         self.admission.check_job(mode)  # one that could never fit the memory budget is refused now
         if len(request.images) > L.max_images:  # before decoding anything
-            raise InvalidArgument(f"{len(request.images)} images, more than max_images={L.max_images}")
+            raise InvalidArgument(f"{len(request.images)} images, more than max_images={L.max_images}", field="images")
         try:
             _imgs, pngs = decode_images([im.data for im in request.images], self.image_limits,
                                         int(self.bundle.manifest.gen_res))
-        except PersonalizeError:
-            raise
+        except PersonalizeError as e:  # a limit or an undecodable image: the field at fault is images
+            raise InvalidArgument(str(e), field="images") from e
         except Exception as e:  # Pillow raises e.g. SyntaxError on a corrupt PNG chunk
-            raise InvalidArgument(f"an image is not a decodable PNG/JPEG ({type(e).__name__})") from e
+            raise InvalidArgument(f"an image is not a decodable PNG/JPEG ({type(e).__name__})", field="images") from e
         if len(request.class_images) > L.max_images:
-            raise InvalidArgument(f"{len(request.class_images)} class images, more than max_images={L.max_images}")
+            raise InvalidArgument(f"{len(request.class_images)} class images, more than max_images={L.max_images}",
+                                  field="class_images")
         class_pngs: list[bytes] = []
         if request.class_images:
             try:
                 _imgs, class_pngs = decode_images([im.data for im in request.class_images], self.image_limits,
                                                   int(self.bundle.manifest.gen_res))
             except PersonalizeError as e:
-                raise PersonalizeError(f"class images: {e}") from e
+                raise InvalidArgument(f"class images: {e}", field="class_images") from e
             except Exception as e:  # noqa: BLE001 - as above
-                raise InvalidArgument(f"a class image is not a decodable PNG/JPEG ({type(e).__name__})") from e
+                raise InvalidArgument(f"a class image is not a decodable PNG/JPEG ({type(e).__name__})",
+                                      field="class_images") from e
         elif request.class_captions or request.prior_share:
-            raise InvalidArgument("class_captions and prior_share need class_images")
+            raise InvalidArgument("class_captions and prior_share need class_images", field="class_images")
         captions = [c.strip() for c in request.captions]
         class_captions = [c.strip() for c in request.class_captions]
         for what, texts in (("caption", captions), ("class caption", class_captions)):
             for i, c in enumerate(texts):
                 if not c or len(c) > L.max_prompt_chars:
-                    raise InvalidArgument(f"{what} {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)")
+                    raise InvalidArgument(f"{what} {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)",
+                                          field=f"{what.replace(' ', '_')}s[{i}]")
         share = float(request.prior_share) or 0.5
+        if not 0.0 < share < 1.0:
+            raise InvalidArgument(f"prior_share must be in (0, 1), got {request.prior_share}", field="prior_share")
         opts = JobOptions(token, noun, steps, lr, int(request.seed) if request.HasField("seed") else D.seed, every, mode, captions=captions,
                           class_captions=class_captions, prior_share=share, batch=self.batch)
         opts.training_prompts(len(request.images))  # one caption per image, or none
@@ -271,7 +282,8 @@ class JobQueue:
             if same is not None:
                 return same
             if self.queued >= L.max_queue + (0 if self.current is not None else 1):
-                raise ResourceExhausted(f"the job queue is full (max_queue={L.max_queue} waiting behind the running job)")
+                raise ResourceExhausted(f"the job queue is full (max_queue={L.max_queue} waiting behind the running job)",
+                                        retry_after_s=QUEUE_RETRY_S)
             self.queued += 1
             self.jobs[rec.id] = rec
             if request_id:

@@ -24,7 +24,24 @@ log = logging.getLogger("edgeblock.daemon")
 
 
 def _abort(context, e: RpcFailure):
-    context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
+    """End the call with e's code and message, and its details (google.rpc.Status): a BadRequest field violation
+    when e names the field at fault, RetryInfo when a retry may succeed."""
+    code = getattr(grpc.StatusCode, e.code_name)
+    if not e.field and e.retry_after_s is None:
+        context.abort(code, str(e))
+    from google.protobuf.duration_pb2 import Duration
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    status = status_pb2.Status(code=code.value[0], message=str(e))
+    if e.field:
+        status.details.add().Pack(error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=e.field, description=str(e))]))
+    if e.retry_after_s is not None:
+        delay = Duration()
+        delay.FromNanoseconds(int(e.retry_after_s * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    context.abort_with_status(rpc_status.to_status(status))
 
 
 @contextmanager

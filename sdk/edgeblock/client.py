@@ -42,20 +42,48 @@ _CHANNEL_OPTIONS = [
 
 
 class ClientError(RuntimeError):
-    """A failed call: `code` is the gRPC status name (e.g. "NOT_FOUND"), `details` the daemon's message."""
+    """A failed call: `code` is the gRPC status name (e.g. "NOT_FOUND"), `details` the daemon's message,
+    `violations` the request fields at fault as (field, description) pairs (google.rpc.BadRequest), and
+    `retry_after` the seconds after which a retry may succeed (google.rpc.RetryInfo; None: a retry will not)."""
 
     exit_code = 1  # what the CLI exits with
 
-    def __init__(self, code: str, details: str):
-        super().__init__(f"{code}: {details}")
+    def __init__(self, code: str, details: str, violations: Sequence[tuple[str, str]] = (),
+                 retry_after: float | None = None):
+        super().__init__(f"{code}: {details}" + (f" (retry after {retry_after:g} s)" if retry_after is not None else ""))
         self.code = code
         self.details = details
+        self.violations = list(violations)
+        self.retry_after = retry_after
 
     @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> ClientError:
         code = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else None
-        return cls(code.name if code is not None else "UNKNOWN", details or str(e))
+        violations, retry_after = _status_details(e)
+        return cls(code.name if code is not None else "UNKNOWN", details or str(e), violations, retry_after)
+
+
+def _status_details(e: grpc.RpcError) -> tuple[list[tuple[str, str]], float | None]:
+    """The BadRequest field violations and RetryInfo delay a status carries (none without grpcio-status)."""
+    try:
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        status = rpc_status.from_call(e) if hasattr(e, "trailing_metadata") else None
+    except (ImportError, ValueError):  # no grpcio-status, or a status the server did not fill consistently
+        return [], None
+    violations, retry_after = [], None
+    for d in status.details if status is not None else ():
+        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            d.Unpack(br)
+            violations += [(v.field, v.description) for v in br.field_violations]
+        elif d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            ri = error_details_pb2.RetryInfo()
+            d.Unpack(ri)
+            retry_after = ri.retry_delay.ToNanoseconds() / 1e9
+    return violations, retry_after
 
 
 def _call(fn: Callable[..., T], *args, **kwargs) -> T:

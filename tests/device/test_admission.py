@@ -165,7 +165,7 @@ def test_daemon_streams_below_the_resident_peak_and_refuses_below_the_streamed_o
         with pytest.raises(ClientError) as e:
             c.generate("a red ring on a blue background", steps=2, seed=1)
         assert e.value.code == "RESOURCE_EXHAUSTED" and "predicted peak" in e.value.details
-        assert "--weights int4" in e.value.details
+        assert "--weights int4" in e.value.details and e.value.retry_after is None  # a retry cannot succeed
         with pytest.raises(ClientError) as e:
             list(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=2))
         assert e.value.code == "RESOURCE_EXHAUSTED" and "job's predicted peak" in e.value.details

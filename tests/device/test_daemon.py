@@ -220,33 +220,42 @@ def test_cancel_job_and_a_job_outliving_its_client(daemon):
 
 
 def test_request_id_retries_pages_and_retention(bundle, tmp_path):
-    d = DaemonProc(bundle, str(tmp_path / "state"), "--max-finished-jobs", "2", "--job-retention", "15s")
+    d = DaemonProc(bundle, str(tmp_path / "state"), "--max-finished-jobs", "2", "--job-retention", "15s",
+                   "--max-queue", "0")
     try:
         with EdgeClient(d.address, timeout=60) as c:
             c.wait_ready(20)
             info = c.info()
             assert info.limits.max_finished_jobs == 2 and info.limits.finished_job_retention.seconds == 15
-            first = next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3,
+            first = next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3000,
                                             request_id="retry-1")))
-            # the retry (same request, same id) gets the same job's events from its first, not a second job
-            again = list(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3, request_id="retry-1"))
-            assert {e.job_id for e in again} == {first.job_id}
-            assert KIND(again[0].kind) == "QUEUED" and KIND(again[-1].kind) == "DONE"
+            # the retry (same request, same id) gets the same job's events from its first, not a second job,
+            # even with the queue full (max_queue 0 and a job running)
+            again = c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3000, request_id="retry-1")
+            ev = next(again)
+            assert ev.job_id == first.job_id and KIND(ev.kind) == "QUEUED"
             assert c.get_job(first.job_id).request_id == "retry-1"
+            with pytest.raises(ClientError) as e:  # a new request while the queue is full: retry later
+                next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=3)))
+            assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.retry_after == 30.0
+            c.cancel_job(first.job_id)
+            assert KIND(list(again)[-1].kind) == "CANCELLED"
             with pytest.raises(ClientError) as e:  # the same id for another request
-                next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=4, request_id="retry-1")))
+                next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", steps=4,
+                                        request_id="retry-1")))
             assert e.value.code == "ALREADY_EXISTS" and first.job_id in e.value.details
             with pytest.raises(ClientError) as e:
                 next(iter(c.personalize(subject_pngs(2), token="sks", class_noun="ring", request_id="no spaces")))
             assert e.value.code == "INVALID_ARGUMENT" and "request_id" in e.value.details
+            assert e.value.violations and e.value.violations[0][0] == "request_id" and e.value.retry_after is None
             ids = [first.job_id] + [_personalize(c, steps=2)[0][-1].job_id for _ in range(2)]
-            # three finished jobs, two kept: the oldest is forgotten, its adapter stays
+            # three finished jobs, two kept: the oldest is forgotten (adapters stay)
             assert [j.id for j in c.list_jobs()] == ids[:0:-1]
             assert [j.id for j in c.list_jobs(page_size=1)] == ids[:0:-1]  # page by page
             with pytest.raises(ClientError) as e:
                 c.get_job(ids[0])
             assert e.value.code == "NOT_FOUND"
-            assert len(c.list_adapters(page_size=1)) == 3
+            assert len(c.list_adapters(page_size=1)) == 2  # the cancelled first job trained none
             page = c.stub.ListJobs(pb.ListJobsRequest(page_size=1))
             assert len(page.jobs) == 1 and page.next_page_token
             with pytest.raises(ClientError) as e:
@@ -257,7 +266,7 @@ def test_request_id_retries_pages_and_retention(bundle, tmp_path):
             assert e.value.code == "INVALID_ARGUMENT"
             newest = c.get_job(ids[-1]).update_time.ToNanoseconds() / 1e9
             time.sleep(max(0.0, newest + 15.5 - time.time()))  # past the retention: finished jobs go, adapters stay
-            assert c.list_jobs() == [] and len(c.list_adapters()) == 3
+            assert c.list_jobs() == [] and len(c.list_adapters()) == 2
     finally:
         d.stop()
 
@@ -343,7 +352,10 @@ def test_limits_answer_with_the_named_limit(daemon):
                 r = fn(*a, **kw)
                 if hasattr(r, "__next__"):
                     list(r)
+            violations.append(e.value.violations)
             return e.value.code, e.value.details
+
+        violations: list = []  # google.rpc.BadRequest of each case, in order
 
         cases = [
             (code(c.personalize, subject_pngs(1) * (L.max_images + 1), "sks", "ring"), "max_images"),
@@ -366,11 +378,18 @@ def test_limits_answer_with_the_named_limit(daemon):
              "prior_share"),
             (code(c.generate, "x" * (L.max_prompt_chars + 1)), "max_prompt_chars"),
             (code(c.generate, "a cat", steps=L.max_generate_steps + 1), "max_generate_steps"),
-            (code(c.generate, "a cat", size=next(s for s in (40, 48, 56) if s not in info.sizes)), "size"),
             (code(c.generate, "a cat", adapter_id="../../etc/passwd"), "adapter_id"),
         ]
         for (got, details), word in cases:
             assert got == "INVALID_ARGUMENT" and word in details, (got, details, word)
+        # the field at fault travels as a google.rpc.BadRequest field violation where the daemon names one
+        fields = [[f for f, _ in v] for v in violations]
+        assert fields[0] == ["images"] and fields[1] == ["images"] and fields[2] == ["steps"] and fields[3] == ["token"]
+        assert fields[6] == ["captions[0]"] and fields[7] == ["class_images"] and fields[8] == ["class_images"]
+        assert fields[12] == ["prior_share"] and fields[13] == ["prompt"] and fields[14] == ["steps"]
+        # a size valid in itself but not one the bundle was compiled for: FAILED_PRECONDITION
+        got, details = code(c.generate, "a cat", size=next(s for s in (40, 48, 56) if s not in info.sizes))
+        assert got == "FAILED_PRECONDITION" and "compiled for" in details
         assert code(c.generate, "a cat", adapter_id="0" * 32)[0] == "NOT_FOUND"
         assert code(c.get_job, "f" * 32)[0] == "NOT_FOUND"
         assert code(c.export_adapter, "..")[0] == "INVALID_ARGUMENT"

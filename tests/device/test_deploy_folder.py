@@ -160,9 +160,9 @@ def test_edge_requirements_cover_the_runtime_imports_without_torch():
         for n in files:
             if n.endswith(".py"):
                 with open(os.path.join(root, n)) as f:
-                    imports |= set(re.findall(r"^\s*(?:import|from) ([a-zA-Z_]+)", f.read(), re.MULTILINE))
+                    imports |= set(re.findall(r"^\s*(?:import|from) ([a-zA-Z_][a-zA-Z0-9_]*)", f.read(), re.MULTILINE))
     dist = {"numpy": "numpy", "PIL": "pillow", "grpc": "grpcio", "grpc_health": "grpcio-health-checking",
-            "grpc_reflection": "grpcio-reflection", "google": "protobuf", "tokenizers": "tokenizers",
+            "grpc_reflection": "grpcio-reflection", "grpc_status": "grpcio-status", "google": "protobuf", "tokenizers": "tokenizers",
             "safetensors": "safetensors", "onnx": "onnx", "tomli": "tomli"}  # tomli: Python 3.10's tomllib
     optional = {"onnxruntime", "tensorrt", "cuda", "torch", "grpc_tools", "edge_runtime"}  # installed apart / not at run time
     third_party = {m for m in imports if m not in sys.stdlib_module_names and m not in optional and m != "__future__"}

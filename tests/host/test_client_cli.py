@@ -412,17 +412,28 @@ def test_serve_builds_the_server_config(tmp_path, token_file, monkeypatch):
                  "--token-file", token_file, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca),
                  "--trainer", "ort", "--train-device", "cuda:1", "--max-concurrent-generations", "2",
                  "--max-queue", "5", "--prompt-cache-mb", "0"]) == 0
-    assert got == dict(bundle=str(bundle), listen="0.0.0.0:6000", state_dir=str(tmp_path / "st"), token=TOKEN,
-                       allow_insecure_remote=False, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(ca),
-                       trainer="ort", train_device="cuda:1", max_concurrent_generations=2, max_queue=5,
-                       prompt_cache_mb=0.0)
+    from edge_runtime.daemon.config import ServerConfig as RealConfig  # what the daemon makes of the keywords
+
+    def settings(kwargs):
+        c = RealConfig(**kwargs)
+        return dict(bundle=c.bundle, listen=c.listen, state_dir=c.state_dir, token=c.token,
+                    allow_insecure_remote=c.allow_insecure_remote, tls_cert=c.tls_cert, tls_key=c.tls_key,
+                    tls_client_ca=c.tls_client_ca, trainer=c.trainer, train_device=c.train_device,
+                    max_concurrent_generations=c.limits.max_concurrent_generations, max_queue=c.limits.max_queue,
+                    prompt_cache_mb=c.prompt_cache_mb)
+
+    assert settings(got) == dict(bundle=str(bundle), listen="0.0.0.0:6000", state_dir=str(tmp_path / "st"),
+                                 token=TOKEN, allow_insecure_remote=False, tls_cert=str(cert), tls_key=str(key),
+                                 tls_client_ca=str(ca), trainer="ort", train_device="cuda:1",
+                                 max_concurrent_generations=2, max_queue=5, prompt_cache_mb=0.0)
 
     got.clear()
     monkeypatch.setenv("EDGEBLOCK_TOKEN", "from-env")
     assert main(["serve", "--bundle", str(bundle), "--state", str(tmp_path / "st"), "--allow-insecure-remote"]) == 0
-    assert got == dict(bundle=str(bundle), listen="127.0.0.1:50051", state_dir=str(tmp_path / "st"), token="from-env",
-                       allow_insecure_remote=True, tls_cert=None, tls_key=None, tls_client_ca=None, trainer="auto",
-                       train_device="auto")
+    assert settings(got) == dict(bundle=str(bundle), listen="127.0.0.1:50051", state_dir=str(tmp_path / "st"),
+                                 token="from-env", allow_insecure_remote=True, tls_cert=None, tls_key=None,
+                                 tls_client_ca=None, trainer="auto", train_device="auto", max_concurrent_generations=2,
+                                 max_queue=4, prompt_cache_mb=0.0)
 
     got.clear()
     assert main(["serve", "--bundle", str(bundle), "--state", "s", "--tls-cert", str(cert)]) == 2
