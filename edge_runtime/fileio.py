@@ -5,11 +5,13 @@ on any error the temporary file is removed and the old file (if any) is left as 
 bundle manifest, engine caches, adapters and job state all go through it. Files another library writes
 (ORT checkpoints, numpy archives) go through write_atomically: temp_path(path), then commit_file, the same steps.
 Every temporary name carries TMP_MARK, which is_temp recognises: the daemon's store removes leftovers at start.
+A write the disk (or the file-size limit) has no room for raises NoSpace, naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +20,32 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .faults import crash_point
+
+# a full disk, the file-size limit (RLIMIT_FSIZE), a quota
+SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 TMP_MARK = ".tmp-"  # in every temporary file's name: NAME.tmp-<pid>-<thread>[suffix], or NAME.tmp-XXXX (mkstemp)
+
+
+class NoSpace(OSError):
+    """A write that found no room: the disk is full or the file outgrew the size limit (the message names the file)."""
+
+
+def _discard(tmp: str, path: str, e: BaseException) -> None:
+    """After write `e` of `path` failed: remove its temporary file, and raise NoSpace from e if it ran out of room.
+    Another library's writer (ONNX Runtime's checkpoint) may raise its own exception type: its message then carries
+    the system's reason."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    if isinstance(e, NoSpace):
+        return
+    if isinstance(e, OSError):
+        code = e.errno if e.errno in SPACE_ERRNOS else None
+    else:
+        code = next((c for c in SPACE_ERRNOS if os.strerror(c) in str(e)), None)
+    if code is not None:
+        raise NoSpace(code, f"no space to write {path} ({os.strerror(code)}): free space on its disk (or raise the "
+                            "file-size limit) and retry") from e
 
 
 def temp_path(path: str, suffix: str = "") -> str:
@@ -35,17 +62,20 @@ def is_temp(name: str) -> bool:
 def commit_file(tmp: str, path: str) -> None:
     """Make a finished temporary file `path`: fsync it, rename it over `path`, fsync the folder; on any error the
     temporary file is removed and `path` left as it was."""
+    name = os.path.basename(path)
     try:
+        crash_point("fileio.written", name)  # test hook (edge_runtime.faults): written, not yet fsynced
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        crash_point("fileio.fsynced", name)  # fsynced, not yet renamed
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        _discard(tmp, path, e)
         raise
+    crash_point("fileio.renamed", name)  # renamed, the folder not yet fsynced
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -77,9 +107,8 @@ def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") 
     tmp = temp_path(path, suffix)
     try:
         write(tmp)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        _discard(tmp, path, e)
         raise
     commit_file(tmp, path)
 
@@ -93,12 +122,14 @@ def atomic_write(path: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            crash_point("fileio.written", os.path.basename(path))  # test hook (edge_runtime.faults), as commit_file
             os.fsync(f.fileno())
+        crash_point("fileio.fsynced", os.path.basename(path))
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        _discard(tmp, path, e)
         raise
+    crash_point("fileio.renamed", os.path.basename(path))
     fsync_dir(d)
 
 

@@ -39,6 +39,22 @@ class ManifestError(ValueError):
     """A bundle that cannot be used: the message says which field or file and why."""
 
 
+class CorruptBundle(ManifestError):
+    """A bundle file missing or no longer matching the manifest's sha256 (the daemon refuses to start on one, and
+    answers DATA_LOSS to the calls that would read one damaged while it runs)."""
+
+
+def verify_file(bundle: str, rel: str, digest: str) -> None:
+    """Raise CorruptBundle, naming the file, unless bundle/rel exists and has this sha256."""
+    full = os.path.join(bundle, *rel.split("/"))
+    if not os.path.exists(full):
+        raise CorruptBundle(f"bundle file {rel} listed in the manifest is missing")
+    got = sha256_file(full)
+    if got != digest:
+        raise CorruptBundle(f"bundle file {rel} is corrupt: sha256 {got[:12]}... differs from the manifest's "
+                            f"{digest[:12]}... (copy the bundle to the device again)")
+
+
 @dataclass
 class Manifest:
     family: str
@@ -209,11 +225,6 @@ def load_manifest(bundle: str, verify_files: bool = True) -> Manifest:
     validate_fields(d)
     if verify_files:
         for rel, digest in d["files"].items():
-            full = os.path.join(bundle, *rel.split("/"))
-            if not os.path.exists(full):
-                raise ManifestError(f"bundle file {rel} listed in the manifest is missing")
-            got = sha256_file(full)
-            if got != digest:
-                raise ManifestError(f"bundle file {rel} is corrupt: sha256 {got[:12]}... differs from the manifest's {digest[:12]}...")
+            verify_file(bundle, rel, digest)
     known = {f for f in Manifest.__dataclass_fields__}
     return Manifest(**{k: v for k, v in d.items() if k in known})

@@ -19,8 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from .faults import crash_point
 from .fileio import write_atomically
 from .training_spec import SPEC_FILE, TrainingError, TrainingSpec, load_spec
+
+STEP_PROPERTY = "edgeblock.step"  # the checkpoint property save_checkpoint(step=) records
 
 __all__ = ["OrtTrainer", "SPEC_FILE", "TrainingError", "TrainingSpec", "load_spec", "parse_device"]
 
@@ -80,6 +83,10 @@ class OrtTrainer:
             return p
 
         self._state = C.load_checkpoint(os.fspath(checkpoint or path("checkpoint")))
+        # the job step a checkpoint was saved at (save_checkpoint's step), None when it records none: what a resumed
+        # job starts from, whatever its job.json says (a crash between the two writes leaves them apart)
+        self.resumed_step: int | None = (int(self._state.get_property(STEP_PROPERTY))
+                                         if checkpoint and self._state.has_property(STEP_PROPERTY) else None)
         opts = C.SessionOptions()
         opts.log_severity_level = 3  # "Removing initializer ... not used" notes of the gradient graph
         # The CPU memory arena and weight pre-packing stay on for training: without the arena the 120M
@@ -131,6 +138,7 @@ class OrtTrainer:
         losses = [self._run(feeds, True) for feeds in draws]
         if not losses:
             raise TrainingError("a training step needs at least one draw")
+        crash_point("train.backward")  # test hook (edge_runtime.faults): gradients summed, weights not yet updated
         self._optimizer.optimizer_step()
         self._module.lazy_reset_grad()
         return float(np.mean(losses))
@@ -167,7 +175,15 @@ class OrtTrainer:
                 raise TrainingError(f"{n} is not a parameter of these training artifacts")
             self._state.copy_parameter_from(n, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, np.float32))._ortvalue)
 
-    def save_checkpoint(self, path: str, include_optimizer_state: bool = True) -> None:
-        """Write the training state to `path` atomically (tmp file + rename)."""
+    def save_checkpoint(self, path: str, include_optimizer_state: bool = True, step: int | None = None) -> None:
+        """Write the training state to `path` atomically (tmp file + rename); step: the job step it is saved at,
+        recorded in the checkpoint (resumed_step when it is loaded)."""
         C = _capi()
-        write_atomically(path, lambda tmp: C.save_checkpoint(self._state, os.fspath(tmp), include_optimizer_state))
+        if step is not None:
+            self._state.add_property(STEP_PROPERTY, int(step))
+
+        def write(tmp: str) -> None:
+            C.save_checkpoint(self._state, os.fspath(tmp), include_optimizer_state)
+            crash_point("checkpoint.written")  # test hook: the temporary checkpoint written, not yet committed
+
+        write_atomically(path, write)

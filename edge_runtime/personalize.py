@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import graph_names as gn
+from .faults import crash_point
 from .fileio import write_atomically
 from .noise import EpsilonDDPM, schedule_from_dict
 from .patch_sampling import PatchSampler, PatchSchedule, check_prior_from, pick_image
@@ -385,11 +386,20 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
     trainer = make_trainer(bundle, trainer_backend, opts.learning_rate, ckpt if start_step > 0 else None, train_device)
     if list(trainer.inputs) != frozen.inputs:
         raise RuntimeError(f"training inputs {trainer.inputs} differ from the spec's {frozen.inputs}")
+    if start_step > 0 and trainer.resumed_step is not None and trainer.resumed_step != start_step:
+        # the checkpoint is the truth: a crash after it was renamed into place, before the caller recorded its step,
+        # leaves the caller one checkpoint behind (the bank holds every draw from start_step on, so these too)
+        if trainer.resumed_step < start_step:
+            raise RuntimeError(f"the checkpoint was saved at step {trainer.resumed_step}, before step {start_step} "
+                               "its job resumes from")
+        start_step = trainer.resumed_step
+        if on_checkpoint:
+            on_checkpoint(start_step)
     step_s = 0.0
     for i in range(start_step, n):
         if progress.should_stop():
             if checkpoint_on_stop is not None and checkpoint_on_stop() and i > start_step:
-                trainer.save_checkpoint(ckpt)
+                trainer.save_checkpoint(ckpt, step=i)
                 if on_checkpoint:
                     on_checkpoint(i)
             raise Cancelled(f"stopped before step {i + 1}")
@@ -402,9 +412,11 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
                 else:
                     feeds = _online_feeds(plan, frozen, text, j)
                 timing["pre"] += time.perf_counter() - t0
+                crash_point("job.draw")  # a draw's training inputs ready (online: its frozen pass done)
                 yield feeds
 
         timing = {"pre": 0.0}
+        crash_point("job.step")  # test hook (edge_runtime.faults): before step i + 1
         t1 = time.perf_counter()
         loss = trainer.step_draws(draws())
         pre_s += timing["pre"]
@@ -412,7 +424,8 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
         result.losses.append(loss)
         progress.event("step", step=i + 1, total=n, loss=loss)
         if opts.checkpoint_every and (i + 1) % opts.checkpoint_every == 0 and i + 1 < n:
-            trainer.save_checkpoint(ckpt)
+            trainer.save_checkpoint(ckpt, step=i + 1)
+            crash_point("job.checkpointed")  # the checkpoint in place, its step not yet recorded by the caller
             if on_checkpoint:
                 on_checkpoint(i + 1)
             progress.event("checkpoint", step=i + 1, total=n)
@@ -448,6 +461,7 @@ def _bank(bundle: Bundle, plan: DrawPlan, frozen: FrozenPass, text, steps, bank:
     for i in todo:  # draws: crop, encode, noise (VAE encoder only)
         feeds, target = plan.prologue_feeds(plan.draw(i), text)
         _npz_save(os.path.join(bank, f"{i:06d}.acc.npz"), {**feeds, "target": target})
+        crash_point("bank.draw")  # test hook (edge_runtime.faults): a draw's prologue inputs banked
     bundle.release_all()
     progress.event("precomputing", progress=1 / total)
     for pos, name in enumerate(frozen.names):
@@ -461,12 +475,14 @@ def _bank(bundle: Bundle, plan: DrawPlan, frozen: FrozenPass, text, steps, bank:
             frozen.step(pos, a, rec)
             _npz_save(os.path.join(bank, f"{i:06d}.acc.npz"), {**a, "target": target})
             _npz_save(rp, rec)
+            crash_point("bank.graph")  # one graph's pass over one draw banked
         bundle.release(name)
         progress.event("precomputing", progress=(pos + 2) / total)
     for i in todo:
         a = _npz_load(os.path.join(bank, f"{i:06d}.acc.npz"))
         rec = _npz_load(os.path.join(bank, f"{i:06d}.rec.npz"))
         _npz_save(os.path.join(bank, f"{i:06d}.feeds.npz"), frozen.feeds(rec, a["target"]))
+        crash_point("bank.feeds")  # a draw's training inputs banked, its intermediate states not yet removed
         for suffix in ("acc", "rec"):
             os.remove(os.path.join(bank, f"{i:06d}.{suffix}.npz"))
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import adapter_file
+from .faults import crash_point
 from .fileio import atomic_json, atomic_write, fsync_dir, is_temp
 
 # what the adapter file's own record (metadata "edgeblock") keeps of an adapter's adapter.json
@@ -41,6 +42,7 @@ def _rank(weights: Mapping[str, np.ndarray]) -> int:
     return int(next(np.shape(v)[0] for k, v in weights.items() if k.endswith(".lora_A.weight")))
 
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
+FINISHED = ("DONE", "FAILED", "CANCELLED")  # the job states that keep job.json only (edge_runtime.daemon.jobs.TERMINAL)
 
 
 class StoreError(ValueError):
@@ -86,7 +88,8 @@ class Store:
         self._clean_partial()
 
     def _clean_partial(self) -> None:
-        """Adapter folders without adapter.json (a crash between the two writes) and temp files go."""
+        """Adapter folders without adapter.json (a crash between the two writes), temp files, and the work of jobs
+        that finished just before a crash go."""
         for name in os.listdir(self.adapters_dir):
             d = os.path.join(self.adapters_dir, name)
             if not ID_RE.match(name) or not os.path.exists(os.path.join(d, "adapter.json")):
@@ -94,6 +97,9 @@ class Store:
         for name in os.listdir(self.jobs_dir):
             if name.startswith(".trash-"):  # a deletion cut short
                 shutil.rmtree(os.path.join(self.jobs_dir, name), ignore_errors=True)
+        for job in self.list_jobs():
+            if job.get("state") in FINISHED:  # finished, its work not yet dropped when the daemon died
+                self.drop_job_work(job["id"])
         for dirpath, _dirs, files in os.walk(self.root):
             for n in files:
                 if is_temp(n):
@@ -112,10 +118,16 @@ class Store:
         record = {k: v for k, v in meta.items() if k in RECORDED}
         data = adapter_file.encode(weights, alpha if alpha is not None else _rank(weights),
                                    {**record, "adapter_id": adapter_id})
-        atomic_write(os.path.join(d, "adapter.safetensors"), data)
         info = {**meta, "id": adapter_id, "sha256": sha256_bytes(data), "size_bytes": len(data),
                 "created": meta.get("created", time.time())}
-        atomic_json(os.path.join(d, "adapter.json"), info)
+        try:
+            atomic_write(os.path.join(d, "adapter.safetensors"), data)
+            crash_point("store.adapter_weights")  # test hook (edge_runtime.faults): the weights, no adapter.json
+            atomic_json(os.path.join(d, "adapter.json"), info)
+        except BaseException:  # e.g. a full disk: no half adapter stays behind (an adapter is its adapter.json)
+            if not os.path.exists(os.path.join(d, "adapter.json")):
+                shutil.rmtree(d, ignore_errors=True)
+            raise
         fsync_dir(self.adapters_dir)
         return info
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from .faults import crash_point
 from .fileio import write_atomically
 from .onnx_interp import Interpreter, OnnxFormatError, OnnxGraph, UnsupportedOp
 from .training_spec import TrainingError, TrainingSpec, load_spec
@@ -98,6 +99,7 @@ class TorchTrainer:
                 [self._params[n] for n in trainable], lr=self.lr, betas=betas, eps=float(opt.get("eps", 1e-8)),
                 weight_decay=float(opt.get("weight_decay", 1e-2)))
             self.step_count = 0
+            self.resumed_step: int | None = None  # the job step the checkpoint was saved at (as OrtTrainer's)
             if checkpoint:
                 self._load_checkpoint(os.fspath(checkpoint))
             self.set_learning_rate(self.lr)
@@ -166,6 +168,7 @@ class TorchTrainer:
                 losses.append(float(loss.detach().cpu()))
             if not losses:
                 raise TrainingError("a training step needs at least one draw")
+            crash_point("train.backward")  # test hook (edge_runtime.faults): gradients summed, weights not yet updated
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
@@ -214,8 +217,9 @@ class TorchTrainer:
         weights are the artifacts' own, in params.safetensors)."""
         return list(dict.fromkeys([*self._trainable, *(n for n in self.spec.lora if n in self._params)]))
 
-    def save_checkpoint(self, path: str, include_optimizer_state: bool = True) -> None:
-        """Write the training state to `path` atomically (tmp file + rename)."""
+    def save_checkpoint(self, path: str, include_optimizer_state: bool = True, step: int | None = None) -> None:
+        """Write the training state to `path` atomically (tmp file + rename); step: the job step it is saved at,
+        recorded in the checkpoint (resumed_step when it is loaded)."""
         torch = load_torch()
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -224,8 +228,14 @@ class TorchTrainer:
             "step": int(self.step_count),
             "lr": float(self.lr),
             "optimizer": self._optimizer.state_dict() if include_optimizer_state else None,
+            "job_step": None if step is None else int(step),
         }
-        write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+        def write(tmp: str) -> None:
+            torch.save(state, tmp)
+            crash_point("checkpoint.written")  # test hook: the temporary checkpoint written, not yet committed
+
+        write_atomically(path, write)
 
     def _load_checkpoint(self, path: str) -> None:
         torch = load_torch()
@@ -248,6 +258,7 @@ class TorchTrainer:
                     if torch.is_tensor(v) and k != "step":
                         st[k] = v.to(self.device)
         self.step_count = int(state.get("step", 0))
+        self.resumed_step = None if state.get("job_step") is None else int(state["job_step"])
 
 
 # The interpreter's names are re-exported: callers (and tests) reach the backend through this module.

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ..faults import crash_point
 from .admission import Admission
 from .config import Defaults, Limits
 from .errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
@@ -385,7 +386,13 @@ class JobQueue:
                 "bundle_sha256": self.bundle.manifest_sha256,
                 "recipe": {**self.bundle.manifest.training_recipe().to_dict(), "learning_rate": opts.learning_rate,
                            "steps": opts.steps, "batch": opts.batch}}
-        self.store.save_adapter(result.weights, meta, adapter_id=data["adapter_id"])
+        try:
+            self.store.save_adapter(result.weights, meta, adapter_id=data["adapter_id"])
+        except Exception as e:  # noqa: BLE001 - e.g. no space: the job fails, the worker goes on
+            log.exception("job %s: its adapter could not be stored", rec.id)
+            self._finish(rec, "FAILED", f"{type(e).__name__}: {e}")
+            return
+        crash_point("job.adapter_saved")  # test hook (edge_runtime.faults): the adapter stored, the job not yet DONE
         data["loss"] = result.final_loss
         self._finish(rec, "DONE", f"trained {opts.steps} steps in {result.seconds:.1f} s")
 

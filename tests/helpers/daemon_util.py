@@ -14,7 +14,9 @@ import numpy as np
 
 class DaemonProc:
     def __init__(self, bundle: str, state: str, *extra: str, token: str | None = None, listen: str = "127.0.0.1:0",
-                 env: dict | None = None):
+                 env: dict | None = None, preexec_fn=None):
+        """env: variables set (over this process's) in the daemon's; preexec_fn: run in the child before the daemon
+        starts (e.g. resource limits)."""
         cmd = [sys.executable, "-m", "edge_runtime.server", "--bundle", bundle, "--listen", listen, "--state", state,
                "--threads", "1", *extra]
         e = {**os.environ, **(env or {})}
@@ -22,7 +24,7 @@ class DaemonProc:
             e["EDGEBLOCK_TOKEN"] = token
         self.log_path = str(state).rstrip("/") + ".daemon.log"
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, env=e)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, env=e, preexec_fn=preexec_fn)
         self.port = None
         deadline = time.time() + 60
         while time.time() < deadline:
