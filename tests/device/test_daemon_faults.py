@@ -75,10 +75,19 @@ CHAINS = {
     "finished": ("online", [
         "fileio.renamed.job.json:6",           # job.json DONE in place, its final event not yet logged
     ]),
+    "submitted": ("online", [
+        "fileio.renamed.job.json:1",           # the accepted job's job.json in place, its images not yet saved
+    ]),
 }
-# job.json says DONE but the event log lacks KIND_DONE, so a watcher after the restart waits for ever; the fix is in
-# edge_runtime/daemon/jobs.py (_recover: log the final event a finished job lacks), outside this change's scope
-KNOWN_GAPS = {"finished": "a kill -9 between job.json DONE and the DONE event: WatchJob never ends after the restart"}
+# Known gaps, each a strict xfail with the error it fails with today; both fixes are in edge_runtime/daemon/jobs.py,
+# outside this change's scope. finished: job.json says DONE but the log lacks KIND_DONE, so a watcher after the
+# restart waits for ever (fix: _recover logs the final event a finished job lacks). submitted: the resumed job has
+# no images and fails with FileNotFoundError (fix: submit saves the images before job.json).
+KNOWN_GAPS = {
+    "finished": ("a kill -9 between job.json DONE and the DONE event: WatchJob never ends after the restart",
+                 ClientError),
+    "submitted": ("a kill -9 between job.json and the images at submit: the resumed job fails", AssertionError),
+}
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +162,8 @@ def _dies_at(d: DaemonProc, state: str, spec: str, timeout: float = 90) -> None:
     assert d.proc.returncode == -signal.SIGKILL, (spec, d.proc.returncode, d.logs()[-2000:])
 
 
-@pytest.mark.parametrize("chain", [pytest.param(k, marks=pytest.mark.xfail(strict=True, raises=ClientError,
-                                                                                reason=KNOWN_GAPS[k]))
+@pytest.mark.parametrize("chain", [pytest.param(k, marks=pytest.mark.xfail(strict=True, raises=KNOWN_GAPS[k][1],
+                                                                                reason=KNOWN_GAPS[k][0]))
                                    if k in KNOWN_GAPS else k for k in CHAINS])
 def test_kill_9_at_each_point_of_a_job_resumes_to_the_same_adapter(bundle, reference, tmp_path, chain):
     mode, points = CHAINS[chain]
@@ -179,7 +188,7 @@ def test_kill_9_at_each_point_of_a_job_resumes_to_the_same_adapter(bundle, refer
             ads = c.list_adapters()
             assert [a.id for a in ads] == [j.adapter_id] and ads[0].job_id == job_id  # one adapter, trained once
             data, _ = c.export_adapter(j.adapter_id)
-            events = list(c.watch_job(job_id, timeout=10))  # the log of every life, ending with the final event
+            events = list(c.watch_job(job_id, timeout=5))  # the log of every life, ending with the final event
             assert kind_name(events[0].kind) == "QUEUED" and kind_name(events[-1].kind) == "DONE"
         assert d.terminate() == 0
     finally:
