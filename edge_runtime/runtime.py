@@ -54,9 +54,13 @@ class Bundle:
         self.prompt_cache: Any = None  # a PromptCache once use_prompt_cache is called
         self.chain = self._chain()
         self.lora_shapes: dict[str, tuple[int, ...]] = {}
+        dynamic = []
         for name in self.chain_names:
             for n, d in self.graphs[name].get("lora", {}).items():
                 self.lora_shapes[n] = tuple(d["shape"])
+                dynamic.append(bool(d.get("dynamic_rank")))
+        # several adapters at once (edge_runtime.lora_mix) need graphs whose LoRA rank axis is symbolic
+        self.lora_rank_dynamic = bool(dynamic) and all(dynamic)
         self.latent_channels = int(self.model["latent_channels"])
         self.downsample = int(self.model.get("vae_downsample", 1))
         self.multiple = int(self.model.get("resolution_multiple", 1))
@@ -293,6 +297,11 @@ class Bundle:
         return np.array(sess.run(None, {"latents": latents.astype(np.float32)})[0], copy=True)  # not a view: see run
 
     # ------------------------------------------------------------------ generation
+    @property
+    def guidance_embedded(self) -> bool:
+        """The model takes its guidance scale as an input (FLUX-dev) instead of classifier-free guidance."""
+        return bool(self.model.get("guidance_embeds"))
+
     def sizes(self) -> list[int]:
         """Generation sides (pixels) the bundle serves: the training and the generation resolution."""
         return sorted({int(self.manifest.gen_res), int(self.manifest.train_res)})
@@ -300,11 +309,12 @@ class Bundle:
     def generate(self, prompt: str, *, seed: int = 0, steps: int = 30, guidance: float = 3.0,
                  size: int | None = None, lora: Mapping[str, np.ndarray] | None = None,
                  noise: np.ndarray | None = None, on_step: Callable[[int, int], None] | None = None,
-                 streamed: bool = False) -> np.ndarray:
+                 streamed: bool = False, negative_prompt: str = "") -> np.ndarray:
         """One image (H, W, 3) uint8 for `prompt`.
 
         Models with a guidance embedding (FLUX-dev) take `guidance` as an input; the others use
-        classifier-free guidance against the empty prompt (batch 2) when guidance != 1.
+        classifier-free guidance against `negative_prompt` (default: the empty prompt; batch 2) when
+        guidance != 1. A negative prompt without classifier-free guidance is an error.
 
         streamed (edge_runtime.memory_plan.STREAMED): every graph not already open is loaded for its own run
         and released after it, at each sampling step, the text encoder before sampling and the VAE decoder
@@ -317,11 +327,14 @@ class Bundle:
         side = size // self.downsample
         if noise is None:
             noise = initial_noise(seed, (1, self.latent_channels, side, side))
-        embedded = bool(self.model.get("guidance_embeds"))
+        embedded = self.guidance_embedded
         cfg_on = (not embedded) and guidance != 1.0
+        if negative_prompt and not cfg_on:
+            raise RuntimeError_("a negative prompt needs classifier-free guidance: guidance != 1 on a model without "
+                                "a guidance embedding")
         if not streamed:
             self.open_chain()
-        text = self.encode_prompts([prompt, ""] if cfg_on else [prompt], streamed)
+        text = self.encode_prompts([prompt, negative_prompt] if cfg_on else [prompt], streamed)
 
         def predict(x: np.ndarray, t: np.ndarray) -> np.ndarray:
             b = 2 if cfg_on else 1

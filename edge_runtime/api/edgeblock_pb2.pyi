@@ -118,23 +118,65 @@ class JobEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[JobEvent.Kind, str]] = ..., job_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., adapter_id: _Optional[str] = ..., message: _Optional[str] = ..., queue_position: _Optional[int] = ..., progress: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "adapter_id", "seed", "steps", "guidance", "size")
+    __slots__ = ("prompt", "adapter_id", "seed", "steps", "guidance", "size", "negative_prompt", "num_images", "adapters")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     adapter_id: str
     seed: int
     steps: int
     guidance: float
     size: int
-    def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ...) -> None: ...
+    negative_prompt: str
+    num_images: int
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
+    def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ...) -> None: ...
+
+class AdapterWeight(_message.Message):
+    __slots__ = ("adapter_id", "scale")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    scale: float
+    def __init__(self, adapter_id: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
+
+class GeneratedImage(_message.Message):
+    __slots__ = ("png", "seed")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    seed: int
+    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: GenerateProgress
+    result: GenerateResponse
+    def __init__(self, progress: _Optional[_Union[GenerateProgress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class GenerateProgress(_message.Message):
+    __slots__ = ("image", "step", "total_steps", "elapsed")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_FIELD_NUMBER: _ClassVar[int]
+    image: int
+    step: int
+    total_steps: int
+    elapsed: _duration_pb2.Duration
+    def __init__(self, image: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("png", "seed", "steps", "guidance", "size", "adapter_id", "time_s", "mode", "time")
+    __slots__ = ("png", "seed", "steps", "guidance", "size", "adapter_id", "time_s", "mode", "time", "images", "adapters")
     PNG_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +186,8 @@ class GenerateResponse(_message.Message):
     TIME_S_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     seed: int
     steps: int
@@ -153,7 +197,9 @@ class GenerateResponse(_message.Message):
     time_s: float
     mode: str
     time: _duration_pb2.Duration
-    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., adapter_id: _Optional[str] = ..., time_s: _Optional[float] = ..., mode: _Optional[str] = ..., time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
+    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., adapter_id: _Optional[str] = ..., time_s: _Optional[float] = ..., mode: _Optional[str] = ..., time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("id", "name", "token", "class_noun", "steps", "final_loss", "created", "sha256", "lora_rank", "job_id", "size_bytes", "create_time")
@@ -296,7 +342,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_images", "max_image_bytes", "max_image_pixels", "max_steps", "max_prompt_chars", "max_generate_steps", "max_queue", "max_concurrent_generations", "max_finished_jobs", "finished_job_retention", "max_page_size")
+    __slots__ = ("max_images", "max_image_bytes", "max_image_pixels", "max_steps", "max_prompt_chars", "max_generate_steps", "max_queue", "max_concurrent_generations", "max_finished_jobs", "finished_job_retention", "max_page_size", "max_num_images", "max_adapters_per_generation")
     MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +354,8 @@ class Limits(_message.Message):
     MAX_FINISHED_JOBS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_JOB_RETENTION_FIELD_NUMBER: _ClassVar[int]
     MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_PER_GENERATION_FIELD_NUMBER: _ClassVar[int]
     max_images: int
     max_image_bytes: int
     max_image_pixels: int
@@ -319,7 +367,9 @@ class Limits(_message.Message):
     max_finished_jobs: int
     finished_job_retention: _duration_pb2.Duration
     max_page_size: int
-    def __init__(self, max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_generate_steps: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_concurrent_generations: _Optional[int] = ..., max_finished_jobs: _Optional[int] = ..., finished_job_retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_page_size: _Optional[int] = ...) -> None: ...
+    max_num_images: int
+    max_adapters_per_generation: int
+    def __init__(self, max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_generate_steps: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_concurrent_generations: _Optional[int] = ..., max_finished_jobs: _Optional[int] = ..., finished_job_retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_page_size: _Optional[int] = ..., max_num_images: _Optional[int] = ..., max_adapters_per_generation: _Optional[int] = ...) -> None: ...
 
 class Defaults(_message.Message):
     __slots__ = ("steps", "learning_rate", "checkpoint_every", "generate_steps", "guidance", "seed")
@@ -338,7 +388,7 @@ class Defaults(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., generate_steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Info(_message.Message):
-    __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version", "memory", "settings")
+    __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version", "memory", "settings", "guidance_embedded", "multi_adapter")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +404,8 @@ class Info(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_EMBEDDED_FIELD_NUMBER: _ClassVar[int]
+    MULTI_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     family: str
     parameters: int
     trainable_blocks: _containers.RepeatedScalarFieldContainer[int]
@@ -369,7 +421,9 @@ class Info(_message.Message):
     version: str
     memory: Memory
     settings: Settings
-    def __init__(self, family: _Optional[str] = ..., parameters: _Optional[int] = ..., trainable_blocks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., train_res: _Optional[int] = ..., gen_res: _Optional[int] = ..., sizes: _Optional[_Iterable[int]] = ..., lora_rank: _Optional[int] = ..., trainer: _Optional[str] = ..., executor: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., version: _Optional[str] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., settings: _Optional[_Union[Settings, _Mapping]] = ...) -> None: ...
+    guidance_embedded: bool
+    multi_adapter: bool
+    def __init__(self, family: _Optional[str] = ..., parameters: _Optional[int] = ..., trainable_blocks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., train_res: _Optional[int] = ..., gen_res: _Optional[int] = ..., sizes: _Optional[_Iterable[int]] = ..., lora_rank: _Optional[int] = ..., trainer: _Optional[str] = ..., executor: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., version: _Optional[str] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., settings: _Optional[_Union[Settings, _Mapping]] = ..., guidance_embedded: _Optional[bool] = ..., multi_adapter: _Optional[bool] = ...) -> None: ...
 
 class Settings(_message.Message):
     __slots__ = ("config_file", "listen", "state_dir", "auth", "tls", "mtls", "allow_insecure_remote", "trainer", "train_device", "threads", "workers", "prompt_cache_mb", "log_level", "log_format", "keepalive_time")

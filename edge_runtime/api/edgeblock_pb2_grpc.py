@@ -63,6 +63,11 @@ class EdgeBlockStub:
                 request_serializer=edgeblock__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=edgeblock__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/edgeblock.v1.EdgeBlock/GenerateStream',
+                request_serializer=edgeblock__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=edgeblock__pb2.GenerateEvent.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/edgeblock.v1.EdgeBlock/ListAdapters',
                 request_serializer=edgeblock__pb2.ListAdaptersRequest.SerializeToString,
@@ -142,10 +147,21 @@ class EdgeBlockServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Generate one image (PNG), optionally with an adapter. INVALID_ARGUMENT for a
-        limit or a size the bundle does not serve, NOT_FOUND for an unknown adapter,
+        """Generate images (PNG), optionally with adapters. INVALID_ARGUMENT for a
+        limit, FAILED_PRECONDITION for a size the bundle does not serve (or a negative
+        prompt without classifier-free guidance, several adapters on a bundle that
+        applies one), NOT_FOUND for an unknown adapter,
         RESOURCE_EXHAUSTED when no generation slot frees within the call's deadline
         (600 s without one), DEADLINE_EXCEEDED when the deadline passes while sampling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """Generate as Generate does, streaming progress: a GenerateEvent with `progress`
+        after every sampling step of every image, then one with `result` (the
+        GenerateResponse). The same errors as Generate, as the stream's status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +241,11 @@ def add_EdgeBlockServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=edgeblock__pb2.GenerateRequest.FromString,
                     response_serializer=edgeblock__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=edgeblock__pb2.GenerateRequest.FromString,
+                    response_serializer=edgeblock__pb2.GenerateEvent.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -379,6 +400,33 @@ class EdgeBlock:
             '/edgeblock.v1.EdgeBlock/Generate',
             edgeblock__pb2.GenerateRequest.SerializeToString,
             edgeblock__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgeblock.v1.EdgeBlock/GenerateStream',
+            edgeblock__pb2.GenerateRequest.SerializeToString,
+            edgeblock__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

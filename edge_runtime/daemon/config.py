@@ -37,6 +37,8 @@ class Limits:
     max_finished_jobs: int = 100  # finished jobs kept (the oldest beyond it are forgotten; adapters stay)
     finished_job_retention_s: float = 7 * 86400.0  # how long a finished job is kept after its last update
     max_page_size: int = 1000  # items per page of ListJobs / ListAdapters
+    max_num_images: int = 4  # images per Generate
+    max_adapters_per_generation: int = 4  # adapters applied together in one Generate
 
 
 @dataclass

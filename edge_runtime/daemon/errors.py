@@ -43,3 +43,7 @@ class FailedPrecondition(RpcFailure):
 
 class DataLoss(RpcFailure):
     code_name = "DATA_LOSS"
+
+
+class Cancelled(RpcFailure):
+    code_name = "CANCELLED"

@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..memory_plan import STREAMED
 from .admission import Admission
@@ -20,6 +21,7 @@ log = logging.getLogger("edgeblock.daemon")
 SLOT_RETRY_S = 2.0  # RetryInfo when every generation slot is busy: a generation takes seconds
 
 ADAPTER_CACHE = 8  # adapters whose weights stay loaded
+MAX_SCALE = 4.0  # |AdapterWeight.scale|: beyond it an adapter's delta swamps the base model
 
 
 class Generator:
@@ -59,56 +61,103 @@ class Generator:
         with self.lock:
             self.adapter_cache.pop(adapter_id, None)
 
-    def generate(self, request, deadline: float | None) -> tuple[bytes, dict]:
-        """A GenerateRequest's PNG and what it was made with (seed, steps, guidance, size, time_s).
-        Raises InvalidArgument, ResourceExhausted, DeadlineExceeded, Unavailable, NotFound / StoreError
-        (the adapter)."""
+    def adapters_of(self, request) -> list[tuple[str, float]]:
+        """The (adapter id, scale) pairs a GenerateRequest applies: `adapters`, or `adapter_id` at scale 1."""
         from ..store import check_id
 
+        L = self.limits
+        if request.adapters and request.adapter_id:
+            raise InvalidArgument("give adapters or adapter_id, not both", field="adapters")
+        if len(request.adapters) > L.max_adapters_per_generation:
+            raise InvalidArgument(f"{len(request.adapters)} adapters, more than max_adapters_per_generation="
+                                  f"{L.max_adapters_per_generation}", field="adapters")
+        pairs = [(a.adapter_id, float(a.scale) if a.HasField("scale") else 1.0) for a in request.adapters]
+        if request.adapter_id:
+            pairs = [(request.adapter_id, 1.0)]
+        for i, (aid, scale) in enumerate(pairs):
+            check_id(aid, f"adapters[{i}].adapter_id" if request.adapters else "adapter_id")
+            if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+                raise InvalidArgument(f"adapter {aid}: scale must be in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {scale}",
+                                      field=f"adapters[{i}].scale")
+        if len({aid for aid, _ in pairs}) != len(pairs):
+            raise InvalidArgument("an adapter is named twice: give it once with the sum of its scales",
+                                  field="adapters")
+        if len(pairs) > 1 and not self.bundle.lora_rank_dynamic:
+            raise FailedPrecondition("this bundle applies one adapter at a time (its LoRA rank is fixed: compiled "
+                                     "before several adapters were supported): recompile it with edgeblock compile")
+        return pairs
+
+    def generate(self, request, deadline: float | None,
+                 progress: Callable[[int, int, int], None] | None = None) -> tuple[list[tuple[bytes, int]], dict]:
+        """A GenerateRequest's images as (PNG, seed) pairs and what they were made with (steps, guidance, size,
+        time_s, mode, adapters). progress(image, step, total_steps) after every sampling step (it may raise to
+        stop). Raises InvalidArgument, FailedPrecondition, ResourceExhausted, DeadlineExceeded, Unavailable,
+        NotFound / StoreError (an adapter)."""
+        from ..lora_mix import mix
+
         L, D = self.limits, self.defaults
-        if len(request.prompt) > L.max_prompt_chars:
-            raise InvalidArgument(f"prompt of {len(request.prompt)} characters, more than "
-                                  f"max_prompt_chars={L.max_prompt_chars}", field="prompt")
+        for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            if len(text) > L.max_prompt_chars:
+                raise InvalidArgument(f"{field} of {len(text)} characters, more than "
+                                      f"max_prompt_chars={L.max_prompt_chars}", field=field)
         steps = int(request.steps) or D.generate_steps
         if steps > L.max_generate_steps:
             raise InvalidArgument(f"steps {steps} more than max_generate_steps={L.max_generate_steps}", field="steps")
         g = float(request.guidance) or D.guidance
         if not math.isfinite(g) or not 0 < g <= 100:
             raise InvalidArgument(f"guidance must be in (0, 100], got {request.guidance}", field="guidance")
+        count = int(request.num_images) or 1
+        if count > L.max_num_images:
+            raise InvalidArgument(f"num_images {count} more than max_num_images={L.max_num_images}",
+                                  field="num_images")
         sizes = self.bundle.sizes()
         size = int(request.size) or int(self.bundle.manifest.gen_res)
         if size not in sizes:
             # valid in itself, not for this bundle: it was compiled for other sizes
             raise FailedPrecondition(f"size {size} is not one this bundle was compiled for (sizes: {sizes}; "
                                      "edgeblock compile --gen-res sets them)")
+        if request.negative_prompt and (self.bundle.guidance_embedded or g == 1.0):
+            raise FailedPrecondition("a negative prompt needs classifier-free guidance: "
+                                     + ("this model takes its guidance as an input (Info.guidance_embedded)"
+                                        if self.bundle.guidance_embedded else "guidance 1 turns it off"))
         seed = int(request.seed) if request.HasField("seed") else D.seed
-        lora = None
-        if request.adapter_id:
-            check_id(request.adapter_id, "adapter_id")
-            lora = self.adapter_weights(request.adapter_id)
+        if seed + count - 1 >= 2**64:
+            raise InvalidArgument(f"seed {seed} + num_images {count} passes 2**64", field="seed")
+        pairs = self.adapters_of(request)
+        lora = mix([(self.adapter_weights(aid), s) for aid, s in pairs], self.bundle.lora_shapes) if pairs else None
         self.admission.check_generation(size)  # one that could never fit the memory budget is refused now
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         if not self.slots.acquire(timeout=timeout if timeout is not None else 600):
             raise ResourceExhausted(
                 f"all {L.max_concurrent_generations} generation slots are busy (max_concurrent_generations)",
                 retry_after_s=SLOT_RETRY_S)
+        images = []
         try:
-            def on_step(i: int, n: int) -> None:
-                if deadline is not None and time.time() > deadline:
-                    log.info("generate stopped: deadline passed after %d of %d sampling steps", i, n)
-                    raise DeadlineExceeded(f"deadline passed after {i} of {n} sampling steps")
-                if self.shutting_down.is_set():
-                    raise Unavailable("the daemon is shutting down")
-
             with self.admission.generation(size, deadline) as mode:  # resident when it fits, else streamed
                 t0 = time.perf_counter()
-                img = self.bundle.generate(request.prompt, seed=seed, steps=steps, guidance=g, size=size, lora=lora,
-                                           on_step=on_step, streamed=mode == STREAMED)
+                for k in range(count):
+                    def on_step(i: int, n: int, k: int = k) -> None:
+                        if deadline is not None and time.time() > deadline:
+                            log.info("generate stopped: deadline passed after %d of %d sampling steps", i, n)
+                            raise DeadlineExceeded(f"deadline passed after {i} of {n} sampling steps")
+                        if self.shutting_down.is_set():
+                            raise Unavailable("the daemon is shutting down")
+                        if progress is not None:
+                            progress(k, i, n)
+
+                    img = self.bundle.generate(request.prompt, seed=seed + k, steps=steps, guidance=g, size=size,
+                                               lora=lora, on_step=on_step, streamed=mode == STREAMED,
+                                               negative_prompt=request.negative_prompt)
+                    images.append((_png(img), seed + k))
                 dt = time.perf_counter() - t0
         finally:
             self.slots.release()
-        from PIL import Image
+        return images, {"steps": steps, "guidance": g, "size": size, "time_s": dt, "mode": mode, "adapters": pairs}
 
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
-        return buf.getvalue(), {"seed": seed, "steps": steps, "guidance": g, "size": size, "time_s": dt, "mode": mode}
+
+def _png(img) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()

@@ -15,7 +15,7 @@ from ..api import edgeblock_pb2 as pb
 from ..api import edgeblock_pb2_grpc as pb_grpc
 from ..personalize import PersonalizeError
 from ..store import CorruptData, NotFound, StoreError, check_id
-from .errors import DataLoss, InvalidArgument, NotFoundError, RpcFailure, Unavailable
+from .errors import Cancelled, DataLoss, InvalidArgument, NotFoundError, RpcFailure, Unavailable
 from .jobs import JobRecord
 from .settings import settings_msg
 from .state import Daemon
@@ -79,6 +79,17 @@ def _duration(seconds: float) -> Any:
     d = Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
+
+
+def generate_response(images: list[tuple[bytes, int]], meta: dict) -> Any:
+    """A GenerateResponse: every image, the first also in png/seed (clients of one image read those)."""
+    adapters = [pb.AdapterWeight(adapter_id=aid, scale=s) for aid, s in meta["adapters"]]
+    r = pb.GenerateResponse(png=images[0][0], seed=images[0][1], steps=meta["steps"], guidance=meta["guidance"],
+                            size=meta["size"], time_s=meta["time_s"], mode=meta["mode"],
+                            adapter_id=adapters[0].adapter_id if adapters else "", adapters=adapters,
+                            images=[pb.GeneratedImage(png=png, seed=seed) for png, seed in images])
+    r.time.FromNanoseconds(int(meta["time_s"] * 1e9))
+    return r
 
 
 def adapter_msg(a: dict) -> Any:
@@ -163,10 +174,42 @@ class Servicer(pb_grpc.EdgeBlockServicer):
 
     def Generate(self, request, context):
         with answering(context):
-            png, meta = self.d.generate(request, self._deadline(context))
-        r = pb.GenerateResponse(png=png, adapter_id=request.adapter_id, **meta)
-        r.time.FromNanoseconds(int(meta["time_s"] * 1e9))
-        return r
+            images, meta = self.d.generate(request, self._deadline(context))
+        return generate_response(images, meta)
+
+    def GenerateStream(self, request, context):
+        """Generate on a worker thread; this one streams its progress, then the result (or ends with its
+        error). A client that goes away stops the generation at its next sampling step."""
+        import queue as queue_mod
+        import threading
+
+        events: queue_mod.Queue = queue_mod.Queue()
+        t0 = time.monotonic()
+
+        def progress(image: int, step: int, total: int) -> None:
+            if not context.is_active():
+                raise Cancelled("the client went away")
+            p = pb.GenerateProgress(image=image, step=step, total_steps=total)
+            p.elapsed.FromNanoseconds(int((time.monotonic() - t0) * 1e9))
+            events.put(("progress", p))
+
+        def work() -> None:
+            try:
+                events.put(("result", self.d.generate(request, self._deadline(context), progress)))
+            except BaseException as e:  # noqa: BLE001 - answered below, in the RPC's thread
+                events.put(("error", e))
+
+        threading.Thread(target=work, name="edgeblock-generate-stream", daemon=True).start()
+        while True:
+            kind, value = events.get()
+            if kind == "progress":
+                yield pb.GenerateEvent(progress=value)
+            elif kind == "result":
+                yield pb.GenerateEvent(result=generate_response(*value))
+                return
+            else:
+                with answering(context):
+                    raise value
 
     def ListAdapters(self, request, context):
         with answering(context):
@@ -236,10 +279,13 @@ class Servicer(pb_grpc.EdgeBlockServicer):
                              max_prompt_chars=L.max_prompt_chars, max_generate_steps=L.max_generate_steps,
                              max_queue=L.max_queue, max_concurrent_generations=L.max_concurrent_generations,
                              max_finished_jobs=L.max_finished_jobs, max_page_size=L.max_page_size,
-                             finished_job_retention=_duration(L.finished_job_retention_s)),
+                             finished_job_retention=_duration(L.finished_job_retention_s),
+                             max_num_images=L.max_num_images,
+                             max_adapters_per_generation=L.max_adapters_per_generation),
             defaults=pb.Defaults(steps=D.steps, learning_rate=D.learning_rate, checkpoint_every=D.checkpoint_every,
                                  generate_steps=D.generate_steps, guidance=D.guidance, seed=D.seed),
             version=__version__, memory=self._memory(), settings=settings_msg(d.cfg),
+            guidance_embedded=b.guidance_embedded, multi_adapter=b.lora_rank_dynamic,
         )
 
     def _memory(self):

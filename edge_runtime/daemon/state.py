@@ -131,8 +131,8 @@ class Daemon:
     def submit(self, request) -> JobRecord:
         return self.jobs.submit(request)
 
-    def generate(self, request, deadline: float | None) -> tuple[bytes, dict]:
-        return self.generator.generate(request, deadline)
+    def generate(self, request, deadline: float | None, progress=None) -> tuple[list[tuple[bytes, int]], dict]:
+        return self.generator.generate(request, deadline, progress)
 
     def shutdown(self, wait: float = 60.0) -> None:
         """Stop the worker: the running job checkpoints at its current step and stays resumable."""

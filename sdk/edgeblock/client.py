@@ -15,7 +15,7 @@ Every failed call raises ClientError(code, details), code being the gRPC status 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
@@ -234,10 +234,34 @@ class EdgeClient:
         """Every job the daemon keeps, newest first (all pages; page_size 0: the daemon's largest page)."""
         return self._pages(self.stub.ListJobs, pb.ListJobsRequest, "jobs", page_size)
 
+    @staticmethod
+    def generate_request(prompt: str, adapter_id: str = "", seed: int | None = None, steps: int = 0,
+                         guidance: float = 0.0, size: int = 0, negative_prompt: str = "", num_images: int = 0,
+                         adapters: Sequence[tuple[str, float]] | Mapping[str, float] = ()) -> pb.GenerateRequest:
+        """A GenerateRequest; `adapters`: (adapter id, scale) pairs (or a dict) applied together, instead of
+        `adapter_id`; 0 and empty fields: the daemon's defaults."""
+        pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
+        return pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, seed=seed, steps=steps, guidance=guidance,
+                                  size=size, negative_prompt=negative_prompt, num_images=num_images,
+                                  adapters=[pb.AdapterWeight(adapter_id=a, scale=s) for a, s in pairs])
+
     def generate(self, prompt: str, adapter_id: str = "", seed: int | None = None, steps: int = 0, guidance: float = 0.0,
-                 size: int = 0) -> pb.GenerateResponse:
-        req = pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, seed=seed, steps=steps, guidance=guidance, size=size)
+                 size: int = 0, negative_prompt: str = "", num_images: int = 0,
+                 adapters: Sequence[tuple[str, float]] | Mapping[str, float] = ()) -> pb.GenerateResponse:
+        """Images for `prompt` (response.images; the first also in .png and .seed). See generate_request."""
+        req = self.generate_request(prompt, adapter_id, seed, steps, guidance, size, negative_prompt, num_images,
+                                    adapters)
         return self._unary(self.stub.Generate, req)
+
+    def generate_stream(self, prompt: str, **kwargs) -> Iterator[pb.GenerateEvent]:
+        """As generate, streaming a GenerateEvent with `progress` after each sampling step, then one with
+        `result` (the GenerateResponse)."""
+        req = self.generate_request(prompt, **kwargs)
+        call = _call(self.stub.GenerateStream, req, metadata=self._metadata, timeout=self.timeout)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
 
     def list_adapters(self, page_size: int = 0) -> list[pb.Adapter]:
         """Every adapter, oldest first (all pages; page_size 0: the daemon's largest page)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import threading
 import types
@@ -102,13 +103,30 @@ class FakeEdge(pb_grpc.EdgeBlockServicer):
         yield K(kind=K.KIND_CHECKPOINT, job_id="job-1", step=total, total_steps=total)
         yield K(kind=K.KIND_DONE, job_id="job-1", adapter_id="ad-new", step=total, total_steps=total, elapsed_s=1.25)
 
+    def _generate(self, request, context):
+        pairs = [(a.adapter_id, a.scale if a.HasField("scale") else 1.0) for a in request.adapters]
+        pairs = pairs or ([(request.adapter_id, 1.0)] if request.adapter_id else [])
+        for aid, _ in pairs:
+            self._adapter(aid, context)
+        size, seed = request.size or 8, request.seed if request.HasField("seed") else 7
+        images = [pb.GeneratedImage(png=_png(size), seed=seed + i) for i in range(request.num_images or 1)]
+        r = pb.GenerateResponse(png=images[0].png, seed=seed, steps=request.steps or 20, guidance=3.5, size=size,
+                                adapter_id=pairs[0][0] if pairs else "", time_s=0.5, images=images,
+                                adapters=[pb.AdapterWeight(adapter_id=a, scale=s) for a, s in pairs])
+        r.time.FromNanoseconds(500_000_000)
+        return r
+
     def Generate(self, request, context):
         self._enter("Generate", request, context)
-        if request.adapter_id:
-            self._adapter(request.adapter_id, context)
-        size = request.size or 8
-        return pb.GenerateResponse(png=_png(size), seed=request.seed or 7, steps=request.steps or 20, guidance=3.5,
-                                   size=size, adapter_id=request.adapter_id, time_s=0.5)
+        return self._generate(request, context)
+
+    def GenerateStream(self, request, context):
+        self._enter("GenerateStream", request, context)
+        r = self._generate(request, context)
+        for i in range(len(r.images)):
+            for s in (1, 2):
+                yield pb.GenerateEvent(progress=pb.GenerateProgress(image=i, step=s, total_steps=2))
+        yield pb.GenerateEvent(result=r)
 
     def ListAdapters(self, request, context):
         self._enter("ListAdapters", request, context)
@@ -344,9 +362,24 @@ def test_generate_on_the_daemon_writes_the_png(daemon, tmp_path, token_file, cap
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (16, 16)
     name, req, _ = daemon.calls[-1]
-    assert name == "Generate" and (req.prompt, req.adapter_id, req.size, req.seed) == ("a photo of sks dog", "ad-1", 16, 3)
+    assert name == "GenerateStream"  # with a progress bar
+    assert (req.prompt, req.adapter_id, req.size, req.seed) == ("a photo of sks dog", "ad-1", 16, 3)
     assert req.steps == 0 and req.guidance == 0  # unset: the daemon's defaults, not the in-process ones
-    assert "seed 3" in stdout and "20 steps" in stdout and "0.50 s" in stdout and "adapter ad-1" in stdout
+    assert "seed 3" in stdout and "20 steps" in stdout and "0.50 s" in stdout and "adapters ad-1" in stdout
+
+    # several images, a negative prompt and two adapters with their scales; --quiet: plain Generate
+    rc = main(["generate", "--server", daemon.address, "--prompt", "p", "--adapter", "ad-1:0.5", "--adapter", "ad-2",
+               "--negative-prompt", "blurry", "--num-images", "3", "--seed", "0", "--quiet", "-o", str(tmp_path / "m.png"),
+               "--auth-token-file", token_file])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    name, req, _ = daemon.calls[-1]
+    assert name == "Generate" and req.num_images == 3 and req.negative_prompt == "blurry" and not req.adapter_id
+    assert [(a.adapter_id, a.scale) for a in req.adapters] == [("ad-1", 0.5), ("ad-2", 1.0)] and req.seed == 0
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".png")) == ["g.png", "m-0.png", "m-1.png", "m-2.png"]
+    assert "m-2.png: 8x8 ('p', seed 2," in stdout and "adapters ad-1 x0.5, ad-2" in stdout
+    assert main(["generate", "--server", daemon.address, "--prompt", "p", "--adapter", "ad-1:lots", "-o",
+                 str(tmp_path / "x.png"), "--auth-token-file", token_file]) == 2
 
     rc = main(["generate", "--server", daemon.address, "--prompt", "p", "--adapter", "nope", "-o",
                str(tmp_path / "n.png"), "--auth-token-file", token_file])

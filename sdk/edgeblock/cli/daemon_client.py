@@ -70,17 +70,64 @@ def _as_dict(msg) -> dict:
     return out
 
 
+def _adapter_weights(specs: list[str] | None) -> list[tuple[str, float]]:
+    """--adapter ID or ID:SCALE, repeated, as (id, scale) pairs."""
+    out = []
+    for spec in specs or ():
+        aid, sep, scale = spec.partition(":")
+        try:
+            out.append((aid, float(scale) if sep else 1.0))
+        except ValueError:
+            raise ValueError(f"--adapter {spec!r}: give ID or ID:SCALE, e.g. {aid}:0.8") from None
+    return out
+
+
+def output_paths(output: str, count: int) -> list[str]:
+    """-o out.png for one image; out-0.png, out-1.png, ... for several."""
+    if count <= 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}-{i}{ext or '.png'}" for i in range(count)]
+
+
 def generate_remote(args: argparse.Namespace) -> int:
-    """`generate --server`: one image made by the daemon, written to -o (atomically)."""
+    """`generate --server`: images made by the daemon, written to -o (atomically), with a progress bar
+    (GenerateStream) unless --quiet."""
     if args.model is not None:
         raise ValueError("--model and --server are exclusive (the daemon serves its bundle's model)")
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    adapters = _adapter_weights(args.adapter)
+    kw = dict(seed=args.seed, steps=args.steps or 0, guidance=args.guidance or 0.0, size=args.size or 0,
+              negative_prompt=args.negative_prompt or "", num_images=args.num_images or 0,
+              adapters=adapters if len(adapters) > 1 or (adapters and adapters[0][1] != 1.0) else (),
+              adapter_id=adapters[0][0] if len(adapters) == 1 and adapters[0][1] == 1.0 else "")
     with _client(args) as c:
-        r = c.generate(args.prompt, adapter_id=args.adapter or "", seed=args.seed, steps=args.steps or 0,
-                       guidance=args.guidance or 0.0, size=args.size or 0)
-    _write_atomic(args.output, r.png)
-    adapter = f", adapter {r.adapter_id}" if r.adapter_id else ""
-    print(f"{args.output}: {r.size}x{r.size} ({args.prompt!r}, seed {r.seed}, {r.steps} steps, "
-          f"guidance {r.guidance:g}{adapter}) in {r.time_s:.2f} s")
+        if args.quiet:
+            r = c.generate(args.prompt, **kw)
+        else:
+            from tqdm import tqdm
+
+            count = args.num_images or 1
+            r = None
+            with tqdm(total=None, desc="generating", unit="step", dynamic_ncols=True) as bar:
+                for ev in c.generate_stream(args.prompt, **kw):
+                    if ev.HasField("progress"):
+                        p = ev.progress
+                        bar.total = p.total_steps * count
+                        bar.set_description_str(f"image {p.image + 1}/{count}" if count > 1 else "generating")
+                        bar.update(p.image * p.total_steps + p.step - bar.n)
+                    else:
+                        r = ev.result
+            if r is None:
+                raise RuntimeError("the daemon's stream ended without the generated images")
+    paths = output_paths(args.output, len(r.images))
+    for path, im in zip(paths, r.images):
+        _write_atomic(path, im.png)
+    applied = ", ".join(f"{a.adapter_id}" + (f" x{a.scale:g}" if a.scale != 1.0 else "") for a in r.adapters)
+    for path, im in zip(paths, r.images):
+        print(f"{path}: {r.size}x{r.size} ({args.prompt!r}, seed {im.seed}, {r.steps} steps, guidance {r.guidance:g}"
+              f"{', adapters ' + applied if applied else ''}) in {r.time.ToNanoseconds() / 1e9:.2f} s")
     return 0
 
 

@@ -44,6 +44,22 @@ def lora_names(adapter: DiTAdapter, blocks: Mapping[int, nn.Module]) -> dict[str
     return out
 
 
+def dynamic_lora_rank(path: str, lora_inputs: Sequence[str]) -> None:
+    """Make the LoRA inputs' rank axis symbolic (`lora_rank`: lora_A's first, lora_B's second) in the exported graph,
+    so that several adapters apply at once, exactly: their A stacked along the rank and their scaled B side by side
+    give B_cat A_cat = sum of scale_i B_i A_i (edge_runtime.lora_mix). The graph only multiplies through that axis."""
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)  # the weights stay where export_module put them
+    want = set(lora_inputs)
+    for i in m.graph.input:
+        if i.name in want:
+            dims = i.type.tensor_type.shape.dim
+            dims[0 if ".lora_A." in i.name else 1].dim_param = "lora_rank"
+    del m.graph.value_info[:]  # shape hints of the export's fixed rank
+    onnx.save(m, path)
+
+
 def trainable_runs(plan: SkipPlan) -> list[list[int]]:
     """Maximal runs of consecutive trainable blocks."""
     runs: list[list[int]] = []
@@ -188,8 +204,10 @@ def export_trainable_infer(
         fn, example, path, parts={"net": net}, opset=opset, batch=state[0].shape[0],
         external_threshold=external_threshold, adapter=adapter,
     )
+    dynamic_lora_rank(path, [n for n in names if n in inputs])
     lora_desc = {
-        n: {"block": i, "param": pn, "shape": list(example[n].shape), "input": n in inputs} for n, (i, pn) in names.items()
+        n: {"block": i, "param": pn, "shape": list(example[n].shape), "input": n in inputs, "dynamic_rank": True}
+        for n, (i, pn) in names.items()
     }
     return GraphSpec(
         gn.TRAINABLE_INFER, path, inputs, outputs, blocks=span, opset=opset,
