@@ -330,6 +330,7 @@ class JobResult:
 
 def make_trainer(bundle: Bundle, backend: str, lr: float, checkpoint: str | None, device: str = "cpu"):
     art = os.path.join(bundle.root, gn.TRAINABLE_DIR)
+    bundle.check_files(f"{gn.TRAINABLE_DIR}/")  # the training artifacts as verified (CorruptBundle names a damaged one)
     if backend == "torch":
         from .torch_trainer import TorchTrainer
 

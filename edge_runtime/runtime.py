@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import graph_names as gn
-from .manifest import MANIFEST, Manifest, load_manifest, sha256_file
+from .manifest import MANIFEST, CorruptBundle, Manifest, load_manifest, sha256_file, verify_file
 from .patch_sampling import with_grid_crop
 from .sampler import initial_noise, sample
 from .weights import apply_session_settings
@@ -45,6 +45,9 @@ class Bundle:
         self.manifest: Manifest = load_manifest(self.root, verify_files=verify_files)
         self.manifest_sha256 = sha256_file(os.path.join(self.root, MANIFEST))  # the bundle's identity (adapter files)
         m = self.manifest
+        # each verified file's (size, mtime) when its sha256 matched: check_files hashes again only a file that moved
+        self._verified: dict[str, tuple[int, int]] = (
+            {rel: _stamp(self.root, rel) for rel in m.files} if verify_files else {})
         self.graphs = m.graphs
         self.model = m.model
         self.providers = providers or ort_providers()
@@ -95,6 +98,21 @@ class Bundle:
         self.chain_names = names
         return names
 
+    def check_files(self, *prefixes: str) -> None:
+        """Raise CorruptBundle (naming the file) if a manifest file under one of these paths (a graph's path covers
+        its external data) is missing or changed since the bundle was verified: a stat per file, a sha256 only of a
+        file whose size or mtime moved. Nothing is checked for a bundle opened with verify_files=False."""
+        for rel, digest in self.manifest.files.items() if self._verified else ():
+            if not rel.startswith(prefixes):
+                continue
+            try:
+                stamp = _stamp(self.root, rel)
+            except FileNotFoundError:
+                raise CorruptBundle(f"bundle file {rel} listed in the manifest is missing") from None
+            if self._verified.get(rel) != stamp:
+                verify_file(self.root, rel, digest)
+                self._verified[rel] = stamp
+
     def graph_path(self, name: str) -> str:
         return os.path.join(self.root, *self.graphs[name]["path"].split("/"))
 
@@ -129,6 +147,7 @@ class Bundle:
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
         path = self.graph_path(name) if name in self.graphs else os.path.join(self.root, name)
+        self.check_files(os.path.relpath(path, self.root).replace(os.sep, "/"))  # a file damaged since the start
         # fp16/int8 weights stay small only with their settings (edge_runtime/weights.py); the graphs compile
         # left fp32 (the trainable blocks') get none
         key = gn.graph_key(name) if name not in self.graphs and name.endswith(".onnx") else name
@@ -220,6 +239,9 @@ class Bundle:
             raise RuntimeError_("this bundle has no text encoder (recompile it with a current edgeblock)")
         from .text import TextEncoder
 
+        g = self.graphs["text_encoder"]
+        self.check_files(*(p["path"] for p in [g, *g.get("parts", [])] if "path" in p),
+                         *(t["file"] for t in g.get("tokenizers", []) if "file" in t))
         # each graph (the whole encoder, or each part) gets its own precision's session settings
         return TextEncoder(self.root, self.graphs["text_encoder"], self.providers, weights=self.manifest.graph_weights,
                            streamed=streamed)
@@ -352,6 +374,11 @@ class Bundle:
         x = sample(predict, noise, steps, self.model.get("sampler", {"kind": "flow_euler"}), tokens, on_step)
         img = self.vae_decode(x, streamed)[0]
         return to_uint8(img)
+
+
+def _stamp(root: str, rel: str) -> tuple[int, int]:
+    st = os.stat(os.path.join(root, *rel.split("/")))
+    return st.st_size, st.st_mtime_ns
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import grpc
 
 from ..api import edgeblock_pb2 as pb
 from ..api import edgeblock_pb2_grpc as pb_grpc
+from ..manifest import CorruptBundle
 from ..personalize import PersonalizeError
 from ..store import CorruptData, NotFound, StoreError, check_id
 from .errors import Cancelled, DataLoss, InvalidArgument, NotFoundError, RpcFailure, Unavailable
@@ -47,8 +48,8 @@ def _abort(context, e: RpcFailure):
 @contextmanager
 def answering(context, store_error: type[RpcFailure] | None = InvalidArgument) -> Iterator[None]:
     """Errors of the block as the RPC's status: an RpcFailure its own code, PersonalizeError
-    INVALID_ARGUMENT, NotFound NOT_FOUND, CorruptData (stored data that fails its checksum) DATA_LOSS, another
-    StoreError store_error's code (None: not answered)."""
+    INVALID_ARGUMENT, NotFound NOT_FOUND, CorruptData (stored data that fails its checksum) and CorruptBundle (a
+    bundle file damaged since the start) DATA_LOSS, another StoreError store_error's code (None: not answered)."""
     try:
         yield
     except RpcFailure as e:
@@ -57,7 +58,7 @@ def answering(context, store_error: type[RpcFailure] | None = InvalidArgument) -
         _abort(context, InvalidArgument(str(e)))
     except NotFound as e:
         _abort(context, NotFoundError(str(e)))
-    except CorruptData as e:
+    except (CorruptData, CorruptBundle) as e:
         _abort(context, DataLoss(str(e)))
     except StoreError as e:
         if store_error is None:

@@ -317,6 +317,50 @@ def test_a_bundle_file_corrupted_before_the_start_stops_the_daemon_naming_it(bun
     assert "frozen/group_01.onnx" in str(e.value) and "corrupt" in str(e.value)
 
 
+def test_files_corrupted_while_running_are_data_loss_for_the_calls_that_read_them(bundle, reference, tmp_path):
+    b, state = str(tmp_path / "bundle"), str(tmp_path / "state")
+    shutil.copytree(bundle, b)
+    shutil.copytree(reference["state"], state)
+    a1, a2 = reference["ids"]
+    d = DaemonProc(b, state, env=NO_CRASH)
+    try:
+        with EdgeClient(d.address, timeout=60) as c:
+            c.wait_ready(20)
+
+            def code(fn, *a, **kw) -> tuple[str, str]:
+                with pytest.raises(ClientError) as e:
+                    r = fn(*a, **kw)
+                    if hasattr(r, "__next__"):
+                        list(r)
+                return e.value.code, e.value.details
+
+            # a graph generation opens (no generation ran yet: nothing is open)
+            epilogue = os.path.join(b, "epilogue.onnx")
+            original = _flip_byte(epilogue)
+            got, details = code(c.generate, "a ring", steps=2)  # the base model (a1 stays unread: not cached)
+            assert got == "DATA_LOSS" and "epilogue.onnx" in details, details
+            assert c.info().family == "flux" and len(c.list_adapters()) == 2  # the rest works
+            assert c.export_adapter(a2)[0] == reference["exported"][a2]
+            # the training artifacts: the job fails naming the file (the call itself was valid)
+            training = os.path.join(b, "trainable", "training_model.onnx")
+            training_original = _flip_byte(training)
+            last = list(c.personalize(subject_pngs(2), **{**JOB, "steps": 2}))[-1]
+            assert kind_name(last.kind) == "FAILED" and "trainable/training_model.onnx" in last.message, last
+            # repaired: served again, without a restart
+            for path, data in ((epilogue, original), (training, training_original)):
+                with open(path, "wb") as f:
+                    f.write(data)
+            assert _png(c.generate("a sks ring", adapter_id=a2, steps=2).png) == (64, 64, 3)
+            # a damaged adapter: DATA_LOSS where it is read, the other adapter and the rest keep working
+            _flip_byte(os.path.join(state, "adapters", a1, "adapter.safetensors"), at=-8)
+            for got, details in (code(c.generate, "a sks ring", adapter_id=a1, steps=2), code(c.export_adapter, a1)):
+                assert got == "DATA_LOSS" and a1 in details, details
+            assert _png(c.generate("a sks ring", adapter_id=a2, steps=2).png) == (64, 64, 3)
+            assert c.get_adapter(a1).id == a1 and c.info().family == "flux"
+    finally:
+        d.stop()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Many clients
 # ---------------------------------------------------------------------------------------------------------------
