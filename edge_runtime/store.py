@@ -95,8 +95,10 @@ class Store:
             if not ID_RE.match(name) or not os.path.exists(os.path.join(d, "adapter.json")):
                 shutil.rmtree(d, ignore_errors=True)
         for name in os.listdir(self.jobs_dir):
-            if name.startswith(".trash-"):  # a deletion cut short
-                shutil.rmtree(os.path.join(self.jobs_dir, name), ignore_errors=True)
+            d = os.path.join(self.jobs_dir, name)
+            # a deletion cut short, or a job accepted only up to its images (job.json is written last)
+            if name.startswith(".trash-") or (ID_RE.match(name) and not os.path.exists(os.path.join(d, "job.json"))):
+                shutil.rmtree(d, ignore_errors=True)
         for job in self.list_jobs():
             if job.get("state") in FINISHED:  # finished, its work not yet dropped when the daemon died
                 self.drop_job_work(job["id"])

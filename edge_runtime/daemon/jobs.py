@@ -138,6 +138,7 @@ class JobQueue:
             if data.get("request_id"):
                 self.by_request[data["request_id"]] = rec.id
             if rec.state in TERMINAL:
+                self._log_final_event(rec)
                 continue
             adapter_path = os.path.join(self.store.adapters_dir, data["adapter_id"], "adapter.json")
             if os.path.exists(adapter_path):  # finished just before the crash
@@ -152,6 +153,20 @@ class JobQueue:
             log.info("resuming job %s from step %d", rec.id, data.get("checkpoint_step", 0))
             self._emit(rec, "QUEUED", message=f"resumed after restart from step {data.get('checkpoint_step', 0)}")
             self.queue.put(rec)
+
+    def _log_final_event(self, rec: JobRecord) -> None:
+        """A job whose job.json says it ended but whose log lacks its final event (a crash between the two
+        writes) gets that event now, so that watchers see the job end."""
+        from ..api import edgeblock_pb2 as pb
+
+        final = {pb.JobEvent.KIND_DONE, pb.JobEvent.KIND_FAILED, pb.JobEvent.KIND_CANCELLED}
+        events = rec.events
+        if events and events[-1].kind in final:
+            return
+        d = rec.data
+        self._emit(rec, d["state"], message=d.get("message", ""),
+                   adapter_id=d["adapter_id"] if d["state"] == "DONE" else "", step=int(d.get("step", 0)),
+                   total_steps=int(d["options"]["steps"]))
 
     # ------------------------------------------------------------------ events
     def _emit(self, rec: JobRecord, kind: str, **kw) -> None:
@@ -289,11 +304,11 @@ class JobQueue:
             self.jobs[rec.id] = rec
             if request_id:
                 self.by_request[request_id] = rec.id
-        try:
-            self.store.save_job(data)
+        try:  # the images first: a job exists once its job.json does, and then it has what it trains on
             self.store.save_job_images(rec.id, pngs)
             if class_pngs:
                 self.store.save_job_images(rec.id, class_pngs, kind="class_images")
+            self.store.save_job(data)
         except BaseException:
             with self.lock:
                 self.queued -= 1

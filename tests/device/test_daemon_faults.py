@@ -1,6 +1,6 @@
 """Faults the edge daemon survives with nothing lost (issue 24, item 6), on the real built-in model's bundle.
 
-- kill -9 at 23 named points of a job (edge_runtime.faults: EDGEBLOCK_CRASH_AT="NAME:N" SIGKILLs the daemon the
+- kill -9 at 25 named points of a job (edge_runtime.faults: EDGEBLOCK_CRASH_AT="NAME:N" SIGKILLs the daemon the
   N-th time it reaches NAME): after each restart the job resumes; it finishes with the adapter of an uninterrupted
   run. The points are grouped in chains: one job killed at each point of its chain in turn, one daemon life each;
 - the disk fills (RLIMIT_FSIZE) while a checkpoint or an adapter is written: the job fails naming the file, what
@@ -76,18 +76,11 @@ CHAINS = {
         "fileio.renamed.job.json:6",           # job.json DONE in place, its final event not yet logged
     ]),
     "submitted": ("online", [
-        "fileio.renamed.job.json:1",           # the accepted job's job.json in place, its images not yet saved
+        "fileio.renamed.job.json:1",           # the accepted job's job.json in place (its images were saved first)
     ]),
 }
-# Known gaps, each a strict xfail with the error it fails with today; both fixes are in edge_runtime/daemon/jobs.py,
-# outside this change's scope. finished: job.json says DONE but the log lacks KIND_DONE, so a watcher after the
-# restart waits for ever (fix: _recover logs the final event a finished job lacks). submitted: the resumed job has
-# no images and fails with FileNotFoundError (fix: submit saves the images before job.json).
-KNOWN_GAPS = {
-    "finished": ("a kill -9 between job.json DONE and the DONE event: WatchJob never ends after the restart",
-                 ClientError),
-    "submitted": ("a kill -9 between job.json and the images at submit: the resumed job fails", AssertionError),
-}
+# finished: job.json says DONE, the log lacks KIND_DONE: the restarted daemon logs it (jobs._log_final_event), so a
+# watcher sees the job end. submitted: the images are saved before job.json, so the resumed job has them.
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +155,7 @@ def _dies_at(d: DaemonProc, state: str, spec: str, timeout: float = 90) -> None:
     assert d.proc.returncode == -signal.SIGKILL, (spec, d.proc.returncode, d.logs()[-2000:])
 
 
-@pytest.mark.parametrize("chain", [pytest.param(k, marks=pytest.mark.xfail(strict=True, raises=KNOWN_GAPS[k][1],
-                                                                                reason=KNOWN_GAPS[k][0]))
-                                   if k in KNOWN_GAPS else k for k in CHAINS])
+@pytest.mark.parametrize("chain", list(CHAINS))
 def test_kill_9_at_each_point_of_a_job_resumes_to_the_same_adapter(bundle, reference, tmp_path, chain):
     mode, points = CHAINS[chain]
     state = str(tmp_path / "state")
@@ -214,7 +205,7 @@ def test_a_job_finished_just_before_a_crash_has_its_work_dropped_at_the_start(tm
 
 
 def test_the_crash_points_are_distinct_and_twenty_or_more():
-    points = [p for k, (_mode, ps) in CHAINS.items() if k not in KNOWN_GAPS for p in ps]
+    points = [p for _mode, ps in CHAINS.values() for p in ps]
     assert len(set(points)) == len(points) >= 20
 
 
