@@ -162,10 +162,20 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         return follow_job(c, open_stream, args, "personalize")
 
 
-def _created(t: float) -> str:
+def when(seconds: float) -> str:
+    """A time (seconds since the epoch) as the listings show it; "-" for none."""
     import time
 
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else "-"
+
+
+def print_table(rows: list[tuple[str, ...]], none: str) -> None:
+    """A header and its rows in aligned columns on stdout; `none` on stderr when there are no rows."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    if len(rows) == 1:
+        print(none, file=sys.stderr)
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -176,13 +186,9 @@ def cmd_adapters(args: argparse.Namespace) -> int:
                 print(json.dumps([_as_dict(a) for a in adapters], indent=2))
                 return 0
             rows = [("ID", "NAME", "TOKEN", "STEPS", "FINAL LOSS", "CREATED")]
-            rows += [(a.id, a.name, a.token, str(a.steps), f"{a.final_loss:.4f}", _created(a.create_time.seconds))
+            rows += [(a.id, a.name, a.token, str(a.steps), f"{a.final_loss:.4f}", when(a.create_time.seconds))
                      for a in adapters]
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            for r in rows:
-                print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-            if not adapters:
-                print("(no adapters)", file=sys.stderr)
+            print_table(rows, "(no adapters)")
             return 0
         if args.action == "rm":
             if c.delete_adapter(args.id):

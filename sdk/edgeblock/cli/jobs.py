@@ -109,14 +109,10 @@ def _as_dict(msg) -> dict:
     return as_dict(msg)
 
 
-def _when(ts) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts.seconds)) if ts.seconds else "-"
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
     from edge_runtime.api import state_name
 
-    from .daemon_client import _client
+    from .daemon_client import _client, print_table, when
 
     with _client(args) as c:
         if args.action == "ls":
@@ -126,12 +122,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 return 0
             rows = [("ID", "STATE", "STEP", "NAME", "ADAPTER", "CREATED")]
             rows += [(j.id, state_name(j.state), f"{j.step}/{j.total_steps}", j.name, j.adapter_id or "-",
-                      _when(j.create_time)) for j in jobs]
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            for r in rows:
-                print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-            if not jobs:
-                print("(no jobs)", file=sys.stderr)
+                      when(j.create_time.seconds)) for j in jobs]
+            print_table(rows, "(no jobs)")
             return 0
         if args.action == "cancel":
             j = c.cancel_job(args.id)
