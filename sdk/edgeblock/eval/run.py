@@ -136,7 +136,7 @@ class Runner:
         self.generations: dict[str, dict[str, np.ndarray]] = {s.name: {} for s in self.subjects}
         self.selection_s = 0.0
         self._shared_by_subject: dict[tuple[str, int], dict] = {}  # (subject, seed) -> what its rows share
-        self.bar = tqdm(disable=True)  # the run's bar while run() runs; a unit run alone reports to none
+        self.bar = tqdm(total=None, disable=True)  # the run's bar while run() runs; a unit run alone reports to none
 
     # loaded on first use (a Ray run's driver, cluster/evaluation.py, only merges and never needs them)
     @functools.cached_property
