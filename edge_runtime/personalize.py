@@ -30,6 +30,7 @@ import numpy as np
 from . import graph_names as gn
 from .faults import crash_point
 from .fileio import write_atomically
+from .lr_schedule import check_schedule, lr_at
 from .noise import EpsilonDDPM, schedule_from_dict
 from .patch_sampling import PatchSampler, PatchSchedule, check_prior_from, pick_image
 from .precompute import PRECOMPUTE_MODES, precompute_mode
@@ -256,6 +257,9 @@ class JobOptions:
     prior_share: float = 0.5  # share of the draws taken from the class images, when the job has some
     # draws per optimizer step (the bundle's recipe): their gradients are accumulated, one draw in memory at a time
     batch: int = 1
+    # the learning rate of each step (edge_runtime.lr_schedule): warmup steps, then constant, cosine or linear
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if int(self.batch) < 1:
@@ -275,6 +279,10 @@ class JobOptions:
                                        "the class, not the subject")
         if not 0.0 < self.prior_share < 1.0:
             raise PersonalizeError(f"prior_share must be in (0, 1), got {self.prior_share}")
+        try:
+            check_schedule(self.lr_schedule, self.warmup_steps, self.steps)
+        except ValueError as e:
+            raise PersonalizeError(str(e)) from None
 
     def _names_token(self, caption: str) -> bool:
         return self.token in caption.replace(",", " ").split()
@@ -419,6 +427,7 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
         timing = {"pre": 0.0}
         crash_point("job.step")  # test hook (edge_runtime.faults): before step i + 1
         t1 = time.perf_counter()
+        trainer.set_learning_rate(lr_at(i, n, opts.learning_rate, opts.lr_schedule, opts.warmup_steps))
         loss = trainer.step_draws(draws())
         pre_s += timing["pre"]
         step_s += time.perf_counter() - t1 - timing["pre"]

@@ -18,7 +18,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class PersonalizeRequest(_message.Message):
-    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute", "captions", "class_images", "class_captions", "prior_share", "request_id")
+    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute", "captions", "class_images", "class_captions", "prior_share", "request_id", "lr_schedule", "warmup_steps")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLASS_NOUN_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class PersonalizeRequest(_message.Message):
     CLASS_CAPTIONS_FIELD_NUMBER: _ClassVar[int]
     PRIOR_SHARE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     token: str
     class_noun: str
@@ -47,7 +49,9 @@ class PersonalizeRequest(_message.Message):
     class_captions: _containers.RepeatedScalarFieldContainer[str]
     prior_share: float
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ..., captions: _Optional[_Iterable[str]] = ..., class_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_captions: _Optional[_Iterable[str]] = ..., prior_share: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    lr_schedule: str
+    warmup_steps: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ..., captions: _Optional[_Iterable[str]] = ..., class_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_captions: _Optional[_Iterable[str]] = ..., prior_share: _Optional[float] = ..., request_id: _Optional[str] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -372,20 +376,24 @@ class Limits(_message.Message):
     def __init__(self, max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_generate_steps: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_concurrent_generations: _Optional[int] = ..., max_finished_jobs: _Optional[int] = ..., finished_job_retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_page_size: _Optional[int] = ..., max_num_images: _Optional[int] = ..., max_adapters_per_generation: _Optional[int] = ...) -> None: ...
 
 class Defaults(_message.Message):
-    __slots__ = ("steps", "learning_rate", "checkpoint_every", "generate_steps", "guidance", "seed")
+    __slots__ = ("steps", "learning_rate", "checkpoint_every", "generate_steps", "guidance", "seed", "lr_schedule", "warmup_steps")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     GENERATE_STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     steps: int
     learning_rate: float
     checkpoint_every: int
     generate_steps: int
     guidance: float
     seed: int
-    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., generate_steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    lr_schedule: str
+    warmup_steps: int
+    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., generate_steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class Info(_message.Message):
     __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version", "memory", "settings", "guidance_embedded", "multi_adapter")

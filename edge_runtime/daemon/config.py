@@ -49,6 +49,8 @@ class Defaults:
     generate_steps: int = 30
     guidance: float = 3.0
     seed: int = 0
+    lr_schedule: str = "constant"  # edge_runtime.lr_schedule: constant, cosine or linear
+    warmup_steps: int = 0
 
 
 def parse_duration(text: str, flag: str = "duration") -> float:

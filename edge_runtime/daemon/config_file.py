@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..lr_schedule import LR_SCHEDULES
 from .config import LOG_FORMATS, LOG_LEVELS, ConfigError, Defaults, Limits, parse_duration
 
 TRAINERS = ("auto", "ort", "torch")
@@ -33,7 +34,8 @@ _LIMIT_ALIASES = {"job_retention": "finished_job_retention_s"}
 _LIMITS_AT_LEAST_0 = {"max_queue", "max_finished_jobs"}  # the other counts must be >= 1
 # [defaults]: every field of Defaults; steps / learning_rate left out = the bundle's recipe
 _DEFAULT_KINDS = {"steps": "int>=1", "learning_rate": "number>0", "checkpoint_every": "int>=1",
-                  "generate_steps": "int>=1", "guidance": "number>=0", "seed": "uint64"}
+                  "generate_steps": "int>=1", "guidance": "number>=0", "seed": "uint64",
+                  "lr_schedule": "lr_schedule", "warmup_steps": "int>=0"}
 
 
 @dataclass
@@ -100,8 +102,9 @@ class _Reader:
             if not isinstance(v, str) or not v.strip():
                 raise want("a non-empty string", '"..."')
             return v
-        if kind in ("trainer", "log_level", "log_format"):
-            choices = {"trainer": TRAINERS, "log_level": LOG_LEVELS, "log_format": LOG_FORMATS}[kind]
+        if kind in ("trainer", "log_level", "log_format", "lr_schedule"):
+            choices = {"trainer": TRAINERS, "log_level": LOG_LEVELS, "log_format": LOG_FORMATS,
+                       "lr_schedule": LR_SCHEDULES}[kind]
             if not isinstance(v, str) or v.lower() not in choices:
                 raise want("one of " + ", ".join(choices), f'"{ {"log_level": "info"}.get(kind, choices[0])}"')
             return v.lower()

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..faults import crash_point
+from ..lr_schedule import LR_SCHEDULES
 from .admission import Admission
 from .config import Defaults, Limits
 from .errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
@@ -279,11 +280,19 @@ class JobQueue:
                 if not c or len(c) > L.max_prompt_chars:
                     raise InvalidArgument(f"{what} {i} must have 1..{L.max_prompt_chars} characters (max_prompt_chars)",
                                           field=f"{what.replace(' ', '_')}s[{i}]")
+        schedule = request.lr_schedule or D.lr_schedule
+        warmup = int(request.warmup_steps) if request.HasField("warmup_steps") else D.warmup_steps
+        if schedule not in LR_SCHEDULES:
+            raise InvalidArgument(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}",
+                                  field="lr_schedule")
+        if warmup > steps:
+            raise InvalidArgument(f"warmup_steps {warmup} more than the job's steps {steps}", field="warmup_steps")
         share = float(request.prior_share) or 0.5
         if not 0.0 < share < 1.0:
             raise InvalidArgument(f"prior_share must be in (0, 1), got {request.prior_share}", field="prior_share")
         opts = JobOptions(token, noun, steps, lr, int(request.seed) if request.HasField("seed") else D.seed, every, mode, captions=captions,
-                          class_captions=class_captions, prior_share=share, batch=self.batch)
+                          class_captions=class_captions, prior_share=share, batch=self.batch,
+                          lr_schedule=schedule, warmup_steps=warmup)
         opts.training_prompts(len(request.images))  # one caption per image, or none
         if class_pngs:
             opts.class_prompts(len(class_pngs))  # one class caption per class image, or none
@@ -400,7 +409,8 @@ class JobQueue:
                 "lora_alpha": self.bundle.manifest.lora_alpha,
                 "bundle_sha256": self.bundle.manifest_sha256,
                 "recipe": {**self.bundle.manifest.training_recipe().to_dict(), "learning_rate": opts.learning_rate,
-                           "steps": opts.steps, "batch": opts.batch}}
+                           "steps": opts.steps, "batch": opts.batch, "lr_schedule": opts.lr_schedule,
+                           "warmup_steps": opts.warmup_steps}}
         try:
             self.store.save_adapter(result.weights, meta, adapter_id=data["adapter_id"])
         except Exception as e:  # noqa: BLE001 - e.g. no space: the job fails, the worker goes on

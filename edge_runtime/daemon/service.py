@@ -284,7 +284,8 @@ class Servicer(pb_grpc.EdgeBlockServicer):
                              max_num_images=L.max_num_images,
                              max_adapters_per_generation=L.max_adapters_per_generation),
             defaults=pb.Defaults(steps=D.steps, learning_rate=D.learning_rate, checkpoint_every=D.checkpoint_every,
-                                 generate_steps=D.generate_steps, guidance=D.guidance, seed=D.seed),
+                                 generate_steps=D.generate_steps, guidance=D.guidance, seed=D.seed,
+                                 lr_schedule=D.lr_schedule, warmup_steps=D.warmup_steps),
             version=__version__, memory=self._memory(), settings=settings_msg(d.cfg),
             guidance_embedded=b.guidance_embedded, multi_adapter=b.lora_rank_dynamic,
         )

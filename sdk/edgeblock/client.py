@@ -196,14 +196,16 @@ class EdgeClient:
                     learning_rate: float = 0.0, seed: int | None = None, checkpoint_every: int = 0, name: str = "",
                     precompute: str = "", timeout: float | None = None, captions: Sequence[str] = (),
                     class_images: Sequence[bytes | str | os.PathLike] = (), class_captions: Sequence[str] = (),
-                    prior_share: float = 0.0, request_id: str = "") -> JobStream:
+                    prior_share: float = 0.0, request_id: str = "", lr_schedule: str = "",
+                    warmup_steps: int | None = None) -> JobStream:
         """Start a training job; iterate the result for its JobEvents (the last one DONE, FAILED or
         CANCELLED). Images are PNG/JPEG bytes or paths to such files; `captions`, if given, one training
         caption per image naming the token (PersonalizeRequest.captions). `class_images` (prior
         preservation: the base model's generations of the class, e.g. from `generate` without an adapter),
         with `class_captions` (one each, not naming the token) and `prior_share` (0: the daemon's 0.5).
         `request_id` (e.g. a uuid4 hex): the same request sent again with it returns the same job, so a retry
-        after a dropped connection never starts a second one."""
+        after a dropped connection never starts a second one. `lr_schedule` ("constant", "cosine", "linear"; "":
+        the daemon's) and `warmup_steps` (None: the daemon's): edge_runtime.lr_schedule."""
         for what, v in (("images", images), ("class_images", class_images)):
             if isinstance(v, (str, bytes, os.PathLike)):
                 raise TypeError(f"{what} must be a list of paths or bytes, not a single one")
@@ -213,6 +215,7 @@ class EdgeClient:
             precompute=precompute, captions=list(captions),
             class_images=[pb.Image(data=_read(im, "class image")) for im in class_images],
             class_captions=list(class_captions), prior_share=prior_share, request_id=request_id,
+            lr_schedule=lr_schedule, warmup_steps=warmup_steps,
         )
         return JobStream(_call(self.stub.Personalize, req, metadata=self._metadata, timeout=timeout))
 

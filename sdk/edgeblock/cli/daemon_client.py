@@ -10,6 +10,7 @@ import os
 import sys
 
 from edge_runtime.daemon.config import read_token  # the daemon's own rule: file, else $EDGEBLOCK_TOKEN
+from edge_runtime.lr_schedule import LR_SCHEDULES
 from edge_runtime.precompute import PRECOMPUTE_MODES
 
 
@@ -136,7 +137,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
     from .jobs import follow_job
 
-    for flag in ("steps", "seed", "checkpoint_every"):
+    for flag in ("steps", "seed", "checkpoint_every", "warmup_steps"):
         if (getattr(args, flag) or 0) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.lr < 0:
@@ -156,7 +157,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
                                  learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
                                  name=args.name, precompute=args.precompute, captions=args.caption or (),
                                  class_images=args.class_images or (), class_captions=args.class_caption or (),
-                                 prior_share=args.prior_share, request_id=request_id)
+                                 prior_share=args.prior_share, request_id=request_id,
+                                 lr_schedule=args.lr_schedule or "", warmup_steps=args.warmup_steps)
 
         args.cancel_on_interrupt = True
         return follow_job(c, open_stream, args, "personalize")
@@ -220,6 +222,11 @@ def register(sub) -> None:
     pz.add_argument("--steps", type=int, default=0, help="training steps (default: the bundle's)")
     pz.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the bundle's)")
     pz.add_argument("--seed", type=int, default=None, help="seed of the draws (default: the daemon's)")
+    pz.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                    help="learning rate over the steps: constant, cosine or linear decay (default: the daemon's, "
+                         "constant)")
+    pz.add_argument("--warmup-steps", type=int, default=None,
+                    help="steps of linear learning-rate warmup before the schedule (default: the daemon's, 0)")
     pz.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: the daemon's)")
     pz.add_argument("--name", default="", help="adapter name (default: '{token} {class noun}')")
     pz.add_argument("--caption", action="append", default=None, metavar="TEXT",
