@@ -80,7 +80,15 @@ class Manifest:
     # each operation's predicted peak memory on the bundle's target (edge_runtime.memory_plan; the planner's, written
     # by compile), read by the daemon's admission control; empty (and not written) in bundles compiled before it
     memory: dict[str, Any] = field(default_factory=dict)
+    # generation sizes beyond the squares of gen_res and train_res, as [width, height] pixels (`edgeblock compile
+    # --gen-sizes`); empty (and not written) in bundles that serve only those squares
+    gen_sizes: list[list[int]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+
+    def served_sizes(self) -> list[tuple[int, int]]:
+        """Every (width, height) the bundle generates at: the squares of gen_res and train_res, then gen_sizes."""
+        out = [(s, s) for s in sorted({int(self.gen_res), int(self.train_res)})]
+        return out + [(int(w), int(h)) for w, h in self.gen_sizes if (int(w), int(h)) not in out]
 
     @property
     def lora_rank(self) -> int:
@@ -131,6 +139,8 @@ class Manifest:
             del d["weights"]  # fp32: the manifest reads as it did before the field existed
         if not d["memory"]:
             del d["memory"]
+        if not d["gen_sizes"]:
+            del d["gen_sizes"]
         return d
 
 
@@ -168,6 +178,10 @@ def validate_fields(d: dict[str, Any]) -> None:
     bad = [b for b in d["trainable"] if not isinstance(b, int) or not 0 <= b < n]
     if not d["trainable"] or bad:
         raise ManifestError(f"manifest trainable blocks {d['trainable']} must be a non-empty subset of 0..{n - 1}")
+    sizes = d.get("gen_sizes", [])
+    if not isinstance(sizes, list) or not all(isinstance(s, list) and len(s) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s) for s in sizes):
+        raise ManifestError(f"manifest gen_sizes must be a list of [width, height] positive integers, got {sizes!r}")
     for k in ("train_res", "gen_res"):
         if not isinstance(d[k], int) or d[k] <= 0:
             raise ManifestError(f"manifest {k} must be a positive integer, got {d[k]!r}")

@@ -15,6 +15,7 @@ Every figure is the whole daemon process's peak resident bytes (runtime included
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,13 @@ def format_size(n: int | float) -> str:
         if abs(n) >= b:
             return f"{n / b:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def equivalent_side(width: int, height: int, multiple: int = 1) -> int:
+    """The square side a width x height generation is predicted at: the smallest multiple of `multiple` whose
+    square holds as many pixels (the planner prices generation by its token count)."""
+    side = math.isqrt(int(width) * int(height) - 1) + 1
+    return -(-side // multiple) * multiple
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,10 @@ class JobOptions:
     # the learning rate of each step (edge_runtime.lr_schedule): warmup steps, then constant, cosine or linear
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    # validation: every validation_every steps (and after the last) the caller generates these prompts with the
+    # adapter so far (run_job's `validate`); empty: none
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0
 
     def __post_init__(self) -> None:
         if int(self.batch) < 1:
@@ -283,6 +287,18 @@ class JobOptions:
             check_schedule(self.lr_schedule, self.warmup_steps, self.steps)
         except ValueError as e:
             raise PersonalizeError(str(e)) from None
+        self.validation_prompts = [str(p) for p in self.validation_prompts]
+        if self.validation_prompts and not 1 <= int(self.validation_every) <= int(self.steps):
+            raise PersonalizeError(f"validation_every must be in [1, steps={self.steps}] with validation prompts, "
+                                   f"got {self.validation_every}")
+
+    def validation_steps(self) -> list[int]:
+        """The steps (1-based) after which the validation prompts are generated: every validation_every, and the
+        last step."""
+        if not self.validation_prompts:
+            return []
+        every = int(self.validation_every)
+        return sorted(set(range(every, self.steps + 1, every)) | {self.steps})
 
     def _names_token(self, caption: str) -> bool:
         return self.token in caption.replace(",", " ").split()
@@ -353,14 +369,17 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
             start_step: int = 0,
             on_checkpoint: Callable[[int], None] | None = None,
             checkpoint_on_stop: Callable[[], bool] | None = None,
-            class_images: list[np.ndarray] | None = None) -> JobResult:
+            class_images: list[np.ndarray] | None = None,
+            validate: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> JobResult:
     """Train an adapter; checkpoints to work_dir/checkpoint every opts.checkpoint_every steps.
 
     start_step > 0 resumes from work_dir/checkpoint (written at that step). Raises Cancelled when
     progress.should_stop() turns true (checked before each step; the checkpoint stays consistent);
     if checkpoint_on_stop() is then true (a shutdown, not a cancel), the steps done so far are
     checkpointed first, so the job resumes exactly there. class_images (prior preservation) are drawn with
-    probability opts.prior_share, each with its class prompt (opts.class_prompts).
+    probability opts.prior_share, each with its class prompt (opts.class_prompts). validate(step, lora weights)
+    runs after each of opts.validation_steps() (it does not touch the training: the adapter is the same with
+    or without it).
     """
     progress = progress or Progress()
     t_start = time.perf_counter()
@@ -405,6 +424,7 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
         if on_checkpoint:
             on_checkpoint(start_step)
     step_s = 0.0
+    validation_at = set(opts.validation_steps())
     for i in range(start_step, n):
         if progress.should_stop():
             if checkpoint_on_stop is not None and checkpoint_on_stop() and i > start_step:
@@ -433,6 +453,8 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
         step_s += time.perf_counter() - t1 - timing["pre"]
         result.losses.append(loss)
         progress.event("step", step=i + 1, total=n, loss=loss)
+        if validate is not None and i + 1 in validation_at:
+            validate(i + 1, trainer.lora_weights())
         if opts.checkpoint_every and (i + 1) % opts.checkpoint_every == 0 and i + 1 < n:
             trainer.save_checkpoint(ckpt, step=i + 1)
             crash_point("job.checkpointed")  # the checkpoint in place, its step not yet recorded by the caller

@@ -325,13 +325,19 @@ class Bundle:
         return bool(self.model.get("guidance_embeds"))
 
     def sizes(self) -> list[int]:
-        """Generation sides (pixels) the bundle serves: the training and the generation resolution."""
-        return sorted({int(self.manifest.gen_res), int(self.manifest.train_res)})
+        """Square generation sides (pixels) the bundle serves: the training and the generation resolution, and
+        any square among its extra sizes."""
+        return sorted({w for w, h in self.gen_sizes() if w == h})
+
+    def gen_sizes(self) -> list[tuple[int, int]]:
+        """Every (width, height) the bundle serves (edge_runtime.manifest.Manifest.served_sizes)."""
+        return self.manifest.served_sizes()
 
     def generate(self, prompt: str, *, seed: int = 0, steps: int = 30, guidance: float = 3.0,
                  size: int | None = None, lora: Mapping[str, np.ndarray] | None = None,
                  noise: np.ndarray | None = None, on_step: Callable[[int, int], None] | None = None,
-                 streamed: bool = False, negative_prompt: str = "") -> np.ndarray:
+                 streamed: bool = False, negative_prompt: str = "", width: int | None = None,
+                 height: int | None = None) -> np.ndarray:
         """One image (H, W, 3) uint8 for `prompt`.
 
         Models with a guidance embedding (FLUX-dev) take `guidance` as an input; the others use
@@ -344,11 +350,12 @@ class Bundle:
         sessions' load time per step. Resident (the default): the sessions stay open for the next request.
         """
         size = int(size or self.manifest.gen_res)
-        if size % self.multiple:
-            raise RuntimeError_(f"size {size} is not a multiple of {self.multiple}")
-        side = size // self.downsample
+        width, height = int(width or size), int(height or size)  # width x height, or a square of `size`
+        if width % self.multiple or height % self.multiple:
+            raise RuntimeError_(f"size {width}x{height} is not a multiple of {self.multiple}")
+        w_side, h_side = width // self.downsample, height // self.downsample
         if noise is None:
-            noise = initial_noise(seed, (1, self.latent_channels, side, side))
+            noise = initial_noise(seed, (1, self.latent_channels, h_side, w_side))
         embedded = self.guidance_embedded
         cfg_on = (not embedded) and guidance != 1.0
         if negative_prompt and not cfg_on:
@@ -370,7 +377,8 @@ class Bundle:
                 return u + guidance * (c - u)
             return pred
 
-        tokens = (side // max(1, self.multiple // self.downsample)) ** 2
+        pack = max(1, self.multiple // self.downsample)
+        tokens = (h_side // pack) * (w_side // pack)
         x = sample(predict, noise, steps, self.model.get("sampler", {"kind": "flow_euler"}), tokens, on_step)
         img = self.vae_decode(x, streamed)[0]
         return to_uint8(img)

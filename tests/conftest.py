@@ -36,7 +36,7 @@ def family(request):
 @pytest.fixture(scope="session")
 def builtin_bundle(tmp_path_factory):
     """The real built-in model compiled once per test session (verified), at a structural setting rather than its
-    recipe: blocks 0 and 2 trainable (a frozen gap between them), rank 4, 32 px crops. The recipe's own compile is
+    recipe: blocks 0 and 2 trainable (a frozen gap between them), rank 4, 32 px crops, and a 64x48 generation size. The recipe's own compile is
     host/test_compile.py::test_compile_writes_the_models_recipe and `make demo`."""
     pytest.importorskip("onnxruntime.training")
     from edgeblock.compile import bundle as bd
@@ -45,7 +45,8 @@ def builtin_bundle(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = bd.compile_bundle(bd.CompileOptions("builtin", out, blocks=(0, 2), lora_rank=4, train_res=32), progress=None)
+        result = bd.compile_bundle(bd.CompileOptions("builtin", out, blocks=(0, 2), lora_rank=4, train_res=32,
+                                                     gen_sizes=((64, 48),)), progress=None)
     finally:
         torch.set_num_threads(n)
     return out, result

@@ -18,7 +18,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class PersonalizeRequest(_message.Message):
-    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute", "captions", "class_images", "class_captions", "prior_share", "request_id", "lr_schedule", "warmup_steps")
+    __slots__ = ("images", "token", "class_noun", "steps", "learning_rate", "seed", "checkpoint_every", "name", "precompute", "captions", "class_images", "class_captions", "prior_share", "request_id", "lr_schedule", "warmup_steps", "validation_prompts", "validation_every")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLASS_NOUN_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class PersonalizeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_EVERY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     token: str
     class_noun: str
@@ -51,7 +53,9 @@ class PersonalizeRequest(_message.Message):
     request_id: str
     lr_schedule: str
     warmup_steps: int
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ..., captions: _Optional[_Iterable[str]] = ..., class_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_captions: _Optional[_Iterable[str]] = ..., prior_share: _Optional[float] = ..., request_id: _Optional[str] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
+    validation_prompts: _containers.RepeatedScalarFieldContainer[str]
+    validation_every: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., token: _Optional[str] = ..., class_noun: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., precompute: _Optional[str] = ..., captions: _Optional[_Iterable[str]] = ..., class_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_captions: _Optional[_Iterable[str]] = ..., prior_share: _Optional[float] = ..., request_id: _Optional[str] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., validation_every: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -76,7 +80,7 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("kind", "job_id", "step", "total_steps", "loss", "adapter_id", "message", "queue_position", "progress", "elapsed_s", "elapsed")
+    __slots__ = ("kind", "job_id", "step", "total_steps", "loss", "adapter_id", "message", "queue_position", "progress", "elapsed_s", "elapsed", "png", "prompt")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[JobEvent.Kind]
@@ -88,6 +92,7 @@ class JobEvent(_message.Message):
         KIND_DONE: _ClassVar[JobEvent.Kind]
         KIND_FAILED: _ClassVar[JobEvent.Kind]
         KIND_CANCELLED: _ClassVar[JobEvent.Kind]
+        KIND_VALIDATION: _ClassVar[JobEvent.Kind]
     KIND_UNSPECIFIED: JobEvent.Kind
     KIND_QUEUED: JobEvent.Kind
     KIND_ENCODING: JobEvent.Kind
@@ -97,6 +102,7 @@ class JobEvent(_message.Message):
     KIND_DONE: JobEvent.Kind
     KIND_FAILED: JobEvent.Kind
     KIND_CANCELLED: JobEvent.Kind
+    KIND_VALIDATION: JobEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +114,8 @@ class JobEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     kind: JobEvent.Kind
     job_id: str
     step: int
@@ -119,10 +127,12 @@ class JobEvent(_message.Message):
     progress: float
     elapsed_s: float
     elapsed: _duration_pb2.Duration
-    def __init__(self, kind: _Optional[_Union[JobEvent.Kind, str]] = ..., job_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., adapter_id: _Optional[str] = ..., message: _Optional[str] = ..., queue_position: _Optional[int] = ..., progress: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    png: bytes
+    prompt: str
+    def __init__(self, kind: _Optional[_Union[JobEvent.Kind, str]] = ..., job_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., adapter_id: _Optional[str] = ..., message: _Optional[str] = ..., queue_position: _Optional[int] = ..., progress: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., png: _Optional[bytes] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "adapter_id", "seed", "steps", "guidance", "size", "negative_prompt", "num_images", "adapters")
+    __slots__ = ("prompt", "adapter_id", "seed", "steps", "guidance", "size", "negative_prompt", "num_images", "adapters", "width", "height")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +142,8 @@ class GenerateRequest(_message.Message):
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     adapter_id: str
     seed: int
@@ -141,7 +153,17 @@ class GenerateRequest(_message.Message):
     negative_prompt: str
     num_images: int
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
-    def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ...) -> None: ...
+    width: int
+    height: int
+    def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class ImageSize(_message.Message):
+    __slots__ = ("width", "height")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class AdapterWeight(_message.Message):
     __slots__ = ("adapter_id", "scale")
@@ -180,7 +202,7 @@ class GenerateProgress(_message.Message):
     def __init__(self, image: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("png", "seed", "steps", "guidance", "size", "adapter_id", "time_s", "mode", "time", "images", "adapters")
+    __slots__ = ("png", "seed", "steps", "guidance", "size", "adapter_id", "time_s", "mode", "time", "images", "adapters", "width", "height")
     PNG_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +214,8 @@ class GenerateResponse(_message.Message):
     TIME_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     seed: int
     steps: int
@@ -203,7 +227,9 @@ class GenerateResponse(_message.Message):
     time: _duration_pb2.Duration
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
-    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., adapter_id: _Optional[str] = ..., time_s: _Optional[float] = ..., mode: _Optional[str] = ..., time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ...) -> None: ...
+    width: int
+    height: int
+    def __init__(self, png: _Optional[bytes] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., size: _Optional[int] = ..., adapter_id: _Optional[str] = ..., time_s: _Optional[float] = ..., mode: _Optional[str] = ..., time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("id", "name", "token", "class_noun", "steps", "final_loss", "created", "sha256", "lora_rank", "job_id", "size_bytes", "create_time")
@@ -346,7 +372,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_images", "max_image_bytes", "max_image_pixels", "max_steps", "max_prompt_chars", "max_generate_steps", "max_queue", "max_concurrent_generations", "max_finished_jobs", "finished_job_retention", "max_page_size", "max_num_images", "max_adapters_per_generation")
+    __slots__ = ("max_images", "max_image_bytes", "max_image_pixels", "max_steps", "max_prompt_chars", "max_generate_steps", "max_queue", "max_concurrent_generations", "max_finished_jobs", "finished_job_retention", "max_page_size", "max_num_images", "max_adapters_per_generation", "max_validation_prompts", "max_validation_images")
     MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +386,8 @@ class Limits(_message.Message):
     MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTERS_PER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_VALIDATION_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VALIDATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
     max_images: int
     max_image_bytes: int
     max_image_pixels: int
@@ -373,10 +401,12 @@ class Limits(_message.Message):
     max_page_size: int
     max_num_images: int
     max_adapters_per_generation: int
-    def __init__(self, max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_generate_steps: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_concurrent_generations: _Optional[int] = ..., max_finished_jobs: _Optional[int] = ..., finished_job_retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_page_size: _Optional[int] = ..., max_num_images: _Optional[int] = ..., max_adapters_per_generation: _Optional[int] = ...) -> None: ...
+    max_validation_prompts: int
+    max_validation_images: int
+    def __init__(self, max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_generate_steps: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_concurrent_generations: _Optional[int] = ..., max_finished_jobs: _Optional[int] = ..., finished_job_retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_page_size: _Optional[int] = ..., max_num_images: _Optional[int] = ..., max_adapters_per_generation: _Optional[int] = ..., max_validation_prompts: _Optional[int] = ..., max_validation_images: _Optional[int] = ...) -> None: ...
 
 class Defaults(_message.Message):
-    __slots__ = ("steps", "learning_rate", "checkpoint_every", "generate_steps", "guidance", "seed", "lr_schedule", "warmup_steps")
+    __slots__ = ("steps", "learning_rate", "checkpoint_every", "generate_steps", "guidance", "seed", "lr_schedule", "warmup_steps", "prior_share", "precompute", "num_images", "adapter_scale", "size")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +415,11 @@ class Defaults(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_SHARE_FIELD_NUMBER: _ClassVar[int]
+    PRECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     steps: int
     learning_rate: float
     checkpoint_every: int
@@ -393,10 +428,15 @@ class Defaults(_message.Message):
     seed: int
     lr_schedule: str
     warmup_steps: int
-    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., generate_steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
+    prior_share: float
+    precompute: str
+    num_images: int
+    adapter_scale: float
+    size: int
+    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., generate_steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., prior_share: _Optional[float] = ..., precompute: _Optional[str] = ..., num_images: _Optional[int] = ..., adapter_scale: _Optional[float] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Info(_message.Message):
-    __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version", "memory", "settings", "guidance_embedded", "multi_adapter")
+    __slots__ = ("family", "parameters", "trainable_blocks", "num_blocks", "train_res", "gen_res", "sizes", "lora_rank", "trainer", "executor", "limits", "defaults", "version", "memory", "settings", "guidance_embedded", "multi_adapter", "gen_sizes")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -414,6 +454,7 @@ class Info(_message.Message):
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_EMBEDDED_FIELD_NUMBER: _ClassVar[int]
     MULTI_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    GEN_SIZES_FIELD_NUMBER: _ClassVar[int]
     family: str
     parameters: int
     trainable_blocks: _containers.RepeatedScalarFieldContainer[int]
@@ -431,7 +472,8 @@ class Info(_message.Message):
     settings: Settings
     guidance_embedded: bool
     multi_adapter: bool
-    def __init__(self, family: _Optional[str] = ..., parameters: _Optional[int] = ..., trainable_blocks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., train_res: _Optional[int] = ..., gen_res: _Optional[int] = ..., sizes: _Optional[_Iterable[int]] = ..., lora_rank: _Optional[int] = ..., trainer: _Optional[str] = ..., executor: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., version: _Optional[str] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., settings: _Optional[_Union[Settings, _Mapping]] = ..., guidance_embedded: _Optional[bool] = ..., multi_adapter: _Optional[bool] = ...) -> None: ...
+    gen_sizes: _containers.RepeatedCompositeFieldContainer[ImageSize]
+    def __init__(self, family: _Optional[str] = ..., parameters: _Optional[int] = ..., trainable_blocks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., train_res: _Optional[int] = ..., gen_res: _Optional[int] = ..., sizes: _Optional[_Iterable[int]] = ..., lora_rank: _Optional[int] = ..., trainer: _Optional[str] = ..., executor: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., version: _Optional[str] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., settings: _Optional[_Union[Settings, _Mapping]] = ..., guidance_embedded: _Optional[bool] = ..., multi_adapter: _Optional[bool] = ..., gen_sizes: _Optional[_Iterable[_Union[ImageSize, _Mapping]]] = ...) -> None: ...
 
 class Settings(_message.Message):
     __slots__ = ("config_file", "listen", "state_dir", "auth", "tls", "mtls", "allow_insecure_remote", "trainer", "train_device", "threads", "workers", "prompt_cache_mb", "log_level", "log_format", "keepalive_time")

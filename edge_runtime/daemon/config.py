@@ -39,6 +39,8 @@ class Limits:
     max_page_size: int = 1000  # items per page of ListJobs / ListAdapters
     max_num_images: int = 4  # images per Generate
     max_adapters_per_generation: int = 4  # adapters applied together in one Generate
+    max_validation_prompts: int = 4  # validation prompts per job
+    max_validation_images: int = 64  # validation images per job (prompts x validations)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..memory_plan import STREAMED
+from ..memory_plan import STREAMED, equivalent_side
 from .admission import Admission
 from .config import Defaults, Limits
 from .errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -110,12 +110,7 @@ class Generator:
         if count > L.max_num_images:
             raise InvalidArgument(f"num_images {count} more than max_num_images={L.max_num_images}",
                                   field="num_images")
-        sizes = self.bundle.sizes()
-        size = int(request.size) or int(self.bundle.manifest.gen_res)
-        if size not in sizes:
-            # valid in itself, not for this bundle: it was compiled for other sizes
-            raise FailedPrecondition(f"size {size} is not one this bundle was compiled for (sizes: {sizes}; "
-                                     "edgeblock compile --gen-res sets them)")
+        width, height = self.image_size(request)
         if request.negative_prompt and (self.bundle.guidance_embedded or g == 1.0):
             raise FailedPrecondition("a negative prompt needs classifier-free guidance: "
                                      + ("this model takes its guidance as an input (Info.guidance_embedded)"
@@ -125,6 +120,7 @@ class Generator:
             raise InvalidArgument(f"seed {seed} + num_images {count} passes 2**64", field="seed")
         pairs = self.adapters_of(request)
         lora = mix([(self.adapter_weights(aid), s) for aid, s in pairs], self.bundle.lora_shapes) if pairs else None
+        size = equivalent_side(width, height, self.bundle.multiple)  # what the memory predictions are keyed by
         self.admission.check_generation(size)  # one that could never fit the memory budget is refused now
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         if not self.slots.acquire(timeout=timeout if timeout is not None else 600):
@@ -145,17 +141,38 @@ class Generator:
                         if progress is not None:
                             progress(k, i, n)
 
-                    img = self.bundle.generate(request.prompt, seed=seed + k, steps=steps, guidance=g, size=size,
-                                               lora=lora, on_step=on_step, streamed=mode == STREAMED,
+                    img = self.bundle.generate(request.prompt, seed=seed + k, steps=steps, guidance=g, width=width,
+                                               height=height, lora=lora, on_step=on_step, streamed=mode == STREAMED,
                                                negative_prompt=request.negative_prompt)
-                    images.append((_png(img), seed + k))
+                    images.append((png_bytes(img), seed + k))
                 dt = time.perf_counter() - t0
         finally:
             self.slots.release()
-        return images, {"steps": steps, "guidance": g, "size": size, "time_s": dt, "mode": mode, "adapters": pairs}
+        return images, {"steps": steps, "guidance": g, "width": width, "height": height, "time_s": dt, "mode": mode,
+                        "adapters": pairs}
+
+    def image_size(self, request) -> tuple[int, int]:
+        """(width, height) of a GenerateRequest: width and height, or the square of size (0: gen_res); one the
+        bundle serves, else FailedPrecondition (valid in itself, not for this bundle)."""
+        if bool(request.width) != bool(request.height):
+            raise InvalidArgument("give width and height together", field="width" if not request.width else "height")
+        if request.width and request.size:
+            raise InvalidArgument("give size or width and height, not both", field="size")
+        if request.width:
+            want = (int(request.width), int(request.height))
+        else:
+            side = int(request.size) or int(self.bundle.manifest.gen_res)
+            want = (side, side)
+        served = self.bundle.gen_sizes()
+        if want not in served:
+            listed = ", ".join(f"{w}x{h}" for w, h in served)
+            raise FailedPrecondition(f"size {want[0]}x{want[1]} is not one this bundle was compiled for (sizes: "
+                                     f"{listed}; edgeblock compile --gen-res and --gen-sizes set them)")
+        return want
 
 
-def _png(img) -> bytes:
+def png_bytes(img) -> bytes:
+    """An (H, W, 3) uint8 image as PNG bytes."""
     from PIL import Image
 
     buf = io.BytesIO()

@@ -27,6 +27,7 @@ log = logging.getLogger("edgeblock.daemon")
 
 JOB_STATES = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED")
 TERMINAL = ("DONE", "FAILED", "CANCELLED")
+PRIOR_SHARE = 0.5  # a job's share of class-image draws when the request leaves it 0 (DreamBooth's half a batch)
 QUEUE_RETRY_S = 30.0  # RetryInfo of a full queue: a place frees when a job ends
 REQUEST_ID_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
 
@@ -287,12 +288,31 @@ class JobQueue:
                                   field="lr_schedule")
         if warmup > steps:
             raise InvalidArgument(f"warmup_steps {warmup} more than the job's steps {steps}", field="warmup_steps")
-        share = float(request.prior_share) or 0.5
+        prompts = [p.strip() for p in request.validation_prompts]
+        every = int(request.validation_every)
+        if len(prompts) > L.max_validation_prompts:
+            raise InvalidArgument(f"{len(prompts)} validation prompts, more than max_validation_prompts="
+                                  f"{L.max_validation_prompts}", field="validation_prompts")
+        for i, p in enumerate(prompts):
+            if not p or len(p) > L.max_prompt_chars:
+                raise InvalidArgument(f"validation prompt {i} must have 1..{L.max_prompt_chars} characters "
+                                      "(max_prompt_chars)", field=f"validation_prompts[{i}]")
+        if prompts and not 1 <= every <= steps:
+            raise InvalidArgument(f"validation_every must be in [1, steps={steps}] with validation prompts, got "
+                                  f"{every}", field="validation_every")
+        if not prompts and every:
+            raise InvalidArgument("validation_every needs validation_prompts", field="validation_every")
+        if prompts and len(prompts) * (steps // every + (steps % every > 0)) > L.max_validation_images:
+            raise InvalidArgument(f"{len(prompts)} prompts every {every} of {steps} steps make more than "
+                                  f"max_validation_images={L.max_validation_images} images: validate less often",
+                                  field="validation_every")
+        share = float(request.prior_share) or PRIOR_SHARE
         if not 0.0 < share < 1.0:
             raise InvalidArgument(f"prior_share must be in (0, 1), got {request.prior_share}", field="prior_share")
         opts = JobOptions(token, noun, steps, lr, int(request.seed) if request.HasField("seed") else D.seed, every, mode, captions=captions,
                           class_captions=class_captions, prior_share=share, batch=self.batch,
-                          lr_schedule=schedule, warmup_steps=warmup)
+                          lr_schedule=schedule, warmup_steps=warmup, validation_prompts=prompts,
+                          validation_every=every)
         opts.training_prompts(len(request.images))  # one caption per image, or none
         if class_pngs:
             opts.class_prompts(len(class_pngs))  # one class caption per class image, or none
@@ -380,6 +400,17 @@ class JobQueue:
         def should_stop() -> bool:
             return rec.cancel.is_set() or self.shutting_down.is_set()
 
+        def validate(step: int, weights: dict) -> None:
+            """The validation prompts with the adapter so far, streamed (one graph at a time beside the job)."""
+            from .generation import png_bytes
+
+            for prompt in opts.validation_prompts:
+                if should_stop():
+                    return
+                img = self.bundle.generate(prompt, seed=opts.seed, steps=self.defaults.generate_steps,
+                                           guidance=self.defaults.guidance, lora=weights, streamed=True)
+                self._emit(rec, "VALIDATION", step=step, total_steps=opts.steps, prompt=prompt, png=png_bytes(img))
+
         try:
             images = images_from_pngs(self.store.job_images(rec.id))
             class_images = images_from_pngs(self.store.job_images(rec.id, kind="class_images"))
@@ -388,7 +419,8 @@ class JobQueue:
                                  train_device=self.train_device, progress=Progress(event, should_stop),
                                  start_step=start, on_checkpoint=on_checkpoint,
                                  checkpoint_on_stop=lambda: self.shutting_down.is_set() and not rec.cancel.is_set(),
-                                 class_images=class_images or None)
+                                 class_images=class_images or None,
+                                 validate=validate if opts.validation_prompts else None)
         except Cancelled as e:
             if rec.cancel.is_set():
                 self._finish(rec, "CANCELLED", str(e))

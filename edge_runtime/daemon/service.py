@@ -17,7 +17,7 @@ from ..manifest import CorruptBundle
 from ..personalize import PersonalizeError
 from ..store import CorruptData, NotFound, StoreError, check_id
 from .errors import Cancelled, DataLoss, InvalidArgument, NotFoundError, RpcFailure, Unavailable
-from .jobs import JobRecord
+from .jobs import PRIOR_SHARE, JobRecord
 from .settings import settings_msg
 from .state import Daemon
 
@@ -86,7 +86,8 @@ def generate_response(images: list[tuple[bytes, int]], meta: dict) -> Any:
     """A GenerateResponse: every image, the first also in png/seed (clients of one image read those)."""
     adapters = [pb.AdapterWeight(adapter_id=aid, scale=s) for aid, s in meta["adapters"]]
     r = pb.GenerateResponse(png=images[0][0], seed=images[0][1], steps=meta["steps"], guidance=meta["guidance"],
-                            size=meta["size"], time_s=meta["time_s"], mode=meta["mode"],
+                            size=meta["width"], width=meta["width"], height=meta["height"], time_s=meta["time_s"],
+                            mode=meta["mode"],
                             adapter_id=adapters[0].adapter_id if adapters else "", adapters=adapters,
                             images=[pb.GeneratedImage(png=png, seed=seed) for png, seed in images])
     r.time.FromNanoseconds(int(meta["time_s"] * 1e9))
@@ -267,6 +268,7 @@ class Servicer(pb_grpc.EdgeBlockServicer):
 
     def GetInfo(self, request, context):
         from .. import __version__
+        from ..personalize import choose_precompute
 
         d, b = self.d, self.d.bundle
         L, D = d.limits, d.defaults
@@ -282,12 +284,17 @@ class Servicer(pb_grpc.EdgeBlockServicer):
                              max_finished_jobs=L.max_finished_jobs, max_page_size=L.max_page_size,
                              finished_job_retention=_duration(L.finished_job_retention_s),
                              max_num_images=L.max_num_images,
-                             max_adapters_per_generation=L.max_adapters_per_generation),
+                             max_adapters_per_generation=L.max_adapters_per_generation,
+                             max_validation_prompts=L.max_validation_prompts,
+                             max_validation_images=L.max_validation_images),
             defaults=pb.Defaults(steps=D.steps, learning_rate=D.learning_rate, checkpoint_every=D.checkpoint_every,
                                  generate_steps=D.generate_steps, guidance=D.guidance, seed=D.seed,
-                                 lr_schedule=D.lr_schedule, warmup_steps=D.warmup_steps),
+                                 lr_schedule=D.lr_schedule, warmup_steps=D.warmup_steps, prior_share=PRIOR_SHARE,
+                                 precompute=choose_precompute(b), num_images=1, adapter_scale=1.0,
+                                 size=int(b.manifest.gen_res)),
             version=__version__, memory=self._memory(), settings=settings_msg(d.cfg),
             guidance_embedded=b.guidance_embedded, multi_adapter=b.lora_rank_dynamic,
+            gen_sizes=[pb.ImageSize(width=w, height=h) for w, h in b.gen_sizes()],
         )
 
     def _memory(self):

@@ -22,8 +22,9 @@ import grpc
 
 from edge_runtime.api import edgeblock_pb2 as pb
 from edge_runtime.api import edgeblock_pb2_grpc as pb_grpc
+from edge_runtime.api import kind_name, state_name
 
-__all__ = ["ClientError", "EdgeClient", "JobStream", "pb"]
+__all__ = ["ClientError", "EdgeClient", "JobStream", "kind_name", "pb", "state_name"]
 
 T = TypeVar("T")
 
@@ -197,7 +198,8 @@ class EdgeClient:
                     precompute: str = "", timeout: float | None = None, captions: Sequence[str] = (),
                     class_images: Sequence[bytes | str | os.PathLike] = (), class_captions: Sequence[str] = (),
                     prior_share: float = 0.0, request_id: str = "", lr_schedule: str = "",
-                    warmup_steps: int | None = None) -> JobStream:
+                    warmup_steps: int | None = None, validation_prompts: Sequence[str] = (),
+                    validation_every: int = 0) -> JobStream:
         """Start a training job; iterate the result for its JobEvents (the last one DONE, FAILED or
         CANCELLED). Images are PNG/JPEG bytes or paths to such files; `captions`, if given, one training
         caption per image naming the token (PersonalizeRequest.captions). `class_images` (prior
@@ -205,7 +207,9 @@ class EdgeClient:
         with `class_captions` (one each, not naming the token) and `prior_share` (0: the daemon's 0.5).
         `request_id` (e.g. a uuid4 hex): the same request sent again with it returns the same job, so a retry
         after a dropped connection never starts a second one. `lr_schedule` ("constant", "cosine", "linear"; "":
-        the daemon's) and `warmup_steps` (None: the daemon's): edge_runtime.lr_schedule."""
+        the daemon's) and `warmup_steps` (None: the daemon's): edge_runtime.lr_schedule. `validation_prompts`
+        (up to 4) are generated with the adapter so far every `validation_every` steps and after the last: the
+        stream's KIND_VALIDATION events (prompt, png)."""
         for what, v in (("images", images), ("class_images", class_images)):
             if isinstance(v, (str, bytes, os.PathLike)):
                 raise TypeError(f"{what} must be a list of paths or bytes, not a single one")
@@ -215,7 +219,8 @@ class EdgeClient:
             precompute=precompute, captions=list(captions),
             class_images=[pb.Image(data=_read(im, "class image")) for im in class_images],
             class_captions=list(class_captions), prior_share=prior_share, request_id=request_id,
-            lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            lr_schedule=lr_schedule, warmup_steps=warmup_steps, validation_prompts=list(validation_prompts),
+            validation_every=validation_every,
         )
         return JobStream(_call(self.stub.Personalize, req, metadata=self._metadata, timeout=timeout))
 
@@ -240,20 +245,24 @@ class EdgeClient:
     @staticmethod
     def generate_request(prompt: str, adapter_id: str = "", seed: int | None = None, steps: int = 0,
                          guidance: float = 0.0, size: int = 0, negative_prompt: str = "", num_images: int = 0,
-                         adapters: Sequence[tuple[str, float]] | Mapping[str, float] = ()) -> pb.GenerateRequest:
+                         adapters: Sequence[tuple[str, float]] | Mapping[str, float] = (), width: int = 0,
+                         height: int = 0) -> pb.GenerateRequest:
         """A GenerateRequest; `adapters`: (adapter id, scale) pairs (or a dict) applied together, instead of
-        `adapter_id`; 0 and empty fields: the daemon's defaults."""
+        `adapter_id`; width and height (both): a non-square size the bundle serves (Info.gen_sizes); 0 and empty
+        fields: the daemon's defaults."""
         pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
         return pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, seed=seed, steps=steps, guidance=guidance,
-                                  size=size, negative_prompt=negative_prompt, num_images=num_images,
+                                  size=size, negative_prompt=negative_prompt, num_images=num_images, width=width,
+                                  height=height,
                                   adapters=[pb.AdapterWeight(adapter_id=a, scale=s) for a, s in pairs])
 
     def generate(self, prompt: str, adapter_id: str = "", seed: int | None = None, steps: int = 0, guidance: float = 0.0,
                  size: int = 0, negative_prompt: str = "", num_images: int = 0,
-                 adapters: Sequence[tuple[str, float]] | Mapping[str, float] = ()) -> pb.GenerateResponse:
+                 adapters: Sequence[tuple[str, float]] | Mapping[str, float] = (), width: int = 0,
+                 height: int = 0) -> pb.GenerateResponse:
         """Images for `prompt` (response.images; the first also in .png and .seed). See generate_request."""
         req = self.generate_request(prompt, adapter_id, seed, steps, guidance, size, negative_prompt, num_images,
-                                    adapters)
+                                    adapters, width, height)
         return self._unary(self.stub.Generate, req)
 
     def generate_stream(self, prompt: str, **kwargs) -> Iterator[pb.GenerateEvent]:

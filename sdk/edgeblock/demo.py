@@ -183,10 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["compile_s"] = time.perf_counter() - t0
     summary["compile_cached"] = bool(res.up_to_date)
 
-    from edge_runtime.api import kind_name
     from edge_runtime.manifest import load_manifest
 
-    from .client import EdgeClient
+    from .client import EdgeClient, kind_name
     from .eval.subjects import load_subjects
 
     m = load_manifest(bundle, verify_files=False)

@@ -86,3 +86,49 @@ def test_adapters_with_scales(served):
     with pytest.raises(ClientError) as e:
         c.generate(prompt, steps=2, adapters=[(a1, 1.0)], adapter_id=a2)
     assert e.value.code == "INVALID_ARGUMENT"
+
+
+def test_validation_prompts_send_images_and_leave_the_adapter_as_it_is(served):
+    from safetensors.numpy import load
+
+    c, _ = served
+    job = dict(token="sks", class_noun="ring", steps=4, seed=4, learning_rate=4e-3)
+    prompts = ["a sks ring on a green background", "a sks ring"]
+    events = list(c.personalize(subject_pngs(2, seed=4), validation_prompts=prompts, validation_every=3, **job))
+    assert kind_name(events[-1].kind) == "DONE", events[-1]
+    shown = [(e.step, e.prompt) for e in events if kind_name(e.kind) == "VALIDATION"]
+    assert shown == [(3, prompts[0]), (3, prompts[1]), (4, prompts[0]), (4, prompts[1])]  # every 3 steps and the last
+    for e in events:
+        if kind_name(e.kind) == "VALIDATION":
+            assert _px(e.png).shape == (64, 64, 3)
+    replay = [e for e in c.watch_job(events[-1].job_id) if kind_name(e.kind) == "VALIDATION"]
+    assert [e.png for e in replay] == [e.png for e in events if kind_name(e.kind) == "VALIDATION"]
+    plain = list(c.personalize(subject_pngs(2, seed=4), **job))
+    a, b = (load(c.export_adapter(ev[-1].adapter_id)[0]) for ev in (events, plain))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+    for kw, field in ((dict(validation_prompts=["a"] * 5, validation_every=1), "validation_prompts"),
+                      (dict(validation_prompts=["a"], validation_every=0), "validation_every"),
+                      (dict(validation_every=2), "validation_every"),
+                      (dict(lr_schedule="step"), "lr_schedule"), (dict(warmup_steps=9), "warmup_steps")):
+        with pytest.raises(ClientError) as e:
+            next(iter(c.personalize(subject_pngs(1), **{**job, **kw})))
+        assert e.value.code == "INVALID_ARGUMENT" and e.value.violations[0][0] == field, (kw, e.value)
+    d = c.info().defaults
+    assert d.lr_schedule == "constant" and d.warmup_steps == 0
+
+
+def test_non_square_sizes_the_bundle_was_compiled_for(served):
+    c, (a1, _a2) = served
+    info = c.info()
+    assert [(s.width, s.height) for s in info.gen_sizes] == [(32, 32), (64, 64), (64, 48)]
+    assert list(info.sizes) == [32, 64]  # the squares, as before
+    d = info.defaults
+    assert d.prior_share == 0.5 and d.precompute in ("bank", "online") and d.num_images == 1
+    assert d.adapter_scale == 1.0 and d.size == info.gen_res
+    r = c.generate("a sks ring on a green background", seed=2, steps=3, width=64, height=48, adapter_id=a1)
+    assert (r.width, r.height) == (64, 48) and _px(r.png).shape == (48, 64, 3)
+    for kw, code in ((dict(width=48, height=64), "FAILED_PRECONDITION"), (dict(width=64), "INVALID_ARGUMENT"),
+                     (dict(width=64, height=48, size=64), "INVALID_ARGUMENT")):
+        with pytest.raises(ClientError) as e:
+            c.generate("a ring", steps=2, **kw)
+        assert e.value.code == code, (kw, e.value)

@@ -66,7 +66,7 @@ def test_messages_round_trip():
     assert back.learning_rate == pytest.approx(1e-4)
 
     names = ["KIND_UNSPECIFIED", "KIND_QUEUED", "KIND_ENCODING", "KIND_PRECOMPUTING", "KIND_STEP", "KIND_CHECKPOINT",
-             "KIND_DONE", "KIND_FAILED", "KIND_CANCELLED"]  # buf lint: each value carries its enum's prefix
+             "KIND_DONE", "KIND_FAILED", "KIND_CANCELLED", "KIND_VALIDATION"]  # buf lint: each value its enum's prefix
     assert [pb.JobEvent.Kind.Name(i) for i in range(len(names))] == names
     for kind in names[1:]:
         ev = pb.JobEvent(kind=pb.JobEvent.Kind.Value(kind), job_id="j1", step=3, total_steps=10, loss=0.25,

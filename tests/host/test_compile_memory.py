@@ -7,14 +7,17 @@ import pytest
 
 def test_builtin_bundle_predicts_every_operation(builtin_bundle):
     from edge_runtime.manifest import load_manifest
-    from edge_runtime.memory_plan import GENERATION_MODES
+    from edge_runtime.memory_plan import GENERATION_MODES, equivalent_side
     from edge_runtime.precompute import PRECOMPUTE_MODES
 
     m = load_manifest(builtin_bundle[0])
     p = m.memory_plan()
     assert p is not None and p.planner_target == "host-cpu" and p.measured_on_target and p.weights == "fp32"
     assert set(p.job_peak_bytes) == set(PRECOMPUTE_MODES)
-    sizes = {m.train_res, m.gen_res}
+    # the squares, and each --gen-sizes entry at the square side of as many pixels (the fixture's 64x48: 56)
+    multiple = int(m.model.get("resolution_multiple", 1))
+    sizes = {m.train_res, m.gen_res} | {equivalent_side(w, h, multiple) for w, h in m.gen_sizes}
+    assert m.gen_sizes == [[64, 48]] and sizes == {32, 56, 64}
     for mode in GENERATION_MODES:
         assert set(p.generate[mode]) == sizes
     for size in sizes:

@@ -22,10 +22,12 @@ CONTRACTS = {
     "edge_runtime.adapter_file",  # the LoRA adapter file (safetensors)
     "edge_runtime.engines.errors",  # the engine plan's error type
     "edge_runtime.engines.plan",  # engines/plan.json: compile writes it, the device builds engines from it
+    "edge_runtime.faults",  # the crash points test hook (standard library only), reached by fileio's writes
     "edge_runtime.fileio",  # atomic writes, sha256
     "edge_runtime.flow",  # flow-matching sampling levels, Euler step, patch packing, position ids
     "edge_runtime.graph_names",  # the bundle graphs' tensor names, kinds and chain order
     "edge_runtime.manifest",  # manifest.json schema
+    "edge_runtime.lr_schedule",  # a job's learning-rate schedules (the daemon trains by them, the CLI offers them)
     "edge_runtime.memory_plan",  # predicted peaks per operation (compile writes them, the daemon admits by them)
     "edge_runtime.noise",  # noise schedules, training noise levels, noising, targets, timesteps
     "edge_runtime.patch_sampling",  # timestep-aware patch sampling

@@ -82,3 +82,28 @@ def test_typed_parts(tmp_path):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(ManifestError, match="is not a bundle"):
         load_manifest(str(tmp_path))
+
+
+def test_gen_sizes_are_the_squares_then_the_listed_sizes_and_are_checked(tmp_path):
+    import argparse
+
+    from edgeblock.cli.argtypes import sizes
+
+    from edge_runtime.memory_plan import equivalent_side
+
+    b = _bundle(tmp_path)
+    m = load_manifest(str(b))
+    assert m.served_sizes() == [(32, 32), (64, 64)] and "gen_sizes" not in m.to_dict()  # written as before
+    m.gen_sizes = [[64, 48], [48, 64], [64, 64]]
+    write_manifest(str(b), m)
+    assert load_manifest(str(b)).served_sizes() == [(32, 32), (64, 64), (64, 48), (48, 64)]
+    d = json.loads((b / "manifest.json").read_text())
+    for bad in ([[64]], [[64, 0]], "64x48", [[64, True]]):
+        (b / "manifest.json").write_text(json.dumps({**d, "gen_sizes": bad}))
+        with pytest.raises(ManifestError, match="gen_sizes"):
+            load_manifest(str(b), verify_files=False)
+    assert sizes("768x512, 512X768,96") == ((768, 512), (512, 768), (96, 96))
+    for text in ("64x", "axb", "0x64", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="--gen-sizes"):
+            sizes(text)
+    assert equivalent_side(64, 48, 4) == 56 and equivalent_side(64, 64, 4) == 64 and equivalent_side(768, 512, 16) == 640

@@ -89,9 +89,7 @@ def bundle_for(model: str, blocks: tuple[int, ...] | None, progress) -> str:
 def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tuple[int, ...] | None = None,
         precompute: str = "", torch_reference: bool = True, progress=None,
         reference_variants: tuple[str, ...] = ("standard_lora", "blockskip")) -> dict:
-    from edge_runtime.api import kind_name
-
-    from ..client import EdgeClient
+    from ..client import EdgeClient, kind_name
     from ..demo import RssSampler, start_daemon, stop_daemon
     from . import memory
 
@@ -186,7 +184,7 @@ JOB_PHASES = ("encode", "precompute", "train")
 
 def _phase(ev, current: str | None) -> str | None:
     """The job phase a progress event opens (the RSS sampler attributes samples to it)."""
-    from edge_runtime.api import kind_name
+    from ..client import kind_name
 
     kind = kind_name(ev.kind)
     if kind == "PRECOMPUTING":

@@ -65,9 +65,7 @@ def _stop(proc, rss) -> None:
 
 def measure_job(bundle: str, steps: int) -> int:
     """Peak RSS of the daemon over one personalization job (request to adapter)."""
-    from edge_runtime.api import kind_name
-
-    from ..client import EdgeClient
+    from ..client import EdgeClient, kind_name
     from ..eval.subjects import load_subjects
 
     subject = load_subjects(names=["ringstar"])[0]

@@ -31,6 +31,24 @@ def seeds(text: str) -> tuple[int, ...]:
     return out
 
 
+def sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`compile --gen-sizes 64x48,48x64,96`: WIDTHxHEIGHT or SIDE (a square), comma-separated, positive."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        w, sep, h = part.partition("x")
+        try:
+            size = (int(w), int(h if sep else w))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--gen-sizes wants WIDTHxHEIGHT or SIDE, comma-separated, like "
+                                             f"64x48,48x64; got {part!r}") from None
+        if min(size) <= 0:
+            raise argparse.ArgumentTypeError(f"--gen-sizes wants positive sizes, got {part!r}")
+        out.append(size)
+    if not out:
+        raise argparse.ArgumentTypeError(f"--gen-sizes is empty: {text!r}")
+    return tuple(out)
+
+
 def floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(b) for b in text.split(","))

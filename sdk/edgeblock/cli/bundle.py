@@ -22,6 +22,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         train_res=args.train_res, gen_res=args.gen_res, lora_rank=args.lora_rank, precision=args.precision,
         verify=False if args.no_verify else None, seed=args.seed, max_group_mb=args.max_group_mb,
         crop_ids=args.crop_ids, top_k=args.top_k, weights=args.weights, text_parts=args.text_parts,
+        gen_sizes=args.gen_sizes or (),
     )
     compile_bundle(opts, progress=print)
     return 0
@@ -55,6 +56,9 @@ def register(sub) -> None:
     c.add_argument("--train-res", type=int, default=None,
                    help="training crop side in pixels (default: the model's recipe: 3/4 of --gen-res for builtin, half otherwise)")
     c.add_argument("--gen-res", type=int, default=None, help="generation side in pixels (default: the model's)")
+    c.add_argument("--gen-sizes", type=argtypes.sizes, default=None, metavar="WxH,...",
+                   help="more generation sizes the bundle serves beside the squares of --gen-res and --train-res, "
+                        "e.g. 768x512,512x768 (each side a multiple of the model's; memory predicted for each)")
     c.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (8 for builtin, 4 otherwise)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="TensorRT engine precision (ONNX graphs are fp32)")
     c.add_argument("--weights", default=None, choices=list(WEIGHTS),

@@ -100,6 +100,7 @@ def generate_remote(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     adapters = _adapter_weights(args.adapter)
     kw = dict(seed=args.seed, steps=args.steps or 0, guidance=args.guidance or 0.0, size=args.size or 0,
+              width=args.width or 0, height=args.height or 0,
               negative_prompt=args.negative_prompt or "", num_images=args.num_images or 0,
               adapters=adapters if len(adapters) > 1 or (adapters and adapters[0][1] != 1.0) else (),
               adapter_id=adapters[0][0] if len(adapters) == 1 and adapters[0][1] == 1.0 else "")
@@ -127,7 +128,7 @@ def generate_remote(args: argparse.Namespace) -> int:
         _write_atomic(path, im.png)
     applied = ", ".join(f"{a.adapter_id}" + (f" x{a.scale:g}" if a.scale != 1.0 else "") for a in r.adapters)
     for path, im in zip(paths, r.images):
-        print(f"{path}: {r.size}x{r.size} ({args.prompt!r}, seed {im.seed}, {r.steps} steps, guidance {r.guidance:g}"
+        print(f"{path}: {r.width or r.size}x{r.height or r.size} ({args.prompt!r}, seed {im.seed}, {r.steps} steps, guidance {r.guidance:g}"
               f"{', adapters ' + applied if applied else ''}) in {r.time.ToNanoseconds() / 1e9:.2f} s")
     return 0
 
@@ -146,6 +147,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         raise ValueError(f"--prior-share must be in (0, 1), got {args.prior_share}")
     if (args.class_caption or args.prior_share) and not args.class_images:
         raise ValueError("--class-caption and --prior-share need --class-images")
+    if args.validation_dir and not os.path.isdir(args.validation_dir):
+        raise ValueError(f"--validation-dir {args.validation_dir}: no such directory")
     if args.reattach_timeout < 0:
         raise ValueError(f"--reattach-timeout must be >= 0, got {args.reattach_timeout}")
     request_id = args.request_id or uuid.uuid4().hex  # a re-sent request (re-attaching) finds its job by it
@@ -158,7 +161,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
                                  name=args.name, precompute=args.precompute, captions=args.caption or (),
                                  class_images=args.class_images or (), class_captions=args.class_caption or (),
                                  prior_share=args.prior_share, request_id=request_id,
-                                 lr_schedule=args.lr_schedule or "", warmup_steps=args.warmup_steps)
+                                 lr_schedule=args.lr_schedule or "", warmup_steps=args.warmup_steps,
+                                 validation_prompts=args.validation_prompt or (),
+                                 validation_every=args.validation_every or 0)
 
         args.cancel_on_interrupt = True
         return follow_job(c, open_stream, args, "personalize")
@@ -227,6 +232,13 @@ def register(sub) -> None:
                          "constant)")
     pz.add_argument("--warmup-steps", type=int, default=None,
                     help="steps of linear learning-rate warmup before the schedule (default: the daemon's, 0)")
+    pz.add_argument("--validation-prompt", action="append", default=None, metavar="TEXT",
+                    help="a prompt to check the adapter on while it trains (repeat for up to 4): generated with the "
+                         "adapter so far every --validation-every steps and after the last")
+    pz.add_argument("--validation-every", type=int, default=None, metavar="N",
+                    help="steps between validations (needed with --validation-prompt)")
+    pz.add_argument("--validation-dir", default=None, metavar="DIR",
+                    help="write the validation images there as stepNNNNN-K.png (K: the prompt's place)")
     pz.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: the daemon's)")
     pz.add_argument("--name", default="", help="adapter name (default: '{token} {class noun}')")
     pz.add_argument("--caption", action="append", default=None, metavar="TEXT",

@@ -17,7 +17,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-o {args.output}: no such directory {out_dir}")
     if args.server:
         return generate_remote(args)
-    for flag in ("size", "negative_prompt", "num_images"):
+    for flag in ("size", "negative_prompt", "num_images", "width", "height"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} needs --server (in-process generation makes one image at "
                              "the model's size)")
@@ -52,6 +52,9 @@ def register(sub) -> None:
                    help="LoRA adapter .safetensors (edgeblock format); with --server: an adapter id on the daemon, "
                         "ID or ID:SCALE (scale 0 = the base model, 1 = as trained), repeated to apply several at once")
     g.add_argument("--size", type=int, default=None, help="image side in pixels, one of the bundle's sizes (--server only)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels, with --height: a size the bundle "
+                   "serves (GetInfo's gen_sizes; compile --gen-sizes adds non-square ones; --server only)")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels, with --width (--server only)")
     g.add_argument("--negative-prompt", default=None,
                    help="what the image should not show: classifier-free guidance steers away from it (--server only)")
     g.add_argument("--num-images", type=int, default=None,

@@ -22,15 +22,13 @@ def follow_job(client, open_stream: Callable[[str], object], args: argparse.Name
     cancels the job when args.cancel_on_interrupt)."""
     from tqdm import tqdm
 
-    from edge_runtime.api import edgeblock_pb2 as pb
-    from edge_runtime.api import kind_name, state_name
-
-    from ..client import ClientError
+    from ..client import ClientError, kind_name, pb, state_name
 
     Kind = pb.JobEvent.Kind
     bar = tqdm(total=None, desc="connecting", unit="step", disable=args.json or args.quiet, dynamic_ncols=True)
     postfix: dict = {}
     job_id, last_seen = "", 0  # events already shown (a re-attached stream starts from the first again)
+    validations: dict[int, int] = {}  # step -> validation images of it written
     lost_since = None
     try:
         while True:
@@ -61,6 +59,10 @@ def follow_job(client, open_stream: Callable[[str], object], args: argparse.Name
                         bar.set_description_str(f"precomputing {ev.progress:.0%}")
                     elif ev.kind == Kind.KIND_CHECKPOINT:
                         postfix["checkpoint"] = ev.step
+                        bar.set_postfix(postfix)
+                    elif ev.kind == Kind.KIND_VALIDATION:
+                        saved = _save_validation(ev, getattr(args, "validation_dir", None), validations)
+                        postfix["validation"] = f"step {ev.step}" + (f" -> {saved}" if saved else "")
                         bar.set_postfix(postfix)
                     elif ev.kind == Kind.KIND_DONE:
                         bar.close()
@@ -103,6 +105,21 @@ def follow_job(client, open_stream: Callable[[str], object], args: argparse.Name
         bar.close()
 
 
+def _save_validation(ev, folder: str | None, written: dict[int, int]) -> str:
+    """Write a KIND_VALIDATION event's PNG as FOLDER/stepNNNNN-K.png (K: its prompt's place); "" without a folder."""
+    if not folder:
+        return ""
+    import os
+
+    from edge_runtime.fileio import atomic_write
+
+    k = written.get(ev.step, 0)
+    written[ev.step] = k + 1
+    path = os.path.join(folder, f"step{ev.step:05d}-{k}.png")
+    atomic_write(path, ev.png)
+    return path
+
+
 def _as_dict(msg) -> dict:
     from .daemon_client import _as_dict as as_dict
 
@@ -110,8 +127,7 @@ def _as_dict(msg) -> dict:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from edge_runtime.api import state_name
-
+    from ..client import state_name
     from .daemon_client import _client, print_table, when
 
     with _client(args) as c:

@@ -90,6 +90,11 @@ def check_resolutions(opts: CompileOptions, multiple: int, default_gen: int) -> 
             )
     if train > gen:
         raise ValueError(f"--train-res {train} is larger than --gen-res {gen}: the training crop is a part of the image")
+    for w, h in opts.gen_sizes:
+        if w % multiple or h % multiple:
+            raise ValueError(f"--gen-sizes {w}x{h}: each side must be divisible by {multiple} (the VAE downsampling x "
+                             f"the patch size this model needs); try {max(multiple, w // multiple * multiple)}x"
+                             f"{max(multiple, h // multiple * multiple)}")
     return train, gen
 
 

@@ -52,6 +52,8 @@ class CompileOptions:
     # text encoder parts (compile/text_parts.py): 0 auto (none above the largest frozen group), 1 whole, N parts;
     # None: what the target needs (text_part_count)
     text_parts: int | None = None
+    # generation sizes beyond the squares of gen_res and train_res, (width, height) pixels (manifest.gen_sizes)
+    gen_sizes: tuple[tuple[int, int], ...] = ()
 
     def weight_precision(self) -> str:
         """--weights, or what the target needs (edge_runtime.weights.default_weights)."""
@@ -80,8 +82,10 @@ class CompileOptions:
 
     def fingerprint_args(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("model", "out", "verify", "selection", "weights", "text_parts"):
+        for k in ("model", "out", "verify", "selection", "weights", "text_parts", "gen_sizes"):
             d.pop(k)
+        if self.gen_sizes:  # bundles without --gen-sizes keep the fingerprint they had before it
+            d["gen_sizes"] = [list(s) for s in self.gen_sizes]
         if self.text_parts is not None:  # bundles without --text-parts keep the fingerprint they had before it
             d["text_parts"] = self.text_parts
         if self.weight_precision() != FP32:  # fp32 bundles keep the fingerprint they had before --weights existed

@@ -39,6 +39,8 @@ def build_manifest(ctx: CompileContext) -> Manifest:
         recipe=recipe.with_(train_res_fraction=ctx.train_res / ctx.gen_res, trainable_blocks=len(plan.trainable),
                             crop_ids=crop_ids).to_dict(),
         weights=ctx.weights, memory=ctx.memory,
+        gen_sizes=[list(s) for s in dict.fromkeys(opts.gen_sizes)
+                   if s not in {(ctx.gen_res, ctx.gen_res), (ctx.train_res, ctx.train_res)}],
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edge_runtime.memory_plan import GENERATION_MODES, MemoryPlan
+from edge_runtime.memory_plan import GENERATION_MODES, MemoryPlan, equivalent_side
 from edge_runtime.precompute import PRECOMPUTE_MODES
 from edge_runtime.targets import CPU, HOST_CPU
 
@@ -81,7 +81,8 @@ def predict_memory(ctx) -> dict[str, Any]:
         r = plan(PlanOptions(config, train_res=ctx.train_res, gen_res=ctx.gen_res, precompute=mode, **base), inv=inv)
         jobs[mode] = r["methods"]["blockskip"]["job_peak_bytes"]
         by_size[ctx.gen_res] = r["generation"]
-    for size in {ctx.train_res} - {ctx.gen_res}:
+    extra = {equivalent_side(w, h, ctx.multiple) for w, h in opts.gen_sizes}  # what the daemon looks them up by
+    for size in ({ctx.train_res} | extra) - {ctx.gen_res}:
         by_size[size] = plan(PlanOptions(config, train_res=size, gen_res=size, **base), inv=inv)["generation"]
     generate: dict[str, dict] = {m: {} for m in GENERATION_MODES}
     for size, g in sorted(by_size.items()):
