@@ -289,7 +289,7 @@ class JobQueue:
         if warmup > steps:
             raise InvalidArgument(f"warmup_steps {warmup} more than the job's steps {steps}", field="warmup_steps")
         prompts = [p.strip() for p in request.validation_prompts]
-        every = int(request.validation_every)
+        val_every = int(request.validation_every)
         if len(prompts) > L.max_validation_prompts:
             raise InvalidArgument(f"{len(prompts)} validation prompts, more than max_validation_prompts="
                                   f"{L.max_validation_prompts}", field="validation_prompts")
@@ -297,22 +297,23 @@ class JobQueue:
             if not p or len(p) > L.max_prompt_chars:
                 raise InvalidArgument(f"validation prompt {i} must have 1..{L.max_prompt_chars} characters "
                                       "(max_prompt_chars)", field=f"validation_prompts[{i}]")
-        if prompts and not 1 <= every <= steps:
+        if prompts and not 1 <= val_every <= steps:
             raise InvalidArgument(f"validation_every must be in [1, steps={steps}] with validation prompts, got "
-                                  f"{every}", field="validation_every")
-        if not prompts and every:
+                                  f"{val_every}", field="validation_every")
+        if not prompts and val_every:
             raise InvalidArgument("validation_every needs validation_prompts", field="validation_every")
-        if prompts and len(prompts) * (steps // every + (steps % every > 0)) > L.max_validation_images:
-            raise InvalidArgument(f"{len(prompts)} prompts every {every} of {steps} steps make more than "
+        if prompts and len(prompts) * (steps // val_every + (steps % val_every > 0)) > L.max_validation_images:
+            raise InvalidArgument(f"{len(prompts)} prompts every {val_every} of {steps} steps make more than "
                                   f"max_validation_images={L.max_validation_images} images: validate less often",
                                   field="validation_every")
         share = float(request.prior_share) or PRIOR_SHARE
         if not 0.0 < share < 1.0:
             raise InvalidArgument(f"prior_share must be in (0, 1), got {request.prior_share}", field="prior_share")
-        opts = JobOptions(token, noun, steps, lr, int(request.seed) if request.HasField("seed") else D.seed, every, mode, captions=captions,
+        seed = int(request.seed) if request.HasField("seed") else D.seed
+        opts = JobOptions(token, noun, steps, lr, seed, every, mode, captions=captions,
                           class_captions=class_captions, prior_share=share, batch=self.batch,
                           lr_schedule=schedule, warmup_steps=warmup, validation_prompts=prompts,
-                          validation_every=every)
+                          validation_every=val_every)
         opts.training_prompts(len(request.images))  # one caption per image, or none
         if class_pngs:
             opts.class_prompts(len(class_pngs))  # one class caption per class image, or none
