@@ -109,3 +109,26 @@ def test_eval_task_failing_twice_fails_the_run_by_name_with_nothing_written(clus
     err = capsys.readouterr().err
     assert "eval(row blockskip, subject ringstar, seed 0)" in err and "injected failure of blockskip" in err
     assert not (tmp_path / "ray").exists() or not os.listdir(tmp_path / "ray")
+
+
+def test_eval_device_row_on_ray_uses_the_bundle_the_driver_compiled(cluster, tmp_path):
+    """A device row (the daemon's job code on a compiled bundle): the driver compiles the bundle into the output
+    folder, the tasks use it; results.json equals the one-process run's, times and the folder's path aside."""
+    device = ["--quick", "--quiet", "--runtime", "device", "--rows", "blockskip_device", "--seed", "0"]
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert main(["eval", "--out", str(local), *device]) == 0
+    assert main(["eval", "--out", str(ray_out), *device, "--ray", "auto", "--ray-cpus-per-task", "1"]) == 0
+
+    def comparable(folder) -> str:
+        text = (folder / "results.json").read_text().replace(str(folder), "OUT")
+        return _timeless(text)
+
+    def drop_compile_s(o):
+        if isinstance(o, dict):
+            return {k: drop_compile_s(v) for k, v in o.items() if k != "compile_s"}
+        return [drop_compile_s(v) for v in o] if isinstance(o, list) else o
+
+    got, want = (drop_compile_s(json.loads(comparable(f))) for f in (ray_out, local))
+    assert got == want
+    assert os.path.isfile(ray_out / "bundle" / "manifest.json")  # compiled once, by the driver, in the run's folder
+    _no_partial_files(ray_out)

@@ -6,6 +6,7 @@ asked for, each worker keeping its models between tasks; the driver merges the u
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 from tqdm import tqdm
@@ -17,15 +18,18 @@ from .session import RETRIES, wait_all
 _RUNNERS: dict[EvalConfig, Runner] = {}  # in a worker process: the Runner of the config (seed aside) it last ran
 
 
-def run_unit(cfg: EvalConfig, row: str, si: int) -> units.UnitResult:
+def run_unit(cfg: EvalConfig, row: str, si: int, out_dir: str) -> units.UnitResult:
     """One unit in a Ray worker: the Runner of cfg (kept for the next task of the same run; the seed only
-    changes what it computes), then Runner.run_unit, as the one-process run calls it."""
+    changes what it computes), then Runner.run_unit, as the one-process run calls it. A device row uses the
+    bundle the driver compiled into out_dir (which every node must see, as the model directory)."""
     key = dataclasses.replace(cfg, seed=0)
     runner = _RUNNERS.get(key)
     if runner is None:
         _RUNNERS.clear()  # one model set per worker
         runner = _RUNNERS[key] = Runner(cfg, progress=False)
     runner.cfg = cfg
+    if row in ON_DEVICE:
+        runner.prepare_devices(out_dir)
     return runner.run_unit(row, si, runner.subjects[si])
 
 
@@ -38,14 +42,14 @@ def run_eval_ray(ray, runs: dict[int, tuple[str, EvalConfig]], cpus: float = 1.0
         raise ValueError(f"a task needs CPUs or GPUs (--ray-cpus-per-task, --ray-gpus-per-task), got {cpus} and {gpus}")
     t_start = time.perf_counter()
     runners = {}
-    for seed, (_, cfg) in runs.items():
-        device = set(cfg.rows) & set(ON_DEVICE)
-        if device:
-            raise ValueError(f"--ray runs the torch rows; the device rows ({', '.join(sorted(device))}) compile a "
-                             "bundle into the output folder and run without --ray")
-        runners[seed] = Runner(cfg, progress=False)
+    for seed, (out_dir, cfg) in runs.items():
+        runners[seed] = Runner(cfg, progress=progress)
+        if set(cfg.rows) & set(ON_DEVICE):  # the device rows' bundles, compiled here once for the workers
+            os.makedirs(out_dir, exist_ok=True)
+            runners[seed].prepare_devices(out_dir)
+        runners[seed].progress = False
     fn = ray.remote(run_unit).options(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES, retry_exceptions=True)
-    refs = {(seed, si, row): fn.remote(runs[seed][1], row, si)
+    refs = {(seed, si, row): fn.remote(runs[seed][1], row, si, runs[seed][0])
             for seed, r in runners.items() for si in range(len(r.subjects)) for row in r.unit_rows()}
 
     def name(key) -> str:

@@ -164,21 +164,29 @@ class Runner:
         trained = len(self.variants) + len(self.ablations) + len(set(cfg.rows) & set(ON_DEVICE))
         total = len(self.subjects) * (trained * cfg.steps + gens * cfg.gen_steps)
         per_subject = {}
-        for row in (r for r in ON_DEVICE if r in cfg.rows):
-            from .device_row import DeviceRow
-
-            w = next((k for k, v in QUANTIZED_ROWS.items() if v == row), None)
-            sub = "bundle" if w is None else f"bundle-{w}"
-            if self.progress:
-                print(f"[eval] {row}: edgeblock compile --model {cfg.model} --out {out_dir}/{sub}"
-                      + (f" --weights {w}" if w else ""))
-            self.devices[row] = DeviceRow(cfg, out_dir, self.train_res, progress=None, weights=w, subdir=sub)
+        self.prepare_devices(out_dir)
         with tqdm(total=total, desc="eval", unit="step", disable=not self.progress) as self.bar:
             for si, subject in enumerate(self.subjects):
                 per_subject[subject.name] = record = self.subject_record(subject)
                 for row in self.unit_rows():
                     units.merge(self, record, self.run_unit(row, si, subject))
         return self.finish(out_dir, per_subject, t_start)
+
+    def prepare_devices(self, out_dir: str) -> None:
+        """The device rows' bundles in out_dir (compiled there, or reused when up to date: a Ray run's driver
+        compiles them, its workers find them so)."""
+        from .device_row import DeviceRow
+
+        if getattr(self, "_devices_dir", None) != out_dir:
+            self.devices, self._devices_dir = {}, out_dir
+        cfg = self.cfg
+        for row in (r for r in ON_DEVICE if r in cfg.rows and r not in self.devices):
+            w = next((k for k, v in QUANTIZED_ROWS.items() if v == row), None)
+            sub = "bundle" if w is None else f"bundle-{w}"
+            if self.progress:
+                print(f"[eval] {row}: edgeblock compile --model {cfg.model} --out {out_dir}/{sub}"
+                      + (f" --weights {w}" if w else ""))
+            self.devices[row] = DeviceRow(cfg, out_dir, self.train_res, progress=None, weights=w, subdir=sub)
 
     def unit_rows(self) -> list[str]:
         """The rows of each subject in the order they run: base, the fine-tuned rows, the device rows."""
