@@ -20,6 +20,7 @@ from typing import Any
 from ..faults import crash_point
 from ..lr_schedule import LR_SCHEDULES
 from .admission import Admission
+from .generation import png_bytes
 from .config import Defaults, Limits
 from .errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
 
@@ -403,8 +404,6 @@ class JobQueue:
 
         def validate(step: int, weights: dict) -> None:
             """The validation prompts with the adapter so far, streamed (one graph at a time beside the job)."""
-            from .generation import png_bytes
-
             for prompt in opts.validation_prompts:
                 if should_stop():
                     return

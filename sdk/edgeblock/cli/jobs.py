@@ -11,6 +11,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from .daemon_client import _as_dict, _client, client_flags, print_table, when
+
 # a dropped or refused connection, or a daemon restarting: worth re-attaching (the job goes on on the daemon)
 RETRY_CODES = ("UNAVAILABLE",)
 
@@ -120,15 +122,8 @@ def _save_validation(ev, folder: str | None, written: dict[int, int]) -> str:
     return path
 
 
-def _as_dict(msg) -> dict:
-    from .daemon_client import _as_dict as as_dict
-
-    return as_dict(msg)
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
     from ..client import state_name
-    from .daemon_client import _client, print_table, when
 
     with _client(args) as c:
         if args.action == "ls":
@@ -150,8 +145,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add `jobs` to `edgeblock`'s subparsers."""
-    from .daemon_client import client_flags
-
     jb = sub.add_parser("jobs", help="list, follow or cancel the training jobs on an edge daemon")
     client_flags(jb, required=False)
     jb_sub = jb.add_subparsers(dest="action", required=True)
