@@ -85,6 +85,8 @@ def test_quantized_bundle_records_errors_and_keeps_the_trainable_graphs_fp32(bun
         bound = TEXT_BOUND[g["precision"]] if key == "text_encoder" else GRAPH_BOUND[g["precision"]]
         assert np.isfinite(g["max_abs"]) and 0 < g["rel_error"] <= bound, (key, g)
         assert g["bytes"] < g["bytes_fp32"]
+        # int4 codes are rounded with the calibration draws' Hessians (compile/gptq.py), every matrix of them
+        assert g.get("calibrated", 0) == (g["matrices"] if g["precision"] == "int4" else 0), (key, g)
         if key.startswith("frozen/"):
             assert g["bytes"] <= SIZE_BOUND[precision] * g["bytes_fp32"], (key, g)
             assert g["bytes"] == os.path.getsize(os.path.join(out, key + ".onnx"))
@@ -151,9 +153,11 @@ def test_fingerprint_and_bad_weights(bundles, tmp_path, capsys, monkeypatch):
     base = bd.CompileOptions(**opts).fingerprint_args()
     assert bd.CompileOptions(**opts, weights="fp32").fingerprint_args() == base  # fp32 keeps the old key
     assert bd.CompileOptions(**opts, weights="int8").fingerprint_args() == {**base, "weights": "int8"}
-    # int4 bundles say which graphs are int4 (a bundle compiled when int4 quantized every graph is rebuilt)
+    # int4 bundles say which graphs are int4 and how their codes are rounded (a bundle compiled when int4
+    # quantized every graph, or rounded to nearest, is rebuilt)
     assert bd.CompileOptions(**opts, weights="int4").fingerprint_args() == {
-        **base, "weights": "int4", "graph_weights": {"group": "int4", "text_encoder": "int8", "shell": "int8", "vae": "int8"}}
+        **base, "weights": "int4", "graph_weights": {"group": "int4", "text_encoder": "int8", "shell": "int8", "vae": "int8"},
+        "int4_rounding": "gptq"}
     # a Jetson target without --weights gets its default, which is part of the key
     assert bd.CompileOptions(**opts, target="orin-nx-16gb").fingerprint_args()["weights"] == "fp16"  # the Jetson default
     with pytest.raises(ValueError, match="--weights 'int3'"):

@@ -66,35 +66,71 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
 
 
 def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
-    """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs."""
+    """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs. int4 graphs are
+    rounded with their inputs' Hessians on the calibration draws (_calibration_inputs), and measured on the
+    verification draw, which is not one of them."""
     from . import onnx_export as ox
 
     zero = {n: np.zeros(d["shape"], np.float32) for s in ctx.specs for n, d in s.lora.items()}
     feeds0 = {k: ox._np(v) for k, v in {**ox.prologue_inputs(ctx.x_gen), **zero}.items()}
     acc: dict[str, Any] = dict(feeds0)
+    calibrate = any(graph_precision(precision, r) == INT4 for r in (GROUP, SHELL))
+    cal = [{k: ox._np(v) for k, v in {**ox.prologue_inputs(x), **zero}.items()}
+           for x in (_calibration_inputs(ctx) if calibrate else [])]
     for spec in ctx.specs:
         acc = with_grid_crop(spec.inputs, acc)
+        cal = [with_grid_crop(spec.inputs, a) for a in cal]
         out = ox.run_onnx(spec.path, acc)  # fp32, before the file changes
+        cal_out = [ox.run_onnx(spec.path, a) for a in cal]
         if spec.kind in QUANTIZED_KINDS:
             feeds = {n: acc[n] for n in spec.inputs if n in acc}
             w = graph_precision(precision, GROUP if spec.kind == gn.GROUP else SHELL)
-            spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], w, feeds, graphs)
+            cal_feeds = [{n: a[n] for n in spec.inputs if n in a} for a in cal] if w == INT4 else []
+            spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], w, feeds, graphs, cal_feeds)
         gn.fold_outputs(acc, out, spec.state_in, spec.state_out)
+        for a, o in zip(cal, cal_out):
+            gn.fold_outputs(a, o, spec.state_in, spec.state_out)
     return acc[gn.PREDICTION], feeds0
 
 
-def _quantize_file(ctx: CompileContext, rel: str, precision: str, feeds: dict, graphs: dict) -> bool:
-    """Quantize one graph file in place to `precision`, measure it, record it under its graph key; returns
-    external data?"""
+# int4 calibration draws: batch-1 generation-shape inputs at these noise levels, the compile prompt and the empty
+# (guidance) prompt in turn, latents from their own seeded stream (the verification draw is not among them)
+CALIBRATION_T = (0.15, 0.4, 0.65, 0.9)
+
+
+def _calibration_inputs(ctx: CompileContext) -> list:
+    """DiTInputs of the int4 calibration draws (CALIBRATION_T)."""
+    import torch
+
+    from .stages import _inputs
+
+    g = torch.Generator().manual_seed(int(ctx.opts.seed) + 7919)
+    side = ctx.gen_res // ctx.downsample
+    conds = [ctx.cond, ctx.text.encode([""])]
+    out = []
+    for i, t in enumerate(CALIBRATION_T):
+        latents = torch.randn(1, ctx.adapter.latent_channels, side, side, generator=g)
+        out.append(_inputs(ctx, latents, t, conds[i % 2])[0])
+    return out
+
+
+def _quantize_file(ctx: CompileContext, rel: str, precision: str, feeds: dict, graphs: dict,
+                   calibration: list[dict] | None = None) -> bool:
+    """Quantize one graph file in place to `precision` (int4: rounded with its MatMul inputs' Hessians on the
+    `calibration` feeds when given), measure it on `feeds`, record it under its graph key; returns external
+    data?"""
     import onnx
 
     from . import onnx_export as ox
-    from .quantize import quantization_error, quantize_model
+    from .gptq import input_hessians
+    from .quantize import quantization_error, quantize_model, quantized_inputs
 
     path = os.path.join(ctx.tmp, *rel.split("/"))
     before = _file_bytes(path)
     model = onnx.load(path)  # with its external data
-    q, report = quantize_model(model, precision, block_size=INT4_BLOCK_SIZE)
+    hessians = input_hessians(model, quantized_inputs(model), calibration) if calibration else None
+    q, report = quantize_model(model, precision, block_size=INT4_BLOCK_SIZE, hessians=hessians)
+    del hessians
     errors = quantization_error(model, q, feeds)
     del model
     rel_error = max((e["rel"] for e in errors.values()), default=0.0)
@@ -104,6 +140,8 @@ def _quantize_file(ctx: CompileContext, rel: str, precision: str, feeds: dict, g
     key = gn.graph_key(rel)
     graphs[key] = {"precision": precision, "rel_error": rel_error, "max_abs": max_abs, "bytes_fp32": before,
                    "bytes": after, "matrices": report["quantized"]}
+    if report["calibrated"]:
+        graphs[key]["calibrated"] = report["calibrated"]  # int4 matrices rounded with calibration Hessians
     ctx.say(f"[compile]   {rel:<28} {precision} rel {rel_error:.2e}  max abs {max_abs:.2e}  "
             f"{before / 2**20:.2f} -> {after / 2**20:.2f} MiB ({report['quantized']} matrices)")
     if not np.isfinite(rel_error) or not np.isfinite(max_abs):

@@ -15,7 +15,7 @@ from edge_runtime.fileio import sha256_file
 from edge_runtime.manifest import Manifest
 from edge_runtime.recipe import Recipe
 from edge_runtime.targets import CPU
-from edge_runtime.weights import FP32, GRAPH_ROLES, default_weights, graph_precision
+from edge_runtime.weights import FP32, GRAPH_ROLES, INT4, default_weights, graph_precision
 
 PRECISIONS = ("fp32", "fp16")
 VERIFY_PARAM_LIMIT = 1_000_000_000
@@ -93,6 +93,8 @@ class CompileOptions:
             mixed = {r: graph_precision(d["weights"], r) for r in GRAPH_ROLES}
             if set(mixed.values()) != {d["weights"]}:  # int4: int8 text encoder, prologue, epilogue, VAE
                 d["graph_weights"] = mixed
+            if INT4 in mixed.values():  # int4 codes rounded with calibration Hessians (compile/gptq.py)
+                d["int4_rounding"] = "gptq"
         d["recipe"] = self.recipe().to_dict()
         d["blocks"] = list(self.blocks) if self.blocks is not None else None
         if self.selection:

@@ -46,11 +46,26 @@ def pack_int4(w: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.ndarr
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)  # all-zero block: any scale
     zero = np.clip(np.round(-lo / scales), 0, _INT4_MAX).astype(np.uint8)  # (N, n_blocks)
     q = np.clip(np.round(blocks / scales[..., None]) + zero[..., None], 0, _INT4_MAX).astype(np.uint8)
+    return pack_codes(q, scales, zero)
+
+
+def pack_int4_calibrated(w: np.ndarray, hessian: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, ...]:
+    """pack_int4's layout, the codes rounded with the layer's input Hessian X^T X (K, K) so that the error of
+    x @ w on inputs like the calibration's is smallest (compile/gptq.py)."""
+    from .gptq import gptq_int4
+
+    _check_block_size(block_size)
+    return pack_codes(*gptq_int4(w, hessian, block_size))
+
+
+def pack_codes(q: np.ndarray, scales: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits' layout of 4-bit codes q (N, n_blocks, block_size), scales and zero points (N, n_blocks)."""
+    n, n_blocks, _ = q.shape
     packed = q[..., 0::2] | (q[..., 1::2] << 4)  # (N, n_blocks, block_size // 2)
     zero_pad = np.zeros((n, n_blocks + n_blocks % 2), np.uint8)
     zero_pad[:, :n_blocks] = zero
     zero_packed = (zero_pad[:, 0::2] | (zero_pad[:, 1::2] << 4)).reshape(-1)
-    return packed, scales.reshape(-1), zero_packed
+    return packed, np.ascontiguousarray(scales, np.float32).reshape(-1), zero_packed
 
 
 def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int) -> np.ndarray:
@@ -96,6 +111,7 @@ class _Rewrite:
     model: onnx.ModelProto
     weights: str
     block_size: int
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul input -> X^T X (int4 calibration)
     names: set[str] = field(default_factory=set)
     new_inits: list[TensorProto] = field(default_factory=list)
     cache: dict[tuple, tuple[str, ...]] = field(default_factory=dict)  # (init, transB, alpha) -> weight names
@@ -119,7 +135,8 @@ class _Rewrite:
 
 
 def quantize_model(
-    model: onnx.ModelProto, weights: str, block_size: int = 32, min_elements: int = 4096
+    model: onnx.ModelProto, weights: str, block_size: int = 32, min_elements: int = 4096,
+    hessians: dict[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, dict]:
     """Rewrite each MatMul/Gemm of the main graph whose B is a constant 2-D float32 initializer.
 
@@ -127,7 +144,11 @@ def quantize_model(
     onnx.save(model, path, save_as_external_data=True) when it is large. Returns (new model, report):
     report = {"weights", "block_size", "quantized" (count), "bytes_before"/"bytes_after" (of the quantized
     matrices: fp32 weights vs codes + scales + zero points), "matrices" [{node, weight, shape}],
-    "skipped" [{node, op, reason}], "session" (SESSION_SETTINGS[weights])}. The input is not modified.
+    "skipped" [{node, op, reason}], "session" (SESSION_SETTINGS[weights]), "calibrated" (int4 matrices
+    rounded with a Hessian)}. The input is not modified.
+
+    `hessians` (int4): {MatMul input name: X^T X} from calibration feeds (gptq.input_hessians); a matrix whose
+    input has one is rounded with it (pack_int4_calibrated), the others to nearest (pack_int4).
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
@@ -144,13 +165,14 @@ def quantize_model(
         "matrices": [],
         "skipped": [],
         "session": copy.deepcopy(SESSION_SETTINGS[weights]),
+        "calibrated": 0,
     }
     if weights == "fp32":
         return out, report
     if weights == "int8" and _default_opset(out) < 13:
         raise ValueError(f"int8 needs opset >= 13 (per-axis DequantizeLinear); the model has {_default_opset(out)}")
     g = out.graph
-    rw = _Rewrite(out, weights, block_size, report=report)
+    rw = _Rewrite(out, weights, block_size, hessians=dict(hessians or {}), report=report)
     rw.names = {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
     rw.names |= {o for n in g.node for o in n.output} | _names_read(g.node)
     inits = {i.name: i for i in g.initializer}
@@ -176,6 +198,15 @@ def quantize_model(
     if weights == "int4" and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out, report
+
+
+def quantized_inputs(model: onnx.ModelProto, min_elements: int = 4096) -> list[str]:
+    """The A inputs of the MatMul/Gemm nodes quantize_model rewrites (what int4 calibration measures), in order."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    overridable = {i.name for i in g.input}
+    return list(dict.fromkeys(n.input[0] for n in g.node if n.op_type in ("MatMul", "Gemm")
+                              and _why_not(n, inits, overridable, min_elements) is None))
 
 
 def _names_read(nodes) -> set[str]:
@@ -244,7 +275,12 @@ def _rewrite_node(rw: _Rewrite, node: onnx.NodeProto, label: str, init: TensorPr
         rw.report["matrices"].append({"node": label, "weight": init.name, "shape": list(w.shape)})
     if rw.weights == "int4":
         if first:
-            packed, scales, zeros = pack_int4(w, rw.block_size)
+            h = rw.hessians.get(node.input[0])
+            if h is not None:
+                packed, scales, zeros = pack_int4_calibrated(w, h, rw.block_size)
+                rw.report["calibrated"] += 1
+            else:
+                packed, scales, zeros = pack_int4(w, rw.block_size)
             names = [rw.add_init(packed, f"{init.name}_q4"), rw.add_init(scales, f"{init.name}_q4_scale"),
                      rw.add_init(zeros, f"{init.name}_q4_zero")]
             rw.cache[key] = tuple(names)

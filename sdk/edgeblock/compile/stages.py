@@ -107,14 +107,15 @@ def run_selection(spec: str, loaded, res: int, count: int, seed: int, k: int) ->
     return report
 
 
-def _inputs(ctx: CompileContext, latents, t):
-    """Noised example inputs at noise level t for the compile prompt: (DiTInputs, noise, timesteps)."""
+def _inputs(ctx: CompileContext, latents, t, cond=None):
+    """Noised example inputs at noise level t for the compile prompt (or `cond`, an encoded prompt):
+    (DiTInputs, noise, timesteps)."""
     import torch
 
     eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     tt = torch.full((latents.shape[0],), float(t))
     guidance = 1.0 if ctx.adapter.config.get("guidance_embeds") else None
-    return ctx.cond.inputs(ctx.objective.noisy(latents, eps, tt), ctx.objective.timestep(tt), guidance), eps, tt
+    return (ctx.cond if cond is None else cond).inputs(ctx.objective.noisy(latents, eps, tt), ctx.objective.timestep(tt), guidance), eps, tt
 
 
 def _latents(ctx: CompileContext, batch: int, side: int):
