@@ -2,11 +2,11 @@
 0.1B, 0.5B and 1.1B parameters laid out like the built-in model (pixel space, MiniLM text, 128 px).
 
 Per configuration, on an otherwise idle machine:
-- the daemon's personalization job (fp32 bundle, request to adapter) and the torch standard-LoRA training step
-  (a child process, batch 1, the generation resolution): peak RSS of each whole process;
-- one generation per weights precision (fp32, int8, int4 bundles) and mode: resident (the daemon's default
-  budget) and streamed (`--memory-budget` between the bundle's predicted streamed and resident peaks, so the
-  daemon's own admission picks streaming), each in a fresh daemon: peak RSS;
+- the torch standard-LoRA training step (a child process, batch 1, the generation resolution): peak RSS;
+- per weights precision (fp32, int8, int4 bundles) and generation mode, one daemon as the product runs it: a
+  personalization job (request to adapter; a phase of its own), then one generation in the same daemon:
+  resident (the daemon's default budget) and streamed (`--memory-budget` between the bundle's predicted
+  streamed and resident peaks, so the daemon's own admission picks streaming): peak RSS of each phase;
 - beside each figure, the bundle's prediction (manifest.memory, the planner's), measured before it was known.
 
 The peaks are the kernel's RSS high-water mark per phase (demo.RssSampler), exact under CPU load; times are not
@@ -63,25 +63,36 @@ def _stop(proc, rss) -> None:
     stop_daemon(proc)
 
 
-def measure_job(bundle: str, steps: int) -> int:
-    """Peak RSS of the daemon over one personalization job (request to adapter)."""
-    from ..client import EdgeClient, kind_name
+def _subject_pngs():
     from ..eval.subjects import load_subjects
 
     subject = load_subjects(names=["ringstar"])[0]
     ref_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "eval", "data")
-    pngs = [os.path.join(ref_dir, r.file) for r in subject.references]
+    return subject, [os.path.join(ref_dir, r.file) for r in subject.references]
+
+
+def _personalize(c, steps: int) -> None:
+    from ..client import kind_name
+
+    subject, pngs = _subject_pngs()
+    last = None
+    for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps, seed=1):
+        last = ev
+    if last is None or kind_name(last.kind) != "DONE":
+        raise RuntimeError(f"the job did not finish: {last}")
+
+
+def measure_job(bundle: str, steps: int) -> int:
+    """Peak RSS of the daemon over one personalization job (request to adapter)."""
+    from ..client import EdgeClient
+
     proc, address, rss, _ = _daemon(bundle)
     try:
         with EdgeClient(address, timeout=7200) as c:
             c.wait_ready(120)
             rss.phase = "job"
-            last = None
-            for ev in c.personalize(pngs, token="sks", class_noun=subject.noun, steps=steps, seed=1):
-                last = ev
+            _personalize(c, steps)
             rss.phase = None
-            if kind_name(last.kind) != "DONE":
-                raise RuntimeError(f"the job did not finish: {last}")
     finally:
         _stop(proc, rss)
     return int(rss.peaks["job"])
@@ -101,6 +112,26 @@ def measure_generation(bundle: str, gen_steps: int, budget: int | None) -> tuple
     finally:
         _stop(proc, rss)
     return int(rss.peaks["generate"]), g.mode
+
+
+def measure_after_job(bundle: str, steps: int, gen_steps: int, budget: int | None) -> tuple[int, int, str]:
+    """One daemon as the product runs it: a personalization job, then one generation.
+    Returns (the job's peak RSS, the generation's peak RSS, the mode the daemon generated in); each phase's
+    high-water mark is reset at its start."""
+    from ..client import EdgeClient
+
+    proc, address, rss, _ = _daemon(bundle, *(["--memory-budget", str(budget)] if budget else []))
+    try:
+        with EdgeClient(address, timeout=7200) as c:
+            c.wait_ready(120)
+            rss.phase = "job"
+            _personalize(c, steps)
+            rss.phase = "generate"
+            g = c.generate("a sks star on a blue background", steps=gen_steps, seed=1)
+            rss.phase = None
+    finally:
+        _stop(proc, rss)
+    return int(rss.peaks["job"]), int(rss.peaks["generate"]), g.mode
 
 
 def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=WEIGHTS, progress=None) -> dict:
@@ -123,28 +154,32 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         gen_res = int(first.gen_res)
         r: dict = {"params": int(first.model["parameters"]), "num_blocks": int(first.model["num_blocks"]),
                    "trainable_blocks": list(first.trainable), "gen_res": gen_res, "train_res": int(first.train_res)}
-        say(f"[bench scale] {name}: {r['params'] / 1e6:.0f}M parameters; daemon job ({steps} steps)")
-        r["job_peak_bytes"] = measure_job(bundles[weights[0]], steps)
-        say(f"[bench scale] {name}: torch standard LoRA step")
+        say(f"[bench scale] {name}: {r['params'] / 1e6:.0f}M parameters; torch standard LoRA step")
         sl = memory.run(path, blocks, variants=("standard_lora",))["standard_lora"]
         r["standard_lora_peak_bytes"] = int(sl["peak_rss_total_bytes"])
         gen: dict = {}
+        jobs: dict = {}
         for w in weights:
             p = plans[w]
             res, st = p.generation("resident", gen_res)["peak_bytes"], p.generation("streamed", gen_res)["peak_bytes"]
-            gen[w] = {}
+            gen[w], jobs[w] = {}, {}
             for mode, budget in (("resident", None), ("streamed", (res + st) // 2 if st < res else None)):
                 if mode == "streamed" and budget is None:
                     continue
-                say(f"[bench scale] {name}: generate, {w} weights, {mode}")
-                peak, ran = measure_generation(bundles[w], gen_steps, budget)
+                say(f"[bench scale] {name}: {w} weights, {mode}: daemon job ({steps} steps), then generate")
+                jobs[w][mode], peak, ran = measure_after_job(bundles[w], steps, gen_steps, budget)
                 if ran != mode:
                     raise RuntimeError(f"{name} {w}: the daemon generated {ran}, expected {mode} (budget {budget})")
                 gen[w][mode] = peak
+        # the job's figure: the first weights' (fp32) daemon under the default budget
+        r["job_peak_bytes"] = jobs[weights[0]]["resident"]
+        r["job_peak_bytes_by_weights"] = jobs
+        r["generate_after_job"] = True
         r["generate_peak_bytes"] = gen
         base = plans[weights[0]]
         r["predicted"] = {
             "job_peak_bytes": base.job_peak(_precompute(first)),
+            "job_peak_bytes_by_weights": {w: plans[w].job_peak(_precompute(first)) for w in weights},
             "generate_peak_bytes": {w: {m: plans[w].generation(m, gen_res)["peak_bytes"] for m in gen[w]}
                                     for w in weights},
         }
