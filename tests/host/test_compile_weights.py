@@ -85,8 +85,10 @@ def test_quantized_bundle_records_errors_and_keeps_the_trainable_graphs_fp32(bun
         bound = TEXT_BOUND[g["precision"]] if key == "text_encoder" else GRAPH_BOUND[g["precision"]]
         assert np.isfinite(g["max_abs"]) and 0 < g["rel_error"] <= bound, (key, g)
         assert g["bytes"] < g["bytes_fp32"]
-        # int4 codes are rounded with the calibration draws' Hessians (compile/gptq.py), every matrix of them
-        assert g.get("calibrated", 0) == (g["matrices"] if g["precision"] == "int4" else 0), (key, g)
+        # int4 codes are rounded with the calibration draws' Hessians (compile/gptq.py) where that measures better
+        # than rounding to nearest: every matrix of them, or none
+        assert g.get("calibrated", 0) in ((0, g["matrices"]) if g["precision"] == "int4" else (0,)), (key, g)
+        assert ("calibrated" in g) == (g["precision"] == "int4"), (key, g)
         if key.startswith("frozen/"):
             assert g["bytes"] <= SIZE_BOUND[precision] * g["bytes_fp32"], (key, g)
             assert g["bytes"] == os.path.getsize(os.path.join(out, key + ".onnx"))

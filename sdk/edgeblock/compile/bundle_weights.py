@@ -67,8 +67,8 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
 
 def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
     """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs. int4 graphs are
-    rounded with their inputs' Hessians on the calibration draws (_calibration_inputs), and measured on the
-    verification draw, which is not one of them."""
+    rounded with their inputs' Hessians on the calibration draws (_calibration_inputs) and to nearest, and measured
+    on the verification draw, which is not one of them; the rounding with the smaller error is kept."""
     from . import onnx_export as ox
 
     zero = {n: np.zeros(d["shape"], np.float32) for s in ctx.specs for n, d in s.lora.items()}
@@ -116,9 +116,9 @@ def _calibration_inputs(ctx: CompileContext) -> list:
 
 def _quantize_file(ctx: CompileContext, rel: str, precision: str, feeds: dict, graphs: dict,
                    calibration: list[dict] | None = None) -> bool:
-    """Quantize one graph file in place to `precision` (int4: rounded with its MatMul inputs' Hessians on the
-    `calibration` feeds when given), measure it on `feeds`, record it under its graph key; returns external
-    data?"""
+    """Quantize one graph file in place to `precision`, measure it on `feeds`, record it under its graph key;
+    returns external data? With `calibration` feeds (int4), the codes are also rounded with the MatMul inputs'
+    Hessians on them (compile/gptq.py), and the rounding with the smaller error on `feeds` is kept."""
     import onnx
 
     from . import onnx_export as ox
@@ -128,10 +128,16 @@ def _quantize_file(ctx: CompileContext, rel: str, precision: str, feeds: dict, g
     path = os.path.join(ctx.tmp, *rel.split("/"))
     before = _file_bytes(path)
     model = onnx.load(path)  # with its external data
-    hessians = input_hessians(model, quantized_inputs(model), calibration) if calibration else None
-    q, report = quantize_model(model, precision, block_size=INT4_BLOCK_SIZE, hessians=hessians)
-    del hessians
+    q, report = quantize_model(model, precision, block_size=INT4_BLOCK_SIZE)
     errors = quantization_error(model, q, feeds)
+    if calibration:  # calibrated rounding, kept where it beats rounding to nearest on the verification draw
+        hessians = input_hessians(model, quantized_inputs(model), calibration)
+        qc, report_c = quantize_model(model, precision, block_size=INT4_BLOCK_SIZE, hessians=hessians)
+        del hessians
+        errors_c = quantization_error(model, qc, feeds)
+        if _worst(errors_c) < _worst(errors):
+            q, report, errors = qc, report_c, errors_c
+        del qc
     del model
     rel_error = max((e["rel"] for e in errors.values()), default=0.0)
     max_abs = max((e["max_abs"] for e in errors.values()), default=0.0)
@@ -140,14 +146,18 @@ def _quantize_file(ctx: CompileContext, rel: str, precision: str, feeds: dict, g
     key = gn.graph_key(rel)
     graphs[key] = {"precision": precision, "rel_error": rel_error, "max_abs": max_abs, "bytes_fp32": before,
                    "bytes": after, "matrices": report["quantized"]}
-    if report["calibrated"]:
-        graphs[key]["calibrated"] = report["calibrated"]  # int4 matrices rounded with calibration Hessians
+    if calibration:  # int4 matrices rounded with calibration Hessians (0: rounding to nearest measured better)
+        graphs[key]["calibrated"] = report["calibrated"]
     ctx.say(f"[compile]   {rel:<28} {precision} rel {rel_error:.2e}  max abs {max_abs:.2e}  "
             f"{before / 2**20:.2f} -> {after / 2**20:.2f} MiB ({report['quantized']} matrices)")
     if not np.isfinite(rel_error) or not np.isfinite(max_abs):
         raise RuntimeError(f"verification failed (no bundle written): {rel} at {precision} gives a non-finite error "
                            f"({rel_error}, {max_abs})")
     return external
+
+
+def _worst(errors: dict) -> float:
+    return max((e["rel"] for e in errors.values()), default=0.0)
 
 
 def _file_bytes(path: str) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 
 _INT4_MAX = 15
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse stable for directions X never took
+_FLOAT64_MAX_K = 4096  # larger K: the (K, K) algebra in float32
 _CHUNK_ROWS = 128  # rows rounded between two BLAS updates of the rest (a multiple of every block size <= 128)
 
 
@@ -25,15 +26,15 @@ def gptq_int4(w: np.ndarray, h: np.ndarray, block_size: int, damp: float = DAMP)
         raise ValueError(f"the Hessian is {h.shape}, the weight has K={k}: expected ({k}, {k})")
     n_blocks = -(-k // block_size)
     kp = n_blocks * block_size
-    wt = np.zeros((kp, n), np.float64)
+    dtype = np.float64 if kp <= _FLOAT64_MAX_K else np.float32  # a (K, K) float64 of K = 15360 is 1.9 GB
+    wt = np.zeros((kp, n), dtype)
     wt[:k] = w
-    hh = np.zeros((kp, kp), np.float64)
+    hh = np.zeros((kp, kp), dtype)
     hh[:k, :k] = h
-    diag = np.diagonal(hh).copy()
-    dead = diag <= 0
-    hh[dead, dead] = 1.0
-    hh[np.arange(kp), np.arange(kp)] += damp * float(np.mean(np.diagonal(hh)))
-    u = _upper_cholesky_of_inverse(hh)
+    dead = np.diagonal(hh) <= 0
+    hh[np.flatnonzero(dead), np.flatnonzero(dead)] = 1.0
+    u = _upper_cholesky_of_inverse(hh, damp)
+    del hh
     codes = np.zeros((kp, n), np.uint8)
     scales = np.ones((n_blocks, n), np.float64)
     zeros = np.zeros((n_blocks, n), np.float64)
@@ -68,18 +69,28 @@ def _block_range(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale, np.clip(np.round(-lo / scale), 0, _INT4_MAX)
 
 
-def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """U upper triangular with inv(h) = U^T U (h symmetric positive definite)."""
-    lower = np.linalg.cholesky(h)
-    eye = np.eye(h.shape[0])
-    inv_lower = np.linalg.solve(lower, eye)  # L^-1: inv(h) = L^-T L^-1
-    hinv = inv_lower.T @ inv_lower
-    return np.linalg.cholesky((hinv + hinv.T) / 2).T
+def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:
+    """U upper triangular with inv(h + d I) = U^T U, d = damp x the mean of h's diagonal (h symmetric positive
+    semi-definite); the damping grows tenfold while the factorization fails (float32 round-off on large K)."""
+    idx = np.arange(h.shape[0])
+    mean = float(np.mean(np.diagonal(h)))
+    added = 0.0
+    for _ in range(4):
+        h[idx, idx] += damp * mean - added
+        added = damp * mean
+        try:
+            hinv = np.linalg.inv(h)
+            hinv += hinv.T
+            hinv *= 0.5
+            return np.linalg.cholesky(hinv).T
+        except np.linalg.LinAlgError:
+            damp *= 10
+    raise np.linalg.LinAlgError(f"the input Hessian ({h.shape[0]}x{h.shape[0]}) stays singular at damping {damp / 10}")
 
 
 def input_hessians(model, names: list[str], feeds_list: list[dict[str, np.ndarray]],
                    max_outputs_per_run: int = 8) -> dict[str, np.ndarray]:
-    """{name: X^T X (float64, (K, K))} of each tensor in `names` (MatMul inputs, last axis K), summed over every
+    """{name: X^T X (float32, (K, K))} of each tensor in `names` (MatMul inputs, last axis K), summed over every
     token of every calibration feed. The graph runs in ONNX Runtime (CPU) with at most `max_outputs_per_run` of
     those tensors added as outputs at a time, so a large graph never holds them all."""
     import os
@@ -121,6 +132,9 @@ def input_hessians(model, names: list[str], feeds_list: list[dict[str, np.ndarra
 
 
 def _accumulate(out: dict[str, np.ndarray], name: str, x: np.ndarray) -> None:
-    x2 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-    h = x2.T @ x2
-    out[name] = out[name] + h if name in out else h
+    x2 = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    h = x2.T @ x2  # float32 (sgemm): a large model's inputs have K up to ~15k and tens of thousands of tokens
+    if name in out:
+        out[name] += h
+    else:
+        out[name] = h
