@@ -35,6 +35,8 @@ class PipelineDefaults:
     vae_encoder_params: int
     vae_decoder_params: int
     vae_channels: int  # decoder feature-map width at full resolution
+    vae_up_channels: int = 256  # channels upsampled into the decoder's full-resolution block
+    vae_attention: bool = True  # the decoder's mid block runs softmax attention over the latent pixels
 
 
 # VAE sizes: the 16/4-channel KL autoencoders of FLUX/SD3/PixArt ~34.2M encoder + ~49.5M decoder;
@@ -43,7 +45,7 @@ FAMILY_DEFAULTS = {
     "flux": PipelineDefaults(("clip-l", "t5-xxl"), 512, 8, 2, 1024, 34_163_592, 49_490_179, 128),
     "sd3": PipelineDefaults(("clip-l", "clip-g", "t5-xxl"), 333, 8, 1, 1024, 34_163_592, 49_490_179, 128),
     "pixart": PipelineDefaults(("t5-xxl",), 300, 8, 1, 1024, 34_163_592, 49_490_179, 128),
-    "sana": PipelineDefaults(("gemma-2-2b",), 300, 32, 1, 1024, 124_800_000, 187_200_000, 128),
+    "sana": PipelineDefaults(("gemma-2-2b",), 300, 32, 1, 1024, 124_800_000, 187_200_000, 128, 256, False),
 }
 
 
@@ -82,6 +84,8 @@ class Inventory:
     hidden: int
     guidance_embeds: bool
     notes: list[str] = field(default_factory=list)
+    vae_up_channels: int = 0
+    vae_attention: bool = False
 
     def tokens(self, res: int) -> int:
         """Image tokens at a square resolution in pixels."""
@@ -186,12 +190,42 @@ def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None) ->
                         d.vae_decoder_params, d.vae_channels, 0, bool(cfg.get("guidance_embeds")), notes)
         if family != "flux" and "patch_size" in cfg:
             inv.pack = int(cfg.get("patch_size") or 1)
+        inv.vae_up_channels, inv.vae_attention = d.vae_up_channels, d.vae_attention
+        _pipeline_vae(inv, path)
     unknown = [t for t in inv.text_encoders if t not in TEXT_ENCODERS]
     if unknown:
         raise ValueError(f"unknown text encoder(s) {unknown}; known: {', '.join(sorted(TEXT_ENCODERS))}")
     inv.text_encoder_params = sum(TEXT_ENCODERS[t] for t in inv.text_encoders)
     inv._model = model  # the meta skeleton, for activation units at any token count
     return inv
+
+
+def _pipeline_vae(inv: Inventory, config_path: str) -> None:
+    """A diffusers pipeline's own AutoencoderKL (vae/config.json beside transformer/) instead of the family's:
+    its encoder / decoder parameters (built on the meta device), scale and decoder widths."""
+    d = os.path.dirname(os.path.abspath(config_path))
+    p = os.path.join(os.path.dirname(d), "vae", "config.json")
+    if os.path.basename(d) != "transformer" or not os.path.exists(p):
+        return
+    cfg = _read(p)
+    if cfg.get("_class_name") != "AutoencoderKL":
+        return
+    import inspect
+
+    import diffusers
+    import torch
+
+    keys = set(inspect.signature(diffusers.AutoencoderKL.__init__).parameters) - {"self"}
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(**{k: v for k, v in cfg.items() if k in keys})
+    count = lambda pre: sum(p.numel() for n, p in vae.named_parameters() if n.startswith(pre))  # noqa: E731
+    widths = list(vae.config.block_out_channels)
+    inv.vae_encoder_params = count(("encoder.", "quant_conv."))
+    inv.vae_decoder_params = count(("decoder.", "post_quant_conv."))
+    inv.vae_scale = 2 ** (len(widths) - 1)
+    inv.vae_channels, inv.vae_up_channels = widths[0], widths[min(1, len(widths) - 1)]
+    inv.vae_attention = bool(cfg.get("mid_block_add_attention", True))
+    inv.notes.append(f"VAE from {p} (AutoencoderKL, widths {widths})")
 
 
 def block_units(inv: Inventory, index: int, n_img: int, batch: int = 1) -> tuple[int, int]:

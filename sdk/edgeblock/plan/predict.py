@@ -122,9 +122,15 @@ def _split_units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int,
     return lin, att
 
 
-def _vae_decode_act(inv: Inventory, res: int) -> int:
-    # a decoder holds ~6 feature maps of its full-resolution width at its peak (estimate, not calibrated)
-    return 0 if inv.pixel_space else 6 * inv.vae_channels * res * res
+def _vae_decode_act(inv: Inventory, cal: Calibration, res: int, attention: bool = True) -> float:
+    """Peak transient elements of decoding one image: the decoder's full-resolution block (the upsampled input's and
+    the output's channels x pixels, times a measured factor) and, unless fused (attention=False), its mid block's
+    softmax attention over the latent pixels (the inference attention factor)."""
+    if inv.pixel_space:
+        return 0.0
+    lin = (inv.vae_channels + inv.vae_up_channels) * res * res * cal.vae_decode_factor
+    n = (res // inv.vae_scale) ** 2
+    return lin + (n * n * cal.inference_attention_factor if attention and inv.vae_attention else 0.0)
 
 
 def _phase(runtime: int, weights: int, activations: int, **extra: int) -> dict:
@@ -263,13 +269,14 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
     frozen = inv.parameters - trained - inv.shell_params
-    vae_act = _vae_decode_act(inv, res) * ab
+    vae_act = _vae_decode_act(inv, cal, res, not t.gpu) * ab
     act = _act(inv, cal, range(L), n_gen, batch, not t.gpu) * ab
     trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
-    # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder)
+    # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
+    # the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of the two
     sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
     resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
-                      + vae_dec_w, act + vae_act, sessions_bytes=sessions * cal.graph_session_bytes)
+                      + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, then the VAE decoder
     runs = [(sum(block_params[i] for i in g) * group_b, g) for g in groups]
     runs += [(sum(block_params[i] for i in run) * tw * sw, run) for run in trained_runs]
