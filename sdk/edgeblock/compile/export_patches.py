@@ -1,7 +1,7 @@
 """Export-time patches that make diffusers' DiT code traceable with dynamic shapes (TorchScript exporter).
 
 rms_norm decomposed, unflatten as reshape, PatchEmbed and FLUX/PixArt inputs from the traced shape, the
-tanh GELU in its sigmoid form for training graphs; everything is restored on exit.
+tanh GELU as one fused node (com.microsoft FastGelu) for training graphs; everything is restored on exit.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.base import DiTAdapter, DiTInputs, patchify
+from .train_graph import TANH_GELU_C, TANH_GELU_K
 
 
 def rms_norm_decomposed(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None, eps: float | None = None) -> Tensor:
@@ -58,17 +58,42 @@ class _Patcher:
 
 
 _GELU = F.gelu
-_TANH_GELU_K = 2.0 * (2.0 / np.pi) ** 0.5  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
+_TANH_GELU_K = TANH_GELU_K  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
 
 
 def gelu_sigmoid_form(x: Tensor, approximate: str = "none") -> Tensor:
     """F.gelu with its tanh approximation written as x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), the
-    same function. For training graphs only: with a LoRA on the linear layer before a tanh GELU (FLUX's
-    proj_mlp and ff.net.0.proj), the exporter's 0.5 x (1 + tanh(...)) pattern makes ORT 1.19.2's pre-training
-    fusions fail inside generate_artifacts ("Argument mismatch when removing edge"); this form fuses to nothing."""
+    same function, in plain ops (what train_graph.decompose_fast_gelu writes into eval_model.onnx). With a
+    LoRA on the linear layer before a tanh GELU (FLUX's proj_mlp and ff.net.0.proj), the exporter's
+    0.5 x (1 + tanh(...)) pattern makes ORT 1.19.2's pre-training fusions fail inside generate_artifacts
+    ("Argument mismatch when removing edge"); this form fuses to nothing. Training graphs use gelu_fused."""
     if approximate != "tanh":
         return _GELU(x, approximate=approximate)
-    return x * torch.sigmoid(_TANH_GELU_K * (x + 0.044715 * x * x * x))
+    return x * torch.sigmoid(_TANH_GELU_K * (x + TANH_GELU_C * x * x * x))
+
+
+class _FastGelu(torch.autograd.Function):
+    """The tanh GELU, exported as one com.microsoft FastGelu node (ONNX Runtime has its gradient, FastGeluGrad)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _GELU(x, approximate="tanh")
+
+    @staticmethod
+    def symbolic(g, x):
+        return g.op("com.microsoft::FastGelu", x).setType(x.type())
+
+
+def gelu_fused(x: Tensor, approximate: str = "none") -> Tensor:
+    """F.gelu for training graphs: the tanh approximation exported as com.microsoft FastGelu, the same
+    function. ORT's gradient then keeps only the GELU's input for backward: the decomposed forms kept 3-4
+    tensors of the MLP's width per GELU (docs/compile.md, training artifacts). Fused by hand, not by ORT: with a
+    LoRA on the linear layer before the GELU, ORT 1.19.2's own GELU fusions fail inside generate_artifacts
+    ("Argument mismatch when removing edge"). eval_model.onnx gets the plain-op form back
+    (train_graph.decompose_fast_gelu)."""
+    if approximate != "tanh":
+        return _GELU(x, approximate=approximate)
+    return _FastGelu.apply(x)
 
 
 @contextlib.contextmanager
@@ -82,7 +107,7 @@ def export_patches(adapter: DiTAdapter | None = None, modules: Sequence[nn.Modul
       from the traced grid size instead of using the cached one of the default size;
     - FLUX: position ids from the given ones or built in torch from the traced latent shape;
     - PixArt with additional conditions: resolution/aspect from the traced shape;
-    - training graphs: the tanh GELU in its sigmoid form (gelu_sigmoid_form).
+    - training graphs: the tanh GELU as one com.microsoft FastGelu node (gelu_fused).
     """
     from diffusers.models.embeddings import PatchEmbed
 
@@ -90,7 +115,7 @@ def export_patches(adapter: DiTAdapter | None = None, modules: Sequence[nn.Modul
     try:
         p.set(F, "rms_norm", rms_norm_decomposed)
         if training:
-            p.set(F, "gelu", gelu_sigmoid_form)
+            p.set(F, "gelu", gelu_fused)
         if hasattr(torch, "rms_norm"):
             p.set(torch, "rms_norm", rms_norm_decomposed)
         p.set(torch.Tensor, "unflatten", _unflatten_traceable)

@@ -4,7 +4,8 @@ The training graph is the torch BlockSkipModel step at the fixed training shape:
 trainable blocks (LoRA) + residual adds + epilogue + MSE loss against `target`,
 exported with TrainingMode.TRAINING, constant folding off, opset 15 (LayerNorm
 then exports as basic ops: ORT's gradient builder fails on a one-output
-LayerNormalization). `generate_artifacts` then adds the gradient graph with only
+LayerNormalization; the tanh GELU is one com.microsoft FastGelu, train_graph.py).
+`generate_artifacts` then adds the gradient graph with only
 the LoRA parameters the loss can reach trainable, and an AdamW optimizer model
 that is torch.optim.AdamW (ORT's AdamWOptimizer in adam_mode 0; the stock block
 is the Hugging Face variant, adam_mode 1, eps 1e-6, no weight decay).
@@ -41,6 +42,7 @@ from edge_runtime.training_spec import ARTIFACTS, SPEC_FILE, TRAIN_OPSET  # noqa
 from ..method.blockskip import BlockSkipModel, Precomputed, SkipPlan
 from ..method.lora import LoRASpec
 from ..models.base import DiTAdapter
+from . import train_graph
 from .named_tensors import CtxLayout, flatten_state, gap_prefix
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, export_module, save_onnx
 from .onnx_run import _np
@@ -273,8 +275,12 @@ def _export_training(adapter, plan, lora, pre, out_dir, net, optimizer, external
     for what in ("training", "eval", "optimizer"):
         p = os.path.join(out_dir, ARTIFACTS[what])
         m = onnx.load(p, load_external_data=False)
+        # the torch trainer backend interprets eval_model.onnx with default-domain ops: FastGelu in plain ops
+        changed = what == "eval" and train_graph.decompose_fast_gelu(m) > 0
         if m.ir_version > MAX_IR_VERSION:  # ORT 1.19.2 refuses newer IR (FACTS)
             m.ir_version = MAX_IR_VERSION
+            changed = True
+        if changed:
             onnx.save_model(m, p)
 
     _write_params(model, os.path.dirname(base_path), [*requires_grad, *frozen], inputs,
