@@ -47,3 +47,44 @@ def test_cli_refuses_an_unknown_configuration():
     r = subprocess.run([sys.executable, "-m", "edgeblock.cli", "bench", "scale", "--configs", "flux-9b"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "flux-9b" in r.stderr and "flux-0.5b" in r.stderr
+
+
+def test_each_generation_follows_a_job_in_the_same_daemon(monkeypatch):
+    """run(): per weights and mode one daemon runs the job then the generation (measure_after_job); streamed under
+    a budget between the predictions; the JSON keeps its keys and adds the job per weights."""
+    from types import SimpleNamespace
+
+    import edge_runtime.manifest
+    import edgeblock.method
+    from edgeblock.bench import memory, scale
+
+    MiB = 2**20
+    plan = SimpleNamespace(generation=lambda m, res: {"peak_bytes": {"resident": 1000 * MiB, "streamed": 400 * MiB}[m]},
+                           job_peak=lambda pre: 300 * MiB)
+    man = SimpleNamespace(gen_res=128, train_res=64, trainable=[4, 5], memory_plan=lambda: plan,
+                          model={"parameters": 120_000_000, "num_blocks": 9})
+    monkeypatch.setattr(scale, "pixel_model_dir", lambda *a: "/model")
+    monkeypatch.setattr(scale, "_bundle", lambda path, name, w, blocks, say: f"/bundle-{w}")
+    monkeypatch.setattr(edge_runtime.manifest, "load_manifest", lambda b, verify_files: man)
+    monkeypatch.setattr(edgeblock.method, "model_recipe", lambda p: SimpleNamespace(middle=lambda n: [4, 5]))
+    monkeypatch.setattr(memory, "run", lambda *a, **k: {"standard_lora": {"peak_rss_total_bytes": 2000 * MiB}})
+    calls = []
+
+    def after_job(bundle, steps, gen_steps, budget):
+        calls.append((bundle, budget))
+        w = bundle.split("-")[1]
+        return (310 + len(calls)) * MiB, (900 if budget is None else 350) * MiB // (2 if w == "int4" else 1), \
+            "resident" if budget is None else "streamed"
+
+    monkeypatch.setattr(scale, "measure_after_job", after_job)
+    monkeypatch.setattr(scale, "measure_generation", lambda *a: pytest.fail("a generation in a fresh daemon"))
+    monkeypatch.setattr(scale, "measure_job", lambda *a: pytest.fail("a job alone"))
+    r = scale.run(("flux-0.1b",))["flux-0.1b"]
+    assert calls == [(f"/bundle-{w}", b) for w in scale.WEIGHTS for b in (None, 700 * MiB)]
+    assert r["job_peak_bytes"] == 311 * MiB and r["job_peak_bytes_by_weights"]["int4"] == {
+        "resident": 315 * MiB, "streamed": 316 * MiB}
+    assert r["generate_peak_bytes"]["fp32"] == {"resident": 900 * MiB, "streamed": 350 * MiB}
+    assert r["generate_peak_bytes"]["int4"]["resident"] == 450 * MiB and r["generate_after_job"] is True
+    assert r["standard_lora_peak_bytes"] == 2000 * MiB and r["ratios"]["job_vs_standard_lora"] == 311 / 2000
+    assert r["ratios"]["generate_int4_resident_vs_fp32_resident"] == 0.5
+    assert r["prediction_errors"]["generate_fp32_resident"] == pytest.approx(1000 / 900 - 1)
