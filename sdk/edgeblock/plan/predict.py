@@ -4,8 +4,9 @@ Phases (each the peak resident bytes of one process):
 - precompute: everything before the first training step. DiT-BlockSkip: text encoding, then the
   frozen groups over every draw (bank: one group resident at a time; online: see train). Standard
   LoRA: text encoding (and VAE encoding) of the training data.
-- train: the training step. DiT-BlockSkip: the ORT training session of the trainable blocks and
-  the epilogue at the training resolution (+ every frozen group when the precompute is online).
+- train: the training step (or building its session, where that peaks higher). DiT-BlockSkip: the ORT
+  training session of the trainable blocks and the epilogue at the training resolution (+ every frozen
+  group when the precompute is online).
   Standard LoRA: a torch process holding the whole transformer, LoRA on every block, at the
   generation resolution (the reference the method is measured against).
 - generate: the daemon sampling one image at the generation resolution, the same for both methods.
@@ -209,8 +210,12 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     t_lin, t_att = _split_units(inv, trainable, n_train, 1)
     train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor
                  + _lora_saved_inputs(inv, trainable, n_train, 1)) * 4
+    # building the training session holds a transient copy of the trained weights: with few tokens (double blocks at
+    # small crops) the trainer's load peaks above its step, so the phase holds the larger of the two
+    load_act = trained_params * 4 * cal.ort_load_factor
     online_w = (sum(group_w) / gs + prologue * sb) * cal.online_session_factor if precompute == "online" else 0
-    bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w, train_act,
+    bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w,
+                      max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
                              text_w, vae_dec_w, text_held)
