@@ -82,38 +82,6 @@ def _personalize(c, steps: int) -> None:
         raise RuntimeError(f"the job did not finish: {last}")
 
 
-def measure_job(bundle: str, steps: int) -> int:
-    """Peak RSS of the daemon over one personalization job (request to adapter)."""
-    from ..client import EdgeClient
-
-    proc, address, rss, _ = _daemon(bundle)
-    try:
-        with EdgeClient(address, timeout=7200) as c:
-            c.wait_ready(120)
-            rss.phase = "job"
-            _personalize(c, steps)
-            rss.phase = None
-    finally:
-        _stop(proc, rss)
-    return int(rss.peaks["job"])
-
-
-def measure_generation(bundle: str, gen_steps: int, budget: int | None) -> tuple[int, str]:
-    """(peak RSS of a fresh daemon over one generation, the mode the daemon ran it in)."""
-    from ..client import EdgeClient
-
-    proc, address, rss, _ = _daemon(bundle, *(["--memory-budget", str(budget)] if budget else []))
-    try:
-        with EdgeClient(address, timeout=3600) as c:
-            c.wait_ready(120)
-            rss.phase = "generate"
-            g = c.generate("a sks star on a blue background", steps=gen_steps, seed=1)
-            rss.phase = None
-    finally:
-        _stop(proc, rss)
-    return int(rss.peaks["generate"]), g.mode
-
-
 def measure_after_job(bundle: str, steps: int, gen_steps: int, budget: int | None) -> tuple[int, int, str]:
     """One daemon as the product runs it: a personalization job, then one generation.
     Returns (the job's peak RSS, the generation's peak RSS, the mode the daemon generated in); each phase's
