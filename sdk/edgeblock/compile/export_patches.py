@@ -58,7 +58,6 @@ class _Patcher:
 
 
 _GELU = F.gelu
-_TANH_GELU_K = TANH_GELU_K  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
 
 
 def gelu_sigmoid_form(x: Tensor, approximate: str = "none") -> Tensor:
@@ -69,7 +68,7 @@ def gelu_sigmoid_form(x: Tensor, approximate: str = "none") -> Tensor:
     ("Argument mismatch when removing edge"); this form fuses to nothing. Training graphs use gelu_fused."""
     if approximate != "tanh":
         return _GELU(x, approximate=approximate)
-    return x * torch.sigmoid(_TANH_GELU_K * (x + TANH_GELU_C * x * x * x))
+    return x * torch.sigmoid(TANH_GELU_K * (x + TANH_GELU_C * x * x * x))
 
 
 class _FastGelu(torch.autograd.Function):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-_INT4_MAX = 15
+from .quantize import _INT4_MAX, int4_scale_zero
+
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse stable for directions X never took
 _FLOAT64_MAX_K = 4096  # larger K: the (K, K) algebra in float32
 _CHUNK_ROWS = 128  # rows rounded between two BLAS updates of the rest (a multiple of every block size <= 128)
@@ -47,7 +48,8 @@ def gptq_int4(w: np.ndarray, h: np.ndarray, block_size: int, damp: float = DAMP)
             r = c0 + i
             if r % block_size == 0:
                 b = r // block_size
-                scales[b], zeros[b] = _block_range(wc[i:i + block_size])
+                block = wc[i:i + block_size]
+                scales[b], zeros[b] = int4_scale_zero(block.min(axis=0), block.max(axis=0))
             b = r // block_size
             q = np.clip(np.round(wc[i] / scales[b]) + zeros[b], 0, _INT4_MAX)
             codes[r] = q.astype(np.uint8)
@@ -58,15 +60,6 @@ def gptq_int4(w: np.ndarray, h: np.ndarray, block_size: int, damp: float = DAMP)
             wt[c1:] -= u[c0:c1, c1:].T @ err
     return (np.ascontiguousarray(codes.T.reshape(n, n_blocks, block_size)), scales.T.astype(np.float32),
             zeros.T.astype(np.uint8))
-
-
-def _block_range(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Asymmetric min/max scale and zero point per column of one block (the range holds 0, so 0 is exact)."""
-    lo = np.minimum(block.min(axis=0), 0.0)
-    hi = np.maximum(block.max(axis=0), 0.0)
-    scale = (hi - lo) / _INT4_MAX
-    scale = np.where(scale > 0, scale, 1.0)
-    return scale, np.clip(np.round(-lo / scale), 0, _INT4_MAX)
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:

@@ -56,7 +56,6 @@ from .export_patches import (  # noqa: F401
     _unflatten_traceable,
     export_patches,
     flux_position_ids,
-    gelu_sigmoid_form,
     rms_norm_decomposed,
 )
 from .graph_spec import GraphSpec  # noqa: F401

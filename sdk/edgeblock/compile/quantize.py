@@ -40,13 +40,19 @@ def pack_int4(w: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.ndarr
     wt = np.zeros((n, n_blocks * block_size), np.float32)
     wt[:, :k] = w.T  # (N, K_pad); the padding is exactly 0, so it dequantizes to 0
     blocks = wt.reshape(n, n_blocks, block_size)
-    lo = np.minimum(blocks.min(axis=2), 0.0)  # the range holds 0 so that 0 is exact (q == zero point)
-    hi = np.maximum(blocks.max(axis=2), 0.0)
-    scales = (hi - lo) / _INT4_MAX
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)  # all-zero block: any scale
-    zero = np.clip(np.round(-lo / scales), 0, _INT4_MAX).astype(np.uint8)  # (N, n_blocks)
+    scales, zero = int4_scale_zero(blocks.min(axis=2), blocks.max(axis=2))
+    zero = zero.astype(np.uint8)  # (N, n_blocks)
     q = np.clip(np.round(blocks / scales[..., None]) + zero[..., None], 0, _INT4_MAX).astype(np.uint8)
     return pack_codes(q, scales, zero)
+
+
+def int4_scale_zero(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (float, in [0, 15]) of asymmetric 4-bit codes over each block's [lo, hi], the range
+    widened to hold 0 so that 0 is exact (code == zero point); an all-zero block gets scale 1."""
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    scale = (hi - lo) / _INT4_MAX
+    scale = np.where(scale > 0, scale, 1.0).astype(lo.dtype)
+    return scale, np.clip(np.round(-lo / scale), 0, _INT4_MAX)
 
 
 def pack_int4_calibrated(w: np.ndarray, hessian: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, ...]:

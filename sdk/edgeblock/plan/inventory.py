@@ -157,12 +157,8 @@ def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None) ->
     cls = adapter_class(cfg.get("_class_name"))
     family = cls.family
     import diffusers
-    import inspect
 
-    model_cls = getattr(diffusers, cls.model_class.__name__)
-    keys = set(inspect.signature(model_cls.__init__).parameters) - {"self"}
-    with torch.device("meta"):
-        model = model_cls(**{k: v for k, v in cfg.items() if k in keys})
+    model = _on_meta(getattr(diffusers, cls.model_class.__name__), cfg)
     blocks, i = [], 0
     for lst in cls.block_lists:
         for j, b in enumerate(getattr(model, lst)):
@@ -200,6 +196,17 @@ def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None) ->
     return inv
 
 
+def _on_meta(model_cls, cfg: dict):
+    """A diffusers model class built on the meta device from a config.json's entries its __init__ takes."""
+    import inspect
+
+    import torch
+
+    keys = set(inspect.signature(model_cls.__init__).parameters) - {"self"}
+    with torch.device("meta"):
+        return model_cls(**{k: v for k, v in cfg.items() if k in keys})
+
+
 def _pipeline_vae(inv: Inventory, config_path: str) -> None:
     """A diffusers pipeline's own AutoencoderKL (vae/config.json beside transformer/) instead of the family's:
     its encoder / decoder parameters (built on the meta device), scale and decoder widths."""
@@ -210,14 +217,9 @@ def _pipeline_vae(inv: Inventory, config_path: str) -> None:
     cfg = _read(p)
     if cfg.get("_class_name") != "AutoencoderKL":
         return
-    import inspect
-
     import diffusers
-    import torch
 
-    keys = set(inspect.signature(diffusers.AutoencoderKL.__init__).parameters) - {"self"}
-    with torch.device("meta"):
-        vae = diffusers.AutoencoderKL(**{k: v for k, v in cfg.items() if k in keys})
+    vae = _on_meta(diffusers.AutoencoderKL, cfg)
     count = lambda pre: sum(p.numel() for n, p in vae.named_parameters() if n.startswith(pre))  # noqa: E731
     widths = list(vae.config.block_out_channels)
     inv.vae_encoder_params = count(("encoder.", "quant_conv."))

@@ -210,8 +210,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     t_lin, t_att = _split_units(inv, trainable, n_train, 1)
     train_act = (t_lin * cal.ort_train_linear_factor + t_att * cal.ort_train_attention_factor
                  + _lora_saved_inputs(inv, trainable, n_train, 1)) * 4
-    # building the training session holds a transient copy of the trained weights: with few tokens (double blocks at
-    # small crops) the trainer's load peaks above its step, so the phase holds the larger of the two
+    # building the training session holds a transient share of the trained weights (ort_load_factor): where the step's
+    # activation is small beside the weights, the trainer's load peaks above its step; the phase holds the larger
     load_act = trained_params * 4 * cal.ort_load_factor
     online_w = (sum(group_w) / gs + prologue * sb) * cal.online_session_factor if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w,
