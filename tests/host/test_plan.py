@@ -84,6 +84,35 @@ def test_streaming_and_quantized_weights_lower_generation():
     assert by[("int4", "resident")]["methods"]["blockskip"]["train"] == by[("fp16", "resident")]["methods"]["blockskip"]["train"]
 
 
+def test_vae_weights_stay_fp32_and_an_online_job_holds_the_vae_encoder():
+    """compile quantizes MatMul/Gemm weights, and a VAE is convolutions: its bytes do not follow --weights. An online
+    job's frozen pass encodes each draw's crop, so its training phase holds the VAE encoder; a bank job does not."""
+    import copy
+
+    from edgeblock.plan.calibration import HOST_CPU
+    from edgeblock.plan.predict import VAE_WEIGHT_BYTES
+
+    inv = load_inventory("flux1-dev")
+    no_vae = copy.copy(inv)  # the same model on the meta device, without a VAE's weights
+    no_vae.vae_encoder_params = no_vae.vae_decoder_params = 0
+    enc = inv.vae_encoder_params * VAE_WEIGHT_BYTES * HOST_CPU.session_weight_factor
+    dec = inv.vae_decoder_params * VAE_WEIGHT_BYTES * HOST_CPU.session_weight_factor
+    assert enc > 100e6 and dec > 150e6  # FLUX's AutoencoderKL: 34M + 50M float32 weights
+    for w in ("fp32", "int8"):
+        for pre in ("online", "bank"):
+            o = PlanOptions("flux1-dev", "host-cpu", weights=w, precompute=pre)
+            a, b = plan(o, inv=inv), plan(o, inv=no_vae)
+            train = a["methods"]["blockskip"]["train"]["peak_bytes"] - b["methods"]["blockskip"]["train"]["peak_bytes"]
+            assert train == pytest.approx(enc if pre == "online" else 0, abs=1), (w, pre)
+            enc_phase = (a["methods"]["blockskip"]["precompute"]["parts"]["weights_bytes"]
+                         - b["methods"]["blockskip"]["precompute"]["parts"]["weights_bytes"])
+            if pre == "online":  # the precompute phase is the encoding: the text encoder and the VAE encoder
+                assert enc_phase == pytest.approx(enc, abs=1), w
+        gen = (a["generation"]["resident"]["parts"]["weights_bytes"]
+               - b["generation"]["resident"]["parts"]["weights_bytes"])
+        assert gen == pytest.approx(dec, abs=1), w
+
+
 @pytest.mark.parametrize("model,target,generates", [
     ("flux1-dev", "orin-nx-16gb", True),
     # met again since the session-21 refit on the fused-GELU training graph: 6.08 GiB against 7.1 usable (docs/plan.md)

@@ -24,7 +24,7 @@ class Calibration:
     int4_session_factor: float
     graph_session_bytes: int  # a generation graph's open session beyond its weights (each resident one)
     online_session_factor: float  # the chain's sessions (frozen groups, trainable run's inference graph) held beside
-    # the live trainer (online precompute), per stored byte
+    # the live trainer (online precompute), per byte each holds in generation
     text_session_factor: float  # the same for the text encoder session (embedding tables dominate small ones)
     inference_linear_factor: float  # inference: peak transient elements per linear unit of the largest block
     inference_attention_factor: float  # ... per attention unit (the exported graph materialises softmax(QK^T))
@@ -45,9 +45,9 @@ HOST_CPU = Calibration(  # fit 2026-12-05 (session 20), 35 figures; ORT training
     int8_session_factor=1.49,
     int4_session_factor=0.93,
     graph_session_bytes=int(7.9 * MiB),
-    # session 23: the online job's frozen sessions with the trainable run's inference graph, per stored byte (the VAE
-    # encoder held beside them at fp32 session bytes); refit on the online jobs, latent pipelines' among them
-    online_session_factor=0.89,
+    # session 23: the chain's sessions held beside the trainer in an online job (frozen groups, prologue, the trainable
+    # run's inference graph), per byte they hold in generation; refit on the online jobs, latent pipelines' among them
+    online_session_factor=0.99,
     text_session_factor=0.99,
     inference_linear_factor=0.68,
     inference_attention_factor=1.57,

@@ -217,9 +217,10 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # activation is small beside the weights, the trainer's load peaks above its step; the phase holds the larger
     load_act = trained_params * 4 * cal.ort_load_factor
     # online: the frozen pass runs the whole chain at each draw (the trainable run's inference graph too) and the VAE
-    # encoder encodes each draw's crop, all of them held open beside the live trainer
-    online_w = ((sum(group_w) / gs + prologue * sb + sum(block_params[i] for i in trainable) * tw)
-                * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
+    # encoder encodes each draw's crop, all of them held open beside the live trainer: each session at its generation
+    # bytes (its precision's session factor), times online_session_factor
+    online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * tw
+                 * cal.session_weight_factor) * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w,
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
