@@ -151,7 +151,7 @@ class Bundle:
         # fp16/int8 weights stay small only with their settings (edge_runtime/weights.py); the graphs compile
         # left fp32 (the trainable blocks') get none
         key = gn.graph_key(name) if name not in self.graphs and name.endswith(".onnx") else name
-        apply_session_settings(opts, self.manifest.graph_weights(key), ort.ExecutionOrder)
+        apply_session_settings(opts, self.manifest.graph_weights(key), ort)
         return ort.InferenceSession(path, opts, providers=self.providers)
 
     def open_chain(self) -> None:

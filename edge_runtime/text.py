@@ -134,7 +134,7 @@ class TextEncoder:
             # relative); a whole encoder keeps its MatMul kernels
             opts.add_session_config_entry("session.disable_prepacking", "1")
         weights = self._weights(key) if callable(self._weights) else self._weights
-        apply_session_settings(opts, weights, ort.ExecutionOrder)
+        apply_session_settings(opts, weights, ort)
         return ort.InferenceSession(os.path.join(self.root, *rel.split("/")), opts, providers=self.providers)
 
     def feeds(self, prompts: list[str]) -> dict[str, np.ndarray]:

@@ -23,29 +23,33 @@ class _Opts:
 
     def __init__(self):
         self.execution_order = "DEFAULT"
-        self.config = {}
-
-    def add_session_config_entry(self, k, v):
-        self.config[k] = v
+        self.graph_optimization_level = "ORT_ENABLE_ALL"
 
 
-class _Order:
-    PRIORITY_BASED = "priority"
+class _Ort:
+    """The onnxruntime enums apply_session_settings reads (a stand-in module)."""
+
+    class ExecutionOrder:
+        PRIORITY_BASED = "priority"
+
+    class GraphOptimizationLevel:
+        ORT_DISABLE_ALL = "none"
 
 
 def test_session_settings_per_precision():
+    """int8 and fp16 graphs: each weight's fp32 copy made just before its MatMul (priority order, no graph
+    optimizations: their fusions had every copy alive at once); fp32 and int4 keep ORT's defaults."""
     seen = {}
     for p in w.WEIGHTS:
         o = _Opts()
-        w.apply_session_settings(o, p, _Order)
-        seen[p] = (o.execution_order, o.config)
-    assert seen == {
-        "fp32": ("DEFAULT", {}), "int4": ("DEFAULT", {}), "int8": ("priority", {}),
-        "fp16": ("priority", {"optimization.disable_specified_optimizers": "ConstantFolding"})}
-    w.session_settings("fp16")["config"]["x"] = "y"  # a copy: the table itself is unchanged
-    assert "x" not in w.SESSION_SETTINGS["fp16"]["config"]
+        w.apply_session_settings(o, p, _Ort)
+        seen[p] = (o.execution_order, o.graph_optimization_level)
+    assert seen == {"fp32": ("DEFAULT", "ORT_ENABLE_ALL"), "int4": ("DEFAULT", "ORT_ENABLE_ALL"),
+                    "int8": ("priority", "none"), "fp16": ("priority", "none")}
+    w.session_settings("fp16")["execution_order"] = "DEFAULT"  # a copy: the table itself is unchanged
+    assert w.SESSION_SETTINGS["fp16"]["execution_order"] == "PRIORITY_BASED"
     with pytest.raises(ValueError, match="int3"):
-        w.apply_session_settings(_Opts(), "int3", _Order)
+        w.apply_session_settings(_Opts(), "int3", _Ort)
 
 
 def _manifest(**kw) -> Manifest:
