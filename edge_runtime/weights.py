@@ -40,15 +40,21 @@ GRAPH_ROLES: tuple[str, ...] = (GROUP, TEXT, SHELL, VAE)
 # int4 and 0.03 at int8, prologue and epilogue by 0.064 / 0.062 at int4 and 0.005 at int8; the int4 row lost
 # 0.063 subject fidelity with them at int4). They hold few weights beside the DiT's (FLUX.1-dev: T5-XXL's 4.8B
 # are streamed part by part; prologue and epilogue ~0.04B).
-_INT4_KEEPS_INT8 = (TEXT, SHELL, VAE)
+_INT4_KEEPS_INT8 = (TEXT, SHELL)
+# A VAE stays fp32 under every --weights: it is convolutions (weight-only quantization rewrites MatMul/Gemm weights:
+# in a VAE its mid blocks' few attention matrices, 2 % of latent-fit's int8 encoder bytes), and a quantized graph runs
+# without ORT's graph optimizations (SESSION_SETTINGS), which its convolutions need: latent-fit's int8 decoder at
+# 384 px peaked 62 MiB higher and ran 6 % slower without them.
 
 
 def graph_precision(weights: str, role: str) -> str:
     """The precision compile gives a graph of `role` (GRAPH_ROLES) in a bundle compiled with `--weights weights`:
-    `weights` itself, except int8 for text encoders, prologue, epilogue and VAE under int4."""
+    `weights` itself, except int8 for text encoders, prologue and epilogue under int4, and fp32 for the VAE."""
     check_weights(weights)
     if role not in GRAPH_ROLES:
         raise ValueError(f"graph role {role!r} is not one of {', '.join(GRAPH_ROLES)}")
+    if role == VAE:
+        return FP32
     return INT8 if weights == INT4 and role in _INT4_KEEPS_INT8 else weights
 
 

@@ -154,11 +154,13 @@ def test_fingerprint_and_bad_weights(bundles, tmp_path, capsys, monkeypatch):
     opts = dict(model="builtin", out="x", blocks=(1,))
     base = bd.CompileOptions(**opts).fingerprint_args()
     assert bd.CompileOptions(**opts, weights="fp32").fingerprint_args() == base  # fp32 keeps the old key
-    assert bd.CompileOptions(**opts, weights="int8").fingerprint_args() == {**base, "weights": "int8"}
-    # int4 bundles say which graphs are int4 and how their codes are rounded (a bundle compiled when int4
-    # quantized every graph, or rounded to nearest, is rebuilt)
+    # quantized bundles say each role's precision (the VAE stays fp32: a bundle compiled when it was quantized is
+    # rebuilt) and int4 how its codes are rounded (a bundle compiled when int4 quantized every graph, or rounded to
+    # nearest, is rebuilt)
+    assert bd.CompileOptions(**opts, weights="int8").fingerprint_args() == {
+        **base, "weights": "int8", "graph_weights": {"group": "int8", "text_encoder": "int8", "shell": "int8", "vae": "fp32"}}
     assert bd.CompileOptions(**opts, weights="int4").fingerprint_args() == {
-        **base, "weights": "int4", "graph_weights": {"group": "int4", "text_encoder": "int8", "shell": "int8", "vae": "int8"},
+        **base, "weights": "int4", "graph_weights": {"group": "int4", "text_encoder": "int8", "shell": "int8", "vae": "fp32"},
         "int4_rounding": "gptq"}
     # a Jetson target without --weights gets its default, which is part of the key
     assert bd.CompileOptions(**opts, target="orin-nx-16gb").fingerprint_args()["weights"] == "fp16"  # the Jetson default

@@ -85,18 +85,17 @@ def test_streaming_and_quantized_weights_lower_generation():
 
 
 def test_vae_weights_stay_fp32_and_an_online_job_holds_the_vae_encoder():
-    """compile quantizes MatMul/Gemm weights, and a VAE is convolutions: its bytes do not follow --weights. An online
+    """compile leaves the VAE fp32 (edge_runtime.weights.graph_precision): its bytes do not follow --weights. An online
     job's frozen pass encodes each draw's crop, so its training phase holds the VAE encoder; a bank job does not."""
     import copy
 
     from edgeblock.plan.calibration import HOST_CPU
-    from edgeblock.plan.predict import VAE_WEIGHT_BYTES
 
     inv = load_inventory("flux1-dev")
     no_vae = copy.copy(inv)  # the same model on the meta device, without a VAE's weights
     no_vae.vae_encoder_params = no_vae.vae_decoder_params = 0
-    enc = inv.vae_encoder_params * VAE_WEIGHT_BYTES * HOST_CPU.session_weight_factor
-    dec = inv.vae_decoder_params * VAE_WEIGHT_BYTES * HOST_CPU.session_weight_factor
+    enc = inv.vae_encoder_params * 4 * HOST_CPU.session_weight_factor
+    dec = inv.vae_decoder_params * 4 * HOST_CPU.session_weight_factor
     assert enc > 100e6 and dec > 150e6  # FLUX's AutoencoderKL: 34M + 50M float32 weights
     for w in ("fp32", "int8"):
         for pre in ("online", "bank"):

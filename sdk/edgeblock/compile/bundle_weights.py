@@ -1,6 +1,7 @@
 """Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder (each of its parts) and
-the generation-only graphs (prologue, epilogue, VAE) rewritten with weight-only quantized MatMul weights (compile/quantize.py), each
-measured against its fp32 self on real feeds; the trainable blocks' graphs and training artifacts stay fp32.
+the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
+against its fp32 self on real feeds; the trainable blocks' graphs, the training artifacts and the VAE stay fp32
+(edge_runtime.weights.graph_precision).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
 
     {"precision", "block_size" (int4) , "graphs": {graph key: {"precision", "rel_error", "max_abs", "bytes_fp32",
     "bytes", "matrices"}}, "chain": {"rel_error", "max_abs"}}: each graph at the precision its role takes
-    (edge_runtime.weights.graph_precision: under int4 the text encoders, prologue, epilogue and VAE take int8);
+    (edge_runtime.weights.graph_precision: under int4 the text encoders, prologue and epilogue take int8);
     rel_error = max over the graph's outputs of ||fp32 - quantized|| / ||fp32||, on the generation-shape feeds the
     fp32 graphs compute (each graph on fp32 inputs); chain: the prediction of the quantized chain (zero LoRA)
     against the fp32 chain's. A non-finite error fails the compile.
@@ -37,11 +38,11 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
         return {}
     ctx.sessions = None  # the fp32 sessions of the shape/verify passes: their graphs are about to change
     block = INT4_BLOCK_SIZE if precision == INT4 else None
-    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES} - {precision})
+    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES if r != VAE} - {precision})
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "")
-            + ": frozen groups, text encoder and generation graphs"
-            + (f" (text encoder, prologue, epilogue and VAE at {', '.join(kept)})" if kept else "")
-            + "; the trainable blocks stay fp32")
+            + ": frozen groups, text encoder, prologue and epilogue"
+            + (f" (text encoder, prologue and epilogue at {', '.join(kept)})" if kept else "")
+            + "; the trainable blocks and the VAE stay fp32")
     graphs: dict[str, dict[str, Any]] = {}
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
     text = ctx.extra.get("text_encoder")
@@ -50,11 +51,6 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
         _quantize_text_parts(ctx, text, text_w, graphs)
     elif text is not None:
         text["external_data"] = _quantize_file(ctx, text["path"], text_w, _text_feeds(ctx, text), graphs)
-    vae = ctx.extra.get("vae")
-    if vae is not None:
-        for name, feeds in _vae_feeds(ctx, vae):
-            vae[name]["external_data"] = _quantize_file(ctx, vae[name]["path"], graph_precision(precision, VAE),
-                                                        feeds, graphs)
     chain = _chain_error(ctx, pred_fp32, feeds0)
     ctx.say(f"[compile]   weights {precision}: chain prediction rel {chain['rel_error']:.2e}  "
             f"max abs {chain['max_abs']:.2e}")
@@ -188,18 +184,6 @@ def _quantize_text_parts(ctx: CompileContext, desc: dict, precision: str, graphs
         acc.update(ox.run_onnx(os.path.join(ctx.tmp, *part["path"].split("/")), feeds))  # fp32, before it changes
         part["external_data"] = _quantize_file(ctx, part["path"], precision, feeds, graphs)
         part["bytes"] = file_bytes(os.path.join(ctx.tmp, *part["path"].split("/")))
-
-
-def _vae_feeds(ctx: CompileContext, vae: dict):
-    """(name, feeds) of the VAE graphs at the generation resolution: random images in [-1, 1] for the encoder,
-    the fp32 encoder's latents of them for the decoder (computed before the encoder is quantized)."""
-    from . import onnx_export as ox
-
-    rng = np.random.default_rng(ctx.opts.seed)
-    images = rng.uniform(-1.0, 1.0, (1, 3, ctx.gen_res, ctx.gen_res)).astype(np.float32)
-    enc, dec = vae["vae_encoder"], vae["vae_decoder"]
-    latents = ox.run_onnx(os.path.join(ctx.tmp, *enc["path"].split("/")), {enc["inputs"][0]: images})[enc["outputs"][0]]
-    return [("vae_encoder", {enc["inputs"][0]: images}), ("vae_decoder", {dec["inputs"][0]: latents})]
 
 
 def _chain_error(ctx: CompileContext, pred_fp32: np.ndarray, feeds0: dict) -> dict[str, float]:

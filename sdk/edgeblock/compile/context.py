@@ -91,7 +91,7 @@ class CompileOptions:
         if self.weight_precision() != FP32:  # fp32 bundles keep the fingerprint they had before --weights existed
             d["weights"] = self.weight_precision()
             mixed = {r: graph_precision(d["weights"], r) for r in GRAPH_ROLES}
-            if set(mixed.values()) != {d["weights"]}:  # int4: int8 text encoder, prologue, epilogue, VAE
+            if set(mixed.values()) != {d["weights"]}:  # fp32 VAE; int4: int8 text encoder, prologue, epilogue
                 d["graph_weights"] = mixed
             if INT4 in mixed.values():  # int4 codes rounded with calibration Hessians (compile/gptq.py)
                 d["int4_rounding"] = "gptq"

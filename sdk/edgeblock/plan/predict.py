@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
-from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, WEIGHTS, bytes_per_weight, graph_precision
+from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from .calibration import HOST_CPU, Calibration
@@ -32,8 +32,6 @@ from .inventory import Inventory, block_units, load_inventory, stream_tokens
 from .targets import GiB, Target, get_target
 
 LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
-# a VAE's weights: float32 convolutions under every --weights (compile quantizes MatMul/Gemm weights only)
-VAE_WEIGHT_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -175,8 +173,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--text-encoder must be one of {', '.join(GENERATION_MODES)}, got {opts.text_encoder!r}")
     native = t.weight_bytes  # the target's inference precision (fp16 engines on Jetson, fp32 on the CPU)
     weights = opts.weights or {2: FP16, 4: FP32}[native]
-    # bytes per weight of the frozen groups, text encoders and prologue/epilogue (int4: the last two int8)
-    wb, tb, sb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TEXT, SHELL))
+    # bytes per weight of the frozen groups, text encoders, prologue/epilogue (int4: these two int8) and VAE (fp32)
+    wb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TEXT, SHELL, VAE))
     ab = min(native, 4) if t.gpu else 4  # activations at inference
     tw = 4  # the trainable blocks' graphs stay in training precision (fp32), generation's too
     block_params = [b.params for b in inv.blocks]
@@ -188,15 +186,14 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--precompute must be one of {', '.join(PRECOMPUTE_MODES)}, got {precompute!r}")
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
-    gs, ss = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, SHELL))
+    gs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, SHELL, VAE))
     text_w = inv.text_encoder_params * tb * cal.text_session_factor
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
     largest_group = max((sum(block_params[i] for i in g) for g in groups), default=inv.text_encoder_params)
     text_held = (min(inv.text_encoder_params, largest_group) * tb * cal.text_session_factor
                  if text_mode == "streamed" else text_w)
-    # VAE_WEIGHT_BYTES: its convolutions stay float32 (latent-fit's int8 bundle: encoder 37.0 -> 36.2 MB, docs/plan.md)
-    vae_enc_w = inv.vae_encoder_params * VAE_WEIGHT_BYTES * cal.session_weight_factor
-    vae_dec_w = inv.vae_decoder_params * VAE_WEIGHT_BYTES * cal.session_weight_factor
+    vae_enc_w = inv.vae_encoder_params * vb * vs
+    vae_dec_w = inv.vae_decoder_params * vb * vs
 
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
     group_w = [sum(block_params[i] for i in g) * wb * gs for g in groups]
