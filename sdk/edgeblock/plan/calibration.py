@@ -42,7 +42,7 @@ HOST_CPU = Calibration(  # fit 2026-12-05 (session 20), 35 figures; ORT training
     daemon_base_bytes=int(129 * MiB),  # fitted; the idle daemon measures ~80 MiB, a job adds decoding/feeds/heap
     torch_base_bytes=int(444 * MiB),
     session_weight_factor=0.93,
-    int8_session_factor=1.49,
+    int8_session_factor=1.22,  # session 23: refit after int8 sessions lost their all-at-once fp32 copies (1.49 before)
     int4_session_factor=0.93,
     graph_session_bytes=int(7.9 * MiB),
     # session 23: the chain's sessions held beside the trainer in an online job (frozen groups, prologue, the trainable
