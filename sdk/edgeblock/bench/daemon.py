@@ -25,6 +25,8 @@ import signal
 import subprocess
 import time
 
+from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, STREAMED
+
 BENCH_PIXEL = dict(  # BENCH_FLUX's transformer width and depth, with the built-in model's text and pixel I/O
     patch_size=1, in_channels=48, out_channels=48, num_layers=3, num_single_layers=6, attention_head_dim=128,
     num_attention_heads=6, joint_attention_dim=384, pooled_projection_dim=384, guidance_embeds=False,
@@ -74,40 +76,72 @@ def model_dir(model: str) -> str:
     return model
 
 
-def bundle_for(model: str, blocks: tuple[int, ...] | None, progress) -> str:
+def bundle_for(model: str, blocks: tuple[int, ...] | None, progress, weights: str | None = None,
+               train_res: int | None = None, gen_res: int | None = None) -> str:
+    """The model's bundle for this host (cached by model, blocks, weights and resolutions; verification off)."""
     from ..compile.bundle import CompileOptions, compile_bundle
 
     path = model_dir(model)
-    key = hashlib.sha256(json.dumps([os.path.abspath(path) if path != "builtin" else path, list(blocks or [])]).encode())
+    settings = [os.path.abspath(path) if path != "builtin" else path, list(blocks or [])]
+    if (weights, train_res, gen_res) != (None, None, None):  # the defaults keep the key they always had
+        settings += [weights, train_res, gen_res]
+    key = hashlib.sha256(json.dumps(settings).encode())
     out = os.path.join(_cache_root(), "bundles", f"bench-{model if model in ('builtin', 'bench') else 'custom'}-"
                                                   f"{key.hexdigest()[:10]}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    compile_bundle(CompileOptions(path, out, blocks=blocks, verify=False), progress=progress)
+    compile_bundle(CompileOptions(path, out, blocks=blocks, verify=False, weights=weights, train_res=train_res,
+                                  gen_res=gen_res), progress=progress)
     return out
+
+
+def streamed_budget(plan, size: int) -> int | None:
+    """A `--memory-budget` between a bundle's predicted streamed and resident generation peaks at `size` px, under
+    which the daemon's own admission control generates streamed; None when streaming is not predicted smaller."""
+    res, st = plan.generation("resident", size)["peak_bytes"], plan.generation("streamed", size)["peak_bytes"]
+    return (res + st) // 2 if st < res else None
 
 
 def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tuple[int, ...] | None = None,
         precompute: str = "", torch_reference: bool = True, progress=None,
-        reference_variants: tuple[str, ...] = ("standard_lora", "blockskip")) -> dict:
+        reference_variants: tuple[str, ...] = ("standard_lora", "blockskip"), weights: str | None = None,
+        train_res: int | None = None, gen_res: int | None = None, generation: str = RESIDENT) -> dict:
+    """Compile `model` (cached), run one daemon job then one generation in that daemon, and the torch references.
+
+    weights / train_res / gen_res: `edgeblock compile`'s --weights, --train-res, --gen-res (None: its defaults).
+    generation: the mode to generate in: resident under the daemon's default budget, or streamed under a
+    `--memory-budget` that its admission control answers with streaming (streamed_budget).
+    Beside the measured peaks, `predicted` holds the bundle's own predictions (the figures the daemon's admission
+    control reads) and `prediction_errors` predicted / measured - 1."""
     from ..client import EdgeClient, kind_name
     from ..demo import RssSampler, start_daemon, stop_daemon
     from . import memory
 
     say = progress or (lambda m: None)
     say(f"[bench daemon] compile {model} (cached after the first run)")
-    bundle = bundle_for(model, blocks, lambda m: say("  " + m))
+    if generation not in GENERATION_MODES:
+        raise ValueError(f"generation {generation!r} is not one of {', '.join(GENERATION_MODES)}")
+    bundle = bundle_for(model, blocks, lambda m: say("  " + m), weights, train_res, gen_res)
     from edge_runtime.manifest import load_manifest
 
     man = load_manifest(bundle, verify_files=False)
     trainable = tuple(man.trainable)
+    plan = man.memory_plan()
+    extra: list[str] = []
+    if generation == STREAMED:
+        budget = streamed_budget(plan, int(man.gen_res)) if plan is not None else None
+        if budget is None:
+            raise ValueError(f"{model}: the bundle predicts no streamed generation below its resident one at "
+                             f"{man.gen_res} px; generate resident")
+        extra = ["--memory-budget", str(budget)]
     result: dict = {"model": {"name": model, "path": model_dir(model), "parameters": man.model["parameters"],
                               "num_blocks": man.model["num_blocks"], "trainable_blocks": list(trainable),
-                              "train_res": man.train_res, "gen_res": man.gen_res, "bundle": bundle}}
+                              "train_res": man.train_res, "gen_res": man.gen_res, "bundle": bundle,
+                              "weights": man.weight_precision}}
     import tempfile
 
     state = tempfile.mkdtemp(prefix="edgeblock-bench-state-")
     say("[bench daemon] daemon: personalize + generate")
-    proc, address = start_daemon(bundle, state, os.path.join(state, "daemon.log"))
+    proc, address = start_daemon(bundle, state, os.path.join(state, "daemon.log"), *extra)
     rss = RssSampler(proc.pid, every=0.01)
     try:
         from ..eval.subjects import load_subjects
@@ -136,6 +170,8 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
             g = c.generate("a sks star on a blue background", adapter_id=last.adapter_id, steps=gen_steps, seed=1)
             gen_wall = time.perf_counter() - t0
             rss.phase = None
+            if g.mode != generation:
+                raise RuntimeError(f"the daemon generated {g.mode}, expected {generation} ({' '.join(extra)})")
         from edge_runtime.memstat import rss_peak_bytes
 
         hwm = max([rss_peak_bytes(proc.pid), *rss.peaks.values()])  # the sampler resets the mark per phase
@@ -155,7 +191,15 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
         "peak_rss_generate_bytes": int(rss.peaks.get("generate", 0)),
         "peak_rss_hwm_bytes": int(hwm), "idle_rss_bytes": int(idle),
         "generate_steps": gen_steps, "generate_latency_s": float(g.time_s), "generate_wall_s": gen_wall,
+        "generate_mode": g.mode,
     }
+    if plan is not None:
+        d = result["daemon"]
+        result["predicted"] = {"job_peak_bytes": plan.job_peak(d["precompute"]),
+                               "generate_peak_bytes": plan.generation(g.mode, int(man.gen_res))["peak_bytes"]}
+        result["prediction_errors"] = {
+            "job": result["predicted"]["job_peak_bytes"] / d["peak_rss_personalize_bytes"] - 1,
+            "generate": result["predicted"]["generate_peak_bytes"] / d["peak_rss_generate_bytes"] - 1}
     if torch_reference:
         say(f"[bench daemon] torch reference processes ({', '.join(reference_variants)})")
         path = model_dir(model)
@@ -206,6 +250,11 @@ def format_table(r: dict) -> str:
     for v, t in r.get("torch", {}).items():
         lines.append(f"torch {v:<14} peak RSS {t['peak_rss_bytes'] / mb:.0f} MiB, {t['s_per_step']:.3f} s/step "
                      f"(precompute included, {t['tokens']} tokens)")
+    if "predicted" in r:
+        p, e = r["predicted"], r["prediction_errors"]
+        lines.append(f"the bundle's predictions ({r['model']['weights']} weights): job {p['job_peak_bytes'] / mb:.0f} MiB "
+                     f"({e['job']:+.1%}), generate {d['generate_mode']} {p['generate_peak_bytes'] / mb:.0f} MiB "
+                     f"({e['generate']:+.1%}) (predicted / measured - 1)")
     for k, v in r.get("ratios", {}).items():
         lines.append(f"{k}: {v:.3f}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 
-from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, pixel_model_dir
+from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, pixel_model_dir, streamed_budget
 
 # name -> (attention heads of 128 channels, double-stream blocks, single-stream blocks)
 SCALE_CONFIGS = {
@@ -128,10 +128,8 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         gen: dict = {}
         jobs: dict = {}
         for w in weights:
-            p = plans[w]
-            res, st = p.generation("resident", gen_res)["peak_bytes"], p.generation("streamed", gen_res)["peak_bytes"]
             gen[w], jobs[w] = {}, {}
-            for mode, budget in (("resident", None), ("streamed", (res + st) // 2 if st < res else None)):
+            for mode, budget in (("resident", None), ("streamed", streamed_budget(plans[w], gen_res))):
                 if mode == "streamed" and budget is None:
                     continue
                 say(f"[bench scale] {name}: {w} weights, {mode}: daemon job ({steps} steps), then generate")

@@ -63,7 +63,15 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+_DAEMON_ONLY = ("weights", "train_res", "gen_res", "generation", "no_torch")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    given = [n for n in _DAEMON_ONLY if getattr(args, n) not in (None, False)]
+    if given and args.what != "daemon":
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(f"{flags}: only `edgeblock bench daemon` takes these (bench scale compiles every weights "
+                         "precision and measures both generation modes itself)")
     if args.what == "daemon":
         return _bench_daemon(args)
     if args.what == "scale":
@@ -114,7 +122,8 @@ def _bench_daemon(args: argparse.Namespace) -> int:
     results = {}
     for m in models:
         results[m] = daemon.run(m, steps=args.steps or 20, gen_steps=args.gen_steps or 10, blocks=args.blocks,
-                                  progress=say)
+                                progress=say, torch_reference=not args.no_torch, weights=args.weights,
+                                train_res=args.train_res, gen_res=args.gen_res, generation=args.generation or RESIDENT)
         if not args.json:
             print(daemon.format_table(results[m]))
     if args.json:
@@ -245,6 +254,18 @@ def register(sub) -> None:
     b.add_argument("--blocks", type=argtypes.blocks, default=None, help="trainable blocks for the skip variants")
     b.add_argument("--runtime", choices=["torch", "ort"], default="torch",
                    help="ort: add the ONNX Runtime training step (the device trainer) as ort_blockskip")
+    b.add_argument("--weights", choices=list(WEIGHTS), default=None,
+                   help="daemon: compile the bundle with these frozen weights (default: compile's, fp32 on this host)")
+    b.add_argument("--train-res", type=argtypes.positive_int, default=None,
+                   help="daemon: compile's --train-res (default: the model's recipe)")
+    b.add_argument("--gen-res", type=argtypes.positive_int, default=None,
+                   help="daemon: compile's --gen-res (default: the model's own resolution)")
+    b.add_argument("--generation", choices=list(GENERATION_MODES), default=None,
+                   help="daemon: generate resident (default: the daemon's default budget) or streamed (under a "
+                        "--memory-budget between the bundle's predicted streamed and resident peaks, so that the "
+                        "daemon's admission control streams)")
+    b.add_argument("--no-torch", action="store_true",
+                   help="daemon: skip the torch reference processes (they train at the model's own resolution)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
