@@ -10,6 +10,8 @@ The compiler describes the text graph in manifest.graphs["text_encoder"]:
 
 A text encoder compiled in parts (`edgeblock compile --text-parts`) has no "path" but "parts":
 [{"path": "text_encoder/part_00.onnx", "inputs": [...], "outputs": [...], "bytes": ...}, ...], run in order.
+Its token-embedding tables are not in the graphs but "lookups" (edge_runtime/text_lookup.py): each fills a graph
+input from a table on disk, row by row, with the rows of the tokenizer's ids.
 
 Each tokenizer pads (right) and truncates to its max_length, exactly as the diffusers pipeline's
 `tokenizer(..., padding="max_length", truncation=True)` does; its ids (and attention mask, when
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import graph_names as gn
+from .text_lookup import LookupError_, check_lookups, lookup
 from .weights import FP32, apply_session_settings
 
 PREPROCESS = ("none", "lower_strip")
@@ -98,6 +101,13 @@ class TextEncoder:
         self.root, self.desc, self.streamed = root, desc, streamed
         self.providers = providers or ["CPUExecutionProvider"]
         self.tokenizers = [BundleTokenizer(root, t) for t in desc["tokenizers"]]
+        try:
+            self.lookups = check_lookups(desc.get("lookups", []))
+        except LookupError_ as e:
+            raise TextEncodeError(str(e)) from e
+        for d in self.lookups:
+            if not os.path.isfile(os.path.join(root, *d["table"].split("/"))):
+                raise TextEncodeError(f"embedding table {d['table']} is missing from the bundle")
         self._weights = weights
         # (graph key, path, inputs or None) per graph run: the parts in order, or the whole encoder
         if parts:
@@ -143,6 +153,13 @@ class TextEncoder:
         feeds: dict[str, np.ndarray] = {}
         for t in self.tokenizers:
             feeds.update(t(list(prompts)))
+        for d in self.lookups:  # the token embeddings the graphs read instead of a Gather over a resident table
+            if d["ids"] not in feeds:
+                raise TextEncodeError(f"embedding lookup {d['table']}: no tokenizer gives ids {d['ids']!r}")
+            try:
+                feeds[d["output"]] = lookup(os.path.join(self.root, *d["table"].split("/")), feeds[d["ids"]])
+            except LookupError_ as e:
+                raise TextEncodeError(str(e)) from e
         return {k: v for k, v in feeds.items() if k in self.inputs or not self.inputs}
 
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:

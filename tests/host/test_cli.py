@@ -74,3 +74,34 @@ def test_bad_blocks_argument_is_explained(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "memory", "--blocks", "a,b"])
     assert "comma-separated block indices" in capsys.readouterr().err
+
+
+def test_bench_daemon_flags_are_refused_on_the_other_benchmarks(capsys):
+    """--weights/--train-res/--gen-res/--generation/--no-torch configure `bench daemon` only; elsewhere they are an
+    error before any work, not silently ignored."""
+    rc = main(["bench", "scale", "--configs", "flux-0.1b", "--weights", "int8", "--no-torch"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--weights, --no-torch: only `edgeblock bench daemon` takes these" in err
+    assert main(["bench", "memory", "--generation", "streamed"]) == 2
+    assert "--generation" in capsys.readouterr().err
+
+
+def test_bench_daemon_streams_under_a_budget_between_the_predicted_peaks():
+    """--generation streamed needs a budget between the predicted streamed and resident peaks: refused (before a
+    daemon starts) when the bundle predicts no streamed generation below its resident one."""
+    from edgeblock.bench import daemon
+
+    from edge_runtime.memory_plan import MemoryPlan
+
+    def plan(streamed: int) -> MemoryPlan:
+        return MemoryPlan.from_dict({
+            "planner_target": "host-cpu", "measured_on_target": True, "weights": "fp32", "runtime_bytes": 1,
+            "job_peak_bytes": {"bank": 5, "online": 5},
+            "generate": {"resident": {"64": {"peak_bytes": 100, "weights_bytes": 1}},
+                         "streamed": {"64": {"peak_bytes": streamed, "weights_bytes": 1}}}})
+
+    assert daemon.streamed_budget(plan(100), 64) is None
+    assert daemon.streamed_budget(plan(60), 64) == 80
+    with pytest.raises(ValueError, match="generation 'sometimes'"):
+        daemon.run("builtin", generation="sometimes")

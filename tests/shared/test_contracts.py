@@ -35,6 +35,7 @@ CONTRACTS = {
     "edge_runtime.recipe",  # the method's recommended settings per model
     "edge_runtime.sampler",  # the samplers
     "edge_runtime.targets",  # deployment target names and boards
+    "edge_runtime.text_lookup",  # the text encoders' token tables: compile writes them, the device reads rows
     "edge_runtime.training_spec",  # training_spec.json of the trainable artifacts
     "edge_runtime.weights",  # weight precisions, their ORT session settings, each target's default
 }

@@ -163,13 +163,10 @@ def _file_bytes(path: str) -> int:
 
 def _text_feeds(ctx: CompileContext, desc: dict) -> dict[str, np.ndarray]:
     """The text encoder's inputs for the compile prompt and the empty guidance prompt, through the device's
-    own tokenizers (edge_runtime/text.py)."""
-    from edge_runtime.text import BundleTokenizer
+    own tokenizers and embedding lookups (edge_runtime/text.py); no session is opened."""
+    from edge_runtime.text import TextEncoder
 
-    feeds: dict[str, np.ndarray] = {}
-    for spec in desc["tokenizers"]:
-        feeds.update(BundleTokenizer(ctx.tmp, spec)([PROMPT, ""]))
-    return feeds
+    return TextEncoder(ctx.tmp, desc, streamed=True).feeds([PROMPT, ""])
 
 
 def _quantize_text_parts(ctx: CompileContext, desc: dict, precision: str, graphs: dict) -> None:

@@ -185,6 +185,7 @@ def export_text_encoder(stack, out_dir: str, verify: bool = True, opset: int = 1
     import torch
 
     from . import onnx_export as ox
+    from .text_lookup import externalize_lookups
 
     graph, toks, outputs, models = _text_graph(stack)
     specs = [s for _, s in toks]
@@ -218,6 +219,7 @@ def export_text_encoder(stack, out_dir: str, verify: bool = True, opset: int = 1
             _restore(m, p)
     desc["inputs"] = [i.name for i in model.graph.input]
     del model
+    externalize_lookups(out_dir, desc)  # token-embedding tables: read row by row on the device
     if verify:
         cond = stack.encode(VERIFY_PROMPTS)
         got = TextEncoder(out_dir, desc).encode(VERIFY_PROMPTS)

@@ -64,6 +64,7 @@ def predict_memory(ctx) -> dict[str, Any]:
     config = transformer_config(ctx.root)
     inv = load_inventory(config)
     inv.text_encoder_params = text_stack_params(ctx.text)
+    inv.text_lookup_params = sum(d["rows"] * d["dim"] for d in ctx.extra.get("text_encoder", {}).get("lookups", []))
     inv.text_tokens = int(ctx.text.length)
     vae = getattr(ctx.codec, "vae", None)
     if vae is not None:

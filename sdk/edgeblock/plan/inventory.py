@@ -21,6 +21,15 @@ TEXT_ENCODERS = {
     "gemma-2-2b": 2_614_341_888,
     "minilm-l6": 22_713_216,
 }
+# Of those, the token-embedding table (vocabulary x width), which a bundle keeps out of its text graphs and reads
+# row by row (edge_runtime/text_lookup.py): never resident on the device.
+TEXT_ENCODER_LOOKUPS = {
+    "clip-l": 49_408 * 768,
+    "clip-g": 49_408 * 1280,
+    "t5-xxl": 32_128 * 4096,
+    "gemma-2-2b": 256_000 * 2304,
+    "minilm-l6": 30_522 * 384,
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class Inventory:
     notes: list[str] = field(default_factory=list)
     vae_up_channels: int = 0
     vae_attention: bool = False
+    text_lookup_params: int = 0  # of text_encoder_params: token-embedding tables read row by row, never resident
+
+    @property
+    def text_session_params(self) -> int:
+        """The text encoders' parameters their ONNX Runtime sessions hold (the lookup tables stay on disk)."""
+        return self.text_encoder_params - self.text_lookup_params
 
     def tokens(self, res: int) -> int:
         """Image tokens at a square resolution in pixels."""
@@ -192,6 +207,7 @@ def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None) ->
     if unknown:
         raise ValueError(f"unknown text encoder(s) {unknown}; known: {', '.join(sorted(TEXT_ENCODERS))}")
     inv.text_encoder_params = sum(TEXT_ENCODERS[t] for t in inv.text_encoders)
+    inv.text_lookup_params = sum(TEXT_ENCODER_LOOKUPS[t] for t in inv.text_encoders)
     inv._model = model  # the meta skeleton, for activation units at any token count
     return inv
 

@@ -187,10 +187,11 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
     gs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, SHELL, VAE))
-    text_w = inv.text_encoder_params * tb * cal.text_session_factor
+    # the text encoders' sessions: their weights less the token-embedding tables (read row by row from disk)
+    text_w = inv.text_session_params * tb * cal.text_session_factor
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
-    largest_group = max((sum(block_params[i] for i in g) for g in groups), default=inv.text_encoder_params)
-    text_held = (min(inv.text_encoder_params, largest_group) * tb * cal.text_session_factor
+    largest_group = max((sum(block_params[i] for i in g) for g in groups), default=inv.text_session_params)
+    text_held = (min(inv.text_session_params, largest_group) * tb * cal.text_session_factor
                  if text_mode == "streamed" else text_w)
     vae_enc_w = inv.vae_encoder_params * vb * vs
     vae_dec_w = inv.vae_decoder_params * vb * vs
@@ -253,6 +254,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                   "frozen_groups": [[g[0], g[-1]] for g in groups], "train_res": train_res, "gen_res": gen_res,
                   "train_tokens": n_train, "gen_tokens": n_gen, "text_tokens": inv.text_tokens,
                   "text_encoders": list(inv.text_encoders), "text_encoder_params": inv.text_encoder_params,
+                  "text_lookup_params": inv.text_lookup_params,
                   "pixel_space": inv.pixel_space, "lora_rank": rank, "lora_params": lora,
                   "precompute": precompute, "generation_batch": gen_batch, "notes": inv.notes},
         "target": t.as_json(),
