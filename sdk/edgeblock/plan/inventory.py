@@ -44,7 +44,10 @@ class PipelineDefaults:
     vae_encoder_params: int
     vae_decoder_params: int
     vae_channels: int  # decoder feature-map width at full resolution
-    vae_up_channels: int = 256  # channels upsampled into the decoder's full-resolution block
+    # the widest feature map of the decoder's full-resolution stage (what its activations follow): AutoencoderKL's
+    # first two widths' larger (the second is upsampled into its last block, the first is that block's own),
+    # AutoencoderDC's first (its last stage upsamples into its own width)
+    vae_up_channels: int = 256
     vae_attention: bool = True  # the decoder's mid block runs softmax attention over the latent pixels
 
 
@@ -54,7 +57,7 @@ FAMILY_DEFAULTS = {
     "flux": PipelineDefaults(("clip-l", "t5-xxl"), 512, 8, 2, 1024, 34_163_592, 49_490_179, 128),
     "sd3": PipelineDefaults(("clip-l", "clip-g", "t5-xxl"), 333, 8, 1, 1024, 34_163_592, 49_490_179, 128),
     "pixart": PipelineDefaults(("t5-xxl",), 300, 8, 1, 1024, 34_163_592, 49_490_179, 128),
-    "sana": PipelineDefaults(("gemma-2-2b",), 300, 32, 1, 1024, 124_800_000, 187_200_000, 128, 256, False),
+    "sana": PipelineDefaults(("gemma-2-2b",), 300, 32, 1, 1024, 124_800_000, 187_200_000, 128, 128, False),
 }
 
 
@@ -241,7 +244,7 @@ def _pipeline_vae(inv: Inventory, config_path: str) -> None:
     inv.vae_encoder_params = count(("encoder.", "quant_conv."))
     inv.vae_decoder_params = count(("decoder.", "post_quant_conv."))
     inv.vae_scale = 2 ** (len(widths) - 1)
-    inv.vae_channels, inv.vae_up_channels = widths[0], widths[min(1, len(widths) - 1)]
+    inv.vae_channels, inv.vae_up_channels = widths[0], max(widths[: 2])
     inv.vae_attention = bool(cfg.get("mid_block_add_attention", True))
     inv.notes.append(f"VAE from {p} (AutoencoderKL, widths {widths})")
 

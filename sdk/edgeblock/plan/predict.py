@@ -124,14 +124,15 @@ def _split_units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int,
 
 
 def _vae_decode_act(inv: Inventory, cal: Calibration, res: int, attention: bool = True) -> float:
-    """Peak transient elements of decoding one image: the decoder's full-resolution block (the upsampled input's and
-    the output's channels x pixels, times a measured factor) and, unless fused (attention=False), its mid block's
-    softmax attention over the latent pixels (the inference attention factor)."""
+    """Peak transient elements of decoding one image: the decoder's full-resolution stage (its widest feature map's
+    channels x pixels, times a measured factor: a map, normalised and activated, is alive three times) or, unless fused
+    (attention=False), its mid block's softmax attention over the latent pixels (the inference attention factor),
+    whichever is larger: they run at different times."""
     if inv.pixel_space:
         return 0.0
-    lin = (inv.vae_channels + inv.vae_up_channels) * res * res * cal.vae_decode_factor
+    lin = inv.vae_up_channels * res * res * cal.vae_decode_factor
     n = (res // inv.vae_scale) ** 2
-    return lin + (n * n * cal.inference_attention_factor if attention and inv.vae_attention else 0.0)
+    return max(lin, n * n * cal.inference_attention_factor if attention and inv.vae_attention else 0.0)
 
 
 def _phase(runtime: int, weights: int, activations: int, **extra: int) -> dict:
@@ -280,7 +281,7 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
     frozen = inv.parameters - trained - inv.shell_params
-    vae_act = _vae_decode_act(inv, cal, res, not t.gpu) * ab
+    vae_act = _vae_decode_act(inv, cal, res, not t.gpu) * 4  # the VAE graphs stay fp32 (weights.graph_precision)
     act = _act(inv, cal, range(L), n_gen, batch, not t.gpu) * ab
     trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
     # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
