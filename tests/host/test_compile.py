@@ -249,8 +249,15 @@ def test_builtin_layout_exports_text_encoder(tmp_path, monkeypatch, capsys):
     e = tok.encode("a photo of sks dog")
     import numpy as np
 
-    got = ox.run_onnx(str(out / "text_encoder.onnx"), {"input_ids": np.array([e.ids], np.int64),
-                                                        "attention_mask": np.array([e.attention_mask], np.int64)})
+    from edge_runtime.text_lookup import lookup
+
+    # the word embeddings are a lookup (edge_runtime/text_lookup.py): the graph takes their rows as an input
+    (emb,) = m.graphs["text_encoder"]["lookups"]
+    assert emb["ids"] == "input_ids" and emb["table"] in m.files
+    ids = np.array([e.ids], np.int64)
+    feeds = {"input_ids": ids, emb["output"]: lookup(str(out / emb["table"]), ids),
+             "attention_mask": np.array([e.attention_mask], np.int64)}
+    got = ox.run_onnx(str(out / "text_encoder.onnx"), feeds)
     ref = BuiltinTextStack(32).encode(["a photo of sks dog"])
     assert ox.compare(got, {"text": ref.text, "pooled": ref.pooled}).max_rel <= REL
 
