@@ -9,6 +9,7 @@ reads, whose indices are a graph input and whose output is not a graph output is
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 from edge_runtime.text_lookup import write_table
@@ -32,13 +33,9 @@ def externalize_lookups(out_dir: str, desc: dict[str, Any], min_bytes: int = MIN
     inits = {t.name: t for t in g.initializer}
     inputs = {i.name: i for i in g.input}
     outputs = {o.name for o in g.output}
-    readers: dict[str, int] = {}
-    for name in _reads(g):
-        readers[name] = readers.get(name, 0) + 1
+    readers = Counter(_reads(g))
     producer = {o: n for n in g.node for o in n.output}
-    lookups: list[dict[str, Any]] = []
-    taken = []
-    reshapes: dict[str, list[str]] = {}  # Gather output -> the shape inputs of the Reshapes between ids and it
+    found = []  # (lookup, its Gather, the shape inputs of the Reshapes between the ids and it)
     for n in g.node:
         if n.op_type != "Gather" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
             continue
@@ -46,47 +43,38 @@ def externalize_lookups(out_dir: str, desc: dict[str, Any], min_bytes: int = MIN
         axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
         t = inits.get(table)
         ids, shapes = _ids_source(idx, producer, inputs)
-        if (t is None or axis != 0 or ids is None or readers.get(table) != 1 or n.output[0] in outputs
+        if (t is None or axis != 0 or ids is None or readers[table] != 1 or n.output[0] in outputs
                 or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2):
             continue
         arr = numpy_helper.to_array(t)
         if arr.nbytes < min_bytes:
             continue
-        rel = f"{LOOKUP_DIR}/lookup_{len(lookups):02d}.npy"
+        rel = f"{LOOKUP_DIR}/lookup_{len(found):02d}.npy"
         write_table(os.path.join(out_dir, *rel.split("/")), arr)
         # the graph input the device fills: the Gather's own output, or, when Reshapes come between the ids and
         # the Gather (CLIP views its ids as (-1, length)), the rows of the ids as the tokenizer gives them,
         # reshaped in the graph as the ids were, with the width appended
         name = n.output[0] if not shapes else f"{n.output[0]}.rows"
-        lookups.append({"ids": ids, "table": rel, "output": name, "rows": int(arr.shape[0]),
-                        "dim": int(arr.shape[1]), "weight": table})
-        reshapes[name] = shapes
-        taken.append(n)
-    if not lookups:
+        found.append(({"ids": ids, "table": rel, "output": name, "rows": int(arr.shape[0]), "dim": int(arr.shape[1]),
+                       "weight": table}, n, shapes))
+    if not found:
         return []
-    by_out = {n.output[0]: d for d, n in zip(lookups, taken)}
-    nodes = []
-    for n in g.node:  # each taken Gather replaced in place by the reshapes of its rows (none: just removed)
-        d = by_out.get(n.output[0]) if n.op_type == "Gather" else None
-        if d is not None:
-            nodes += _reshape_rows(d["output"], n.output[0], reshapes[d["output"]], d["dim"])
-        else:
-            nodes.append(n)
+    replace = {n.output[0]: _reshape_rows(d["output"], n.output[0], shapes, d["dim"]) for d, n, shapes in found}
+    nodes = [m for n in g.node for m in (replace[n.output[0]] if n.output and n.output[0] in replace else [n])]
     del g.node[:]
-    g.node.extend(nodes)
-    for d, n in zip(lookups, taken):
-        g.initializer.remove(inits[n.input[0]])
-        ids_type = inputs[d["ids"]].type.tensor_type
+    g.node.extend(nodes)  # each taken Gather replaced in place by the reshapes of its rows (none: just removed)
+    for d, _, _ in found:
+        g.initializer.remove(inits[d["weight"]])
         vi = onnx.helper.make_tensor_value_info(d["output"], onnx.TensorProto.FLOAT, None)
         dims = vi.type.tensor_type.shape.dim
-        for dim in ids_type.shape.dim:
+        for dim in inputs[d["ids"]].type.tensor_type.shape.dim:
             dims.add().CopyFrom(dim)
         dims.add().dim_value = d["dim"]
         g.input.append(vi)
-    still_read = set(_reads(g))
-    for i in list(g.input):
-        if i.name in {d["ids"] for d in lookups} and i.name not in still_read and i.name not in outputs:
-            g.input.remove(i)  # the ids only the lookup read
+    lookups = [d for d, _, _ in found]
+    unread = {d["ids"] for d in lookups} - set(_reads(g)) - outputs
+    for i in [i for i in g.input if i.name in unread]:
+        g.input.remove(i)  # the ids only the lookups read
     desc["external_data"] = save_onnx(model, path)
     desc["inputs"] = [i.name for i in g.input]
     desc["lookups"] = lookups
@@ -94,14 +82,10 @@ def externalize_lookups(out_dir: str, desc: dict[str, Any], min_bytes: int = MIN
 
 
 def _reads(graph) -> list[str]:
-    """Every name the graph's nodes read, their subgraphs' (If/Loop bodies: outer-scope reads) included."""
-    out = []
-    for n in graph.node:
-        out += list(n.input)
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                out += _reads(sub)
-    return out
+    """Every name the graph's nodes read, their subgraphs' outer-scope reads included."""
+    from .text_parts import node_reads
+
+    return [x for n in graph.node for x in node_reads(n)]
 
 
 _TRANSPARENT = ("Cast", "Identity")  # ops between the ids and a Gather that leave the rows as they are
@@ -125,7 +109,7 @@ def _ids_source(name: str, producer: dict, inputs: dict) -> tuple[str | None, li
 
 def _reshape_rows(rows: str, out: str, shapes: list[str], dim: int) -> list:
     """Nodes that give `out` from the looked-up `rows` (ids' shape + (dim,)): each Reshape of the ids applied to the
-    rows, the width appended to its shape; an Identity when there is none."""
+    rows, the width appended to its shape; none when the ids were not reshaped (`rows` is `out` itself)."""
     from onnx import TensorProto, helper
 
     if not shapes:

@@ -63,13 +63,13 @@ def _outer_reads(graph) -> set[str]:
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     read: set[str] = set()
     for n in graph.node:
-        read.update(x for x in _node_reads(n) if x)
+        read.update(x for x in node_reads(n) if x)
         defined.update(n.output)
     read.update(o.name for o in graph.output)
     return read - defined
 
 
-def _node_reads(node) -> list[str]:
+def node_reads(node) -> list[str]:
     import onnx
 
     reads = [x for x in node.input if x]
@@ -88,7 +88,7 @@ def analyse(model) -> _Analysis:
     const_reads: dict[str, list[str]] = {}
     pending = []
     for n in g.node:  # constant nodes first (the exporter's order is topological)
-        r = _node_reads(n)
+        r = node_reads(n)
         if all(x in inits or x in consts for x in r) and not any(a.type in _GRAPH_ATTRS for a in n.attribute):
             for o in n.output:
                 consts[o], const_reads[o] = n, r
