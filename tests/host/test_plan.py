@@ -79,7 +79,7 @@ def test_streaming_and_quantized_weights_lower_generation():
     inv = load_inventory("flux1-dev")
     vae_stage = (get_target("orin-nx-16gb").daemon_runtime_bytes + HOST_CPU.graph_session_bytes
                  + inv.vae_decoder_params * 4 * HOST_CPU.session_weight_factor
-                 + _vae_decode_act(inv, HOST_CPU, 1024, attention=False) * 4)
+                 + _vae_decode_act(inv, HOST_CPU, 1024) * 4)
     for w in ("fp16", "int8", "int4"):
         assert abs(gen[(w, "streamed")] - vae_stage) <= 2, w
     whole_text = plan(PlanOptions("flux1-dev", "orin-nx-16gb", weights="fp16", generation="streamed",
@@ -237,6 +237,6 @@ def test_the_vae_decode_term_follows_the_decoders_measured_peak(kind, widths, tm
     measured = int(out.stdout.strip().splitlines()[-1])
     inv = copy.copy(load_inventory("flux1-dev"))
     inv.pixel_space, inv.vae_scale, inv.vae_up_channels, inv.vae_attention = False, scale, entering, False
-    predicted = _vae_decode_act(inv, HOST_CPU, res, attention=False) * 4
+    predicted = _vae_decode_act(inv, HOST_CPU, res) * 4
     print(kind, widths, measured / 2**20, predicted / 2**20)
     assert abs(predicted / measured - 1) <= 0.15, (measured, predicted)

@@ -261,6 +261,7 @@ def export_vae(codec, out_dir: str, train_res: int, gen_res: int, verify: bool =
     import torch
 
     from . import onnx_export as ox
+    from .attention_chunks import chunk_attention, query_chunks
 
     if codec.vae is None:
         raise ValueError("pixel-space model: there is no VAE to export")
@@ -300,9 +301,14 @@ def export_vae(codec, out_dir: str, train_res: int, gen_res: int, verify: bool =
                               output_names=[xout], dynamic_axes=axes, do_constant_folding=True)
             model = onnx.load(tmp_path)
         fix_negative_perms(model)
+        # the decoder's mid-block attention over the latent pixels, in slices of queries (attention_chunks.py)
+        chunks = query_chunks((gen_res // d) ** 2) if name == "vae_decoder" else 1
+        chunks = chunks if chunk_attention(model, chunks) else 0
         ext = ox.save_onnx(model, path)
         del model
         desc[name] = {"path": name + ".onnx", "inputs": [xin], "outputs": [xout], "external_data": ext}
+        if chunks:
+            desc[name]["attention_chunks"] = chunks
     if verify:
         per = {}
         sess_e, sess_d = ox.session(os.path.join(out_dir, "vae_encoder.onnx")), ox.session(os.path.join(out_dir, "vae_decoder.onnx"))

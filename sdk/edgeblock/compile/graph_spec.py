@@ -28,6 +28,7 @@ class GraphSpec:
     lora: dict[str, dict[str, Any]] = field(default_factory=dict)  # onnx name -> {block, param, shape}
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     external_data: bool = False
+    attention_chunks: int = 0  # the softmax attentions' queries cut into this many slices (0: none cut)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

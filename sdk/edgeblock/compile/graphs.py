@@ -22,6 +22,7 @@ from ..models.base import DiTAdapter, DiTInputs, State
 from .export_patches import flux_position_ids
 from .graph_spec import GraphSpec
 from .named_tensors import CROP, HW, SLOTS, CtxLayout, check_run, flatten_state, graph_inputs, state_from, state_names, uses
+from .attention_chunks import chunk_attention_file, query_chunks
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, OPSET, export_module
 from .trainable_infer import export_trainable_infer, generation_chain
 
@@ -154,13 +155,16 @@ def export_inference_graphs(
     Layout under out_dir: prologue.onnx, frozen/group_NN.onnx (NN = 00, 01 ... in
     block order), trainable/infer.onnx (trainable/infer_NN.onnx, one per run,
     when the trainable set is not contiguous), epilogue.onnx. Each block is
-    materialised once: exported, then run on the example to get the next state.
+    materialised once: exported, then run on the example to get the next state. The frozen groups' and
+    trainable runs' softmax attentions are computed in slices of queries (attention_chunks.py).
     """
     with torch.no_grad():
         state, ctx = adapter.prologue(x)
     specs = [export_prologue(adapter, x, os.path.join(out_dir, gn.PROLOGUE_FILE), opset=opset, external_threshold=external_threshold)]
     if on_graph:
         on_graph(specs[-1])
+    # the blocks' attentions over the generation's queries (image tokens, and text tokens where they are joint)
+    chunks = query_chunks(sum(t.shape[1] for t in state if t is not None))
     chain = generation_chain(plan, [adapter.block_param_count(i) for i in range(adapter.num_blocks)], max_group_params)
     n_train = sum(kind == gn.TRAINABLE_RUN for kind, _ in chain)
     counters = {gn.FROZEN_RUN: 0, gn.TRAINABLE_RUN: 0}
@@ -181,6 +185,7 @@ def export_inference_graphs(
             for i in run:
                 state = adapter.run_block(mods[i], i, state, ctx)  # fresh LoRA has B = 0: the frozen block
         del mods
+        spec.attention_chunks = chunks if chunk_attention_file(spec.path, chunks) else 0
         specs.append(spec)
         if on_graph:
             on_graph(spec)

@@ -28,6 +28,7 @@ class Calibration:
     text_session_factor: float  # the same for the text encoder session (embedding tables dominate small ones)
     inference_linear_factor: float  # inference: peak transient elements per linear unit of the largest block
     inference_attention_factor: float  # ... per attention unit (the exported graph materialises softmax(QK^T))
+    inference_mlp_factor: float  # ... per linear unit, in the block's feed-forward part (beside its attention's)
     vae_decode_factor: float  # VAE decoding: peak elements per pixel x channel of its full-resolution widest map
     train_weight_factor: float  # ORT training session: resident bytes per weight byte of the trained graph
     ort_train_linear_factor: float  # ORT training: saved + transient elements per linear unit of the trained blocks
@@ -53,6 +54,10 @@ HOST_CPU = Calibration(  # fit 2026-12-05 (session 20), 35 figures; ORT training
     text_session_factor=0.70,
     inference_linear_factor=0.68,
     inference_attention_factor=1.57,
+    # session 25: the attentions cut into query slices (compile/attention_chunks.py): what a block then holds at its
+    # peak, its feed-forward part; measured on FLUX-shaped single / double blocks of 0.1B-1.1B at 1056 tokens:
+    # 1.74-1.76 / 1.50-1.52 (the larger of it and the attention part is the block's peak)
+    inference_mlp_factor=1.65,
     # session 24: measured in a device-like process on the exported decoders of five AutoencoderKL and two
     # AutoencoderDC at 256-512 px: 3.0 elements per channel of the widest full-resolution map per pixel, within 2 %
     # (before: 0.90 per (output + entering channels), fitted through daemon figures of one pipeline: 40-47 % low)

@@ -27,6 +27,7 @@ from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
 from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
+from ..compile.attention_chunks import query_chunks
 from .calibration import HOST_CPU, Calibration
 from .inventory import Inventory, block_units, load_inventory, stream_tokens
 from .targets import GiB, Target, get_target
@@ -123,16 +124,22 @@ def _split_units(inv: Inventory, indices, tokens: int, batch: int) -> tuple[int,
     return lin, att
 
 
-def _vae_decode_act(inv: Inventory, cal: Calibration, res: int, attention: bool = True) -> float:
+def _vae_decode_act(inv: Inventory, cal: Calibration, res: int) -> float:
     """Peak transient elements of decoding one image: the decoder's full-resolution stage (its widest feature map's
-    channels x pixels, times a measured factor: a map, normalised and activated, is alive three times) or, unless fused
-    (attention=False), its mid block's softmax attention over the latent pixels (the inference attention factor),
-    whichever is larger: they run at different times."""
+    channels x pixels, times a measured factor: a map, normalised and activated, is alive three times) or its mid
+    block's softmax attention over the latent pixels (the inference attention factor; compile cuts its queries into
+    slices, as on every target the decoder runs on ONNX Runtime), whichever is larger: they run at different times."""
     if inv.pixel_space:
         return 0.0
     lin = inv.vae_up_channels * res * res * cal.vae_decode_factor
     n = (res // inv.vae_scale) ** 2
-    return max(lin, n * n * cal.inference_attention_factor if attention and inv.vae_attention else 0.0)
+    return max(lin, n * n * cal.inference_attention_factor / query_chunks(n) if inv.vae_attention else 0.0)
+
+
+def _chunks(inv: Inventory, n_img: int) -> int:
+    """The query slices compile cuts the blocks' attentions into at n_img image tokens (compile/attention_chunks.py:
+    the queries of FLUX's and SD3's joint attention include the text tokens)."""
+    return query_chunks(n_img + (inv.text_tokens if inv.family in ("flux", "sd3") else 0))
 
 
 def _phase(runtime: int, weights: int, activations: int, **extra: int) -> dict:
@@ -199,7 +206,11 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
     group_w = [sum(block_params[i] for i in g) * wb * gs for g in groups]
-    group_act = [_act(inv, cal, g, n_train, 1, not t.gpu) * ab for g in groups]
+    # the frozen groups run fused on TensorRT (the GPU targets) or cut into the generation's query slices on ONNX
+    # Runtime; the trainable runs always on ONNX Runtime, in training precision (fp32 activations)
+    chunks = _chunks(inv, n_gen)
+    group_chunks = None if t.gpu else chunks
+    group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab for g in groups]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
         bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * ss, group_act[k])
@@ -224,7 +235,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
-                             text_w, vae_dec_w, text_held)
+                             text_w, vae_dec_w, text_held, (group_chunks, chunks))
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -272,18 +283,25 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
                 group_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
-                text_held: float) -> dict[str, dict]:
+                text_held: float, chunks: tuple[int | None, int]) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
     whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
-    weight (stored bytes x their precision's session factor)."""
+    weight (stored bytes x their precision's session factor); chunks: the query slices of the frozen groups' (None:
+    fused) and the trainable runs' attentions; the trainable runs' activations are fp32 (`tw` bytes) everywhere."""
     sw = cal.session_weight_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
     frozen = inv.parameters - trained - inv.shell_params
-    vae_act = _vae_decode_act(inv, cal, res, not t.gpu) * 4  # the VAE graphs stay fp32 (weights.graph_precision)
-    act = _act(inv, cal, range(L), n_gen, batch, not t.gpu) * ab
+    vae_act = _vae_decode_act(inv, cal, res) * 4  # the VAE graphs stay fp32 (weights.graph_precision)
     trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
+    group_chunks, trained_chunks = chunks
+
+    def run_act(blocks, trained: bool) -> float:
+        return (_act(inv, cal, blocks, n_gen, batch, trained_chunks) * tw if trained
+                else _act(inv, cal, blocks, n_gen, batch, group_chunks) * ab)
+
+    act = max([run_act(g, False) for g in groups] + [run_act(r, True) for r in trained_runs], default=0.0)
     # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
     # the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of the two
     sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
@@ -294,7 +312,7 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     runs += [(sum(block_params[i] for i in run) * tw * sw, run) for run in trained_runs]
     shell = (inv.shell_params - inv.epilogue_params) * shell_b
     stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
-    stages += [(w, _act(inv, cal, blocks, n_gen, batch, not t.gpu) * ab) for w, blocks in runs]
+    stages += [(w, run_act(blocks, blocks in trained_runs)) for w, blocks in runs]
     w, a = max(stages, key=lambda s: s[0] + s[1])
     streamed = _phase(t.daemon_runtime_bytes, w, a, sessions_bytes=cal.graph_session_bytes)
     return {"resident": resident, "streamed": streamed}
@@ -306,13 +324,16 @@ def session_factor(cal: Calibration, weights: str) -> float:
             "int4": cal.int4_session_factor}[weights]
 
 
-def _act(inv: Inventory, cal: Calibration, indices, tokens: int, batch: int, attention: bool = True) -> float:
-    """Peak transient activation elements of an inference pass over the blocks `indices`: the largest block's
-    linear and (unless fused, attention=False) attention units times their factors."""
+def _act(inv: Inventory, cal: Calibration, indices, tokens: int, batch: int, chunks: int | None) -> float:
+    """Peak transient activation elements of an inference pass over the blocks `indices`, the largest block's: its
+    feed-forward part (linear units x the MLP factor) or its attention part (linear units x the linear factor + the
+    queries x keys matrices, cut into `chunks` query slices, x the attention factor), whichever is larger; with
+    chunks=None the attention is fused (TensorRT: no queries x keys matrix)."""
     best = 0.0
     for i in indices:
         lin, att = block_units(inv, i, tokens, batch)
-        best = max(best, lin * cal.inference_linear_factor + (att * cal.inference_attention_factor if attention else 0))
+        attn = lin * cal.inference_linear_factor + (att * cal.inference_attention_factor / chunks if chunks else 0)
+        best = max(best, lin * cal.inference_mlp_factor, attn)
     return best
 
 
