@@ -69,3 +69,17 @@ def test_slice_count_rule():
     assert query_chunks(QUERY_ROWS + 1) == 2
     assert query_chunks(1056) == -(-1056 // QUERY_ROWS)
     assert query_chunks(128 * 128) == min(MAX_CHUNKS, -(-128 * 128 // QUERY_ROWS))
+
+
+def test_a_saved_graph_keeps_its_weights_layout(tmp_path):
+    from edgeblock.compile.attention_chunks import chunk_attention_file
+    from edgeblock.compile.onnx_io import save_onnx
+
+    mask = np.linspace(-1, 1, 400, dtype=np.float32).reshape(1, 1, 1, 400)  # 1.6 kB: external when asked
+    for external in (True, False):
+        path = str(tmp_path / f"attn_{external}.onnx")
+        assert save_onnx(_attention(mask), path, -1 if external else 1 << 30) == external
+        assert chunk_attention_file(path, 3) == 1
+        assert (tmp_path / f"attn_{external}.onnx.data").exists() == external
+        np.testing.assert_allclose(_run(onnx.load(path), 9, m=400), _run(_attention(mask), 9, m=400), rtol=1e-6,
+                                   atol=1e-6)

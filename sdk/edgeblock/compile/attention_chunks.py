@@ -13,6 +13,7 @@ intermediate must have no other reader. TensorRT's parser reads the result (Shap
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 ELEMENTWISE = ("Mul", "Div", "Add", "Sub")
@@ -30,14 +31,15 @@ def chunk_attention_file(path: str, chunks: int) -> int:
     """chunk_attention on a saved graph; returns how many attentions were cut (the file is rewritten only then)."""
     import onnx
 
-    from .onnx_io import save_onnx
+    from .onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
 
     if chunks < 2:
         return 0
     model = onnx.load(path)
     n = chunk_attention(model, chunks)
-    if n:
-        save_onnx(model, path)  # its <file>.data, if any, is written anew
+    if n:  # saved as it was: with its weights in <file>.data (written anew) or inline
+        external = os.path.exists(path + ".data")
+        save_onnx(model, path, -1 if external else EXTERNAL_DATA_THRESHOLD)
     return n
 
 
@@ -46,11 +48,13 @@ def chunk_attention(model, chunks: int) -> int:
     many attentions were rewritten (0: the model is untouched)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from .text_parts import node_reads
+
     if chunks < 2:
         return 0
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
-    readers = Counter(x for n in g.node for x in n.input)
+    readers = Counter(x for n in g.node for x in node_reads(n))  # subgraphs' outer-scope reads included
     outputs = {o.name for o in g.output}
     consts = {t.name: list(t.dims) for t in g.initializer}
     for n in g.node:
