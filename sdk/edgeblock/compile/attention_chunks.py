@@ -50,7 +50,8 @@ def chunk_attention(model, chunks: int) -> int:
 
     from .text_parts import node_reads
 
-    if chunks < 2:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if chunks < 2 or opset < 15:  # Shape's start/end attributes (the query count) are opset 15
         return 0
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
