@@ -275,3 +275,7 @@ def test_real_builtin_model_compiles_and_verifies(builtin_bundle):
     _check_bundle(out, m, r.verification)
     plan = _plan(out)
     assert [g["blocks"] for g in plan["groups"]] == [[1], [3, 4, 5]]
+    # the blocks' joint attention over 256 image + 32 text tokens at 64 px, in two query slices
+    # (compile/attention_chunks.py), verified against torch with the rest of the chain
+    cut = {k: g.get("attention_chunks") for k, g in m.graphs.items() if g.get("kind") in ("group", "trainable_infer")}
+    assert len(cut) == 4 and set(cut.values()) == {2}, cut  # groups [1], [3-5]; runs [0], [2]

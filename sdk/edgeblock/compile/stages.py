@@ -159,7 +159,8 @@ def export(ctx: CompileContext) -> None:
     ctx.group_limit = _group_limit(ctx)
     ctx.specs = ox.export_inference_graphs(
         adapter, ctx.plan, ctx.lora, ctx.x_gen, ctx.tmp, max_group_params=ctx.group_limit,
-        on_graph=lambda s: ctx.say(f"[compile]   {os.path.relpath(s.path, ctx.tmp)}"))
+        on_graph=lambda s: ctx.say(f"[compile]   {os.path.relpath(s.path, ctx.tmp)}" + (
+            f"  (attention in {s.attention_chunks} query slices)" if s.attention_chunks else "")))
     ctx.rel = {s.path: os.path.relpath(s.path, ctx.tmp).replace(os.sep, "/") for s in ctx.specs}
 
 
