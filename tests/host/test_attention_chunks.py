@@ -81,7 +81,7 @@ def test_a_saved_graph_keeps_its_weights_layout(tmp_path):
     for external in (True, False):
         path = str(tmp_path / f"attn_{external}.onnx")
         assert save_onnx(_attention(mask), path, -1 if external else 1 << 30) == external
-        assert chunk_attention_file(path, 3) == 1
+        assert chunk_attention_file(path, 3, external) == 1
         assert (tmp_path / f"attn_{external}.onnx.data").exists() == external
         np.testing.assert_allclose(_run(onnx.load(path), 9, m=400), _run(_attention(mask), 9, m=400), rtol=1e-6,
                                    atol=1e-6)

@@ -13,7 +13,6 @@ intermediate must have no other reader. TensorRT's parser reads the result (Shap
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 ELEMENTWISE = ("Mul", "Div", "Add", "Sub")
@@ -27,8 +26,9 @@ def query_chunks(queries: int) -> int:
     return max(1, min(MAX_CHUNKS, -(-int(queries) // QUERY_ROWS)))
 
 
-def chunk_attention_file(path: str, chunks: int) -> int:
-    """chunk_attention on a saved graph; returns how many attentions were cut (the file is rewritten only then)."""
+def chunk_attention_file(path: str, chunks: int, external: bool) -> int:
+    """chunk_attention on a saved graph whose weights are in `<file>.data` (external) or inline; returns how many
+    attentions were cut (the file is rewritten, its weights where they were, only then)."""
     import onnx
 
     from .onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
@@ -37,8 +37,7 @@ def chunk_attention_file(path: str, chunks: int) -> int:
         return 0
     model = onnx.load(path)
     n = chunk_attention(model, chunks)
-    if n:  # saved as it was: with its weights in <file>.data (written anew) or inline
-        external = os.path.exists(path + ".data")
+    if n:
         save_onnx(model, path, -1 if external else EXTERNAL_DATA_THRESHOLD)
     return n
 
@@ -67,20 +66,15 @@ def chunk_attention(model, chunks: int) -> int:
     def private(name: str) -> bool:  # read by exactly one node, not a graph output
         return readers[name] == 1 and name not in outputs
 
+    consumer = {x: n for n in g.node for x in n.input}  # the reader of a private name
     found = []  # (first MatMul, elementwise chain, Softmax, second MatMul)
-    by_input = {}
-    for n in g.node:
-        for x in n.input:
-            by_input.setdefault(x, []).append(n)
     for sm in g.node:
         if sm.op_type != "Softmax" or sm.domain not in ("", "ai.onnx"):
             continue
         if next((a.i for a in sm.attribute if a.name == "axis"), -1) != -1:
             continue
-        if not private(sm.output[0]) or by_input[sm.output[0]][0].op_type != "MatMul":
-            continue
-        mm2 = by_input[sm.output[0]][0]
-        if mm2.input[0] != sm.output[0]:
+        mm2 = consumer.get(sm.output[0])
+        if not private(sm.output[0]) or mm2 is None or mm2.op_type != "MatMul" or mm2.input[0] != sm.output[0]:
             continue
         chain, cur = [], sm.input[0]
         while True:

@@ -185,7 +185,7 @@ def export_inference_graphs(
             for i in run:
                 state = adapter.run_block(mods[i], i, state, ctx)  # fresh LoRA has B = 0: the frozen block
         del mods
-        spec.attention_chunks = chunks if chunk_attention_file(spec.path, chunks) else 0
+        spec.attention_chunks = chunks if chunk_attention_file(spec.path, chunks, spec.external_data) else 0
         specs.append(spec)
         if on_graph:
             on_graph(spec)

@@ -296,23 +296,20 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     vae_act = _vae_decode_act(inv, cal, res) * 4  # the VAE graphs stay fp32 (weights.graph_precision)
     trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
     group_chunks, trained_chunks = chunks
-
-    def run_act(blocks, trained: bool) -> float:
-        return (_act(inv, cal, blocks, n_gen, batch, trained_chunks) * tw if trained
-                else _act(inv, cal, blocks, n_gen, batch, group_chunks) * ab)
-
-    act = max([run_act(g, False) for g in groups] + [run_act(r, True) for r in trained_runs], default=0.0)
+    # each chain graph's (held weight bytes, activation bytes of its run): the frozen groups, then the trainable runs
+    runs = [(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, batch, group_chunks) * ab)
+            for g in groups]
+    runs += [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, batch, trained_chunks) * tw)
+             for r in trained_runs]
+    act = max((a for _, a in runs), default=0.0)
     # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
     # the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of the two
     sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
     resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
                       + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, then the VAE decoder
-    runs = [(sum(block_params[i] for i in g) * group_b, g) for g in groups]
-    runs += [(sum(block_params[i] for i in run) * tw * sw, run) for run in trained_runs]
     shell = (inv.shell_params - inv.epilogue_params) * shell_b
-    stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0)]
-    stages += [(w, run_act(blocks, blocks in trained_runs)) for w, blocks in runs]
+    stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0), *runs]
     w, a = max(stages, key=lambda s: s[0] + s[1])
     streamed = _phase(t.daemon_runtime_bytes, w, a, sessions_bytes=cal.graph_session_bytes)
     return {"resident": resident, "streamed": streamed}
