@@ -74,14 +74,14 @@ def test_slice_count_rule():
 
 
 def test_a_saved_graph_keeps_its_weights_layout(tmp_path):
-    from edgeblock.compile.attention_chunks import chunk_attention_file
+    from edgeblock.compile.attention_chunks import chunk_file
     from edgeblock.compile.onnx_io import save_onnx
 
     mask = np.linspace(-1, 1, 400, dtype=np.float32).reshape(1, 1, 1, 400)  # 1.6 kB: external when asked
     for external in (True, False):
         path = str(tmp_path / f"attn_{external}.onnx")
         assert save_onnx(_attention(mask), path, -1 if external else 1 << 30) == external
-        assert chunk_attention_file(path, 3, external) == 1
+        assert chunk_file(path, 3, external) == (1, 0)
         assert (tmp_path / f"attn_{external}.onnx.data").exists() == external
         np.testing.assert_allclose(_run(onnx.load(path), 9, m=400), _run(_attention(mask), 9, m=400), rtol=1e-6,
                                    atol=1e-6)

@@ -216,8 +216,9 @@ def test_bad_runs_are_refused():
 @pytest.mark.parametrize("family,blocks,overrides", CASES)
 def test_attention_in_query_slices_reproduces_torch(family, blocks, overrides, tmp_path, monkeypatch):
     """The groups' and infer graph's softmax attentions cut into query slices (compile/attention_chunks.py; a
-    small slice so that the tiny configs are cut): the chain still matches torch at both shapes, the training
-    shape's fewer queries included."""
+    small slice so that the tiny configs are cut) and their feed-forward parts into token slices
+    (compile/feedforward_chunks.py): the chain still matches torch at both shapes, the training shape's fewer
+    queries included."""
     from edgeblock.compile import attention_chunks
 
     monkeypatch.setattr(attention_chunks, "QUERY_ROWS", 24)
@@ -231,6 +232,13 @@ def test_attention_in_query_slices_reproduces_torch(family, blocks, overrides, t
     assert set(cut) == (set() if family == "sana" else {"group", "trainable_infer"}), cut
     slices = sum(n.op_type == "Slice" and ".chunks" in n.output[0] for s in specs for n in onnx.load(s.path).graph.node)
     assert slices >= 2 * min(cut.values(), default=0)
+    # every family's feed-forward (FLUX single-stream blocks: concatenated with the attention's output) is cut but
+    # Sana's, a convolution over the image grid (GLUMBConv), which is not row-wise
+    ff = {s.kind: s.feedforward_chunks for s in specs if s.feedforward_chunks}
+    assert set(ff) == (set() if family == "sana" else {"group", "trainable_infer"}), ff
+    assert all(ff[k] == cut[k] for k in ff)
+    rows = sum(n.op_type == "Slice" and ".rows" in n.output[0] for s in specs for n in onnx.load(s.path).graph.node)
+    assert rows >= 2 * min(ff.values(), default=0)
     sessions = {}
     for batch, size in ((2, preset.latent_size), (1, preset.latent_size // 2)):
         x = _inputs(preset, model, batch=batch, size=size, seed=5)

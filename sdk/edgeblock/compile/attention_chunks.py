@@ -26,26 +26,28 @@ def query_chunks(queries: int) -> int:
     return max(1, min(MAX_CHUNKS, -(-int(queries) // QUERY_ROWS)))
 
 
-def chunk_attention_file(path: str, chunks: int, external: bool) -> int:
-    """chunk_attention on a saved graph whose weights are in `<file>.data` (external) or inline; returns how many
-    attentions were cut (the file is rewritten, its weights where they were, only then)."""
+def chunk_file(path: str, chunks: int, external: bool) -> tuple[int, int]:
+    """chunk_attention, then feedforward_chunks.chunk_feedforward, on a saved graph whose weights are in
+    `<file>.data` (external) or inline; returns (attentions cut, feed-forward parts cut). The file is rewritten,
+    its weights where they were, only when something was cut."""
     import onnx
 
+    from .feedforward_chunks import chunk_feedforward
     from .onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
 
     if chunks < 2:
-        return 0
+        return 0, 0
     model = onnx.load(path)
-    n = chunk_attention(model, chunks)
-    if n:
+    cut = chunk_attention(model, chunks), chunk_feedforward(model, chunks)
+    if any(cut):
         save_onnx(model, path, -1 if external else EXTERNAL_DATA_THRESHOLD)
-    return n
+    return cut
 
 
 def chunk_attention(model, chunks: int) -> int:
     """Rewrite every exact-cuttable softmax attention of `model` (in place) into `chunks` query slices. Returns how
     many attentions were rewritten (0: the model is untouched)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from .text_parts import node_reads
 
@@ -99,21 +101,12 @@ def chunk_attention(model, chunks: int) -> int:
     if not found:
         return 0
 
-    def const(name: str, values: list[int]):
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
-                                                                                  [len(values)], values))
-
     replace, drop = {}, set()
     for mm1, chain, sm, mm2 in found:
         out = mm2.output[0]
         q, kt, v = mm1.input[0], mm1.input[1], mm2.input[1]
         p = f"{out}.chunks"
-        nodes = [helper.make_node("Shape", [q], [f"{p}.n"], start=-2, end=-1), const(f"{p}.k1", [chunks - 1]),
-                 const(f"{p}.k", [chunks]), const(f"{p}.axis", [-2]),
-                 helper.make_node("Add", [f"{p}.n", f"{p}.k1"], [f"{p}.n_up"]),
-                 helper.make_node("Div", [f"{p}.n_up", f"{p}.k"], [f"{p}.rows"])]
-        for i in range(chunks + 1):
-            nodes += [const(f"{p}.i{i}", [i]), helper.make_node("Mul", [f"{p}.rows", f"{p}.i{i}"], [f"{p}.at{i}"])]
+        nodes = slice_bounds(p, q, chunks)
         parts = []
         for i in range(chunks):
             c = f"{p}{i}"
@@ -138,3 +131,22 @@ def chunk_attention(model, chunks: int) -> int:
     return len(found)
 
 
+
+
+def slice_bounds(p: str, rows_of: str, chunks: int) -> list:
+    """Nodes that compute the bounds of `chunks` slices along axis -2 of tensor `rows_of` (ceil(N / chunks) rows
+    each; the last ones may be short or empty): `<p>.at0` ... `<p>.at<chunks>` (int64 [1]) and `<p>.axis` ([-2]),
+    for Slice(x, <p>.at<i>, <p>.at<i+1>, <p>.axis). The row count is read at run time (Shape, opset 15)."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, values: list[int]):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                                                  [len(values)], values))
+
+    nodes = [helper.make_node("Shape", [rows_of], [f"{p}.n"], start=-2, end=-1), const(f"{p}.k1", [chunks - 1]),
+             const(f"{p}.k", [chunks]), const(f"{p}.axis", [-2]),
+             helper.make_node("Add", [f"{p}.n", f"{p}.k1"], [f"{p}.n_up"]),
+             helper.make_node("Div", [f"{p}.n_up", f"{p}.k"], [f"{p}.rows"])]
+    for i in range(chunks + 1):
+        nodes += [const(f"{p}.i{i}", [i]), helper.make_node("Mul", [f"{p}.rows", f"{p}.i{i}"], [f"{p}.at{i}"])]
+    return nodes

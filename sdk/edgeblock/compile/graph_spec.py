@@ -29,6 +29,7 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     external_data: bool = False
     attention_chunks: int = 0  # the softmax attentions' queries cut into this many slices (0: none cut)
+    feedforward_chunks: int = 0  # the feed-forward parts' tokens cut into this many slices (0: none cut)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

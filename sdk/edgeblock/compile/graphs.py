@@ -22,7 +22,7 @@ from ..models.base import DiTAdapter, DiTInputs, State
 from .export_patches import flux_position_ids
 from .graph_spec import GraphSpec
 from .named_tensors import CROP, HW, SLOTS, CtxLayout, check_run, flatten_state, graph_inputs, state_from, state_names, uses
-from .attention_chunks import chunk_attention_file, query_chunks
+from .attention_chunks import chunk_file, query_chunks
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, OPSET, export_module
 from .trainable_infer import export_trainable_infer, generation_chain
 
@@ -156,7 +156,8 @@ def export_inference_graphs(
     block order), trainable/infer.onnx (trainable/infer_NN.onnx, one per run,
     when the trainable set is not contiguous), epilogue.onnx. Each block is
     materialised once: exported, then run on the example to get the next state. The frozen groups' and
-    trainable runs' softmax attentions are computed in slices of queries (attention_chunks.py).
+    trainable runs' softmax attentions are computed in slices of queries (attention_chunks.py), their
+    feed-forward parts in slices of tokens (feedforward_chunks.py), as many as the attentions'.
     """
     with torch.no_grad():
         state, ctx = adapter.prologue(x)
@@ -185,7 +186,8 @@ def export_inference_graphs(
             for i in run:
                 state = adapter.run_block(mods[i], i, state, ctx)  # fresh LoRA has B = 0: the frozen block
         del mods
-        spec.attention_chunks = chunks if chunk_attention_file(spec.path, chunks, spec.external_data) else 0
+        attention, feedforward = chunk_file(spec.path, chunks, spec.external_data)
+        spec.attention_chunks, spec.feedforward_chunks = (chunks if attention else 0), (chunks if feedforward else 0)
         specs.append(spec)
         if on_graph:
             on_graph(spec)

@@ -117,7 +117,7 @@ class _Rewrite:
     model: onnx.ModelProto
     weights: str
     block_size: int
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul input -> X^T X (int4 calibration)
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> X^T X of its inputs (int4 calibration)
     names: set[str] = field(default_factory=set)
     new_inits: list[TensorProto] = field(default_factory=list)
     cache: dict[tuple, tuple[str, ...]] = field(default_factory=dict)  # (init, transB, alpha) -> weight names
@@ -178,7 +178,7 @@ def quantize_model(
     if weights == "int8" and _default_opset(out) < 13:
         raise ValueError(f"int8 needs opset >= 13 (per-axis DequantizeLinear); the model has {_default_opset(out)}")
     g = out.graph
-    rw = _Rewrite(out, weights, block_size, hessians=dict(hessians or {}), report=report)
+    rw = _Rewrite(out, weights, block_size, hessians=_weight_hessians(g.node, hessians or {}), report=report)
     rw.names = {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
     rw.names |= {o for n in g.node for o in n.output} | _names_read(g.node)
     inits = {i.name: i for i in g.initializer}
@@ -204,6 +204,16 @@ def quantize_model(
     if weights == "int4" and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out, report
+
+
+def _weight_hessians(nodes, hessians: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{weight: X^T X summed over the distinct inputs of the MatMul/Gemm nodes that read it}: a weight read by
+    several nodes (a feed-forward cut into token slices, compile/feedforward_chunks.py) is rounded for all its rows."""
+    by_weight: dict[str, dict[str, np.ndarray]] = {}
+    for n in nodes:
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[0] in hessians:
+            by_weight.setdefault(n.input[1], {})[n.input[0]] = hessians[n.input[0]]
+    return {w: sum(parts.values()) for w, parts in by_weight.items()}
 
 
 def quantized_inputs(model: onnx.ModelProto, min_elements: int = 4096) -> list[str]:
@@ -281,7 +291,7 @@ def _rewrite_node(rw: _Rewrite, node: onnx.NodeProto, label: str, init: TensorPr
         rw.report["matrices"].append({"node": label, "weight": init.name, "shape": list(w.shape)})
     if rw.weights == "int4":
         if first:
-            h = rw.hessians.get(node.input[0])
+            h = rw.hessians.get(init.name)
             if h is not None:
                 packed, scales, zeros = pack_int4_calibrated(w, h, rw.block_size)
                 rw.report["calibrated"] += 1

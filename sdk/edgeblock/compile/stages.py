@@ -159,9 +159,15 @@ def export(ctx: CompileContext) -> None:
     ctx.group_limit = _group_limit(ctx)
     ctx.specs = ox.export_inference_graphs(
         adapter, ctx.plan, ctx.lora, ctx.x_gen, ctx.tmp, max_group_params=ctx.group_limit,
-        on_graph=lambda s: ctx.say(f"[compile]   {os.path.relpath(s.path, ctx.tmp)}" + (
-            f"  (attention in {s.attention_chunks} query slices)" if s.attention_chunks else "")))
+        on_graph=lambda s: ctx.say(f"[compile]   {os.path.relpath(s.path, ctx.tmp)}" + _slices(s)))
     ctx.rel = {s.path: os.path.relpath(s.path, ctx.tmp).replace(os.sep, "/") for s in ctx.specs}
+
+
+def _slices(spec) -> str:
+    """What compile printed beside a graph: the slices its attention and feed-forward parts run in."""
+    said = [f"attention in {spec.attention_chunks} query slices"] if spec.attention_chunks else []
+    said += [f"feed-forward in {spec.feedforward_chunks} token slices"] if spec.feedforward_chunks else []
+    return f"  ({', '.join(said)})" if said else ""
 
 
 def train(ctx: CompileContext) -> None:
