@@ -184,12 +184,18 @@ class Bundle:
         streamed: a graph not already open is opened for this run only and released after it (its weights are
         resident for one graph's run, not kept), as generation does when memory is short.
         """
+        return self._on_graph(name, streamed, lambda sess: self._run_session(name, sess, acc, lora))
+
+    def _on_graph(self, name: str, streamed: bool, use: Callable[[Any], Any]) -> Any:
+        """use(session) on a chain graph's session: the open one (opened and kept unless streamed), or for
+        streamed, when none is open, one opened for this use and released after it (before the heap is trimmed:
+        nothing else holds it)."""
         sess = self._sessions.get(name) if streamed else self.session(name)
         private = sess is None
         if private:
             sess = self._open(name)
         try:
-            return self._run_session(name, sess, acc, lora)
+            return use(sess)
         finally:
             if private:
                 from .memstat import trim_heap
@@ -221,11 +227,26 @@ class Bundle:
 
     def predict(self, feeds: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None,
                 names: Iterable[str] | None = None, streamed: bool = False) -> np.ndarray:
-        """The model's prediction (B, C, h, w) for prologue feeds (latents, timestep, text, ...)."""
-        acc = dict(feeds)
-        for name in names or self.chain_names:
-            self.advance(name, acc, self.run(name, acc, lora, streamed))
-        return acc[gn.PREDICTION]
+        """The model's prediction (B, C, h, w) for prologue feeds (latents, timestep, text, ...).
+
+        streamed: each graph not already open is opened once, runs the batch's rows one after the other (a
+        guidance pair's activations are one row's), and is released before the next graph."""
+        names = list(names or self.chain_names)
+        batch = len(feeds["latents"]) if "latents" in feeds else 1
+        if not streamed or batch < 2:
+            acc = dict(feeds)
+            for name in names:
+                self.advance(name, acc, self.run(name, acc, lora, streamed))
+            return acc[gn.PREDICTION]
+        rows = [{k: v[r : r + 1] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
+                for r in range(batch)]
+        def each_row(name: str, sess) -> None:
+            for acc in rows:
+                self.advance(name, acc, self._run_session(name, sess, acc, lora))
+
+        for name in names:
+            self._on_graph(name, True, lambda sess, name=name: each_row(name, sess))
+        return np.concatenate([acc[gn.PREDICTION] for acc in rows])
 
     # ------------------------------------------------------------------ text, VAE
     def text_encoder(self):

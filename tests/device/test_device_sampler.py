@@ -249,14 +249,22 @@ def test_class_images_are_drawn_at_the_prior_share_with_their_class_captions(bui
 
 
 def test_streamed_generation_is_the_resident_image_and_keeps_no_session(builtin_bundle):
-    """Streamed: each graph opened for its own run and released; the image is the resident one's."""
+    """Streamed: each graph opened once per step for its guidance rows, run one after the other, and released;
+    the image is the resident one's (which runs both rows as a batch of 2)."""
     pytest.importorskip("onnxruntime.training")
     from edge_runtime.runtime import Bundle
 
     streamed, resident = Bundle(builtin_bundle[0], threads=1), Bundle(builtin_bundle[0], threads=1)
     prompt = "a small green square on a white background, top left"
+    runs, opened, run_session, open_ = [], [], streamed._run_session, streamed._open
+    streamed._run_session = lambda name, sess, acc, lora: runs.append(
+        (name, acc["state.image"].shape[0] if "state.image" in acc else None)) or run_session(name, sess, acc, lora)
+    streamed._open = lambda name: opened.append(name) or open_(name)
     a = streamed.generate(prompt, seed=3, steps=3, streamed=True)
     assert streamed._sessions == {} and getattr(streamed, "_text", None) is None
+    chain = [n for n in opened if n in streamed.chain_names]
+    assert chain == streamed.chain_names * 3  # each graph once per sampling step
+    assert len(runs) == 2 * len(chain) and all(b in (None, 1) for _, b in runs)  # guidance rows one at a time
     b = resident.generate(prompt, seed=3, steps=3)
     assert set(resident._sessions) == set(resident.chain_names) and resident._text is not None
     assert np.array_equal(a, b)

@@ -29,6 +29,11 @@ class Calibration:
     inference_linear_factor: float  # inference: peak transient elements per linear unit of the largest block
     inference_attention_factor: float  # ... per attention unit (the exported graph materialises softmax(QK^T))
     inference_mlp_factor: float  # ... per linear unit, in the block's feed-forward part (beside its attention's)
+    # with the attention and the feed-forward cut into slices (compile/attention_chunks.py, feedforward_chunks.py):
+    # what stays whole per linear unit, in a block that runs its feed-forward after its attention, and in one that
+    # runs them side by side on the same input (FLUX's single-stream blocks)
+    sliced_linear_factor: float
+    sliced_parallel_factor: float
     vae_decode_factor: float  # VAE decoding: peak elements per pixel x channel of its full-resolution widest map
     train_weight_factor: float  # ORT training session: resident bytes per weight byte of the trained graph
     ort_train_linear_factor: float  # ORT training: saved + transient elements per linear unit of the trained blocks
@@ -58,6 +63,12 @@ HOST_CPU = Calibration(  # fit 2026-12-05 (session 20), 35 figures; ORT training
     # peak, its feed-forward part; measured on FLUX-shaped single / double blocks of 0.1B-1.1B at 1056 tokens:
     # 1.74-1.76 / 1.50-1.52 (the larger of it and the attention part is the block's peak)
     inference_mlp_factor=1.65,
+    # session 26: the feed-forward parts cut into token slices too (compile/feedforward_chunks.py); measured on the
+    # 0.1B and 0.5B `bench scale` graphs, batch 2, 1056 tokens, 5 slices (second-run RSS rise, less the sliced
+    # attention term): double-stream groups 0.59 / 0.585, single-stream runs 0.89 / 0.90 (84 -> 49, 87 -> 60,
+    # 141 -> 81, 145 -> 101 MiB from attention-only slices)
+    sliced_linear_factor=0.59,
+    sliced_parallel_factor=0.89,
     # session 24: measured in a device-like process on the exported decoders of five AutoencoderKL and two
     # AutoencoderDC at 256-512 px: 3.0 elements per channel of the widest full-resolution map per pixel, within 2 %
     # (before: 0.90 per (output + entering channels), fitted through daemon figures of one pipeline: 40-47 % low)

@@ -296,20 +296,26 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     vae_act = _vae_decode_act(inv, cal, res) * 4  # the VAE graphs stay fp32 (weights.graph_precision)
     trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
     group_chunks, trained_chunks = chunks
-    # each chain graph's (held weight bytes, activation bytes of its run): the frozen groups, then the trainable runs
-    runs = [(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, batch, group_chunks) * ab)
-            for g in groups]
-    runs += [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, batch, trained_chunks) * tw)
-             for r in trained_runs]
+
+    def chain(b: int) -> list[tuple[float, float]]:
+        """Each chain graph's (held weight bytes, activation bytes of a run at batch b): the frozen groups, then the
+        trainable runs."""
+        return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab)
+                 for g in groups]
+                + [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
+                   for r in trained_runs])
+
+    runs = chain(batch)
     act = max((a for _, a in runs), default=0.0)
     # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
     # the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of the two
     sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
     resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
                       + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
-    # streamed: the text encoder, then at each step every chain graph in turn, then the VAE decoder
+    # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
+    # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
     shell = (inv.shell_params - inv.epilogue_params) * shell_b
-    stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0), *runs]
+    stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0), *(chain(1) if batch > 1 else runs)]
     w, a = max(stages, key=lambda s: s[0] + s[1])
     streamed = _phase(t.daemon_runtime_bytes, w, a, sessions_bytes=cal.graph_session_bytes)
     return {"resident": resident, "streamed": streamed}
@@ -322,16 +328,32 @@ def session_factor(cal: Calibration, weights: str) -> float:
 
 
 def _act(inv: Inventory, cal: Calibration, indices, tokens: int, batch: int, chunks: int | None) -> float:
-    """Peak transient activation elements of an inference pass over the blocks `indices`, the largest block's: its
-    feed-forward part (linear units x the MLP factor) or its attention part (linear units x the linear factor + the
-    queries x keys matrices, cut into `chunks` query slices, x the attention factor), whichever is larger; with
-    chunks=None the attention is fused (TensorRT: no queries x keys matrix)."""
+    """Peak transient activation elements of an inference pass over the blocks `indices`, the largest block's.
+
+    Cut into slices (chunks > 1, on ONNX Runtime; compile cuts the attention and, but in Sana's convolutional one,
+    the feed-forward part): what stays whole (linear units x the sliced factor of the block's layout) + one slice's
+    queries x keys matrices (x the attention factor). Otherwise the larger of its feed-forward part (linear units x
+    the MLP factor) and its attention part (linear units x the linear factor + the queries x keys matrices, in
+    `chunks` slices), with chunks=None the attention fused (TensorRT: no queries x keys matrix)."""
     best = 0.0
     for i in indices:
         lin, att = block_units(inv, i, tokens, batch)
+        if chunks and chunks > 1 and feedforward_sliced(inv):
+            f = cal.sliced_parallel_factor if inv.blocks[i].kind == PARALLEL_BLOCKS else cal.sliced_linear_factor
+            best = max(best, lin * f + att * cal.inference_attention_factor / chunks)
+            continue
         attn = lin * cal.inference_linear_factor + (att * cal.inference_attention_factor / chunks if chunks else 0)
         best = max(best, lin * cal.inference_mlp_factor, attn)
     return best
+
+
+PARALLEL_BLOCKS = "single_transformer_blocks"  # FLUX: attention and feed-forward side by side on one input
+
+
+def feedforward_sliced(inv: Inventory) -> bool:
+    """Does compile cut this model's blocks' feed-forward parts into token slices (feedforward_chunks.py)? Every
+    family's linear feed-forward; not Sana's, a convolution over the image grid."""
+    return inv.family != "sana"
 
 
 def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
