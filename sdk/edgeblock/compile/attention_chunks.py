@@ -47,7 +47,7 @@ def chunk_file(path: str, chunks: int, external: bool) -> tuple[int, int]:
 def chunk_attention(model, chunks: int) -> int:
     """Rewrite every exact-cuttable softmax attention of `model` (in place) into `chunks` query slices. Returns how
     many attentions were rewritten (0: the model is untouched)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from .text_parts import node_reads
 
@@ -58,12 +58,7 @@ def chunk_attention(model, chunks: int) -> int:
     producer = {o: n for n in g.node for o in n.output}
     readers = Counter(x for n in g.node for x in node_reads(n))  # subgraphs' outer-scope reads included
     outputs = {o.name for o in g.output}
-    consts = {t.name: list(t.dims) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            value = next((a for a in n.attribute if a.name == "value"), None)
-            if value is not None:
-                consts[n.output[0]] = list(numpy_helper.to_array(value.t).shape)
+    consts = const_shapes(g)
 
     def private(name: str) -> bool:  # read by exactly one node, not a graph output
         return readers[name] == 1 and name not in outputs
@@ -150,3 +145,16 @@ def slice_bounds(p: str, rows_of: str, chunks: int) -> list:
     for i in range(chunks + 1):
         nodes += [const(f"{p}.i{i}", [i]), helper.make_node("Mul", [f"{p}.rows", f"{p}.i{i}"], [f"{p}.at{i}"])]
     return nodes
+
+
+def const_shapes(g) -> dict[str, list[int]]:
+    """The shapes of a graph's constants: its initializers and its Constant nodes' values."""
+    from onnx import numpy_helper
+
+    shapes = {t.name: list(t.dims) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            value = next((a for a in n.attribute if a.name == "value"), None)
+            if value is not None:
+                shapes[n.output[0]] = list(numpy_helper.to_array(value.t).shape)
+    return shapes

@@ -34,14 +34,14 @@ def chunk_feedforward(model, chunks: int) -> int:
     tokens. Returns how many were rewritten (0: the model is untouched)."""
     from onnx import helper
 
-    from .attention_chunks import slice_bounds
+    from .attention_chunks import const_shapes, slice_bounds
     from .text_parts import node_reads
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if chunks < 2 or opset < 15:  # Shape's start/end attributes (the row count) are opset 15
         return 0
     g = model.graph
-    consts = _const_shapes(g)
+    consts = const_shapes(g)
     ranks = _ranks(model)
     producer = {o: n for n in g.node for o in n.output}
     readers = defaultdict(list)
@@ -223,18 +223,6 @@ def _widening(node, consts) -> bool:
         return False
     shape = consts.get(node.input[1])
     return shape is not None and len(shape) == 2 and shape[1] >= WIDEN * shape[0]
-
-
-def _const_shapes(g) -> dict[str, list[int]]:
-    from onnx import numpy_helper
-
-    shapes = {t.name: list(t.dims) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            value = next((a for a in n.attribute if a.name == "value"), None)
-            if value is not None:
-                shapes[n.output[0]] = list(numpy_helper.to_array(value.t).shape)
-    return shapes
 
 
 def _ranks(model, small: int = 1024) -> dict[str, int]:
