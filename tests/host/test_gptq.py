@@ -93,3 +93,34 @@ def test_hessians_of_a_graph_and_a_calibrated_int4_model():
     assert report["calibrated"] == 2 and report["quantized"] == 2
     assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == 2
     assert quantization_error(model, q, feeds[0])["y"]["rel"] < 0.15
+
+
+def test_a_weight_read_in_token_slices_is_rounded_with_all_its_rows():
+    """The same weight read by several MatMuls (a feed-forward cut into token slices): its codes are rounded with
+    the slices' Hessians summed, which is the whole input's X^T X, so they equal the uncut graph's."""
+    from edgeblock.compile.feedforward_chunks import chunk_feedforward
+
+    rng = np.random.default_rng(5)
+    w_up = numpy_helper.from_array((rng.standard_normal((16, 64)) / 4).astype(np.float32), "up")
+    w_down = numpy_helper.from_array((rng.standard_normal((64, 16)) / 8).astype(np.float32), "down")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", 16])
+    nodes = [helper.make_node("MatMul", ["x", "up"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "down"], ["y"])]
+    whole = helper.make_model(helper.make_graph(nodes, "ff", [x], [y], [w_up, w_down]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(whole)
+    assert chunk_feedforward(cut, 3) == 1
+    mix = rng.standard_normal((16, 16)) / 4
+    feeds = [{"x": _correlated(rng, 16, 14, mix, np.exp(rng.standard_normal(16))).reshape(2, 7, 16)
+              .astype(np.float32)}]
+    packed = []
+    for m in (whole, cut):
+        hs = input_hessians(m, quantized_inputs(m, min_elements=256), feeds)
+        q, report = quantize_model(m, "int4", hessians=hs, min_elements=256)
+        assert report["calibrated"] == 2 and report["quantized"] == 2
+        packed.append({t.name: numpy_helper.to_array(t) for t in q.graph.initializer})
+    assert set(packed[0]) == set(packed[1])
+    for name, codes in packed[0].items():  # codes, scales and zero points of both weights
+        np.testing.assert_allclose(packed[1][name], codes, rtol=1e-5, atol=1e-6)
