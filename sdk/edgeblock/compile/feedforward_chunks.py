@@ -75,8 +75,7 @@ def chunk_feedforward(model, chunks: int) -> int:
                 for o in node.output:
                     rename[o] = f"{o}.{p}{i}"
                 c = helper.make_node(node.op_type, [rename.get(t, t) for t in node.input],
-                                     [rename[o] for o in node.output], name=f"{node.name}.{p}{i}" if node.name else None,
-                                     domain=node.domain)
+                                     [rename[o] for o in node.output], domain=node.domain)
                 c.attribute.extend(node.attribute)
                 nodes.append(c)
             for o in r.outputs:
