@@ -103,5 +103,8 @@ def test_bench_daemon_streams_under_a_budget_between_the_predicted_peaks():
 
     assert daemon.streamed_budget(plan(100), 64) is None
     assert daemon.streamed_budget(plan(60), 64) == 80
+    # the job the benchmark runs first in the same daemon must be admitted under the budget too
+    assert daemon.streamed_budget(plan(60), 64, job_bytes=90) == 95
+    assert daemon.streamed_budget(plan(60), 64, job_bytes=100) is None
     with pytest.raises(ValueError, match="generation 'sometimes'"):
         daemon.run("builtin", generation="sometimes")

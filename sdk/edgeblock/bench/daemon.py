@@ -94,11 +94,21 @@ def bundle_for(model: str, blocks: tuple[int, ...] | None, progress, weights: st
     return out
 
 
-def streamed_budget(plan, size: int) -> int | None:
-    """A `--memory-budget` between a bundle's predicted streamed and resident generation peaks at `size` px, under
-    which the daemon's own admission control generates streamed; None when streaming is not predicted smaller."""
+def streamed_budget(plan, size: int, job_bytes: int = 0) -> int | None:
+    """A `--memory-budget` under which the daemon's own admission control generates streamed at `size` px (below
+    the bundle's predicted resident peak) and still admits what the benchmark runs before it in the same daemon (a
+    job predicted at `job_bytes`): midway between the larger of the streamed peak and the job and the resident peak.
+    None when there is no such budget (streaming not predicted smaller, or the job as large as resident generation)."""
     res, st = plan.generation("resident", size)["peak_bytes"], plan.generation("streamed", size)["peak_bytes"]
-    return (res + st) // 2 if st < res else None
+    low = max(st, int(job_bytes))
+    return (res + low) // 2 if low < res else None
+
+
+def job_prediction(plan, manifest, precompute: str = "") -> int:
+    """The bundle's predicted peak of a job the daemon runs with `precompute` ("": the daemon's own choice)."""
+    from edge_runtime.precompute import precompute_mode
+
+    return plan.job_peak(precompute or precompute_mode(int(manifest.model["parameters"])))
 
 
 def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tuple[int, ...] | None = None,
@@ -128,10 +138,11 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
     plan = man.memory_plan()
     extra: list[str] = []
     if generation == STREAMED:
-        budget = streamed_budget(plan, int(man.gen_res)) if plan is not None else None
+        budget = (streamed_budget(plan, int(man.gen_res), job_prediction(plan, man, precompute))
+                  if plan is not None else None)
         if budget is None:
-            raise ValueError(f"{model}: the bundle predicts no streamed generation below its resident one at "
-                             f"{man.gen_res} px; generate resident")
+            raise ValueError(f"{model}: the bundle predicts no streamed generation below its resident one (and above "
+                             f"its job) at {man.gen_res} px; generate resident")
         extra = ["--memory-budget", str(budget)]
     result: dict = {"model": {"name": model, "path": model_dir(model), "parameters": man.model["parameters"],
                               "num_blocks": man.model["num_blocks"], "trainable_blocks": list(trainable),

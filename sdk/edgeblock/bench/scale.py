@@ -5,8 +5,9 @@ Per configuration, on an otherwise idle machine:
 - the torch standard-LoRA training step (a child process, batch 1, the generation resolution): peak RSS;
 - per weights precision (fp32, int8, int4 bundles) and generation mode, one daemon as the product runs it: a
   personalization job (request to adapter; a phase of its own), then one generation in the same daemon:
-  resident (the daemon's default budget) and streamed (`--memory-budget` between the bundle's predicted
-  streamed and resident peaks, so the daemon's own admission picks streaming): peak RSS of each phase;
+  resident (the daemon's default budget) and streamed (`--memory-budget` between the larger of the bundle's
+  predicted streamed peak and its job, and its resident peak, so the daemon's own admission admits the job and
+  picks streaming): peak RSS of each phase;
 - beside each figure, the bundle's prediction (manifest.memory, the planner's), measured before it was known.
 
 The peaks are the kernel's RSS high-water mark per phase (demo.RssSampler), exact under CPU load; times are not
@@ -20,7 +21,7 @@ import json
 import os
 import tempfile
 
-from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, pixel_model_dir, streamed_budget
+from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, job_prediction, pixel_model_dir, streamed_budget
 
 # name -> (attention heads of 128 channels, double-stream blocks, single-stream blocks)
 SCALE_CONFIGS = {
@@ -129,7 +130,8 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         jobs: dict = {}
         for w in weights:
             gen[w], jobs[w] = {}, {}
-            for mode, budget in (("resident", None), ("streamed", streamed_budget(plans[w], gen_res))):
+            budget = streamed_budget(plans[w], gen_res, job_prediction(plans[w], man[w]))  # the job runs first
+            for mode, budget in (("resident", None), ("streamed", budget)):
                 if mode == "streamed" and budget is None:
                     continue
                 say(f"[bench scale] {name}: {w} weights, {mode}: daemon job ({steps} steps), then generate")
@@ -144,8 +146,8 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         r["generate_peak_bytes"] = gen
         base = plans[weights[0]]
         r["predicted"] = {
-            "job_peak_bytes": base.job_peak(_precompute(first)),
-            "job_peak_bytes_by_weights": {w: plans[w].job_peak(_precompute(first)) for w in weights},
+            "job_peak_bytes": job_prediction(base, first),
+            "job_peak_bytes_by_weights": {w: job_prediction(plans[w], man[w]) for w in weights},
             "generate_peak_bytes": {w: {m: plans[w].generation(m, gen_res)["peak_bytes"] for m in gen[w]}
                                     for w in weights},
         }
@@ -159,12 +161,6 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         r["prediction_errors"] = _errors(r)
         out[name] = r
     return out
-
-
-def _precompute(manifest) -> str:
-    from edge_runtime.precompute import precompute_mode
-
-    return precompute_mode(int(manifest.model["parameters"]))
 
 
 def _errors(r: dict) -> dict:
