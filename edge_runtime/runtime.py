@@ -240,6 +240,7 @@ class Bundle:
             return acc[gn.PREDICTION]
         rows = [{k: v[r : r + 1] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
                 for r in range(batch)]
+
         def each_row(name: str, sess) -> None:
             for acc in rows:
                 self.advance(name, acc, self._run_session(name, sess, acc, lora))

@@ -130,8 +130,8 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         jobs: dict = {}
         for w in weights:
             gen[w], jobs[w] = {}, {}
-            budget = streamed_budget(plans[w], gen_res, job_prediction(plans[w], man[w]))  # the job runs first
-            for mode, budget in (("resident", None), ("streamed", budget)):
+            streaming = streamed_budget(plans[w], gen_res, job_prediction(plans[w], man[w]))  # the job runs first
+            for mode, budget in (("resident", None), ("streamed", streaming)):
                 if mode == "streamed" and budget is None:
                     continue
                 say(f"[bench scale] {name}: {w} weights, {mode}: daemon job ({steps} steps), then generate")

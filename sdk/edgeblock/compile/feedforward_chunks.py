@@ -42,6 +42,8 @@ def chunk_feedforward(model, chunks: int) -> int:
         return 0
     g = model.graph
     consts = const_shapes(g)
+    if not any(_widening(n, consts) for n in g.node):
+        return 0  # no up-projection: the shape inference below is not needed
     ranks = _ranks(model)
     producer = {o: n for n in g.node for o in n.output}
     readers = defaultdict(list)
