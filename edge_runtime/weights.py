@@ -30,9 +30,11 @@ SESSION_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 # The graphs of a bundle by what their weights do (compile's weights step and the planner use these names).
-GROUP, TEXT, SHELL, VAE = "group", "text_encoder", "shell", "vae"  # frozen DiT groups; text encoders; prologue
-# and epilogue; VAE encoder and decoder
-GRAPH_ROLES: tuple[str, ...] = (GROUP, TEXT, SHELL, VAE)
+GROUP, TRAINED, TEXT, SHELL, VAE = "group", "trained", "text_encoder", "shell", "vae"  # frozen DiT groups; the
+# trainable runs' inference graphs (trainable/infer*.onnx: generation and the job's frozen pass, LoRA as inputs);
+# text encoders; prologue and epilogue; VAE encoder and decoder. What trains (the training artifacts: the trainable
+# blocks' base weights in training precision, LoRA in fp32) is none of these: --weights never touches it.
+GRAPH_ROLES: tuple[str, ...] = (GROUP, TRAINED, TEXT, SHELL, VAE)
 
 # int4 is for the frozen DiT groups, where nearly all the weights are and each block's error is added to a
 # residual stream; the graphs whose error reaches every output take int8 instead (measured on the built-in
@@ -41,6 +43,11 @@ GRAPH_ROLES: tuple[str, ...] = (GROUP, TEXT, SHELL, VAE)
 # 0.063 subject fidelity with them at int4). They hold few weights beside the DiT's (FLUX.1-dev: T5-XXL's 4.8B
 # are streamed part by part; prologue and epilogue ~0.04B).
 _INT4_KEEPS_INT8 = (TEXT, SHELL)
+# The trainable runs' inference graphs take the frozen groups' precision: they are DiT blocks too, and an adapter's
+# LoRA runs beside each quantized base MatMul in fp32 (its weights are graph inputs, never quantized). Measured on the
+# 120M `bench scale` bundle (trainable/infer.onnx, two single-stream blocks, 67.5 MiB of fp32 weights): one int4
+# generation in a fresh process peaked 316 -> 260 MiB resident, 191 -> 139 streamed; int8 (DequantizeLinear) only
+# 302 / 180, the dequantized copies of the run's weights being held across its feed-forward slices.
 # A VAE stays fp32 under every --weights: it is convolutions (weight-only quantization rewrites MatMul/Gemm weights:
 # in a VAE its mid blocks' few attention matrices, 2 % of latent-fit's int8 encoder bytes), and a quantized graph runs
 # without ORT's graph optimizations (SESSION_SETTINGS), which its convolutions need: latent-fit's int8 decoder at
@@ -49,7 +56,8 @@ _INT4_KEEPS_INT8 = (TEXT, SHELL)
 
 def graph_precision(weights: str, role: str) -> str:
     """The precision compile gives a graph of `role` (GRAPH_ROLES) in a bundle compiled with `--weights weights`:
-    `weights` itself, except int8 for text encoders, prologue and epilogue under int4, and fp32 for the VAE."""
+    `weights` itself (the trainable runs' inference graphs too), except int8 for text encoders, prologue and epilogue
+    under int4, and fp32 for the VAE."""
     check_weights(weights)
     if role not in GRAPH_ROLES:
         raise ValueError(f"graph role {role!r} is not one of {', '.join(GRAPH_ROLES)}")

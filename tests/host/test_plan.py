@@ -95,6 +95,20 @@ def test_streaming_and_quantized_weights_lower_generation():
     assert by[("int4", "resident")]["methods"]["blockskip"]["train"] == by[("fp16", "resident")]["methods"]["blockskip"]["train"]
 
 
+def test_generation_weights_take_the_bundle_precision_whichever_blocks_train():
+    """The trainable runs' inference graphs are quantized with the frozen groups (edge_runtime.weights.TRAINED): a
+    resident generation holds the same weight bytes whichever blocks train; only the training step's (fp32) differ."""
+    few, many = ([plan(PlanOptions("flux1-dev", "orin-nx-16gb", weights=w, blocks=b)) for w in ("fp16", "int4")]
+                 for b in ((9, 10), tuple(range(4, 16))))
+    for a, b in zip(few, many):
+        assert a["precision"]["trained_inference"] == a["precision"]["weights"]
+        wa, wb = (r["generation"]["resident"]["parts"]["weights_bytes"] for r in (a, b))
+        assert wa == pytest.approx(wb, rel=1e-9)
+        assert a["methods"]["blockskip"]["train"]["peak_bytes"] < b["methods"]["blockskip"]["train"]["peak_bytes"]
+    assert many[1]["generation"]["resident"]["parts"]["weights_bytes"] < \
+        0.4 * many[0]["generation"]["resident"]["parts"]["weights_bytes"]  # int4 against fp16, trainable runs too
+
+
 def test_vae_weights_stay_fp32_and_an_online_job_holds_the_vae_encoder():
     """compile leaves the VAE fp32 (edge_runtime.weights.graph_precision): its bytes do not follow --weights. An online
     job's frozen pass encodes each draw's crop, so its training phase holds the VAE encoder; a bank job does not."""

@@ -1,6 +1,7 @@
-"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder (each of its parts) and
-the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
-against its fp32 self on real feeds; the trainable blocks' graphs, the training artifacts and the VAE stay fp32
+"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the trainable runs' inference graphs
+(trainable/infer*.onnx: their base weights; the LoRA weights are graph inputs), the text encoder (each of its parts)
+and the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
+against its fp32 self on real feeds; the training artifacts (what trains) and the VAE stay fp32
 (edge_runtime.weights.graph_precision).
 """
 
@@ -15,12 +16,13 @@ import numpy as np
 from edge_runtime import graph_names as gn
 from edge_runtime.fileio import sha256_file
 from edge_runtime.patch_sampling import with_grid_crop
-from edge_runtime.weights import FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, VAE, graph_precision
+from edge_runtime.weights import FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, VAE, graph_precision
 
 from .context import PROMPT, CompileContext
 
-# the chain graphs that are quantized (the trainable blocks' infer graphs keep the training precision)
-QUANTIZED_KINDS = (gn.PROLOGUE, gn.GROUP, gn.EPILOGUE)
+# the chain graphs that are quantized, by the role that sets their precision (every chain graph: the training
+# artifacts, which hold the trainable blocks' base weights in training precision, are not in the chain)
+CHAIN_ROLES = {gn.PROLOGUE: SHELL, gn.GROUP: GROUP, gn.TRAINABLE_INFER: TRAINED, gn.EPILOGUE: SHELL}
 
 
 def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
@@ -40,9 +42,9 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     block = INT4_BLOCK_SIZE if precision == INT4 else None
     kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES if r != VAE} - {precision})
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "")
-            + ": frozen groups, text encoder, prologue and epilogue"
+            + ": frozen groups, trainable runs' inference graphs, text encoder, prologue and epilogue"
             + (f" (text encoder, prologue and epilogue at {', '.join(kept)})" if kept else "")
-            + "; the trainable blocks and the VAE stay fp32")
+            + "; the training artifacts and the VAE stay fp32")
     graphs: dict[str, dict[str, Any]] = {}
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
     text = ctx.extra.get("text_encoder")
@@ -62,7 +64,8 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
 
 
 def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
-    """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs. int4 graphs are
+    """Every chain graph (prologue, frozen groups, trainable runs, epilogue) at the generation shape, with zero LoRA
+    inputs: each on the fp32 chain's inputs. int4 graphs are
     rounded with their inputs' Hessians on the calibration draws (_calibration_inputs) and to nearest, and measured
     on the verification draw, which is not one of them; the rounding with the smaller error is kept."""
     from . import onnx_export as ox
@@ -70,7 +73,7 @@ def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
     zero = {n: np.zeros(d["shape"], np.float32) for s in ctx.specs for n, d in s.lora.items()}
     feeds0 = {k: ox._np(v) for k, v in {**ox.prologue_inputs(ctx.x_gen), **zero}.items()}
     acc: dict[str, Any] = dict(feeds0)
-    calibrate = any(graph_precision(precision, r) == INT4 for r in (GROUP, SHELL))
+    calibrate = any(graph_precision(precision, r) == INT4 for r in set(CHAIN_ROLES.values()))
     cal = [{k: ox._np(v) for k, v in {**ox.prologue_inputs(x), **zero}.items()}
            for x in (_calibration_inputs(ctx) if calibrate else [])]
     for spec in ctx.specs:
@@ -78,9 +81,9 @@ def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
         cal = [with_grid_crop(spec.inputs, a) for a in cal]
         out = ox.run_onnx(spec.path, acc)  # fp32, before the file changes
         cal_out = [ox.run_onnx(spec.path, a) for a in cal]
-        if spec.kind in QUANTIZED_KINDS:
+        if spec.kind in CHAIN_ROLES:
             feeds = {n: acc[n] for n in spec.inputs if n in acc}
-            w = graph_precision(precision, GROUP if spec.kind == gn.GROUP else SHELL)
+            w = graph_precision(precision, CHAIN_ROLES[spec.kind])
             cal_feeds = [{n: a[n] for n in spec.inputs if n in a} for a in cal] if w == INT4 else []
             spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], w, feeds, graphs, cal_feeds)
         gn.fold_outputs(acc, out, spec.state_in, spec.state_out)

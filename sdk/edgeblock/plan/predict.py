@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
-from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
+from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, TRAINED, VAE, WEIGHTS, bytes_per_weight, graph_precision
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from ..compile.attention_chunks import query_chunks
@@ -182,9 +182,9 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     native = t.weight_bytes  # the target's inference precision (fp16 engines on Jetson, fp32 on the CPU)
     weights = opts.weights or {2: FP16, 4: FP32}[native]
     # bytes per weight of the frozen groups, text encoders, prologue/epilogue (int4: these two int8) and VAE (fp32)
-    wb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TEXT, SHELL, VAE))
+    wb, rb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TRAINED, TEXT, SHELL, VAE))
     ab = min(native, 4) if t.gpu else 4  # activations at inference
-    tw = 4  # the trainable blocks' graphs stay in training precision (fp32), generation's too
+    tw = 4  # the training step's trainable blocks: training precision (fp32); their inference graphs' activations too
     block_params = [b.params for b in inv.blocks]
     groups = compiled_groups(block_params, trainable, opts.max_group_mb)
     prologue = inv.shell_params - inv.epilogue_params
@@ -194,7 +194,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--precompute must be one of {', '.join(PRECOMPUTE_MODES)}, got {precompute!r}")
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
-    gs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, SHELL, VAE))
+    gs, rs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, TRAINED, SHELL, VAE))
     # the text encoders' sessions: their weights less the token-embedding tables (read row by row from disk)
     text_w = inv.text_session_params * tb * cal.text_session_factor
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
@@ -207,7 +207,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
     group_w = [sum(block_params[i] for i in g) * wb * gs for g in groups]
     # the frozen groups run fused on TensorRT (the GPU targets) or cut into the generation's query slices on ONNX
-    # Runtime; the trainable runs always on ONNX Runtime, in training precision (fp32 activations)
+    # Runtime; the trainable runs' inference graphs always on ONNX Runtime, their weights at the bundle's precision
+    # (`rb`), their activations fp32
     chunks = _chunks(inv, n_gen)
     group_chunks = None if t.gpu else chunks
     group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab for g in groups]
@@ -229,13 +230,13 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # online: the frozen pass runs the whole chain at each draw (the trainable run's inference graph too) and the VAE
     # encoder encodes each draw's crop, all of them held open beside the live trainer: each session at its generation
     # bytes (its precision's session factor), times online_session_factor
-    online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * tw
-                 * cal.session_weight_factor) * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
+    online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * rb * rs)
+                * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w,
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
-    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
-                             text_w, vae_dec_w, text_held, (group_chunks, chunks))
+    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, rb * rs, sb * ss, ab,
+                             tw, text_w, vae_dec_w, text_held, (group_chunks, chunks))
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -270,7 +271,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                   "pixel_space": inv.pixel_space, "lora_rank": rank, "lora_params": lora,
                   "precompute": precompute, "generation_batch": gen_batch, "notes": inv.notes},
         "target": t.as_json(),
-        "precision": {"weights": weights, "training": "fp32"},
+        "precision": {"weights": weights, "trained_inference": graph_precision(weights, TRAINED), "training": "fp32"},
         "generation": {"mode": opts.generation, **generation},
         "text_encoder": text_mode,
         "methods": methods,
@@ -282,13 +283,13 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                group_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
+                group_b: float, trained_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
                 text_held: float, chunks: tuple[int | None, int]) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
-    whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
-    weight (stored bytes x their precision's session factor); chunks: the query slices of the frozen groups' (None:
-    fused) and the trainable runs' attentions; the trainable runs' activations are fp32 (`tw` bytes) everywhere."""
-    sw = cal.session_weight_factor
+    whole or, `text_held`, its largest part). group_b / trained_b / shell_b: resident bytes per frozen-group /
+    trainable-run / prologue-epilogue weight (stored bytes x their precision's session factor); chunks: the query
+    slices of the frozen groups' (None: fused) and the trainable runs' attentions; the trainable runs' activations
+    are fp32 (`tw` bytes) everywhere."""
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
@@ -302,7 +303,7 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
         trainable runs."""
         return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab)
                  for g in groups]
-                + [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
+                + [(sum(block_params[i] for i in r) * trained_b, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
                    for r in trained_runs])
 
     runs = chain(batch)
@@ -310,7 +311,7 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
     # the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of the two
     sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
-    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
+    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * trained_b
                       + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
     # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
