@@ -204,3 +204,36 @@ def test_token_activations_of_rank_3_keep_their_shape(weights):
     q, _ = quantize_model(model, weights)
     errors = quantization_error(model, q, {"x": rng.standard_normal((2, 7, 96)).astype(np.float32)})
     assert errors["y"]["rel"] < {"fp16": 5e-4, "int8": 0.0125, "int4": 0.12}[weights]  # one layer: 2e-4, 0.006, 0.077
+
+
+@pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
+def test_a_weight_read_by_several_matmuls_is_stored_once_and_copied_per_reader(weights):
+    """Token slices (compile/feedforward_chunks.py) read one weight from several MatMuls: its codes are stored once,
+    and an int8 / fp16 weight gets an fp32 copy per reader, made just before it (not one held across all of them)."""
+    rng = np.random.default_rng(6)
+    w = numpy_helper.from_array(rng.standard_normal((96, 80)).astype(np.float32), "w")
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [x, "w"], [y]) for x, y in (("a", "ya"), ("b", "yb"), ("c", "yc"))], "slices",
+        [helper.make_tensor_value_info(x, f, [5, 96]) for x in "abc"],
+        [helper.make_tensor_value_info(y, f, [5, 80]) for y in ("ya", "yb", "yc")], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    q, report = quantize_model(model, weights)
+    assert report["quantized"] == 1 and len(report["matrices"]) == 1
+    stored = {"fp16": 96 * 80 * 2, "int8": 96 * 80 + 80 * 4}
+    if weights in stored:
+        assert _init_bytes(q) == stored[weights]
+        op = {"fp16": "Cast", "int8": "DequantizeLinear"}[weights]
+        nodes = list(q.graph.node)
+        copies = [n for n in nodes if n.op_type == op]
+        assert len(copies) == 3 and len({n.output[0] for n in copies}) == 3
+        assert len({tuple(n.input) for n in copies}) == 1  # one stored weight
+        for k, n in enumerate(nodes):  # each copy is read by the MatMul right after it, and only by it
+            if n.op_type == op:
+                assert nodes[k + 1].op_type == "MatMul" and nodes[k + 1].input[1] == n.output[0]
+                assert sum(n.output[0] in m.input for m in nodes) == 1
+    else:
+        assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == 3 and len(q.graph.initializer) == 3
+    feeds = {x: rng.standard_normal((5, 96)).astype(np.float32) for x in "abc"}
+    errors = quantization_error(model, q, feeds)
+    assert max(e["rel"] for e in errors.values()) < {"fp16": 5e-4, "int8": 0.0125, "int4": 0.12}[weights]

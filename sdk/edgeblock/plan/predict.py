@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
-from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, TRAINED, VAE, WEIGHTS, bytes_per_weight, graph_precision
+from edge_runtime.weights import (FP16, FP32, GROUP, INT8, SHELL, TEXT, TRAINED, VAE, WEIGHTS, bytes_per_weight,
+                                  graph_precision)
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from ..compile.attention_chunks import query_chunks
 from .calibration import HOST_CPU, Calibration
-from .inventory import Inventory, block_units, load_inventory, stream_tokens
+from .inventory import Inventory, block_units, feedforward_weights, load_inventory, stream_tokens
 from .targets import GiB, Target, get_target
 
 LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
@@ -211,7 +212,13 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # (`rb`), their activations fp32
     chunks = _chunks(inv, n_gen)
     group_chunks = None if t.gpu else chunks
-    group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab for g in groups]
+
+    def copies(indices, role: str) -> float:
+        """Bytes of the fp32 weight copies an int8 / fp16 graph of `role` holds across its feed-forward slices."""
+        return _dequant_copies(inv, indices, graph_precision(weights, role),
+                               group_chunks if role == GROUP else chunks)
+
+    group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab + copies(g, GROUP) for g in groups]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
         bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * ss, group_act[k])
@@ -236,7 +243,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, rb * rs, sb * ss, ab,
-                             tw, text_w, vae_dec_w, text_held, (group_chunks, chunks))
+                             tw, text_w, vae_dec_w, text_held, (group_chunks, chunks), copies)
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -284,12 +291,12 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
                 group_b: float, trained_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
-                text_held: float, chunks: tuple[int | None, int]) -> dict[str, dict]:
+                text_held: float, chunks: tuple[int | None, int], copies) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
     whole or, `text_held`, its largest part). group_b / trained_b / shell_b: resident bytes per frozen-group /
     trainable-run / prologue-epilogue weight (stored bytes x their precision's session factor); chunks: the query
     slices of the frozen groups' (None: fused) and the trainable runs' attentions; the trainable runs' activations
-    are fp32 (`tw` bytes) everywhere."""
+    are fp32 (`tw` bytes) everywhere; copies(blocks, role): a run's dequantized weight copies (_dequant_copies)."""
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
@@ -301,10 +308,10 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     def chain(b: int) -> list[tuple[float, float]]:
         """Each chain graph's (held weight bytes, activation bytes of a run at batch b): the frozen groups, then the
         trainable runs."""
-        return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab)
-                 for g in groups]
-                + [(sum(block_params[i] for i in r) * trained_b, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
-                   for r in trained_runs])
+        return ([(sum(block_params[i] for i in g) * group_b,
+                  _act(inv, cal, g, n_gen, b, group_chunks) * ab + copies(g, GROUP)) for g in groups]
+                + [(sum(block_params[i] for i in r) * trained_b,
+                    _act(inv, cal, r, n_gen, b, trained_chunks) * tw + copies(r, TRAINED)) for r in trained_runs])
 
     runs = chain(batch)
     act = max((a for _, a in runs), default=0.0)
@@ -346,6 +353,20 @@ def _act(inv: Inventory, cal: Calibration, indices, tokens: int, batch: int, chu
         attn = lin * cal.inference_linear_factor + (att * cal.inference_attention_factor / chunks if chunks else 0)
         best = max(best, lin * cal.inference_mlp_factor, attn)
     return best
+
+
+def _dequant_copies(inv: Inventory, indices, precision: str, chunks: int | None) -> float:
+    """Bytes an int8 / fp16 graph over the blocks `indices` holds beyond its fp32 self while it runs, taken as the
+    largest block's up- and down-projection in fp32. Each weight's fp32 copy (DequantizeLinear / Cast) is made just
+    before its MatMul, one per reader (compile/quantize.py; edge_runtime.weights.SESSION_SETTINGS), yet the run
+    peaks above the fp32 graph's where the feed-forward slices run: measured on the 120M bench model's int8 trainable
+    run (two single-stream blocks, 5 slices, batch 2) +97 MiB with one copy shared by the slices, +86 with a copy
+    per slice, against +56 for its fp32 graph at the same session settings; its up- and down-projection are 9.0 +
+    11.25 MiB. None for int4 (MatMulNBits reads the packed codes), fp32, an unsliced graph or one on TensorRT
+    (chunks None)."""
+    if precision not in (INT8, FP16) or not chunks or chunks < 2 or not feedforward_sliced(inv):
+        return 0.0
+    return max((feedforward_weights(inv, i) for i in indices), default=0) * 4.0
 
 
 PARALLEL_BLOCKS = "single_transformer_blocks"  # FLUX: attention and feed-forward side by side on one input
