@@ -114,8 +114,7 @@ class Manifest:
     def graph_weights(self, key: str) -> str:
         """The weight precision of one graph (its graph key: "frozen/group_00", "text_encoder", "vae_decoder" ...):
         the one compile recorded for it (edge_runtime.weights.graph_precision; bundles that record none per graph:
-        the bundle's) for the graphs compile quantized, fp32 for the others (the VAE's; every graph of a bundle
-        compiled before the trainable runs' inference graphs were quantized with the rest)."""
+        the bundle's) for the graphs compile quantized, fp32 for the others (the trainable blocks' graphs, the VAE's)."""
         g = self.weights.get("graphs", {}).get(key)
         if g is None:
             return FP32

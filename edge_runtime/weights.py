@@ -43,11 +43,14 @@ GRAPH_ROLES: tuple[str, ...] = (GROUP, TRAINED, TEXT, SHELL, VAE)
 # 0.063 subject fidelity with them at int4). They hold few weights beside the DiT's (FLUX.1-dev: T5-XXL's 4.8B
 # are streamed part by part; prologue and epilogue ~0.04B).
 _INT4_KEEPS_INT8 = (TEXT, SHELL)
-# The trainable runs' inference graphs take the frozen groups' precision: they are DiT blocks too, and an adapter's
-# LoRA runs beside each quantized base MatMul in fp32 (its weights are graph inputs, never quantized). Measured on the
-# 120M `bench scale` bundle (trainable/infer.onnx, two single-stream blocks, 67.5 MiB of fp32 weights): one int4
-# generation in a fresh process peaked 316 -> 260 MiB resident, 191 -> 139 streamed; int8 (DequantizeLinear) only
-# 302 / 180, the dequantized copies of the run's weights being held across its feed-forward slices.
+# The trainable runs' inference graphs stay fp32 under every --weights, like what trains: an adapter is trained
+# against its blocks' fp32 base weights, and generating over a quantized base lost the fidelity it had learned. Measured
+# with them at the bundle's precision (0.5.0 in development; `edgeblock eval --weights int8,int4 --rows
+# blockskip_device --seed 0`, the built-in model, blocks 1-5 trained): subject fidelity -0.035 at int8 and -0.031 at
+# int4 against the fp32 row (prompt fidelity -0.025 / 0.000), where the frozen groups alone quantized lose -0.008 /
+# -0.011 (docs/results.md). Their memory would have fallen (120M `bench scale` bundle, int4: one generation after a
+# job peaked 338 -> 283 MiB resident, 213 -> 162 streamed), not enough to pay for that.
+_ALWAYS_FP32 = (TRAINED, VAE)
 # A VAE stays fp32 under every --weights: it is convolutions (weight-only quantization rewrites MatMul/Gemm weights:
 # in a VAE its mid blocks' few attention matrices, 2 % of latent-fit's int8 encoder bytes), and a quantized graph runs
 # without ORT's graph optimizations (SESSION_SETTINGS), which its convolutions need: latent-fit's int8 decoder at
@@ -56,12 +59,12 @@ _INT4_KEEPS_INT8 = (TEXT, SHELL)
 
 def graph_precision(weights: str, role: str) -> str:
     """The precision compile gives a graph of `role` (GRAPH_ROLES) in a bundle compiled with `--weights weights`:
-    `weights` itself (the trainable runs' inference graphs too), except int8 for text encoders, prologue and epilogue
-    under int4, and fp32 for the VAE."""
+    `weights` itself, except int8 for text encoders, prologue and epilogue under int4, and fp32 for the trainable
+    runs' inference graphs and the VAE."""
     check_weights(weights)
     if role not in GRAPH_ROLES:
         raise ValueError(f"graph role {role!r} is not one of {', '.join(GRAPH_ROLES)}")
-    if role == VAE:
+    if role in _ALWAYS_FP32:
         return FP32
     return INT8 if weights == INT4 and role in _INT4_KEEPS_INT8 else weights
 

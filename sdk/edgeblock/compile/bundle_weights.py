@@ -1,8 +1,7 @@
-"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the trainable runs' inference graphs
-(trainable/infer*.onnx: their base weights; the LoRA weights are graph inputs), the text encoder (each of its parts)
-and the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
-against its fp32 self on real feeds; the training artifacts (what trains) and the VAE stay fp32
-(edge_runtime.weights.graph_precision).
+"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder (each of its parts) and
+the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
+against its fp32 self on real feeds; the trainable runs' inference graphs, the training artifacts and the VAE stay
+fp32 (edge_runtime.weights.graph_precision).
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ from edge_runtime.weights import FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE
 
 from .context import PROMPT, CompileContext
 
-# the chain graphs that are quantized, by the role that sets their precision (every chain graph: the training
-# artifacts, which hold the trainable blocks' base weights in training precision, are not in the chain)
+# the chain graphs by the role that sets their precision (the trainable runs' keep fp32: graph_precision)
 CHAIN_ROLES = {gn.PROLOGUE: SHELL, gn.GROUP: GROUP, gn.TRAINABLE_INFER: TRAINED, gn.EPILOGUE: SHELL}
 
 
@@ -40,11 +38,11 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
         return {}
     ctx.sessions = None  # the fp32 sessions of the shape/verify passes: their graphs are about to change
     block = INT4_BLOCK_SIZE if precision == INT4 else None
-    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES if r != VAE} - {precision})
+    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES if r not in (TRAINED, VAE)} - {precision})
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "")
-            + ": frozen groups, trainable runs' inference graphs, text encoder, prologue and epilogue"
+            + ": frozen groups, text encoder, prologue and epilogue"
             + (f" (text encoder, prologue and epilogue at {', '.join(kept)})" if kept else "")
-            + "; the training artifacts and the VAE stay fp32")
+            + "; the trainable blocks and the VAE stay fp32")
     graphs: dict[str, dict[str, Any]] = {}
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
     text = ctx.extra.get("text_encoder")
@@ -64,8 +62,7 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
 
 
 def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
-    """Every chain graph (prologue, frozen groups, trainable runs, epilogue) at the generation shape, with zero LoRA
-    inputs: each on the fp32 chain's inputs. int4 graphs are
+    """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs. int4 graphs are
     rounded with their inputs' Hessians on the calibration draws (_calibration_inputs) and to nearest, and measured
     on the verification draw, which is not one of them; the rounding with the smaller error is kept."""
     from . import onnx_export as ox
@@ -81,9 +78,9 @@ def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
         cal = [with_grid_crop(spec.inputs, a) for a in cal]
         out = ox.run_onnx(spec.path, acc)  # fp32, before the file changes
         cal_out = [ox.run_onnx(spec.path, a) for a in cal]
-        if spec.kind in CHAIN_ROLES:
+        w = graph_precision(precision, CHAIN_ROLES[spec.kind]) if spec.kind in CHAIN_ROLES else FP32
+        if w != FP32:
             feeds = {n: acc[n] for n in spec.inputs if n in acc}
-            w = graph_precision(precision, CHAIN_ROLES[spec.kind])
             cal_feeds = [{n: a[n] for n in spec.inputs if n in a} for a in cal] if w == INT4 else []
             spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], w, feeds, graphs, cal_feeds)
         gn.fold_outputs(acc, out, spec.state_in, spec.state_out)

@@ -185,7 +185,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # bytes per weight of the frozen groups, text encoders, prologue/epilogue (int4: these two int8) and VAE (fp32)
     wb, rb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TRAINED, TEXT, SHELL, VAE))
     ab = min(native, 4) if t.gpu else 4  # activations at inference
-    tw = 4  # the training step's trainable blocks: training precision (fp32); their inference graphs' activations too
+    tw = 4  # the trainable blocks: training precision (fp32), their inference graphs' weights and activations too
     block_params = [b.params for b in inv.blocks]
     groups = compiled_groups(block_params, trainable, opts.max_group_mb)
     prologue = inv.shell_params - inv.epilogue_params
@@ -208,8 +208,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
     group_w = [sum(block_params[i] for i in g) * wb * gs for g in groups]
     # the frozen groups run fused on TensorRT (the GPU targets) or cut into the generation's query slices on ONNX
-    # Runtime; the trainable runs' inference graphs always on ONNX Runtime, their weights at the bundle's precision
-    # (`rb`), their activations fp32
+    # Runtime; the trainable runs' inference graphs always on ONNX Runtime, at fp32 (`rb`: graph_precision's TRAINED)
     chunks = _chunks(inv, n_gen)
     group_chunks = None if t.gpu else chunks
 
@@ -278,7 +277,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                   "pixel_space": inv.pixel_space, "lora_rank": rank, "lora_params": lora,
                   "precompute": precompute, "generation_batch": gen_batch, "notes": inv.notes},
         "target": t.as_json(),
-        "precision": {"weights": weights, "trained_inference": graph_precision(weights, TRAINED), "training": "fp32"},
+        "precision": {"weights": weights, "training": "fp32"},
         "generation": {"mode": opts.generation, **generation},
         "text_encoder": text_mode,
         "methods": methods,
