@@ -114,36 +114,6 @@ def test_the_trainable_runs_generate_at_fp32_whatever_the_weights():
         assert wm - wf == pytest.approx(added * (4 * HOST_CPU.session_weight_factor - frozen_b), rel=1e-6)
 
 
-def test_int8_and_fp16_graphs_hold_their_sliced_feedforward_weights_in_fp32():
-    """An int8 / fp16 graph on ONNX Runtime dequantizes each weight just before its MatMul, but the feed-forward
-    slices all read one copy (compile/feedforward_chunks.py): the widest block's up- and down-projection stay fp32
-    across them. int4 (MatMulNBits), fp32, unsliced graphs and TensorRT's fused groups hold none."""
-    from edgeblock.plan.inventory import feedforward_weights
-    from edgeblock.plan.predict import _dequant_copies
-
-    inv = load_inventory("flux1-dev")
-    single = next(b.index for b in inv.blocks if b.kind == "single_transformer_blocks")
-    double = next(b.index for b in inv.blocks if b.kind == "transformer_blocks")
-    # FLUX.1-dev, width 3072: single-stream proj_mlp 3072 -> 12288 and proj_out 15360 -> 3072; double-stream ff
-    # 3072 -> 12288 -> 3072
-    assert feedforward_weights(inv, single) == 3072 * 12288 + 15360 * 3072
-    assert feedforward_weights(inv, double) == 2 * 3072 * 12288
-    both = [double, single]
-    for w in ("int8", "fp16"):
-        assert _dequant_copies(inv, both, w, 4) == 4.0 * feedforward_weights(inv, single)
-        assert _dequant_copies(inv, both, w, None) == _dequant_copies(inv, both, w, 1) == 0.0
-    assert _dequant_copies(inv, both, "int4", 4) == _dequant_copies(inv, both, "fp32", 4) == 0.0
-    sana = load_inventory("sana-1600m-1024")  # its feed-forward is a convolution: never sliced
-    assert _dequant_copies(sana, [0], "int8", 4) == 0.0
-    # generation on the CPU host (the pixel-space built-in model: no VAE decoder's peak above the chain's): the
-    # largest run at int8 holds its copies beside its activations
-    tiny = load_inventory("builtin")  # one block trained: a frozen group's run is the generation's largest
-    g = {w: plan(PlanOptions("builtin", "host-cpu", weights=w, blocks=(1,)), inv=tiny) for w in ("int8", "int4")}
-    a8, a4 = (g[w]["generation"]["resident"]["parts"]["activations_bytes"] for w in ("int8", "int4"))
-    most = max(feedforward_weights(tiny, b.index) for b in tiny.blocks) * 4.0
-    assert 0.5 * most < a8 - a4 <= most
-
-
 def test_vae_weights_stay_fp32_and_an_online_job_holds_the_vae_encoder():
     """compile leaves the VAE fp32 (edge_runtime.weights.graph_precision): its bytes do not follow --weights. An online
     job's frozen pass encodes each draw's crop, so its training phase holds the VAE encoder; a bank job does not."""

@@ -257,24 +257,6 @@ def block_units(inv: Inventory, index: int, n_img: int, batch: int = 1) -> tuple
     return lin * batch, att * batch
 
 
-def feedforward_weights(inv: Inventory, index: int) -> int:
-    """Weights of block `index`'s widest up-projection plus its widest down-projection (token-wise linears at least
-    2x wider out than in, or in than out): what an int8 / fp16 graph holds dequantized to fp32 while compile's feed-forward
-    slices run (compile/feedforward_chunks.py: each slice's MatMul reads the one DequantizeLinear / Cast output)."""
-    from torch import nn
-
-    b = inv.blocks[index]
-    lst, j = b.name.split(".")
-    up = down = 0
-    for name, m in getattr(inv._model, lst)[int(j)].named_modules():
-        if isinstance(m, nn.Linear) and "norm" not in name:  # an adaptive norm's linear reads the timestep embedding
-            if m.out_features >= 2 * m.in_features:
-                up = max(up, m.in_features * m.out_features)
-            elif m.in_features >= 2 * m.out_features:
-                down = max(down, m.in_features * m.out_features)
-    return up + down
-
-
 def shipped_configs() -> dict[str, str]:
     """Name -> path of the transformer configs shipped with the planner (config.json only, no weights)."""
     d = os.path.join(os.path.dirname(__file__), "configs")

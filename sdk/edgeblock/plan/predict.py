@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
-from edge_runtime.weights import (FP16, FP32, GROUP, INT8, SHELL, TEXT, TRAINED, VAE, WEIGHTS, bytes_per_weight,
-                                  graph_precision)
+from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from ..compile.attention_chunks import query_chunks
 from .calibration import HOST_CPU, Calibration
-from .inventory import Inventory, block_units, feedforward_weights, load_inventory, stream_tokens
+from .inventory import Inventory, block_units, load_inventory, stream_tokens
 from .targets import GiB, Target, get_target
 
 LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
@@ -183,9 +182,9 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     native = t.weight_bytes  # the target's inference precision (fp16 engines on Jetson, fp32 on the CPU)
     weights = opts.weights or {2: FP16, 4: FP32}[native]
     # bytes per weight of the frozen groups, text encoders, prologue/epilogue (int4: these two int8) and VAE (fp32)
-    wb, rb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TRAINED, TEXT, SHELL, VAE))
+    wb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TEXT, SHELL, VAE))
     ab = min(native, 4) if t.gpu else 4  # activations at inference
-    tw = 4  # the trainable blocks: training precision (fp32), their inference graphs' weights and activations too
+    tw = 4  # the trainable blocks' graphs stay in training precision (fp32), generation's too
     block_params = [b.params for b in inv.blocks]
     groups = compiled_groups(block_params, trainable, opts.max_group_mb)
     prologue = inv.shell_params - inv.epilogue_params
@@ -195,7 +194,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--precompute must be one of {', '.join(PRECOMPUTE_MODES)}, got {precompute!r}")
     gen_batch = opts.guidance_batch or (1 if inv.guidance_embeds else 2)
 
-    gs, rs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, TRAINED, SHELL, VAE))
+    gs, ss, vs = (session_factor(cal, graph_precision(weights, r)) for r in (GROUP, SHELL, VAE))
     # the text encoders' sessions: their weights less the token-embedding tables (read row by row from disk)
     text_w = inv.text_session_params * tb * cal.text_session_factor
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
@@ -208,16 +207,10 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # --- DiT-BlockSkip on the daemon -------------------------------------------------------------
     group_w = [sum(block_params[i] for i in g) * wb * gs for g in groups]
     # the frozen groups run fused on TensorRT (the GPU targets) or cut into the generation's query slices on ONNX
-    # Runtime; the trainable runs' inference graphs always on ONNX Runtime, at fp32 (`rb`: graph_precision's TRAINED)
+    # Runtime; the trainable runs always on ONNX Runtime, in training precision (fp32 activations)
     chunks = _chunks(inv, n_gen)
     group_chunks = None if t.gpu else chunks
-
-    def copies(indices, role: str) -> float:
-        """Bytes of the fp32 weight copies an int8 / fp16 graph of `role` holds across its feed-forward slices."""
-        return _dequant_copies(inv, indices, graph_precision(weights, role),
-                               group_chunks if role == GROUP else chunks)
-
-    group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab + copies(g, GROUP) for g in groups]
+    group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab for g in groups]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
         bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * ss, group_act[k])
@@ -236,13 +229,13 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # online: the frozen pass runs the whole chain at each draw (the trainable run's inference graph too) and the VAE
     # encoder encodes each draw's crop, all of them held open beside the live trainer: each session at its generation
     # bytes (its precision's session factor), times online_session_factor
-    online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * rb * rs)
-                * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
+    online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * tw
+                 * cal.session_weight_factor) * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w,
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
-    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, rb * rs, sb * ss, ab,
-                             tw, text_w, vae_dec_w, text_held, (group_chunks, chunks), copies)
+    generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
+                             text_w, vae_dec_w, text_held, (group_chunks, chunks))
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -289,13 +282,13 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                group_b: float, trained_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
-                text_held: float, chunks: tuple[int | None, int], copies) -> dict[str, dict]:
+                group_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
+                text_held: float, chunks: tuple[int | None, int]) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
-    whole or, `text_held`, its largest part). group_b / trained_b / shell_b: resident bytes per frozen-group /
-    trainable-run / prologue-epilogue weight (stored bytes x their precision's session factor); chunks: the query
-    slices of the frozen groups' (None: fused) and the trainable runs' attentions; the trainable runs' activations
-    are fp32 (`tw` bytes) everywhere; copies(blocks, role): a run's dequantized weight copies (_dequant_copies)."""
+    whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
+    weight (stored bytes x their precision's session factor); chunks: the query slices of the frozen groups' (None:
+    fused) and the trainable runs' attentions; the trainable runs' activations are fp32 (`tw` bytes) everywhere."""
+    sw = cal.session_weight_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
@@ -307,17 +300,17 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     def chain(b: int) -> list[tuple[float, float]]:
         """Each chain graph's (held weight bytes, activation bytes of a run at batch b): the frozen groups, then the
         trainable runs."""
-        return ([(sum(block_params[i] for i in g) * group_b,
-                  _act(inv, cal, g, n_gen, b, group_chunks) * ab + copies(g, GROUP)) for g in groups]
-                + [(sum(block_params[i] for i in r) * trained_b,
-                    _act(inv, cal, r, n_gen, b, trained_chunks) * tw + copies(r, TRAINED)) for r in trained_runs])
+        return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab)
+                 for g in groups]
+                + [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
+                   for r in trained_runs])
 
     runs = chain(batch)
     act = max((a for _, a in runs), default=0.0)
     # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
     # the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of the two
     sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
-    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * trained_b
+    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
                       + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
     # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
@@ -352,20 +345,6 @@ def _act(inv: Inventory, cal: Calibration, indices, tokens: int, batch: int, chu
         attn = lin * cal.inference_linear_factor + (att * cal.inference_attention_factor / chunks if chunks else 0)
         best = max(best, lin * cal.inference_mlp_factor, attn)
     return best
-
-
-def _dequant_copies(inv: Inventory, indices, precision: str, chunks: int | None) -> float:
-    """Bytes an int8 / fp16 graph over the blocks `indices` holds beyond its fp32 self while it runs, taken as the
-    largest block's up- and down-projection in fp32. Each weight's fp32 copy (DequantizeLinear / Cast) is made just
-    before its MatMul, one per reader (compile/quantize.py; edge_runtime.weights.SESSION_SETTINGS), yet the run
-    peaks above the fp32 graph's where the feed-forward slices run: measured on the 120M bench model's int8 trainable
-    run (two single-stream blocks, 5 slices, batch 2) +97 MiB with one copy shared by the slices, +86 with a copy
-    per slice, against +56 for its fp32 graph at the same session settings; its up- and down-projection are 9.0 +
-    11.25 MiB. None for int4 (MatMulNBits reads the packed codes), fp32, an unsliced graph or one on TensorRT
-    (chunks None)."""
-    if precision not in (INT8, FP16) or not chunks or chunks < 2 or not feedforward_sliced(inv):
-        return 0.0
-    return max((feedforward_weights(inv, i) for i in indices), default=0) * 4.0
 
 
 PARALLEL_BLOCKS = "single_transformer_blocks"  # FLUX: attention and feed-forward side by side on one input
