@@ -155,8 +155,8 @@ def test_fingerprint_and_bad_weights(bundles, tmp_path, capsys, monkeypatch):
     base = bd.CompileOptions(**opts).fingerprint_args()
     assert bd.CompileOptions(**opts, weights="fp32").fingerprint_args() == base  # fp32 keeps the old key
     # quantized bundles say each role's precision (the trainable runs and the VAE stay fp32: a bundle compiled when
-    # the VAE was quantized is rebuilt) and int4 how its codes are rounded (a bundle compiled when int4 quantized every graph, or rounded to
-    # nearest, is rebuilt)
+    # the VAE was quantized is rebuilt) and int4 how its codes are rounded (a bundle compiled when int4 quantized
+    # every graph, or rounded to nearest, is rebuilt)
     assert bd.CompileOptions(**opts, weights="int8").fingerprint_args() == {
         **base, "weights": "int8",
         "graph_weights": {"group": "int8", "trained": "fp32", "text_encoder": "int8", "shell": "int8", "vae": "fp32"}}

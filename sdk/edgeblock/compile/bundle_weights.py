@@ -15,7 +15,8 @@ import numpy as np
 from edge_runtime import graph_names as gn
 from edge_runtime.fileio import sha256_file
 from edge_runtime.patch_sampling import with_grid_crop
-from edge_runtime.weights import FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, VAE, graph_precision
+from edge_runtime.weights import (FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, VAE,
+                                  graph_precision)
 
 from .context import PROMPT, CompileContext
 

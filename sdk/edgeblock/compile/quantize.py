@@ -317,8 +317,8 @@ def _rewrite_node(rw: _Rewrite, node: onnx.NodeProto, label: str, init: TensorPr
                 rw.cache[key] = (rw.add_init(w.astype(np.float16), f"{init.name}_fp16"),)
         w_out = rw.fresh(f"{init.name}_fp32")
         if rw.weights == "int8":
-            nodes.append(helper.make_node("DequantizeLinear", list(rw.cache[key]), [w_out], name=rw.fresh(f"{label}_dq"),
-                                          axis=1))
+            nodes.append(helper.make_node("DequantizeLinear", list(rw.cache[key]), [w_out],
+                                          name=rw.fresh(f"{label}_dq"), axis=1))
         else:
             nodes.append(helper.make_node("Cast", list(rw.cache[key]), [w_out], name=rw.fresh(f"{label}_cast"),
                                           to=TensorProto.FLOAT))
