@@ -15,8 +15,7 @@ import numpy as np
 from edge_runtime import graph_names as gn
 from edge_runtime.fileio import sha256_file
 from edge_runtime.patch_sampling import with_grid_crop
-from edge_runtime.weights import (FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, VAE,
-                                  graph_precision)
+from edge_runtime.weights import FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, graph_precision
 
 from .context import PROMPT, CompileContext
 
@@ -39,7 +38,7 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
         return {}
     ctx.sessions = None  # the fp32 sessions of the shape/verify passes: their graphs are about to change
     block = INT4_BLOCK_SIZE if precision == INT4 else None
-    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES if r not in (TRAINED, VAE)} - {precision})
+    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES} - {precision, FP32})
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "")
             + ": frozen groups, text encoder, prologue and epilogue"
             + (f" (text encoder, prologue and epilogue at {', '.join(kept)})" if kept else "")

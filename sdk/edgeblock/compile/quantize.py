@@ -315,13 +315,10 @@ def _rewrite_node(rw: _Rewrite, node: onnx.NodeProto, label: str, init: TensorPr
                 rw.cache[key] = (rw.add_init(q, f"{init.name}_q8"), rw.add_init(scales, f"{init.name}_q8_scale"))
             else:
                 rw.cache[key] = (rw.add_init(w.astype(np.float16), f"{init.name}_fp16"),)
+        op, suffix, attrs = (("DequantizeLinear", "dq", {"axis": 1}) if rw.weights == "int8"
+                             else ("Cast", "cast", {"to": TensorProto.FLOAT}))
         w_out = rw.fresh(f"{init.name}_fp32")
-        if rw.weights == "int8":
-            nodes.append(helper.make_node("DequantizeLinear", list(rw.cache[key]), [w_out],
-                                          name=rw.fresh(f"{label}_dq"), axis=1))
-        else:
-            nodes.append(helper.make_node("Cast", list(rw.cache[key]), [w_out], name=rw.fresh(f"{label}_cast"),
-                                          to=TensorProto.FLOAT))
+        nodes.append(helper.make_node(op, list(rw.cache[key]), [w_out], name=rw.fresh(f"{label}_{suffix}"), **attrs))
         nodes.append(helper.make_node("MatMul", [node.input[0], w_out], [mm_out], name=rw.fresh(f"{label}_matmul")))
     return nodes + bias[0]
 
