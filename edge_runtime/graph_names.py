@@ -27,7 +27,7 @@ LOSS = "loss"  # the training graph's output
 # ---------------------------------------------------------------------------------------------
 PROLOGUE = "prologue"
 GROUP = "group"  # frozen/group_NN.onnx: a run of skipped blocks
-TRAINABLE_INFER = "trainable_infer"  # trainable/infer*.onnx: trainable blocks, LoRA weights as inputs
+TRAINABLE_INFER = "trainable_infer"  # trainable/infer*.onnx: a trainable block, its LoRA weights as inputs
 EPILOGUE = "epilogue"
 TRAINING = "training"  # trainable/: the ORT training artifacts
 GRAPH_KINDS = (PROLOGUE, GROUP, TRAINABLE_INFER, EPILOGUE, TRAINING)
@@ -98,7 +98,7 @@ def group_file(k: int) -> str:
 
 
 def infer_file(k: int, runs: int) -> str:
-    """trainable/infer.onnx for one trainable run; trainable/infer_NN.onnx, one per run, otherwise."""
+    """trainable/infer.onnx for one trainable block; trainable/infer_NN.onnx, one per block, otherwise."""
     return f"{TRAINABLE_DIR}/infer.onnx" if runs == 1 else f"{TRAINABLE_DIR}/infer_{k:02d}.onnx"
 
 
@@ -118,19 +118,23 @@ def graph_key(rel_path: str) -> str:
 # The chain
 # ---------------------------------------------------------------------------------------------
 def chain_runs(num_blocks: int, trainable: Sequence[int]) -> list[tuple[str, list[int]]]:
-    """The generation order over all blocks: maximal ("frozen", run) and ("trainable", run) items.
+    """The generation order over all blocks: maximal ("frozen", run) items and one ("trainable", [block]) item per
+    trainable block.
 
-    Each frozen run is one or more frozen groups (the compiler may cut it by size), each trainable
-    run one infer graph; the chain is the prologue, these runs in block order, the epilogue.
+    Each frozen run is one or more frozen groups (the compiler may cut it by size), each trainable block one infer
+    graph: the trainable blocks' generation weights stay fp32 whatever the bundle's precision (edge_runtime.weights),
+    so a streamed generation, which holds one graph at a time, holds one fp32 block instead of a run of them. The
+    chain is the prologue, these items in block order, the epilogue.
     """
     chosen = set(int(b) for b in trainable)
     out: list[tuple[str, list[int]]] = []
     for i in range(num_blocks):
-        kind = TRAINABLE_RUN if i in chosen else FROZEN_RUN
-        if out and out[-1][0] == kind:
+        if i in chosen:
+            out.append((TRAINABLE_RUN, [i]))
+        elif out and out[-1][0] == FROZEN_RUN:
             out[-1][1].append(i)
         else:
-            out.append((kind, [i]))
+            out.append((FROZEN_RUN, [i]))
     return out
 
 

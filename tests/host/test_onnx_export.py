@@ -20,7 +20,7 @@ from edgeblock.models.presets import TINY
 
 REL = 1e-4  # fp32: max|onnx - torch| / max|torch|
 
-# (family, trainable blocks, config overrides): FLUX (1, 2) crosses double -> single inside infer.onnx,
+# (family, trainable blocks, config overrides): FLUX (1, 2) crosses double -> single between infer_00 and infer_01,
 # FLUX (3,) inside a frozen group; SD3's last block (in the trailing frozen group) ends the text stream.
 # Variants of real models: guidance-distilled FLUX (FLUX.1-dev), PixArt with resolution/aspect-ratio
 # conditions (sample_size 128, PixArt-Sigma 1024), both rebuilt from the traced shape in the graph.
@@ -59,8 +59,10 @@ def test_chain_reproduces_torch_at_two_shapes(family, blocks, overrides, tmp_pat
     plan = SkipPlan.make(adapter.num_blocks, blocks)
     specs = ox.export_inference_graphs(adapter, plan, LoRASpec(rank=2), _inputs(preset, model, batch=2), str(tmp_path))
     kinds = [s.kind for s in specs]
-    assert kinds[0] == "prologue" and kinds[-1] == "epilogue" and kinds.count("trainable_infer") == 1
-    assert specs[kinds.index("trainable_infer")].path == str(tmp_path / "trainable" / "infer.onnx")
+    assert kinds[0] == "prologue" and kinds[-1] == "epilogue" and kinds.count("trainable_infer") == len(blocks)
+    files = ["infer.onnx"] if len(blocks) == 1 else [f"infer_{k:02d}.onnx" for k in range(len(blocks))]
+    assert [s.path for s in specs if s.kind == "trainable_infer"] == [str(tmp_path / "trainable" / f) for f in files]
+    assert [s.blocks for s in specs if s.kind == "trainable_infer"] == [[b] for b in blocks]  # one block per graph
     assert [s.blocks for s in specs[1:-1]] == [run for _, run in ox.generation_chain(plan)]
     json.dumps([s.to_dict() for s in specs])  # the descriptions are JSON-able
     for s in specs:
@@ -211,6 +213,11 @@ def test_bad_runs_are_refused():
     plan = SkipPlan.make(4, (1, 3))
     assert ox.generation_chain(plan) == [("frozen", [0]), ("trainable", [1]), ("frozen", [2]), ("trainable", [3])]
     assert ox.trainable_runs(plan) == [[1], [3]]
+    # consecutive trainable blocks: one infer graph each (a streamed generation holds one fp32 block at a time)
+    plan = SkipPlan.make(6, (2, 3, 4))
+    assert ox.generation_chain(plan) == [("frozen", [0, 1]), ("trainable", [2]), ("trainable", [3]),
+                                         ("trainable", [4]), ("frozen", [5])]
+    assert ox.trainable_runs(plan) == [[2, 3, 4]]
 
 
 @pytest.mark.parametrize("family,blocks,overrides", CASES)

@@ -153,8 +153,8 @@ def export_inference_graphs(
     """Every inference graph of the generation chain, in chain order, from one example input.
 
     Layout under out_dir: prologue.onnx, frozen/group_NN.onnx (NN = 00, 01 ... in
-    block order), trainable/infer.onnx (trainable/infer_NN.onnx, one per run,
-    when the trainable set is not contiguous), epilogue.onnx. Each block is
+    block order), trainable/infer.onnx (trainable/infer_NN.onnx, one per trainable
+    block, when there are several), epilogue.onnx. Each block is
     materialised once: exported, then run on the example to get the next state. The frozen groups' and
     trainable runs' softmax attentions are computed in slices of queries (attention_chunks.py), their
     feed-forward parts in slices of tokens (feedforward_chunks.py), as many as the attentions'.

@@ -76,8 +76,8 @@ def generation_chain(plan: SkipPlan, block_params: Sequence[int] | None = None,
     """The generation order over all blocks: ("frozen", run) and ("trainable", run) items.
 
     Each frozen run is one frozen/group_NN.onnx, or several when max_group_params cuts it
-    (`split_run`; a gap's residual is then the sum of its groups' residuals); each trainable run
-    one infer graph (trainable/infer.onnx when the trainable set is contiguous).
+    (`split_run`; a gap's residual is then the sum of its groups' residuals); each trainable block
+    one infer graph (trainable/infer.onnx when there is one trainable block; `gn.chain_runs`).
     """
     out = gn.chain_runs(plan.num_blocks, plan.trainable)
     if not max_group_params:
@@ -156,9 +156,9 @@ def export_trainable_infer(
 
     `blocks` is the span it covers (default: first..last trainable block). Skipped
     blocks inside the span are residual adds with `gap_<s>_<e>.<slot>` inputs
-    (the training graph's form). For generation with a non-contiguous trainable
-    set, export one graph per `trainable_runs(plan)` run and run the frozen groups
-    between them (`generation_chain`): a gap's residual depends on the LoRA'd state.
+    (the training graph's form). For generation, compile exports one graph per
+    trainable block and runs the frozen groups between them (`generation_chain`):
+    a gap's residual depends on the LoRA'd state.
     `state`/`ctx`: example entering the span; `residuals`: example gaps (zeros by default).
     With all LoRA inputs zero (B = 0 suffices) the graph is the frozen blocks.
     """

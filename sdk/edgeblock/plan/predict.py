@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_runtime import graph_names as gn
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
 from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
@@ -294,7 +295,7 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     trained = sum(block_params[i] for i in trainable)
     frozen = inv.parameters - trained - inv.shell_params
     vae_act = _vae_decode_act(inv, cal, res) * 4  # the VAE graphs stay fp32 (weights.graph_precision)
-    trained_runs = frozen_groups(L, tuple(i for i in range(L) if i not in trainable))  # runs of trainable blocks
+    trained_runs = [run for kind, run in gn.chain_runs(L, trainable) if kind == gn.TRAINABLE_RUN]  # one per block
     group_chunks, trained_chunks = chunks
 
     def chain(b: int) -> list[tuple[float, float]]:
