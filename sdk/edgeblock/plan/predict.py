@@ -227,7 +227,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # building the training session holds a transient share of the trained weights (ort_load_factor): where the step's
     # activation is small beside the weights, the trainer's load peaks above its step; the phase holds the larger
     load_act = trained_params * 4 * cal.ort_load_factor
-    # online: the frozen pass runs the whole chain at each draw (the trainable run's inference graph too) and the VAE
+    # online: the frozen pass runs the whole chain at each draw (the trainable blocks' inference graphs too) and the VAE
     # encoder encodes each draw's crop, all of them held open beside the live trainer: each session at its generation
     # bytes (its precision's session factor), times online_session_factor
     online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * tw
@@ -288,29 +288,30 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
     whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
     weight (stored bytes x their precision's session factor); chunks: the query slices of the frozen groups' (None:
-    fused) and the trainable runs' attentions; the trainable runs' activations are fp32 (`tw` bytes) everywhere."""
+    fused) and the trainable blocks' attentions; the trainable blocks' activations are fp32 (`tw` bytes) everywhere."""
     sw = cal.session_weight_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
     frozen = inv.parameters - trained - inv.shell_params
     vae_act = _vae_decode_act(inv, cal, res) * 4  # the VAE graphs stay fp32 (weights.graph_precision)
-    trained_runs = [run for kind, run in gn.chain_runs(L, trainable) if kind == gn.TRAINABLE_RUN]  # one per block
+    trained_graphs = [run for kind, run in gn.chain_runs(L, trainable) if kind == gn.TRAINABLE_RUN]  # one per block
     group_chunks, trained_chunks = chunks
 
     def chain(b: int) -> list[tuple[float, float]]:
         """Each chain graph's (held weight bytes, activation bytes of a run at batch b): the frozen groups, then the
-        trainable runs."""
+        trainable blocks (one graph each)."""
         return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab)
                  for g in groups]
                 + [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
-                   for r in trained_runs])
+                   for r in trained_graphs])
 
     runs = chain(batch)
     act = max((a for _, a in runs), default=0.0)
-    # every graph's session: text encoder, prologue, frozen groups, trainable runs, epilogue (and the VAE decoder);
-    # the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of the two
-    sessions = 3 + len(groups) + len(trained_runs) + (0 if inv.pixel_space else 1)
+    # every graph's session: text encoder, prologue, frozen groups, one per trainable block, epilogue (and the VAE
+    # decoder); the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of
+    # the two
+    sessions = 3 + len(groups) + len(trained_graphs) + (0 if inv.pixel_space else 1)
     resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
                       + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
