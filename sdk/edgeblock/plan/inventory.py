@@ -257,6 +257,15 @@ def block_units(inv: Inventory, index: int, n_img: int, batch: int = 1) -> tuple
     return lin * batch, att * batch
 
 
+def widest_linear(inv: Inventory, index: int) -> int:
+    """Weights of block `index`'s largest linear (an adaptive norm's excepted: it reads the timestep embedding)."""
+    from torch import nn
+
+    lst, j = inv.blocks[index].name.split(".")
+    return max((m.in_features * m.out_features for name, m in getattr(inv._model, lst)[int(j)].named_modules()
+                if isinstance(m, nn.Linear) and "norm" not in name), default=0)
+
+
 def shipped_configs() -> dict[str, str]:
     """Name -> path of the transformer configs shipped with the planner (config.json only, no weights)."""
     d = os.path.join(os.path.dirname(__file__), "configs")

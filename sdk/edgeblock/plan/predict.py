@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from edge_runtime import graph_names as gn
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
-from edge_runtime.weights import FP16, FP32, GROUP, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
+from edge_runtime.weights import FP16, FP32, GROUP, INT8, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from ..compile.attention_chunks import query_chunks
 from .calibration import HOST_CPU, Calibration
-from .inventory import Inventory, block_units, load_inventory, stream_tokens
+from .inventory import Inventory, block_units, load_inventory, stream_tokens, widest_linear
 from .targets import GiB, Target, get_target
 
 LORA_TARGETS = DEFAULT_TARGETS  # what add_lora injects
@@ -211,7 +211,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # Runtime; the trainable runs always on ONNX Runtime, in training precision (fp32 activations)
     chunks = _chunks(inv, n_gen)
     group_chunks = None if t.gpu else chunks
-    group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab for g in groups]
+    copy = _dequant_copies(inv, groups, graph_precision(weights, GROUP), t.gpu)
+    group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab + c for g, c in zip(groups, copy)]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
         bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * ss, group_act[k])
@@ -236,7 +237,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
-                             text_w, vae_dec_w, text_held, (group_chunks, chunks))
+                             text_w, vae_dec_w, text_held, (group_chunks, chunks), copy)
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -284,11 +285,12 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
                 group_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
-                text_held: float, chunks: tuple[int | None, int]) -> dict[str, dict]:
+                text_held: float, chunks: tuple[int | None, int], copy: list[float]) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
     whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
     weight (stored bytes x their precision's session factor); chunks: the query slices of the frozen groups' (None:
-    fused) and the trainable blocks' attentions; the trainable blocks' activations are fp32 (`tw` bytes) everywhere."""
+    fused) and the trainable blocks' attentions; the trainable blocks' activations are fp32 (`tw` bytes) everywhere;
+    copy: each frozen group's dequantized weight copies while it runs (_dequant_copies)."""
     sw = cal.session_weight_factor
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
@@ -301,8 +303,8 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     def chain(b: int) -> list[tuple[float, float]]:
         """Each chain graph's (held weight bytes, activation bytes of a run at batch b): the frozen groups, then the
         trainable blocks (one graph each)."""
-        return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab)
-                 for g in groups]
+        return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab + c)
+                 for g, c in zip(groups, copy)]
                 + [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
                    for r in trained_graphs])
 
@@ -350,6 +352,17 @@ def _act(inv: Inventory, cal: Calibration, indices, tokens: int, batch: int, chu
 
 
 PARALLEL_BLOCKS = "single_transformer_blocks"  # FLUX: attention and feed-forward side by side on one input
+
+
+def _dequant_copies(inv: Inventory, groups, precision: str, gpu: bool) -> list[float]:
+    """Bytes each frozen group's run holds in fp32 copies of its int8 / fp16 weights on ONNX Runtime (none at fp32 /
+    int4, whose MatMulNBits reads the packed codes, or for TensorRT's fused groups): one copy of each of its blocks'
+    widest weight. Measured in session 28 (`bench scale` int8 bundles, one streamed step, each group's rise over the
+    process): 0.1B / 0.5B / 1.1B one-block groups held 0.8-1.4 x their widest weight in fp32 beyond their int8 weights
+    and activations, two-block groups 2.3-2.4 x, where the fp32 trainable block held 0.2-0.3 x."""
+    if precision not in (INT8, FP16) or gpu:
+        return [0.0] * len(groups)
+    return [sum(widest_linear(inv, i) for i in g) * 4.0 for g in groups]
 
 
 def feedforward_sliced(inv: Inventory) -> bool:
