@@ -87,18 +87,8 @@ def _lora_saved_inputs(inv: Inventory, indices, n_img: int, batch: int) -> int:
 
 
 def frozen_groups(num_blocks: int, trainable: tuple[int, ...]) -> list[list[int]]:
-    """Maximal runs of skipped blocks (the bundle's frozen/group_NN.onnx)."""
-    groups, run = [], []
-    for i in range(num_blocks):
-        if i in trainable:
-            if run:
-                groups.append(run)
-            run = []
-        else:
-            run.append(i)
-    if run:
-        groups.append(run)
-    return groups
+    """Maximal runs of skipped blocks (the bundle's frozen/group_NN.onnx before any size cap): the chain's."""
+    return [run for kind, run in gn.chain_runs(num_blocks, trainable) if kind == gn.FROZEN_RUN]
 
 
 def compiled_groups(block_params: list[int], trainable: tuple[int, ...], max_group_mb: float | None) -> list[list[int]]:
