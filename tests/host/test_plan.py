@@ -259,3 +259,23 @@ def test_the_vae_decode_term_follows_the_decoders_measured_peak(kind, widths, tm
     predicted = _vae_decode_act(inv, HOST_CPU, res) * 4
     print(kind, widths, measured / 2**20, predicted / 2**20)
     assert abs(predicted / measured - 1) <= 0.15, (measured, predicted)
+
+
+def test_int8_and_fp16_groups_hold_an_fp32_copy_of_each_blocks_widest_weight_on_the_cpu():
+    """An int8 / fp16 frozen group on ONNX Runtime holds fp32 copies of its weights while it runs (measured per graph,
+    docs/bench.md): the planner counts one of each block's widest linear. None at fp32 / int4 or on TensorRT."""
+    from edgeblock.plan.inventory import widest_linear
+    from edgeblock.plan.predict import _dequant_copies
+
+    inv = load_inventory("flux1-dev")
+    single = next(b.index for b in inv.blocks if b.kind == "single_transformer_blocks")
+    double = next(b.index for b in inv.blocks if b.kind == "transformer_blocks")
+    # FLUX.1-dev, width 3072: single-stream proj_out 15360 -> 3072; double-stream feed-forward 3072 <-> 12288
+    assert widest_linear(inv, single) == 15360 * 3072
+    assert widest_linear(inv, double) == 3072 * 12288
+    groups = [[double], [double, single]]
+    for w in ("int8", "fp16"):
+        assert _dequant_copies(inv, groups, w, gpu=False) == [4.0 * 3072 * 12288, 4.0 * (3072 * 12288 + 15360 * 3072)]
+        assert _dequant_copies(inv, groups, w, gpu=True) == [0.0, 0.0]
+    for w in ("int4", "fp32"):
+        assert _dequant_copies(inv, groups, w, gpu=False) == [0.0, 0.0]
