@@ -237,3 +237,48 @@ def test_a_weight_read_by_several_matmuls_is_stored_once_and_copied_per_reader(w
     feeds = {x: rng.standard_normal((5, 96)).astype(np.float32) for x in "abc"}
     errors = quantization_error(model, q, feeds)
     assert max(e["rel"] for e in errors.values()) < {"fp16": 5e-4, "int8": 0.0125, "int4": 0.12}[weights]
+
+
+def test_column_blocks_cover_the_columns_within_the_copy_size():
+    from edgeblock.compile.quantize import column_blocks
+
+    assert column_blocks(96, 80, 96 * 80 * 4) == [(0, 80)]  # fits: one block
+    blocks = column_blocks(96, 80, 96 * 80 * 4 // 3)
+    assert len(blocks) == 3 and blocks[0][0] == 0 and blocks[-1][1] == 80
+    assert all(a < b and b == c for (a, b), (c, _) in zip(blocks, blocks[1:] + [(80, 0)]))
+    assert max(b - a for a, b in blocks) * 96 * 4 <= 96 * 80 * 4 // 3 + 96 * 4  # near-equal widths
+    assert column_blocks(4, 3, 1) == [(0, 1), (1, 2), (2, 3)]  # never below one column
+
+
+@pytest.mark.parametrize("weights", ["fp16", "int8"])
+def test_a_large_weight_is_stored_in_column_blocks_each_copied_before_its_own_matmul(weights):
+    """An int8 / fp16 weight whose fp32 copy is above copy_block_bytes: stored in column blocks (the same bytes),
+    each block's copy made right before the MatMul that reads it, the products concatenated; the outputs equal the
+    unblocked graph's exactly (per-column scales: the same codes)."""
+    rng = np.random.default_rng(8)
+    w = numpy_helper.from_array(rng.standard_normal((96, 80)).astype(np.float32), "w")
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [x, "w"], [y]) for x, y in (("a", "ya"), ("b", "yb"))], "slices",
+        [helper.make_tensor_value_info(x, f, ["t", 96]) for x in "ab"],
+        [helper.make_tensor_value_info(y, f, ["t", 80]) for y in ("ya", "yb")], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    whole, _ = quantize_model(model, weights)
+    blocked, report = quantize_model(model, weights, copy_block_bytes=96 * 80 * 4 // 3)
+    assert report["quantized"] == 1 and _init_bytes(blocked) == _init_bytes(whole)
+    op = {"fp16": "Cast", "int8": "DequantizeLinear"}[weights]
+    nodes = list(blocked.graph.node)
+    copies = [n for n in nodes if n.op_type == op]
+    assert len(copies) == 2 * 3 and len({tuple(n.input) for n in copies}) == 3  # 3 stored blocks, a copy per reader
+    for k, n in enumerate(nodes):
+        if n.op_type == op:
+            assert nodes[k + 1].op_type == "MatMul" and nodes[k + 1].input[1] == n.output[0]
+            assert sum(n.output[0] in m.input for m in nodes) == 1
+    cats = [n for n in nodes if n.op_type == "Concat"]
+    assert sorted(c.output[0] for c in cats) == ["ya", "yb"] and all(len(c.input) == 3 for c in cats)
+    feeds = {x: rng.standard_normal((7, 96)).astype(np.float32) for x in "ab"}
+    sess = {k: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            for k, m in (("whole", whole), ("blocked", blocked))}
+    a, b = (sess[k].run(None, feeds) for k in ("whole", "blocked"))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

@@ -1,7 +1,8 @@
 """Weight-only quantization of frozen ONNX graphs: the constant MatMul/Gemm weights go to fp16, int8 or int4.
 
 Activations stay fp32. int4 is com.microsoft MatMulNBits (packed here with numpy); int8 is DequantizeLinear
-(per output channel) feeding MatMul; fp16 is a Cast feeding MatMul. docs/quantization.md has the formats,
+(per output channel) feeding MatMul; fp16 is a Cast feeding MatMul; a large int8 / fp16 weight is stored in column
+blocks, each dequantized and multiplied on its own (COPY_BLOCK_BYTES). docs/quantization.md has the formats,
 the measured errors and memory, and the session options a loader must set (edge_runtime.weights).
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_runtime.weights import SESSION_SETTINGS, WEIGHTS  # noqa: F401 - part of this module's API
+from edge_runtime.weights import COPY_BLOCK_BYTES, SESSION_SETTINGS, WEIGHTS  # noqa: F401 - part of this module's API
 
 # SESSION_SETTINGS (what an ORT session over each precision must set) is the device's contract:
 # edge_runtime/weights.py, shared by compile and the runtime.
@@ -118,6 +119,7 @@ class _Rewrite:
     weights: str
     block_size: int
     hessians: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> X^T X of its inputs (int4 calibration)
+    copy_block_bytes: int = COPY_BLOCK_BYTES  # int8 / fp16: the largest fp32 copy of a stored column block
     names: set[str] = field(default_factory=set)
     new_inits: list[TensorProto] = field(default_factory=list)
     cache: dict[tuple, tuple[str, ...]] = field(default_factory=dict)  # (init, transB, alpha) -> weight names
@@ -142,7 +144,7 @@ class _Rewrite:
 
 def quantize_model(
     model: onnx.ModelProto, weights: str, block_size: int = 32, min_elements: int = 4096,
-    hessians: dict[str, np.ndarray] | None = None,
+    hessians: dict[str, np.ndarray] | None = None, copy_block_bytes: int = COPY_BLOCK_BYTES,
 ) -> tuple[onnx.ModelProto, dict]:
     """Rewrite each MatMul/Gemm of the main graph whose B is a constant 2-D float32 initializer.
 
@@ -155,6 +157,9 @@ def quantize_model(
 
     `hessians` (int4): {MatMul input name: X^T X} from calibration feeds (gptq.input_hessians); a matrix whose
     input has one is rounded with it (pack_int4_calibrated), the others to nearest (pack_int4).
+
+    `copy_block_bytes` (int8 / fp16): a weight is stored in column blocks (column_blocks) whose fp32 copies are at
+    most this size; each reader multiplies block by block and concatenates the products (same numbers).
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
@@ -178,7 +183,8 @@ def quantize_model(
     if weights == "int8" and _default_opset(out) < 13:
         raise ValueError(f"int8 needs opset >= 13 (per-axis DequantizeLinear); the model has {_default_opset(out)}")
     g = out.graph
-    rw = _Rewrite(out, weights, block_size, hessians=_weight_hessians(g.node, hessians or {}), report=report)
+    rw = _Rewrite(out, weights, block_size, hessians=_weight_hessians(g.node, hessians or {}), report=report,
+                  copy_block_bytes=int(copy_block_bytes))
     rw.names = {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
     rw.names |= {o for n in g.node for o in n.output} | _names_read(g.node)
     inits = {i.name: i for i in g.initializer}
@@ -305,22 +311,45 @@ def _rewrite_node(rw: _Rewrite, node: onnx.NodeProto, label: str, init: TensorPr
             "MatMulNBits", [node.input[0], *rw.cache[key]], [mm_out], name=rw.fresh(f"{label}_q4"),
             domain="com.microsoft", K=k, N=n, bits=4, block_size=rw.block_size))
     else:
-        # the stored weight once; its fp32 copy (DequantizeLinear / Cast) once per reader, made just before its MatMul:
-        # a weight read by several MatMuls (a feed-forward cut into token slices, compile/feedforward_chunks.py) is
-        # not held in fp32 across them (measured on the 120M bench model's int8 trainable run: its up- and
-        # down-projection's 9.0 + 11.25 MiB were live through the slices with one shared copy)
+        # the stored weight once, in column blocks of at most COPY_BLOCK_BYTES in fp32; per reader, each block's fp32
+        # copy (DequantizeLinear / Cast) is made just before its own MatMul and freed after it, and the blocks'
+        # products are concatenated: a run holds one block's copy, not the whole matrix's (copies_per_reader)
         if first:
-            if rw.weights == "int8":
-                q, scales = quantize_int8(w)
-                rw.cache[key] = (rw.add_init(q, f"{init.name}_q8"), rw.add_init(scales, f"{init.name}_q8_scale"))
-            else:
-                rw.cache[key] = (rw.add_init(w.astype(np.float16), f"{init.name}_fp16"),)
+            rw.cache[key] = tuple(_stored_blocks(rw, init.name, w))
         op, suffix, attrs = (("DequantizeLinear", "dq", {"axis": 1}) if rw.weights == "int8"
                              else ("Cast", "cast", {"to": TensorProto.FLOAT}))
-        w_out = rw.fresh(f"{init.name}_fp32")
-        nodes.append(helper.make_node(op, list(rw.cache[key]), [w_out], name=rw.fresh(f"{label}_{suffix}"), **attrs))
-        nodes.append(helper.make_node("MatMul", [node.input[0], w_out], [mm_out], name=rw.fresh(f"{label}_matmul")))
+        blocks = rw.cache[key]
+        outs = [mm_out] if len(blocks) == 1 else [rw.fresh(f"{mm_out}_col{j}") for j in range(len(blocks))]
+        for stored, out in zip(blocks, outs):
+            w_out = rw.fresh(f"{init.name}_fp32")
+            nodes.append(helper.make_node(op, list(stored), [w_out], name=rw.fresh(f"{label}_{suffix}"), **attrs))
+            nodes.append(helper.make_node("MatMul", [node.input[0], w_out], [out], name=rw.fresh(f"{label}_matmul")))
+        if len(blocks) > 1:
+            nodes.append(helper.make_node("Concat", outs, [mm_out], name=rw.fresh(f"{label}_cols"), axis=-1))
     return nodes + bias[0]
+
+
+def column_blocks(k: int, n: int, block_bytes: int = COPY_BLOCK_BYTES) -> list[tuple[int, int]]:
+    """The column ranges [(start, stop)] an int8 / fp16 weight of shape (k, n) is stored in: as few as keep each
+    block's fp32 copy within block_bytes (one column at least), of near-equal width."""
+    count = min(n, max(1, -(-k * n * 4 // int(block_bytes))))
+    edges = [round(j * n / count) for j in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _stored_blocks(rw: _Rewrite, name: str, w: np.ndarray) -> list[tuple[str, ...]]:
+    """Store w (K, N) at rw.weights (int8: codes + per-column scales; fp16) in column blocks; their initializer names."""
+    out = []
+    blocks = column_blocks(*w.shape, rw.copy_block_bytes)
+    for j, (a, b) in enumerate(blocks):
+        part = np.ascontiguousarray(w[:, a:b])
+        tag = f"{name}_c{j}" if len(blocks) > 1 else name
+        if rw.weights == "int8":
+            q, scales = quantize_int8(part)  # per-column scales: the same codes as the whole matrix's
+            out.append((rw.add_init(q, f"{tag}_q8"), rw.add_init(scales, f"{tag}_q8_scale")))
+        else:
+            out.append((rw.add_init(part.astype(np.float16), f"{tag}_fp16"),))
+    return out
 
 
 def _gemm_bias(rw: _Rewrite, node: onnx.NodeProto, label: str, y: str) -> tuple[list[onnx.NodeProto], str]:
