@@ -261,9 +261,11 @@ def test_the_vae_decode_term_follows_the_decoders_measured_peak(kind, widths, tm
     assert abs(predicted / measured - 1) <= 0.15, (measured, predicted)
 
 
-def test_int8_and_fp16_groups_hold_an_fp32_copy_of_each_blocks_widest_weight_on_the_cpu():
-    """An int8 / fp16 frozen group on ONNX Runtime holds fp32 copies of its weights while it runs (measured per graph,
-    docs/bench.md): the planner counts one of each block's widest linear. None at fp32 / int4 or on TensorRT."""
+def test_int8_and_fp16_groups_hold_one_column_blocks_fp32_copy_on_the_cpu():
+    """An int8 / fp16 frozen group on ONNX Runtime makes fp32 copies of its weights while it runs, one stored column
+    block at a time (compile/quantize.py, edge_runtime.weights.COPY_BLOCK_BYTES): the planner counts one block's copy,
+    or the group's widest weight where that is smaller. None at fp32 / int4 or on TensorRT."""
+    from edge_runtime.weights import COPY_BLOCK_BYTES
     from edgeblock.plan.inventory import widest_linear
     from edgeblock.plan.predict import _dequant_copies
 
@@ -273,9 +275,13 @@ def test_int8_and_fp16_groups_hold_an_fp32_copy_of_each_blocks_widest_weight_on_
     # FLUX.1-dev, width 3072: single-stream proj_out 15360 -> 3072; double-stream feed-forward 3072 <-> 12288
     assert widest_linear(inv, single) == 15360 * 3072
     assert widest_linear(inv, double) == 3072 * 12288
-    groups = [[double], [double, single]]
+    groups = [[double], [double, single], []]
+    small = load_inventory("builtin")  # every weight's copy below one block
+    widest = max(widest_linear(small, b.index) for b in small.blocks)
+    assert widest * 4 < COPY_BLOCK_BYTES
     for w in ("int8", "fp16"):
-        assert _dequant_copies(inv, groups, w, gpu=False) == [4.0 * 3072 * 12288, 4.0 * (3072 * 12288 + 15360 * 3072)]
-        assert _dequant_copies(inv, groups, w, gpu=True) == [0.0, 0.0]
+        assert _dequant_copies(inv, groups, w, gpu=False) == [COPY_BLOCK_BYTES, COPY_BLOCK_BYTES, 0.0]
+        assert _dequant_copies(inv, groups, w, gpu=True) == [0.0, 0.0, 0.0]
+        assert _dequant_copies(small, [[b.index for b in small.blocks]], w, gpu=False) == [widest * 4.0]
     for w in ("int4", "fp32"):
-        assert _dequant_copies(inv, groups, w, gpu=False) == [0.0, 0.0]
+        assert _dequant_copies(inv, groups, w, gpu=False) == [0.0, 0.0, 0.0]

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from edge_runtime import graph_names as gn
 from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
-from edge_runtime.weights import FP16, FP32, GROUP, INT8, SHELL, TEXT, VAE, WEIGHTS, bytes_per_weight, graph_precision
+from edge_runtime.weights import (COPY_BLOCK_BYTES, FP16, FP32, GROUP, INT8, SHELL, TEXT, TRAINED, VAE, WEIGHTS,
+                                  bytes_per_weight, graph_precision)
 
 from ..method.lora import ATTENTION_TARGETS, DEFAULT_TARGETS
 from ..compile.attention_chunks import query_chunks
@@ -175,7 +176,9 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # bytes per weight of the frozen groups, text encoders, prologue/epilogue (int4: these two int8) and VAE (fp32)
     wb, tb, sb, vb = (bytes_per_weight(graph_precision(weights, r)) for r in (GROUP, TEXT, SHELL, VAE))
     ab = min(native, 4) if t.gpu else 4  # activations at inference
-    tw = 4  # the trainable blocks' graphs stay in training precision (fp32), generation's too
+    # the trainable blocks' inference graphs (generation; the online job's frozen pass): their role's precision
+    trained_p = graph_precision(weights, TRAINED)
+    tw = bytes_per_weight(trained_p) * session_factor(cal, trained_p)  # resident bytes per trained weight
     block_params = [b.params for b in inv.blocks]
     groups = compiled_groups(block_params, trainable, opts.max_group_mb)
     prologue = inv.shell_params - inv.epilogue_params
@@ -221,13 +224,14 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # online: the frozen pass runs the whole chain at each draw (the trainable blocks' inference graphs too) and the VAE
     # encoder encodes each draw's crop, all of them held open beside the live trainer: each session at its generation
     # bytes (its precision's session factor), times online_session_factor
-    online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * tw
-                 * cal.session_weight_factor) * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
+    online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * tw)
+                * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
     bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w,
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
+    trained_copy = _dequant_copies(inv, [[i] for i in trainable], trained_p, t.gpu)
     generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
-                             text_w, vae_dec_w, text_held, (group_chunks, chunks), copy)
+                             text_w, vae_dec_w, text_held, (group_chunks, chunks), (copy, trained_copy))
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -274,14 +278,17 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                group_b: float, shell_b: float, ab: int, tw: int, text_w: float, vae_dec_w: float,
-                text_held: float, chunks: tuple[int | None, int], copy: list[float]) -> dict[str, dict]:
+                group_b: float, shell_b: float, ab: int, tw: float, text_w: float, vae_dec_w: float,
+                text_held: float, chunks: tuple[int | None, int], copies: tuple[list[float], list[float]]
+                ) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
     whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
     weight (stored bytes x their precision's session factor); chunks: the query slices of the frozen groups' (None:
-    fused) and the trainable blocks' attentions; the trainable blocks' activations are fp32 (`tw` bytes) everywhere;
-    copy: each frozen group's dequantized weight copies while it runs (_dequant_copies)."""
-    sw = cal.session_weight_factor
+    fused) and the trainable blocks' attentions; tw: resident bytes per trainable-block weight (its graphs' precision);
+    their activations are fp32 everywhere; copies: the dequantized weight copies each frozen group's and each trainable
+    block's run holds (_dequant_copies)."""
+    copy, trained_copy = copies
+    by_block = dict(zip(trainable, trained_copy))
     L = len(inv.blocks)
     block_params = [b.params for b in inv.blocks]
     trained = sum(block_params[i] for i in trainable)
@@ -295,7 +302,8 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
         trainable blocks (one graph each)."""
         return ([(sum(block_params[i] for i in g) * group_b, _act(inv, cal, g, n_gen, b, group_chunks) * ab + c)
                  for g, c in zip(groups, copy)]
-                + [(sum(block_params[i] for i in r) * tw * sw, _act(inv, cal, r, n_gen, b, trained_chunks) * tw)
+                + [(sum(block_params[i] for i in r) * tw,
+                    _act(inv, cal, r, n_gen, b, trained_chunks) * 4 + sum(by_block.get(i, 0.0) for i in r))
                    for r in trained_graphs])
 
     runs = chain(batch)
@@ -304,7 +312,7 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     # decoder); the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of
     # the two
     sessions = 3 + len(groups) + len(trained_graphs) + (0 if inv.pixel_space else 1)
-    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw * sw
+    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw
                       + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
     # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
@@ -346,13 +354,13 @@ PARALLEL_BLOCKS = "single_transformer_blocks"  # FLUX: attention and feed-forwar
 
 def _dequant_copies(inv: Inventory, groups, precision: str, gpu: bool) -> list[float]:
     """Bytes each frozen group's run holds in fp32 copies of its int8 / fp16 weights on ONNX Runtime (none at fp32 /
-    int4, whose MatMulNBits reads the packed codes, or for TensorRT's fused groups): one copy of each of its blocks'
-    widest weight. Measured in session 28 (`bench scale` int8 bundles, one streamed step, each group's rise over the
-    process): 0.1B / 0.5B / 1.1B one-block groups held 0.8-1.4 x their widest weight in fp32 beyond their int8 weights
-    and activations, two-block groups 2.3-2.4 x, where the fp32 trainable block held 0.2-0.3 x."""
+    int4, whose MatMulNBits reads the packed codes, or for TensorRT's fused groups): one stored column block's copy
+    (edge_runtime.weights.COPY_BLOCK_BYTES), or its widest weight's where that is smaller. Whole copies were measured
+    in session 28 at 0.8-1.4 x a block's widest weight per block of the group (`bench scale` int8 bundles, one
+    streamed step, each group's rise over the process); stored in column blocks since 0.7.0."""
     if precision not in (INT8, FP16) or gpu:
         return [0.0] * len(groups)
-    return [sum(widest_linear(inv, i) for i in g) * 4.0 for g in groups]
+    return [min(max(widest_linear(inv, i) for i in g) * 4.0, COPY_BLOCK_BYTES) if g else 0.0 for g in groups]
 
 
 def feedforward_sliced(inv: Inventory) -> bool:
