@@ -50,14 +50,15 @@ GRAPH_ROLES: tuple[str, ...] = (GROUP, TRAINED, TEXT, SHELL, VAE)
 # 0.063 subject fidelity with them at int4). They hold few weights beside the DiT's (FLUX.1-dev: T5-XXL's 4.8B
 # are streamed part by part; prologue and epilogue ~0.04B).
 _INT4_KEEPS_INT8 = (TEXT, SHELL)
-# The trainable runs' inference graphs stay fp32 under every --weights, like what trains: an adapter is trained
-# against its blocks' fp32 base weights, and generating over a quantized base lost the fidelity it had learned. Measured
-# with them at the bundle's precision (0.5.0 in development; `edgeblock eval --weights int8,int4 --rows
-# blockskip_device --seed 0`, the built-in model, blocks 1-5 trained): subject fidelity -0.035 at int8 and -0.031 at
-# int4 against the fp32 row (prompt fidelity -0.025 / 0.000), where the frozen groups alone quantized lose -0.008 /
-# -0.011 (docs/results.md). Their memory would have fallen (120M `bench scale` bundle, int4: one generation after a
-# job peaked 338 -> 283 MiB resident, 213 -> 162 streamed), not enough to pay for that.
-_ALWAYS_FP32 = (TRAINED, VAE)
+# The trainable runs' inference graphs take fp16 under every quantized --weights (fp32 under fp32): an adapter is
+# trained against its blocks' fp32 base weights, and generating over an int8 / int4 base lost the fidelity it had
+# learned, where fp16 moves that base by ~1e-4 (compile's error on the built-in model's trainable graphs: 5e-5 -
+# 9e-5 relative, against 2e-3 for its int8 frozen groups). Measured with `edgeblock eval --weights int8,int4 --rows
+# blockskip_device --seed 0` (the built-in model, blocks 1-5 trained; docs/results.md): subject fidelity against the
+# fp32 row -0.008 / -0.012 (int8 / int4 bundles) with these graphs at fp16, -0.008 / -0.011 with them fp32, -0.035 /
+# -0.031 with them at the bundle's precision; prompt fidelity equal but at int8 there (-0.025). What trains (the
+# training artifacts) stays fp32 under every --weights.
+_ALWAYS_FP32 = (VAE,)
 # A VAE stays fp32 under every --weights: it is convolutions (weight-only quantization rewrites MatMul/Gemm weights:
 # in a VAE its mid blocks' few attention matrices, 2 % of latent-fit's int8 encoder bytes), and a quantized graph runs
 # without ORT's graph optimizations (SESSION_SETTINGS), which its convolutions need: latent-fit's int8 decoder at
@@ -66,13 +67,15 @@ _ALWAYS_FP32 = (TRAINED, VAE)
 
 def graph_precision(weights: str, role: str) -> str:
     """The precision compile gives a graph of `role` (GRAPH_ROLES) in a bundle compiled with `--weights weights`:
-    `weights` itself, except int8 for text encoders, prologue and epilogue under int4, and fp32 for the trainable
-    runs' inference graphs and the VAE."""
+    `weights` itself, except int8 for text encoders, prologue and epilogue under int4, fp16 for the trainable runs'
+    inference graphs under every quantized precision, and fp32 for the VAE."""
     check_weights(weights)
     if role not in GRAPH_ROLES:
         raise ValueError(f"graph role {role!r} is not one of {', '.join(GRAPH_ROLES)}")
-    if role in _ALWAYS_FP32:
+    if role in _ALWAYS_FP32 or weights == FP32:
         return FP32
+    if role == TRAINED:
+        return FP16
     return INT8 if weights == INT4 and role in _INT4_KEEPS_INT8 else weights
 
 

@@ -21,7 +21,7 @@ from edge_runtime.runtime import Bundle
 pytest.importorskip("onnxruntime.training")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-QUANTIZED = {"prologue", "frozen/group_00", "frozen/group_01", "epilogue", "text_encoder"}
+QUANTIZED = {"prologue", "frozen/group_00", "frozen/group_01", "epilogue", "text_encoder", "trainable/infer"}
 # Bounds over the measured errors of this tiny random model (seed 0), rel = ||fp32 - q|| / ||fp32||:
 # int4 DiT graphs 4e-3 to 5.8e-2 (prologue), chain 8.2e-3; MiniLM text encoder 0.35 (int8 0.31, fp16 3.5e-3:
 # its states are sensitive); int8 DiT graphs <= 4.1e-3, chain 5.2e-4; fp16 <= 2.0e-4, chain 2.6e-5.
@@ -69,7 +69,7 @@ def _ops(path: str) -> set[str]:
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8", "fp16"])
-def test_quantized_bundle_records_errors_and_keeps_the_trainable_graphs_fp32(bundles, precision):
+def test_quantized_bundle_records_errors_the_trained_runs_at_fp16_the_training_artifacts_fp32(bundles, precision):
     out = bundles[precision]
     m = load_manifest(out)  # every file matches its sha256
     assert m.weight_precision == precision and set(m.weights["graphs"]) == QUANTIZED
@@ -77,10 +77,13 @@ def test_quantized_bundle_records_errors_and_keeps_the_trainable_graphs_fp32(bun
     assert m.model["compile_args"]["weights"] == precision
     ops = {"int4": "MatMulNBits", "int8": "DequantizeLinear", "fp16": "fp16 weights"}
     for key, g in m.weights["graphs"].items():
-        # each graph at its role's precision: under int4 only the frozen groups, the rest int8
-        role = GROUP if key.startswith("frozen/") else TEXT if key == "text_encoder" else SHELL
+        # each graph at its role's precision: under int4 only the frozen groups, the text encoder, prologue and
+        # epilogue int8; the trainable run's inference graph fp16 under every quantized precision
+        role = (GROUP if key.startswith("frozen/") else TRAINED if key.startswith("trainable/")
+                else TEXT if key == "text_encoder" else SHELL)
         assert g["precision"] == graph_precision(precision, role) == m.graph_weights(key), (key, g)
-        assert g["precision"] == (precision if precision != "int4" or role == GROUP else "int8"), (key, g)
+        assert g["precision"] == ("fp16" if role == TRAINED else precision if precision != "int4" or role == GROUP
+                                  else "int8"), (key, g)
         assert g["matrices"] > 0 and ops[g["precision"]] in _ops(os.path.join(out, key + ".onnx")), key
         bound = TEXT_BOUND[g["precision"]] if key == "text_encoder" else GRAPH_BOUND[g["precision"]]
         assert np.isfinite(g["max_abs"]) and 0 < g["rel_error"] <= bound, (key, g)
@@ -93,13 +96,12 @@ def test_quantized_bundle_records_errors_and_keeps_the_trainable_graphs_fp32(bun
             assert g["bytes"] <= SIZE_BOUND[precision] * g["bytes_fp32"], (key, g)
             assert g["bytes"] == os.path.getsize(os.path.join(out, key + ".onnx"))
     assert 0 < m.weights["chain"]["rel_error"] <= CHAIN_BOUND[precision]
-    # the trainable block's inference graph and the training artifacts stay fp32
-    for rel in ("trainable/infer.onnx", "trainable/training_model.onnx", "trainable/eval_model.onnx"):
-        assert not _ops(os.path.join(out, rel)) & {"MatMulNBits", "DequantizeLinear", "fp16 weights"}, rel
-    assert m.graph_weights("trainable/infer") == "fp32" == graph_precision(precision, TRAINED)
-    with open(os.path.join(out, "trainable", "infer.onnx"), "rb") as a, \
-            open(os.path.join(bundles["fp32"], "trainable", "infer.onnx"), "rb") as b:
-        assert a.read() == b.read()
+    # the training artifacts stay fp32, the same files as the fp32 bundle's
+    for name in ("training_model.onnx", "eval_model.onnx"):
+        assert not _ops(os.path.join(out, "trainable", name)) & {"MatMulNBits", "DequantizeLinear", "fp16 weights"}
+        with open(os.path.join(out, "trainable", name), "rb") as a, \
+                open(os.path.join(bundles["fp32"], "trainable", name), "rb") as b:
+            assert a.read() == b.read(), name
     # the TensorRT plan names the quantized files, at the precision the weights take (int8 engines for int8, fp16
     # for fp16); int4's MatMulNBits is not TensorRT's: no engines, ONNX Runtime runs the groups
     with open(os.path.join(out, "engines", "plan.json")) as f:
@@ -139,10 +141,10 @@ def test_device_runtime_generates_close_to_fp32(bundles, precision, monkeypatch)
     applied.clear()
     b = Bundle(bundles[precision])
     img = b.generate("a photo of sks dog", **kw).astype(np.float64)
-    # the quantized graphs' sessions got their own precision's settings (int4: int8 beside the frozen groups),
-    # the trainable infer graph fp32's
+    # every graph's session got its own precision's settings (int4: int8 beside the frozen groups; the trainable
+    # infer graph fp16's)
     own = [b.manifest.graph_weights(k) for k in QUANTIZED]
-    assert sorted(applied) == sorted(own + ["fp32"]) and own.count(precision) >= 1
+    assert sorted(applied) == sorted(own) and own.count(precision) >= 1 and "fp16" in own
     diff = np.abs(img - ref).mean() / 255
     assert diff <= IMAGE_BOUND[precision], diff
 
@@ -154,15 +156,15 @@ def test_fingerprint_and_bad_weights(bundles, tmp_path, capsys, monkeypatch):
     opts = dict(model="builtin", out="x", blocks=(1,))
     base = bd.CompileOptions(**opts).fingerprint_args()
     assert bd.CompileOptions(**opts, weights="fp32").fingerprint_args() == base  # fp32 keeps the old key
-    # quantized bundles say each role's precision (the trainable runs and the VAE stay fp32: a bundle compiled when
+    # quantized bundles say each role's precision (the trainable runs fp16, the VAE fp32: a bundle compiled when
     # the VAE was quantized is rebuilt) and int4 how its codes are rounded (a bundle compiled when int4 quantized
     # every graph, or rounded to nearest, is rebuilt)
     assert bd.CompileOptions(**opts, weights="int8").fingerprint_args() == {
         **base, "weights": "int8",
-        "graph_weights": {"group": "int8", "trained": "fp32", "text_encoder": "int8", "shell": "int8", "vae": "fp32"}}
+        "graph_weights": {"group": "int8", "trained": "fp16", "text_encoder": "int8", "shell": "int8", "vae": "fp32"}}
     assert bd.CompileOptions(**opts, weights="int4").fingerprint_args() == {
         **base, "weights": "int4",
-        "graph_weights": {"group": "int4", "trained": "fp32", "text_encoder": "int8", "shell": "int8", "vae": "fp32"},
+        "graph_weights": {"group": "int4", "trained": "fp16", "text_encoder": "int8", "shell": "int8", "vae": "fp32"},
         "int4_rounding": "gptq"}
     # a Jetson target without --weights gets its default, which is part of the key
     assert bd.CompileOptions(**opts, target="orin-nx-16gb").fingerprint_args()["weights"] == "fp16"  # the Jetson default

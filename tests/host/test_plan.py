@@ -95,23 +95,25 @@ def test_streaming_and_quantized_weights_lower_generation():
     assert by[("int4", "resident")]["methods"]["blockskip"]["train"] == by[("fp16", "resident")]["methods"]["blockskip"]["train"]
 
 
-def test_the_trainable_runs_generate_at_fp32_whatever_the_weights():
-    """The trainable runs' inference graphs stay fp32 under every --weights (edge_runtime.weights.TRAINED): each block
-    that trains adds its fp32 bytes to a resident generation, quantized or not."""
+def test_the_trainable_runs_generate_at_their_roles_precision():
+    """The trainable runs' inference graphs take fp16 under every quantized --weights, fp32 under fp32
+    (edge_runtime.weights.TRAINED): each block that trains moves its bytes from the frozen groups' precision to
+    that one in a resident generation."""
     from edgeblock.plan.calibration import HOST_CPU
     from edgeblock.plan.predict import session_factor
 
-    from edge_runtime.weights import bytes_per_weight
+    from edge_runtime.weights import TRAINED, bytes_per_weight, graph_precision
 
     inv = load_inventory("flux1-dev")
-    for w in ("fp16", "int4"):
+    for w, trained in (("fp32", "fp32"), ("fp16", "fp16"), ("int8", "fp16"), ("int4", "fp16")):
+        assert graph_precision(w, TRAINED) == trained
         few, many = (plan(PlanOptions("flux1-dev", "orin-nx-16gb", weights=w, blocks=b), inv=inv)
                      for b in ((9, 10), tuple(range(4, 16))))
         added = sum(inv.blocks[i].params for i in range(4, 16)) - sum(inv.blocks[i].params for i in (9, 10))
         wf, wm = (r["generation"]["resident"]["parts"]["weights_bytes"] for r in (few, many))
-        # ten more blocks leave the frozen groups (at the bundle's precision) for the trainable runs (fp32)
-        frozen_b = bytes_per_weight(w) * session_factor(HOST_CPU, w)
-        assert wm - wf == pytest.approx(added * (4 * HOST_CPU.session_weight_factor - frozen_b), rel=1e-6)
+        # ten more blocks leave the frozen groups (at the bundle's precision) for the trainable runs
+        frozen_b, trained_b = (bytes_per_weight(p) * session_factor(HOST_CPU, p) for p in (w, trained))
+        assert wm - wf == pytest.approx(added * (trained_b - frozen_b), rel=1e-6, abs=1.0)
 
 
 def test_vae_weights_stay_fp32_and_an_online_job_holds_the_vae_encoder():

@@ -1,7 +1,7 @@
 """Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder (each of its parts) and
-the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
-against its fp32 self on real feeds; the trainable runs' inference graphs, the training artifacts and the VAE stay
-fp32 (edge_runtime.weights.graph_precision).
+the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), the trainable
+runs' inference graphs at fp16, each measured against its fp32 self on real feeds; the training artifacts and the VAE
+stay fp32 (edge_runtime.weights.graph_precision).
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ import numpy as np
 from edge_runtime import graph_names as gn
 from edge_runtime.fileio import sha256_file
 from edge_runtime.patch_sampling import with_grid_crop
-from edge_runtime.weights import FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, graph_precision
+from edge_runtime.weights import (FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, VAE,
+                                  graph_precision)
 
 from .context import PROMPT, CompileContext
 
-# the chain graphs by the role that sets their precision (the trainable runs' keep fp32: graph_precision)
+# the chain graphs by the role that sets their precision (graph_precision)
 CHAIN_ROLES = {gn.PROLOGUE: SHELL, gn.GROUP: GROUP, gn.TRAINABLE_INFER: TRAINED, gn.EPILOGUE: SHELL}
+ROLE_NAMES = {GROUP: "frozen groups", TRAINED: "trainable blocks' inference graphs", TEXT: "text encoder",
+              SHELL: "prologue and epilogue", VAE: "the VAE"}
 
 
 def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
@@ -38,11 +41,12 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
         return {}
     ctx.sessions = None  # the fp32 sessions of the shape/verify passes: their graphs are about to change
     block = INT4_BLOCK_SIZE if precision == INT4 else None
-    kept = sorted({graph_precision(precision, r) for r in GRAPH_ROLES} - {precision, FP32})
-    ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "")
-            + ": frozen groups, text encoder, prologue and epilogue"
-            + (f" (text encoder, prologue and epilogue at {', '.join(kept)})" if kept else "")
-            + "; the trainable blocks and the VAE stay fp32")
+    by: dict[str, list[str]] = {}
+    for role in GRAPH_ROLES:
+        by.setdefault(graph_precision(precision, role), []).append(ROLE_NAMES[role])
+    ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "") + ": "
+            + "; ".join(f"{', '.join(names)} {p}" for p, names in by.items() if p != FP32)
+            + f"; {' and '.join(by.get(FP32, []) + ['the training artifacts'])} stay fp32")
     graphs: dict[str, dict[str, Any]] = {}
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
     text = ctx.extra.get("text_encoder")
