@@ -43,7 +43,8 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     block = INT4_BLOCK_SIZE if precision == INT4 else None
     by: dict[str, list[str]] = {}
     for role in GRAPH_ROLES:
-        by.setdefault(graph_precision(precision, role), []).append(ROLE_NAMES[role])
+        if role != VAE or "vae" in ctx.extra:  # a pixel-space model has none
+            by.setdefault(graph_precision(precision, role), []).append(ROLE_NAMES[role])
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "") + ": "
             + "; ".join(f"{', '.join(names)} {p}" for p, names in by.items() if p != FP32)
             + f"; {' and '.join(by.get(FP32, []) + ['the training artifacts'])} stay fp32")
