@@ -122,7 +122,8 @@ class _Rewrite:
     copy_block_bytes: int = COPY_BLOCK_BYTES  # int8 / fp16: the largest fp32 copy of a stored column block
     names: set[str] = field(default_factory=set)
     new_inits: list[TensorProto] = field(default_factory=list)
-    cache: dict[tuple, tuple[str, ...]] = field(default_factory=dict)  # (init, transB, alpha) -> weight names
+    cache: dict[tuple, tuple] = field(default_factory=dict)  # (init, transB, alpha) -> int4: its initializer names;
+    # int8 / fp16: one tuple of initializer names per stored column block
     report: dict[str, Any] = field(default_factory=dict)
     replaced: set[str] = field(default_factory=set)  # initializers the rewrite stopped reading
 
@@ -313,7 +314,7 @@ def _rewrite_node(rw: _Rewrite, node: onnx.NodeProto, label: str, init: TensorPr
     else:
         # the stored weight once, in column blocks of at most COPY_BLOCK_BYTES in fp32; per reader, each block's fp32
         # copy (DequantizeLinear / Cast) is made just before its own MatMul and freed after it, and the blocks'
-        # products are concatenated: a run holds one block's copy, not the whole matrix's (copies_per_reader)
+        # products are concatenated: a run holds one block's copy, not the whole matrix's (docs/quantization.md)
         if first:
             rw.cache[key] = tuple(_stored_blocks(rw, init.name, w))
         op, suffix, attrs = (("DequantizeLinear", "dq", {"axis": 1}) if rw.weights == "int8"
