@@ -324,7 +324,8 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
 
 
 def session_factor(cal: Calibration, weights: str) -> float:
-    """Resident bytes of an inference session per stored weight byte at `weights` (fp16: as int8, unmeasured)."""
+    """Resident bytes of an inference session per stored weight byte at `weights` (fp16: as int8, one factor fit on
+    int8 frozen groups and fp16 trainable-block graphs together)."""
     return {FP32: cal.session_weight_factor, FP16: cal.int8_session_factor, "int8": cal.int8_session_factor,
             "int4": cal.int4_session_factor}[weights]
 
