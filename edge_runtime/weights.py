@@ -25,7 +25,10 @@ INT4_BLOCK_SIZE = 32  # MatMulNBits block along K (docs/quantization.md: 0.081 r
 # made just before its own MatMul (the blocks' products concatenated): whole, the copy of a block's widest weight
 # stood above the run's activations (120M bench config, the fp32 trainable block's graph requantized, one guidance
 # row, second run: run peak +41.8 MiB at int8 and fp16 against +29.9 at fp32; in blocks of 2 MiB +29.2 / +29.3, the
-# results bit-identical, run time +6-12 %). The planner counts one block's copy per run.
+# results bit-identical, run time +6-12 %). The planner counts one block's copy per run. The column blocks do not
+# make the optimizations safe again: the 120M bench config's int8 bundle, every graph open, one resident step (batch
+# 2) peaks at 332 MiB with them off, 502 at ORT_ENABLE_BASIC and 562 at ORT_ENABLE_ALL (ConstantFolding disabled in
+# both), for 5.4-5.6 s against 5.8-5.9 s; its int4 bundle (fp16 trainable-block graphs) 285 / 309 / 367 MiB.
 COPY_BLOCK_BYTES = 2 * 2**20
 
 SESSION_SETTINGS: dict[str, dict[str, Any]] = {
