@@ -25,6 +25,20 @@ RESIDENT, STREAMED = "resident", "streamed"
 # (one graph's weights at a time; slower by the loads); the daemon picks per request from its budget
 GENERATION_MODES: tuple[str, ...] = (RESIDENT, STREAMED)
 
+
+def text_encoder_streamed(desc: Any) -> bool:
+    """Whether a bundle's text encoder (its manifest's graphs["text_encoder"]) is streamed in every operation.
+
+    Compiled in parts (`edgeblock compile --text-parts`, the Jetson default: an encoder larger than the largest
+    frozen group), each part is loaded for its own run and released after it, in a job's encoding and in every
+    generation, resident ones included: their DiT graphs stay open, the encoder's parts do not, so a resident
+    generation peaks at its graphs plus the largest part instead of the whole encoder beside them (a new prompt
+    reads the parts again; the daemon's prompt cache skips them for a repeated one). A whole encoder stays open
+    in a resident generation. The planner (sdk/edgeblock/plan) predicts by the same rule."""
+    parts = desc.get("parts") if isinstance(desc, dict) else None
+    return isinstance(parts, list) and len(parts) > 1
+
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
           "t": 2**40, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 

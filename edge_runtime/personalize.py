@@ -331,7 +331,7 @@ def run_job(bundle: Bundle, opts: JobOptions, images: list[np.ndarray], work_dir
         prior_from, images = len(images), list(images) + list(class_images)
     # a text encoder compiled in parts and not already open is streamed, part by part: the job's encode phase then
     # peaks near its largest part, not the whole encoder
-    text = bundle.encode_prompts(prompts, streamed=bool(bundle.graphs.get("text_encoder", {}).get("parts")))
+    text = bundle.encode_prompts(prompts, streamed=bundle.text_streamed)
     bundle.release_text_encoder()  # not needed again by this job
     plan = DrawPlan(bundle, images, opts.seed, prior_from, opts.prior_share)
     from .training_spec import load_spec

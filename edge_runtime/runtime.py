@@ -19,6 +19,7 @@ import numpy as np
 
 from . import graph_names as gn
 from .manifest import MANIFEST, CorruptBundle, Manifest, load_manifest, sha256_file, verify_file
+from .memory_plan import text_encoder_streamed
 from .patch_sampling import with_grid_crop
 from .sampler import initial_noise, sample
 from .weights import apply_session_settings
@@ -272,6 +273,12 @@ class Bundle:
         """Drop the text encoder's session (reloaded on next use; a caller holding it keeps it alive)."""
         self._text = None
 
+    @property
+    def text_streamed(self) -> bool:
+        """The text encoder is loaded part by part for each encoding and never kept (compiled in parts:
+        edge_runtime.memory_plan.text_encoder_streamed), in every generation mode."""
+        return text_encoder_streamed(self.graphs.get("text_encoder"))
+
     def use_prompt_cache(self, root: str, max_bytes: int) -> None:
         """Keep prompt encodings in a bounded folder (edge_runtime.prompt_cache): a prompt encoded once, by this
         process or an earlier one on the same bundle, skips the text encoder (which then is not even loaded)."""
@@ -369,7 +376,9 @@ class Bundle:
         streamed (edge_runtime.memory_plan.STREAMED): every graph not already open is loaded for its own run
         and released after it, at each sampling step, the text encoder before sampling and the VAE decoder
         after it: the peak is one graph's weights and activations instead of all of them; slower by the
-        sessions' load time per step. Resident (the default): the sessions stay open for the next request.
+        sessions' load time per step. Resident (the default): the sessions stay open for the next request, but
+        a text encoder compiled in parts (text_streamed), which is loaded part by part and released before
+        sampling in either mode.
         """
         size = int(size or self.manifest.gen_res)
         width, height = int(width or size), int(height or size)  # width x height, or a square of `size`
@@ -385,7 +394,7 @@ class Bundle:
                                 "a guidance embedding")
         if not streamed:
             self.open_chain()
-        text = self.encode_prompts([prompt, negative_prompt] if cfg_on else [prompt], streamed)
+        text = self.encode_prompts([prompt, negative_prompt] if cfg_on else [prompt], streamed or self.text_streamed)
 
         def predict(x: np.ndarray, t: np.ndarray) -> np.ndarray:
             b = 2 if cfg_on else 1

@@ -103,9 +103,10 @@ def test_parts_replace_the_whole_encoder_and_encode_as_it_does(which, request):
     _close(streamed.encode(PROMPTS), resident)
 
 
-def test_streamed_generation_opens_one_part_at_a_time(builtin_parts, monkeypatch):
-    """Bundle.generate(streamed=True) encodes part by part (each session released before the next opens) and
-    generates the resident image; the personalize job's encode phase streams too."""
+def test_generation_opens_one_part_at_a_time_in_either_mode(builtin_parts, monkeypatch):
+    """Bundle.generate encodes part by part (each session released before the next opens), streamed and resident
+    (edge_runtime.memory_plan.text_encoder_streamed: a resident generation keeps its DiT graphs open, not the
+    parts), and both give the same image; the personalize job's encode phase streams too."""
     import onnxruntime as ort
 
     out = builtin_parts[0]
@@ -133,6 +134,16 @@ def test_streamed_generation_opens_one_part_at_a_time(builtin_parts, monkeypatch
     assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1  # the encodings' ~1e-6 kernel differences
     assert opened == ["part_00.onnx", "part_01.onnx", "part_02.onnx"] and peak[0] == 1 and live[0] == 0
     assert getattr(b, "_text", None) is None  # no resident encoder was opened
+
+    opened.clear()
+    r = Bundle(out, threads=1)
+    assert r.text_streamed
+    img = r.generate("a sks star", **kw)  # resident
+    assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1
+    assert opened == ["part_00.onnx", "part_01.onnx", "part_02.onnx"] and peak[0] == 1 and live[0] == 0
+    assert getattr(r, "_text", None) is None and set(r._sessions) == set(r.chain_names)  # the DiT graphs stay open
+    r.generate("a red star", **kw)  # a new prompt reads the parts again
+    assert len(opened) == 6 and live[0] == 0
 
 
 def test_other_text_stacks_split_generically(tmp_path):

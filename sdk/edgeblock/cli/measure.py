@@ -282,12 +282,14 @@ def register(sub) -> None:
                     help="trainable blocks (default: the recipe's number of blocks, the middle ones; two without a measured recipe)")
     pl.add_argument("--weights", choices=list(WEIGHTS), default=None,
                     help="as `edgeblock compile --weights`: the frozen groups, text encoders and generation graphs "
-                         "(default: fp16 on Jetson, fp32 on host-cpu; the trainable blocks stay fp32)")
+                         "(default: fp16 on Jetson, fp32 on host-cpu; the trainable blocks' inference graphs take "
+                         "fp16 under int8 / int4, their training stays fp32)")
     pl.add_argument("--generation", choices=list(GENERATION_MODES), default=RESIDENT,
                     help="resident: every graph held while sampling (fast); streamed: one graph at a time, as the "
                          "daemon generates when its memory budget is short (default: resident)")
     pl.add_argument("--text-encoder", choices=list(GENERATION_MODES), default=None,
-                    help="resident: the text encoders loaded whole; streamed: in parts, one at a time (`edgeblock "
+                    help="resident: the text encoders loaded whole (and kept open by a resident generation); "
+                         "streamed: in parts, each loaded for its own run in every job and generation (`edgeblock "
                          "compile --text-parts`; default: as compile does for the target, parts on Jetson)")
     pl.add_argument("--lora-rank", type=int, default=None, help="default: the model's recipe (4 without a measured one)")
     pl.add_argument("--precompute", choices=list(PRECOMPUTE_MODES), default=None,

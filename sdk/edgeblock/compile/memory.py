@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edge_runtime.memory_plan import GENERATION_MODES, MemoryPlan, equivalent_side
+from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, STREAMED, MemoryPlan, equivalent_side, text_encoder_streamed
 from edge_runtime.precompute import PRECOMPUTE_MODES
 from edge_runtime.targets import CPU, HOST_CPU
 
@@ -73,10 +73,10 @@ def predict_memory(ctx) -> dict[str, Any]:
         inv.vae_encoder_params = _params(vae, ("encoder.", "quant_conv."))
         inv.vae_decoder_params = _params(vae, ("decoder.", "post_quant_conv."))
     target = planner_target(opts.target)
-    parts = ctx.extra.get("text_encoder", {}).get("parts") or []
+    # a text encoder in parts is streamed in every operation, resident generations included (the device's rule)
+    text_mode = STREAMED if text_encoder_streamed(ctx.extra.get("text_encoder")) else RESIDENT
     base = dict(target=target, blocks=tuple(ctx.plan.trainable), weights=opts.weight_precision(),
-                lora_rank=ctx.lora.rank, max_group_mb=opts.max_group_mb,
-                text_encoder="streamed" if len(parts) > 1 else "resident")  # the job and streaming encode part by part
+                lora_rank=ctx.lora.rank, max_group_mb=opts.max_group_mb, text_encoder=text_mode)
     jobs, by_size, r = {}, {}, None
     for mode in PRECOMPUTE_MODES:  # the precompute mode does not change generation: gen_res's comes with these
         r = plan(PlanOptions(config, train_res=ctx.train_res, gen_res=ctx.gen_res, precompute=mode, **base), inv=inv)

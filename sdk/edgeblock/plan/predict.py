@@ -10,8 +10,10 @@ Phases (each the peak resident bytes of one process):
   Standard LoRA: a torch process holding the whole transformer, LoRA on every block, at the
   generation resolution (the reference the method is measured against).
 - generate: the daemon sampling one image at the generation resolution, the same for both methods.
-  Resident (--generation resident): text encoder, every graph and the VAE decoder held at once.
-  Streamed: one of them at a time (each graph loaded for its own run at every sampling step).
+  Resident (--generation resident): every graph and the VAE decoder held at once, and the text encoder whole
+  beside them, or (--text-encoder streamed) one part at a time before sampling (edge_runtime.memory_plan.
+  text_encoder_streamed). Streamed: one of them at a time (each graph loaded for its own run at every sampling
+  step).
 
 Each phase = the process's fixed runtime cost (targets.py) + weights x a resident factor +
 activation elements (inventory units x measured factors) x bytes, with the factors fitted on this
@@ -46,8 +48,9 @@ class PlanOptions:
     blocks: tuple[int, ...] | None = None  # None: the recipe's number of blocks, the middle window
     weights: str | None = None  # frozen / generation weights (edge_runtime.weights); default: the target's
     generation: str = RESIDENT  # resident | streamed (edge_runtime.memory_plan)
-    # resident: loaded whole; streamed: in parts, one at a time (`compile --text-parts`); None: what compile does
-    # for the target (parts on Jetson, whole on the CPU)
+    # resident: loaded whole (and kept open by a resident generation); streamed: in parts, each loaded for its own
+    # run in every operation (`compile --text-parts`); None: what compile does for the target (parts on Jetson,
+    # whole on the CPU)
     text_encoder: str | None = None
     lora_rank: int | None = None  # None: the recipe's
     precompute: str | None = None  # bank | online; default: the daemon's rule (edge_runtime.precompute)
@@ -231,7 +234,8 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     trained_copy = _dequant_copies(inv, [[i] for i in trainable], trained_p, t.gpu)
     generation = _generation(inv, t, cal, groups, trainable, n_gen, gen_batch, gen_res, wb * gs, sb * ss, ab, tw,
-                             text_w, vae_dec_w, text_held, (group_chunks, chunks), (copy, trained_copy))
+                             text_w if text_mode == RESIDENT else None, vae_dec_w, text_held, (group_chunks, chunks),
+                             (copy, trained_copy))
     generate = generation[opts.generation]
 
     # --- standard LoRA: a torch process with the whole model --------------------------------------
@@ -278,11 +282,13 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
 
 
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
-                group_b: float, shell_b: float, ab: int, tw: float, text_w: float, vae_dec_w: float,
+                group_b: float, shell_b: float, ab: int, tw: float, text_w: float | None, vae_dec_w: float,
                 text_held: float, chunks: tuple[int | None, int], copies: tuple[list[float], list[float]]
                 ) -> dict[str, dict]:
     """The generate phase held resident (every graph open) and streamed (one graph at a time; the text encoder
-    whole or, `text_held`, its largest part). group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
+    whole or, `text_held`, its largest part). text_w: the whole text encoder, which a resident generation keeps
+    open beside its graphs; None when it is streamed (in parts), so that a resident generation holds `text_held`
+    only while it encodes, before sampling. group_b / shell_b: resident bytes per frozen-group / prologue-epilogue
     weight (stored bytes x their precision's session factor); chunks: the query slices of the frozen groups' (None:
     fused) and the trainable blocks' attentions; tw: resident bytes per trainable-block weight (its graphs' precision);
     their activations are fp32 everywhere; copies: the dequantized weight copies each frozen group's and each trainable
@@ -311,9 +317,13 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     # every graph's session: text encoder, prologue, frozen groups, one per trainable block, epilogue (and the VAE
     # decoder); the decoder runs after the sampling loop, when the transformer's transients are freed: the larger of
     # the two
-    sessions = 3 + len(groups) + len(trained_graphs) + (0 if inv.pixel_space else 1)
-    resident = _phase(t.daemon_runtime_bytes, text_w + frozen * group_b + inv.shell_params * shell_b + trained * tw
-                      + vae_dec_w, max(act, vae_act), sessions_bytes=sessions * cal.graph_session_bytes)
+    # (a streamed text encoder's part is held while it encodes, before sampling: the largest of the three)
+    kept_text = text_w is not None
+    sessions = 2 + kept_text + len(groups) + len(trained_graphs) + (0 if inv.pixel_space else 1)
+    resident = _phase(t.daemon_runtime_bytes, (text_w if kept_text else 0.0) + frozen * group_b
+                      + inv.shell_params * shell_b + trained * tw + vae_dec_w,
+                      max(act, vae_act, 0.0 if kept_text else text_held),
+                      sessions_bytes=sessions * cal.graph_session_bytes)
     # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
     # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
     shell = (inv.shell_params - inv.epilogue_params) * shell_b
