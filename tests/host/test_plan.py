@@ -122,6 +122,21 @@ def test_a_resident_generation_keeps_a_whole_text_encoder_open_but_not_one_in_pa
     assert parts["peak_bytes"] < 15.1 * 2**30 < whole["peak_bytes"]  # SD3.5-medium resident on the Orin NX 16GB
 
 
+@pytest.mark.parametrize("config,target,kw,stage,lever", [
+    ("flux1-dev", "orin-nano-8gb", dict(gen_res=1536), "VAE decoder", "--gen-res"),
+    ("sd35-medium", "orin-nano-8gb", dict(weights="fp32", text_encoder="resident"), "text encoder", "--text-parts"),
+    ("flux1-dev", "orin-nano-8gb", dict(weights="fp32", gen_res=512, max_group_mb=0), "frozen group 0", "--max-group-mb")])
+def test_a_streamed_generation_that_does_not_fit_names_its_largest_stage(config, target, kw, stage, lever):
+    """The advice for a streamed generation over the budget names the stage at its peak and that stage's lever
+    (the VAE decoder is float32 under every --weights: quantizing cannot lower it)."""
+    r = plan(PlanOptions(config, target, generation="streamed", **kw))
+    assert r["generation"]["streamed"]["largest_stage"] == stage
+    assert not r["methods"]["blockskip"]["generate"]["fits"]
+    msg = next(m for m in r["advice"] if m.startswith("blockskip generate"))
+    assert f"its largest stage is the {stage}" in msg and lever in msg
+    assert ("--weights int8" in msg) == (stage != "VAE decoder")
+
+
 def test_the_trainable_runs_generate_at_their_roles_precision():
     """The trainable runs' inference graphs take fp16 under every quantized --weights, fp32 under fp32
     (edge_runtime.weights.TRAINED): each block that trains moves its bytes from the frozen groups' precision to

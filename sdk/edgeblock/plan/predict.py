@@ -328,9 +328,17 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
     shell = (inv.shell_params - inv.epilogue_params) * shell_b
     stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0), *(chain(1) if batch > 1 else runs)]
-    w, a = max(stages, key=lambda s: s[0] + s[1])
-    streamed = _phase(t.daemon_runtime_bytes, w, a, sessions_bytes=cal.graph_session_bytes)
+    names = [STAGE_TEXT, STAGE_VAE, STAGE_PROLOGUE, *(f"{STAGE_GROUP} {j}" for j in range(len(groups))),
+             *(f"{STAGE_TRAINABLE} {r[0]}" for r in trained_graphs)]
+    k = max(range(len(stages)), key=lambda j: stages[j][0] + stages[j][1])
+    streamed = _phase(t.daemon_runtime_bytes, *stages[k], sessions_bytes=cal.graph_session_bytes)
+    streamed["largest_stage"] = names[k]  # what streaming's peak holds (the advice names its lever)
     return {"resident": resident, "streamed": streamed}
+
+
+# the stages of a streamed generation, as `generation.streamed.largest_stage` names the one at its peak
+STAGE_TEXT, STAGE_VAE, STAGE_PROLOGUE = "text encoder", "VAE decoder", "prologue"
+STAGE_GROUP, STAGE_TRAINABLE = "frozen group", "trainable block"
 
 
 def session_factor(cal: Calibration, weights: str) -> float:
@@ -403,9 +411,7 @@ def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
         elif ph == "generate":
             msg += ("; stream the graphs (--generation streamed: one resident at a time, as the daemon does when its "
                     "budget is short), quantise the weights (--weights int8 / int4), a smaller --gen-res, or a target "
-                    "with more memory" if r["generation"]["mode"] == "resident" else
-                    f"; the largest graph held while streaming (the text encoders: {gib(text_w)}) dominates: quantise "
-                    "the weights (--weights int8 / int4), or a target with more memory")
+                    "with more memory" if r["generation"]["mode"] == "resident" else _streamed_advice(r, gib))
         out.append(msg)
     if not out:
         head = usable - max(bs[ph]["peak_bytes"] for ph in ("precompute", "train", "generate"))
@@ -413,6 +419,21 @@ def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
     if not r["methods"]["standard_lora"]["fits"] and bs["fits"]:
         out.append("standard LoRA does not fit this target; DiT-BlockSkip does")
     return out
+
+
+def _streamed_advice(r: dict, gib) -> str:
+    """The lever for a streamed generation that does not fit: the one its largest stage answers to."""
+    st = r["generation"]["streamed"]
+    stage = st.get("largest_stage", "")
+    held = gib(st["parts"]["weights_bytes"] + st["parts"]["activations_bytes"])
+    if stage == STAGE_VAE:
+        return (f"; its largest stage is the VAE decoder ({held}: float32 under every --weights, its full-resolution "
+                "maps the most of it): a smaller --gen-res, or a target with more memory")
+    if stage == STAGE_TEXT:
+        return (f"; its largest stage is the text encoder ({held}): compile it in parts (--text-encoder streamed, "
+                "`edgeblock compile --text-parts`), quantise it (--weights int8 / int4), or a target with more memory")
+    return (f"; its largest stage is the {stage} ({held}): quantise the weights (--weights int8 / int4), smaller "
+            "frozen groups (--max-group-mb), a smaller --gen-res, or a target with more memory")
 
 
 def format_plan(r: dict) -> str:
