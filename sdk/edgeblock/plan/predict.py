@@ -208,13 +208,14 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     chunks = _chunks(inv, n_gen)
     group_chunks = None if t.gpu else chunks
     copy = _dequant_copies(inv, groups, graph_precision(weights, GROUP), t.gpu)
+    job_runtime = t.daemon_runtime_bytes + cal.job_runtime_bytes  # a job's phases: the daemon and what a job adds
     group_act = [_act(inv, cal, g, n_train, 1, group_chunks) * ab + c for g, c in zip(groups, copy)]
     if groups:
         k = max(range(len(groups)), key=lambda j: group_w[j] + group_act[j])
-        bank_peak = _phase(t.daemon_runtime_bytes, group_w[k] + prologue * sb * ss, group_act[k])
+        bank_peak = _phase(job_runtime, group_w[k] + prologue * sb * ss, group_act[k])
     else:
-        bank_peak = _phase(t.daemon_runtime_bytes, prologue * sb * ss, 0)
-    encode = _phase(t.daemon_runtime_bytes, text_held + vae_enc_w, 0)
+        bank_peak = _phase(job_runtime, prologue * sb * ss, 0)
+    encode = _phase(job_runtime, text_held + vae_enc_w, 0)
     bs_pre = max(encode, bank_peak, key=lambda p: p["peak_bytes"]) if precompute == "bank" else encode
     trained_params = sum(block_params[i] for i in trainable) + inv.epilogue_params
     lora = _lora_params(inv, trainable, rank)
@@ -229,7 +230,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # bytes (its precision's session factor), times online_session_factor
     online_w = ((sum(group_w) + prologue * sb * ss + sum(block_params[i] for i in trainable) * tw)
                 * cal.online_session_factor + vae_enc_w) if precompute == "online" else 0
-    bs_train = _phase(t.daemon_runtime_bytes, trained_params * 4 * cal.train_weight_factor + online_w,
+    bs_train = _phase(job_runtime, trained_params * 4 * cal.train_weight_factor + online_w,
                       max(train_act, load_act),
                       lora_state_bytes=lora * 4 * 4)  # LoRA weights, gradients, AdamW moments (fp32)
     trained_copy = _dequant_copies(inv, [[i] for i in trainable], trained_p, t.gpu)
