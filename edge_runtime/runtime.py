@@ -376,9 +376,9 @@ class Bundle:
         streamed (edge_runtime.memory_plan.STREAMED): every graph not already open is loaded for its own run
         and released after it, at each sampling step, the text encoder before sampling and the VAE decoder
         after it: the peak is one graph's weights and activations instead of all of them; slower by the
-        sessions' load time per step. Resident (the default): the sessions stay open for the next request, but
-        a text encoder compiled in parts (text_streamed), which is loaded part by part and released before
-        sampling in either mode.
+        sessions' load time per step. Resident (the default): the sessions stay open for the next request. A text
+        encoder compiled in parts (text_streamed) is loaded part by part and released before sampling in either
+        mode.
         """
         size = int(size or self.manifest.gen_res)
         width, height = int(width or size), int(height or size)  # width x height, or a square of `size`

@@ -83,10 +83,9 @@ def test_streaming_and_quantized_weights_lower_generation():
     from edgeblock.plan.predict import _vae_decode_act
     from edgeblock.plan.targets import get_target
 
-    inv = dit
     vae_stage = (get_target("orin-nx-16gb").daemon_runtime_bytes + HOST_CPU.graph_session_bytes
-                 + inv.vae_decoder_params * 4 * HOST_CPU.session_weight_factor
-                 + _vae_decode_act(inv, HOST_CPU, 1024) * 4)
+                 + dit.vae_decoder_params * 4 * HOST_CPU.session_weight_factor
+                 + _vae_decode_act(dit, HOST_CPU, 1024) * 4)
     for w in ("fp16", "int8", "int4"):
         assert abs(gen[(w, "streamed")] - vae_stage) <= 2, w
     whole_text = plan(PlanOptions("flux1-dev", "orin-nx-16gb", weights="fp16", generation="streamed",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, STREAMED, MemoryPlan, equivalent_side, text_encoder_streamed
+from edge_runtime.memory_plan import (GENERATION_MODES, RESIDENT, STREAMED, MemoryPlan, equivalent_side,
+                                      text_encoder_streamed)
 from edge_runtime.precompute import PRECOMPUTE_MODES
 from edge_runtime.targets import CPU, HOST_CPU
 

@@ -282,6 +282,11 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     return result
 
 
+# the stages of a streamed generation, as `generation.streamed.largest_stage` names the one at its peak
+STAGE_TEXT, STAGE_VAE, STAGE_PROLOGUE = "text encoder", "VAE decoder", "prologue"
+STAGE_GROUP, STAGE_TRAINABLE = "frozen group", "trainable block"
+
+
 def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, n_gen: int, batch: int, res: int,
                 group_b: float, shell_b: float, ab: int, tw: float, text_w: float | None, vae_dec_w: float,
                 text_held: float, chunks: tuple[int | None, int], copies: tuple[list[float], list[float]]
@@ -328,18 +333,14 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
     # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
     shell = (inv.shell_params - inv.epilogue_params) * shell_b
-    stages = [(text_held, 0.0), (vae_dec_w, vae_act), (shell, 0.0), *(chain(1) if batch > 1 else runs)]
-    names = [STAGE_TEXT, STAGE_VAE, STAGE_PROLOGUE, *(f"{STAGE_GROUP} {j}" for j in range(len(groups))),
-             *(f"{STAGE_TRAINABLE} {r[0]}" for r in trained_graphs)]
-    k = max(range(len(stages)), key=lambda j: stages[j][0] + stages[j][1])
-    streamed = _phase(t.daemon_runtime_bytes, *stages[k], sessions_bytes=cal.graph_session_bytes)
-    streamed["largest_stage"] = names[k]  # what streaming's peak holds (the advice names its lever)
+    chain_names = [*(f"{STAGE_GROUP} {j}" for j in range(len(groups))),
+                   *(f"{STAGE_TRAINABLE} {r[0]}" for r in trained_graphs)]  # chain()'s order
+    stages = [(STAGE_TEXT, text_held, 0.0), (STAGE_VAE, vae_dec_w, vae_act), (STAGE_PROLOGUE, shell, 0.0),
+              *((n, w, a) for n, (w, a) in zip(chain_names, chain(1) if batch > 1 else runs))]
+    name, w, a = max(stages, key=lambda s: s[1] + s[2])
+    streamed = _phase(t.daemon_runtime_bytes, w, a, sessions_bytes=cal.graph_session_bytes)
+    streamed["largest_stage"] = name  # what streaming's peak holds (the advice names its lever)
     return {"resident": resident, "streamed": streamed}
-
-
-# the stages of a streamed generation, as `generation.streamed.largest_stage` names the one at its peak
-STAGE_TEXT, STAGE_VAE, STAGE_PROLOGUE = "text encoder", "VAE decoder", "prologue"
-STAGE_GROUP, STAGE_TRAINABLE = "frozen group", "trainable block"
 
 
 def session_factor(cal: Calibration, weights: str) -> float:
@@ -425,7 +426,7 @@ def advice(r: dict, inv: Inventory, groups, group_w, text_w) -> list[str]:
 def _streamed_advice(r: dict, gib) -> str:
     """The lever for a streamed generation that does not fit: the one its largest stage answers to."""
     st = r["generation"]["streamed"]
-    stage = st.get("largest_stage", "")
+    stage = st["largest_stage"]
     held = gib(st["parts"]["weights_bytes"] + st["parts"]["activations_bytes"])
     if stage == STAGE_VAE:
         return (f"; its largest stage is the VAE decoder ({held}: float32 under every --weights, its full-resolution "
