@@ -227,26 +227,34 @@ def _on_meta(model_cls, cfg: dict):
 
 
 def _pipeline_vae(inv: Inventory, config_path: str) -> None:
-    """A diffusers pipeline's own AutoencoderKL (vae/config.json beside transformer/) instead of the family's:
-    its encoder / decoder parameters (built on the meta device), scale and decoder widths."""
+    """A diffusers pipeline's own VAE (vae/config.json beside transformer/: AutoencoderKL or AutoencoderDC) instead of
+    the family's: its encoder / decoder parameters (built on the meta device), scale and decoder widths."""
     d = os.path.dirname(os.path.abspath(config_path))
     p = os.path.join(os.path.dirname(d), "vae", "config.json")
     if os.path.basename(d) != "transformer" or not os.path.exists(p):
         return
     cfg = _read(p)
-    if cfg.get("_class_name") != "AutoencoderKL":
+    kind = cfg.get("_class_name")
+    if kind not in ("AutoencoderKL", "AutoencoderDC"):
         return
     import diffusers
 
-    vae = _on_meta(diffusers.AutoencoderKL, cfg)
+    vae = _on_meta(getattr(diffusers, kind), cfg)
     count = lambda pre: sum(p.numel() for n, p in vae.named_parameters() if n.startswith(pre))  # noqa: E731
-    widths = list(vae.config.block_out_channels)
     inv.vae_encoder_params = count(("encoder.", "quant_conv."))
     inv.vae_decoder_params = count(("decoder.", "post_quant_conv."))
-    inv.vae_scale = 2 ** (len(widths) - 1)
-    inv.vae_channels, inv.vae_up_channels = widths[0], max(widths[: 2])
-    inv.vae_attention = bool(cfg.get("mid_block_add_attention", True))
-    inv.notes.append(f"VAE from {p} (AutoencoderKL, widths {widths})")
+    if kind == "AutoencoderKL":
+        widths = list(vae.config.block_out_channels)
+        inv.vae_scale = 2 ** (len(widths) - 1)
+        inv.vae_channels, inv.vae_up_channels = widths[0], max(widths[: 2])
+        inv.vae_attention = bool(cfg.get("mid_block_add_attention", True))
+    else:  # DC-AE: each encoder stage but the last halves the side; the decoder's first width is its full-resolution
+        # stage's (listed from full resolution down, built in reverse); no softmax attention over the latent pixels
+        widths = list(vae.config.decoder_block_out_channels)
+        inv.vae_scale = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+        inv.vae_channels = inv.vae_up_channels = widths[0]
+        inv.vae_attention = False
+    inv.notes.append(f"VAE from {p} ({kind}, decoder widths {widths})")
 
 
 def block_units(inv: Inventory, index: int, n_img: int, batch: int = 1) -> tuple[int, int]:
