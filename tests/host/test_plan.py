@@ -276,6 +276,25 @@ def test_prediction_within_15_percent_of_measurement(model):
     assert all(abs(e) <= 0.15 for e in errors.values()), errors
 
 
+@pytest.mark.slow
+def test_bench_daemon_streams_in_a_second_daemon_when_no_budget_admits_the_job(monkeypatch):
+    """`bench daemon --generation streamed` on a model whose job is predicted above its resident generation (here:
+    made so): the job runs under the default budget, then a second daemon on the same state, under a budget below
+    the resident prediction, streams with the job's adapter; its measured peak against the bundle's streamed
+    prediction, within 15 %."""
+    pytest.importorskip("onnxruntime.training")
+    from edgeblock.bench import daemon
+
+    monkeypatch.setattr(daemon, "job_prediction", lambda plan, man, precompute="": 1 << 40)
+    said: list[str] = []
+    r = daemon.run("builtin", steps=2, gen_steps=1, torch_reference=False, generation="streamed", progress=said.append)
+    d = r["daemon"]
+    assert d["generate_mode"] == "streamed" and d["generate_after_job"] is False
+    assert any("second daemon" in m for m in said)
+    assert d["peak_rss_generate_bytes"] > 0 and d["peak_rss_personalize_bytes"] > 0
+    assert abs(r["prediction_errors"]["generate"]) <= 0.15, r["prediction_errors"]
+
+
 _DECODE_PROBE = r"""
 import json, sys
 import numpy as np, onnxruntime as ort

@@ -263,7 +263,8 @@ def register(sub) -> None:
     b.add_argument("--generation", choices=list(GENERATION_MODES), default=None,
                    help="daemon: generate resident (default: the daemon's default budget) or streamed (under a "
                         "--memory-budget between the bundle's predicted streamed and resident peaks, so that the "
-                        "daemon's admission control streams)")
+                        "daemon's admission control streams; in a second daemon, with the job's adapter, where "
+                        "the job is predicted above the resident generation)")
     b.add_argument("--no-torch", action="store_true",
                    help="daemon: skip the torch reference processes (they train at the model's own resolution)")
     b.add_argument("--json", action="store_true")
