@@ -95,6 +95,25 @@ def test_hessians_of_a_graph_and_a_calibrated_int4_model():
     assert quantization_error(model, q, feeds[0])["y"]["rel"] < 0.15
 
 
+def test_hessian_of_a_matmul_input_that_an_optimizer_would_remove():
+    """A MatMul reading a transposed tensor through a Cast to the type it already has (Sana's exported attention
+    output): ONNX Runtime's graph optimizations fold the Transpose and the Cast into the MatMul and answer the Cast's
+    output with None, so it must be measured in the graph as written."""
+    rng = np.random.default_rng(6)
+    w = numpy_helper.from_array((rng.standard_normal((32, 48)) / 4).astype(np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32, "tokens"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", 48])
+    nodes = [helper.make_node("Tanh", ["x"], ["h"]), helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Cast", ["t"], ["c"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["c", "w"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "cast", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": rng.standard_normal((2, 32, 5)).astype(np.float32)}]
+    assert quantized_inputs(model, min_elements=256) == ["c"]
+    hs = input_hessians(model, ["c"], feeds)
+    t = np.tanh(feeds[0]["x"].astype(np.float64)).transpose(0, 2, 1).reshape(-1, 32)
+    np.testing.assert_allclose(hs["c"], t.T @ t, rtol=1e-4, atol=1e-5)
+
+
 def test_a_weight_read_in_token_slices_is_rounded_with_all_its_rows():
     """The same weight read by several MatMuls (a feed-forward cut into token slices): its codes are rounded with
     the slices' Hessians summed, which is the whole input's X^T X, so they equal the uncut graph's."""

@@ -114,6 +114,9 @@ def input_hessians(model, names: list[str], feeds_list: list[dict[str, np.ndarra
             del m
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            # unoptimized: an optimization that removes a node (a Cast to the type its input has, as Sana's attention
+            # exports) would leave its output, which the MatMul reads, unanswered (None)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
             wanted = {i.name for i in sess.get_inputs()}
             for feeds in feeds_list:
