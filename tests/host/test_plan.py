@@ -56,6 +56,30 @@ def test_a_pipelines_own_vae_replaces_the_familys(family, tmp_path):
     assert inv.vae_decoder_params < public.vae_decoder_params / 100
 
 
+def test_a_pipelines_own_text_encoders_replace_the_familys(tmp_path):
+    """The text encoders of a pipeline directory (model_index.json's text_encoder*, here SD3's CLIP-L, CLIP-G and
+    T5) are what the planner prices, their token tables (>= 1 MiB) counted as lookups; named ones still win."""
+    import transformers
+    from pipelines import make_tiny_pipeline
+
+    from edgeblock.compile.text_lookup import MIN_TABLE_BYTES
+
+    root = make_tiny_pipeline("sd3", tmp_path / "sd3")
+    inv = load_inventory(str(tmp_path / "sd3" / "transformer"))
+    params = lookups = 0
+    for key, cls in (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
+                     ("text_encoder_3", "T5EncoderModel")):
+        m = getattr(transformers, cls).from_pretrained(f"{root}/{key}")
+        params += sum(p.numel() for p in m.parameters())
+        table = m.get_input_embeddings().weight.numel()
+        lookups += table if table * 4 >= MIN_TABLE_BYTES else 0
+    assert inv.text_encoders == ("text_encoder (CLIPTextModelWithProjection)",
+                                 "text_encoder_2 (CLIPTextModelWithProjection)", "text_encoder_3 (T5EncoderModel)")
+    assert (inv.text_encoder_params, inv.text_lookup_params) == (params, lookups)
+    assert load_inventory(str(tmp_path / "sd3" / "transformer"), ("t5-xxl",)).text_encoder_params > 4e9
+    assert load_inventory("sd35-medium").text_encoders == ("clip-l", "clip-g", "t5-xxl")
+
+
 def test_plan_json_has_a_bytes_peak_per_method_and_phase():
     r = plan(PlanOptions("sana-600m-1024", "orin-nano-8gb"))
     for method in ("standard_lora", "blockskip"):

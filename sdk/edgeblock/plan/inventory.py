@@ -2,7 +2,8 @@
 
 The diffusers class is built on the meta device, so parameter counts per block are exact; the
 pipeline around the transformer (text encoders, VAE, token counts per resolution) comes from the
-family's published defaults below, or from the folder's edgeblock.json for builtin-layout models.
+family's published defaults below, from the pipeline directory's own text encoders and VAE when the
+config is a pipeline's transformer/, or from the folder's edgeblock.json for builtin-layout models.
 """
 
 from __future__ import annotations
@@ -206,11 +207,12 @@ def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None) ->
             inv.pack = int(cfg.get("patch_size") or 1)
         inv.vae_up_channels, inv.vae_attention = d.vae_up_channels, d.vae_attention
         _pipeline_vae(inv, path)
-    unknown = [t for t in inv.text_encoders if t not in TEXT_ENCODERS]
-    if unknown:
-        raise ValueError(f"unknown text encoder(s) {unknown}; known: {', '.join(sorted(TEXT_ENCODERS))}")
-    inv.text_encoder_params = sum(TEXT_ENCODERS[t] for t in inv.text_encoders)
-    inv.text_lookup_params = sum(TEXT_ENCODER_LOOKUPS[t] for t in inv.text_encoders)
+    if text_encoders or not _pipeline_text(inv, path):
+        unknown = [t for t in inv.text_encoders if t not in TEXT_ENCODERS]
+        if unknown:
+            raise ValueError(f"unknown text encoder(s) {unknown}; known: {', '.join(sorted(TEXT_ENCODERS))}")
+        inv.text_encoder_params = sum(TEXT_ENCODERS[t] for t in inv.text_encoders)
+        inv.text_lookup_params = sum(TEXT_ENCODER_LOOKUPS[t] for t in inv.text_encoders)
     inv._model = model  # the meta skeleton, for activation units at any token count
     return inv
 
@@ -255,6 +257,42 @@ def _pipeline_vae(inv: Inventory, config_path: str) -> None:
         inv.vae_channels = inv.vae_up_channels = widths[0]
         inv.vae_attention = False
     inv.notes.append(f"VAE from {p} ({kind}, decoder widths {widths})")
+
+
+def _pipeline_text(inv: Inventory, config_path: str) -> bool:
+    """A diffusers pipeline's own text encoders (model_index.json's text_encoder* beside transformer/, each built
+    on the meta device from its config) instead of the family's public ones: their parameters, and of those the
+    token-embedding tables a bundle reads row by row (compile/text_lookup.py's rule: a table of >= 1 MiB in fp32).
+    False when the folder is not such a pipeline (the family's encoders stay)."""
+    d = os.path.dirname(os.path.abspath(config_path))
+    index = os.path.join(os.path.dirname(d), "model_index.json")
+    if os.path.basename(d) != "transformer" or not os.path.exists(index):
+        return False
+    import torch
+    import transformers
+
+    from ..compile.text_lookup import MIN_TABLE_BYTES
+
+    parts = [(k, v) for k, v in sorted(_read(index).items())
+             if k.startswith("text_encoder") and isinstance(v, list) and v[0] == "transformers" and v[1]]
+    names, params, lookups = [], 0, 0
+    for key, (_lib, cls_name) in parts:
+        folder = os.path.join(os.path.dirname(d), key)
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            return False
+        cls = getattr(transformers, cls_name)
+        cfg = cls.config_class.from_pretrained(folder)
+        with torch.device("meta"):
+            model = cls(cfg)
+        params += sum(p.numel() for p in model.parameters())
+        table = model.get_input_embeddings().weight
+        lookups += table.numel() if table.numel() * 4 >= MIN_TABLE_BYTES else 0
+        names.append(f"{key} ({cls_name})")
+    if not names:
+        return False
+    inv.text_encoders, inv.text_encoder_params, inv.text_lookup_params = tuple(names), params, lookups
+    inv.notes.append(f"text encoders from {os.path.dirname(d)}: {', '.join(names)}, {params / 1e6:.1f}M parameters")
+    return True
 
 
 def block_units(inv: Inventory, index: int, n_img: int, batch: int = 1) -> tuple[int, int]:
