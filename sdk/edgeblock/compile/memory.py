@@ -63,7 +63,7 @@ def predict_memory(ctx) -> dict[str, Any]:
 
     opts = ctx.opts
     config = transformer_config(ctx.root)
-    inv = load_inventory(config)
+    inv = load_inventory(config, pipeline_text=False)  # the text terms come from the loaded encoders below
     inv.text_encoder_params = text_stack_params(ctx.text)
     inv.text_lookup_params = sum(d["rows"] * d["dim"] for d in ctx.extra.get("text_encoder", {}).get("lookups", []))
     inv.text_tokens = int(ctx.text.length)

@@ -165,8 +165,12 @@ def _walk_units(block, family: str, kind: str, n_img: int, n_txt: int) -> tuple[
     return lin, attn
 
 
-def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None) -> Inventory:
-    """Build the model on the meta device from config.json and collect what the planner needs."""
+def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None,
+                   pipeline_text: bool = True) -> Inventory:
+    """Build the model on the meta device from config.json and collect what the planner needs.
+
+    pipeline_text: price a pipeline directory's own text encoders (False: the family's, for a caller that sets the
+    text parameters itself, as compile does from the loaded encoders)."""
     import torch
 
     from ..models import adapter_class
@@ -207,7 +211,7 @@ def load_inventory(config: str, text_encoders: tuple[str, ...] | None = None) ->
             inv.pack = int(cfg.get("patch_size") or 1)
         inv.vae_up_channels, inv.vae_attention = d.vae_up_channels, d.vae_attention
         _pipeline_vae(inv, path)
-    if text_encoders or not _pipeline_text(inv, path):
+    if text_encoders or not (pipeline_text and _pipeline_text(inv, path)):
         unknown = [t for t in inv.text_encoders if t not in TEXT_ENCODERS]
         if unknown:
             raise ValueError(f"unknown text encoder(s) {unknown}; known: {', '.join(sorted(TEXT_ENCODERS))}")
@@ -228,12 +232,17 @@ def _on_meta(model_cls, cfg: dict):
         return model_cls(**{k: v for k, v in cfg.items() if k in keys})
 
 
+def _pipeline_root(config_path: str) -> str | None:
+    """The diffusers pipeline directory whose transformer/ holds config_path, or None (a config on its own)."""
+    d = os.path.dirname(os.path.abspath(config_path))
+    return os.path.dirname(d) if os.path.basename(d) == "transformer" else None
+
+
 def _pipeline_vae(inv: Inventory, config_path: str) -> None:
     """A diffusers pipeline's own VAE (vae/config.json beside transformer/: AutoencoderKL or AutoencoderDC) instead of
     the family's: its encoder / decoder parameters (built on the meta device), scale and decoder widths."""
-    d = os.path.dirname(os.path.abspath(config_path))
-    p = os.path.join(os.path.dirname(d), "vae", "config.json")
-    if os.path.basename(d) != "transformer" or not os.path.exists(p):
+    root = _pipeline_root(config_path)
+    if root is None or not os.path.exists(p := os.path.join(root, "vae", "config.json")):
         return
     cfg = _read(p)
     kind = cfg.get("_class_name")
@@ -264,9 +273,8 @@ def _pipeline_text(inv: Inventory, config_path: str) -> bool:
     on the meta device from its config) instead of the family's public ones: their parameters, and of those the
     token-embedding tables a bundle reads row by row (compile/text_lookup.py's rule: a table of >= 1 MiB in fp32).
     False when the folder is not such a pipeline (the family's encoders stay)."""
-    d = os.path.dirname(os.path.abspath(config_path))
-    index = os.path.join(os.path.dirname(d), "model_index.json")
-    if os.path.basename(d) != "transformer" or not os.path.exists(index):
+    root = _pipeline_root(config_path)
+    if root is None or not os.path.exists(index := os.path.join(root, "model_index.json")):
         return False
     import torch
     import transformers
@@ -277,7 +285,7 @@ def _pipeline_text(inv: Inventory, config_path: str) -> bool:
              if k.startswith("text_encoder") and isinstance(v, list) and v[0] == "transformers" and v[1]]
     names, params, lookups = [], 0, 0
     for key, (_lib, cls_name) in parts:
-        folder = os.path.join(os.path.dirname(d), key)
+        folder = os.path.join(root, key)
         if not os.path.exists(os.path.join(folder, "config.json")):
             return False
         cls = getattr(transformers, cls_name)
@@ -291,7 +299,7 @@ def _pipeline_text(inv: Inventory, config_path: str) -> bool:
     if not names:
         return False
     inv.text_encoders, inv.text_encoder_params, inv.text_lookup_params = tuple(names), params, lookups
-    inv.notes.append(f"text encoders from {os.path.dirname(d)}: {', '.join(names)}, {params / 1e6:.1f}M parameters")
+    inv.notes.append(f"text encoders from {root}: {', '.join(names)}, {params / 1e6:.1f}M parameters")
     return True
 
 

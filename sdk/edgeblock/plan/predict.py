@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_runtime import graph_names as gn
-from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
+from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, STREAMED
 from edge_runtime.precompute import PRECOMPUTE_MODES, precompute_mode
 from edge_runtime.weights import (COPY_BLOCK_BYTES, FP16, FP32, GROUP, INT8, SHELL, TEXT, TRAINED, VAE, WEIGHTS,
                                   bytes_per_weight, graph_precision)
@@ -171,7 +171,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
         raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
     if opts.generation not in GENERATION_MODES:
         raise ValueError(f"--generation must be one of {', '.join(GENERATION_MODES)}, got {opts.generation!r}")
-    text_mode = opts.text_encoder or ("streamed" if t.gpu else RESIDENT)
+    text_mode = opts.text_encoder or (STREAMED if t.gpu else RESIDENT)
     if text_mode not in GENERATION_MODES:
         raise ValueError(f"--text-encoder must be one of {', '.join(GENERATION_MODES)}, got {opts.text_encoder!r}")
     native = t.weight_bytes  # the target's inference precision (fp16 engines on Jetson, fp32 on the CPU)
@@ -197,7 +197,7 @@ def plan(opts: PlanOptions, cal: Calibration = HOST_CPU, inv: Inventory | None =
     # streamed text encoder: compile's parts are no larger than the largest frozen group (--text-parts 0)
     largest_group = max((sum(block_params[i] for i in g) for g in groups), default=inv.text_session_params)
     text_held = (min(inv.text_session_params, largest_group) * tb * cal.text_session_factor
-                 if text_mode == "streamed" else text_w)
+                 if text_mode == STREAMED else text_w)
     vae_enc_w = inv.vae_encoder_params * vb * vs
     vae_dec_w = inv.vae_decoder_params * vb * vs
 
