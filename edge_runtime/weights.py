@@ -43,7 +43,8 @@ SESSION_SETTINGS: dict[str, dict[str, Any]] = {
 GROUP, TRAINED, TEXT, SHELL, VAE = "group", "trained", "text_encoder", "shell", "vae"  # frozen DiT groups; the
 # trainable runs' inference graphs (trainable/infer*.onnx: generation and the job's frozen pass, LoRA as inputs);
 # text encoders; prologue and epilogue; VAE encoder and decoder. What trains (the training artifacts: the trainable
-# blocks' base weights in training precision, LoRA in fp32) is none of these: --weights never touches it.
+# blocks' base weights in training precision, LoRA in fp32) is none of these: --weights only puts the base on the
+# TRAINED graphs' grid (graph_precision).
 GRAPH_ROLES: tuple[str, ...] = (GROUP, TRAINED, TEXT, SHELL, VAE)
 
 # int4 is for the frozen DiT groups, where nearly all the weights are and each block's error is added to a
@@ -52,15 +53,14 @@ GRAPH_ROLES: tuple[str, ...] = (GROUP, TRAINED, TEXT, SHELL, VAE)
 # int4 and 0.03 at int8, prologue and epilogue by 0.064 / 0.062 at int4 and 0.005 at int8; the int4 row lost
 # 0.063 subject fidelity with them at int4). They hold few weights beside the DiT's (FLUX.1-dev: T5-XXL's 4.8B
 # are streamed part by part; prologue and epilogue ~0.04B).
-_INT4_KEEPS_INT8 = (TEXT, SHELL)
-# The trainable runs' inference graphs take fp16 under every quantized --weights (fp32 under fp32): an adapter is
-# trained against its blocks' fp32 base weights, and generating over an int8 / int4 base lost the fidelity it had
-# learned, where fp16 moves that base by ~1e-4 (compile's error on the built-in model's trainable graphs: 5e-5 -
-# 9e-5 relative, against 2e-3 for its int8 frozen groups). Measured with `edgeblock eval --weights int8,int4 --rows
-# blockskip_device --seed 0` (the built-in model, blocks 1-5 trained; docs/results.md): subject fidelity against the
-# fp32 row -0.008 / -0.012 (int8 / int4 bundles) with these graphs at fp16, -0.008 / -0.011 with them fp32, -0.035 /
-# -0.031 with them at the bundle's precision; prompt fidelity equal but at int8 there (-0.025). What trains (the
-# training artifacts) stays fp32 under every --weights.
+_INT4_KEEPS_INT8 = (TEXT, SHELL, TRAINED)
+# The trainable runs' inference graphs take the bundle's precision (int8 under int4), and their blocks train against
+# that base: compile puts each trainable block's base weights on the grid of that precision before anything is
+# exported (sdk compile/base_grid.py: quantized, then stored back as fp32 values), so the training artifacts hold in
+# training precision exactly the base that generation computes. Measured with `edgeblock eval --runtime device
+# --rows blockskip_device_int4 --seed 0` (the built-in model, blocks 1-5 trained; docs/results.md): with them at int4
+# on an int4-grid base, 0.468 subject fidelity (-0.023 against fp32: not within 0.02); fp16 over the fp32-trained
+# base (0.7.0 - 0.7.2) 0.479; int8 / int4 over the fp32-trained base 0.457 / 0.460.
 _ALWAYS_FP32 = (VAE,)
 # A VAE stays fp32 under every --weights: it is convolutions (weight-only quantization rewrites MatMul/Gemm weights:
 # in a VAE its mid blocks' few attention matrices, 2 % of latent-fit's int8 encoder bytes), and a quantized graph runs
@@ -70,15 +70,13 @@ _ALWAYS_FP32 = (VAE,)
 
 def graph_precision(weights: str, role: str) -> str:
     """The precision compile gives a graph of `role` (GRAPH_ROLES) in a bundle compiled with `--weights weights`:
-    `weights` itself, except int8 for text encoders, prologue and epilogue under int4, fp16 for the trainable runs'
-    inference graphs under every quantized precision, and fp32 for the VAE."""
+    `weights` itself, except int8 for text encoders, prologue, epilogue and the trainable runs under int4 and fp32
+    for the VAE."""
     check_weights(weights)
     if role not in GRAPH_ROLES:
         raise ValueError(f"graph role {role!r} is not one of {', '.join(GRAPH_ROLES)}")
     if role in _ALWAYS_FP32 or weights == FP32:
         return FP32
-    if role == TRAINED:
-        return FP16
     return INT8 if weights == INT4 and role in _INT4_KEEPS_INT8 else weights
 
 

@@ -69,7 +69,7 @@ def _ops(path: str) -> set[str]:
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8", "fp16"])
-def test_quantized_bundle_records_errors_the_trained_runs_at_fp16_the_training_artifacts_fp32(bundles, precision):
+def test_quantized_bundle_records_errors_the_trained_runs_on_their_grid_the_training_artifacts_fp32(bundles, precision):
     out = bundles[precision]
     m = load_manifest(out)  # every file matches its sha256
     assert m.weight_precision == precision and set(m.weights["graphs"]) == QUANTIZED
@@ -77,31 +77,51 @@ def test_quantized_bundle_records_errors_the_trained_runs_at_fp16_the_training_a
     assert m.model["compile_args"]["weights"] == precision
     ops = {"int4": "MatMulNBits", "int8": "DequantizeLinear", "fp16": "fp16 weights"}
     for key, g in m.weights["graphs"].items():
-        # each graph at its role's precision: under int4 only the frozen groups, the text encoder, prologue and
-        # epilogue int8; the trainable run's inference graph fp16 under every quantized precision
+        # each graph at its role's precision: under int4 the text encoder, prologue, epilogue and the trainable run's
+        # inference graph int8
         role = (GROUP if key.startswith("frozen/") else TRAINED if key.startswith("trainable/")
                 else TEXT if key == "text_encoder" else SHELL)
         assert g["precision"] == graph_precision(precision, role) == m.graph_weights(key), (key, g)
-        assert g["precision"] == ("fp16" if role == TRAINED else precision if precision != "int4" or role == GROUP
-                                  else "int8"), (key, g)
+        assert g["precision"] == (precision if precision != "int4" or role == GROUP else "int8"), (key, g)
         assert g["matrices"] > 0 and ops[g["precision"]] in _ops(os.path.join(out, key + ".onnx")), key
-        bound = TEXT_BOUND[g["precision"]] if key == "text_encoder" else GRAPH_BOUND[g["precision"]]
-        assert np.isfinite(g["max_abs"]) and 0 < g["rel_error"] <= bound, (key, g)
+        if role == TRAINED:  # its base was put on this grid before export: quantizing gives back its own codes
+            assert np.isfinite(g["max_abs"]) and g["rel_error"] <= 1e-6, (key, g)
+        else:
+            bound = TEXT_BOUND[g["precision"]] if key == "text_encoder" else GRAPH_BOUND[g["precision"]]
+            assert np.isfinite(g["max_abs"]) and 0 < g["rel_error"] <= bound, (key, g)
         assert g["bytes"] < g["bytes_fp32"]
-        # int4 codes are rounded with the calibration draws' Hessians (compile/gptq.py) where that measures better
-        # than rounding to nearest: every matrix of them, or none
+        # int4 frozen groups' codes are rounded with the calibration draws' Hessians (compile/gptq.py) where that
+        # measures better than rounding to nearest: every matrix of them, or none; an on-grid base to nearest
         assert g.get("calibrated", 0) in ((0, g["matrices"]) if g["precision"] == "int4" else (0,)), (key, g)
-        assert ("calibrated" in g) == (g["precision"] == "int4"), (key, g)
+        assert ("calibrated" in g) == (g["precision"] == "int4" and role == GROUP), (key, g)
         if key.startswith("frozen/"):
             assert g["bytes"] <= SIZE_BOUND[precision] * g["bytes_fp32"], (key, g)
             assert g["bytes"] == os.path.getsize(os.path.join(out, key + ".onnx"))
     assert 0 < m.weights["chain"]["rel_error"] <= CHAIN_BOUND[precision]
-    # the training artifacts stay fp32, the same files as the fp32 bundle's
+    # the training artifacts stay fp32, the same graphs as the fp32 bundle's; their trainable blocks' base weights
+    # are the fp32 bundle's on the trainable run's grid (what its inference graph computes), the rest
+    # (LoRA, norms, biases, the epilogue) the same
     for name in ("training_model.onnx", "eval_model.onnx"):
         assert not _ops(os.path.join(out, "trainable", name)) & {"MatMulNBits", "DequantizeLinear", "fp16 weights"}
         with open(os.path.join(out, "trainable", name), "rb") as a, \
                 open(os.path.join(bundles["fp32"], "trainable", name), "rb") as b:
             assert a.read() == b.read(), name
+    from safetensors.numpy import load_file
+
+    from edgeblock.compile.base_grid import grid_values
+    from edgeblock.compile.quantize import MIN_ELEMENTS
+
+    mine, ref = (load_file(os.path.join(b, "trainable", "params.safetensors")) for b in (out, bundles["fp32"]))
+    assert mine.keys() == ref.keys()
+    on_grid = [k for k, v in ref.items() if k.startswith("parts.net.blocks.") and k.endswith(".weight")
+               and v.ndim == 2 and v.size >= MIN_ELEMENTS]
+    assert len(on_grid) == 6  # q, k, v, the modulation, proj_mlp, proj_out of single block 0 (block 1)
+    for k, v in ref.items():
+        if k in on_grid:
+            assert not np.array_equal(mine[k], v), k
+            np.testing.assert_array_equal(mine[k], grid_values(v.T, graph_precision(precision, TRAINED)).T, err_msg=k)
+        else:
+            np.testing.assert_array_equal(mine[k], v, err_msg=k)
     # the TensorRT plan names the quantized files, at the precision the weights take (int8 engines for int8, fp16
     # for fp16); int4's MatMulNBits is not TensorRT's: no engines, ONNX Runtime runs the groups
     with open(os.path.join(out, "engines", "plan.json")) as f:
@@ -141,10 +161,9 @@ def test_device_runtime_generates_close_to_fp32(bundles, precision, monkeypatch)
     applied.clear()
     b = Bundle(bundles[precision])
     img = b.generate("a photo of sks dog", **kw).astype(np.float64)
-    # every graph's session got its own precision's settings (int4: int8 beside the frozen groups; the trainable
-    # infer graph fp16's)
+    # every graph's session got its own precision's settings (int4: int8 beside the frozen groups)
     own = [b.manifest.graph_weights(k) for k in QUANTIZED]
-    assert sorted(applied) == sorted(own) and own.count(precision) >= 1 and "fp16" in own
+    assert sorted(applied) == sorted(own) and own.count(precision) >= 2 - (precision == "int4")
     diff = np.abs(img - ref).mean() / 255
     assert diff <= IMAGE_BOUND[precision], diff
 
@@ -156,15 +175,15 @@ def test_fingerprint_and_bad_weights(bundles, tmp_path, capsys, monkeypatch):
     opts = dict(model="builtin", out="x", blocks=(1,))
     base = bd.CompileOptions(**opts).fingerprint_args()
     assert bd.CompileOptions(**opts, weights="fp32").fingerprint_args() == base  # fp32 keeps the old key
-    # quantized bundles say each role's precision (the trainable runs fp16, the VAE fp32: a bundle compiled when
-    # the VAE was quantized is rebuilt) and int4 how its codes are rounded (a bundle compiled when int4 quantized
+    # quantized bundles say each role's precision (the VAE fp32: a bundle compiled when the VAE was quantized is
+    # rebuilt) and int4 how its codes are rounded (a bundle compiled when int4 quantized
     # every graph, or rounded to nearest, is rebuilt)
     assert bd.CompileOptions(**opts, weights="int8").fingerprint_args() == {
         **base, "weights": "int8",
-        "graph_weights": {"group": "int8", "trained": "fp16", "text_encoder": "int8", "shell": "int8", "vae": "fp32"}}
+        "graph_weights": {"group": "int8", "trained": "int8", "text_encoder": "int8", "shell": "int8", "vae": "fp32"}}
     assert bd.CompileOptions(**opts, weights="int4").fingerprint_args() == {
         **base, "weights": "int4",
-        "graph_weights": {"group": "int4", "trained": "fp16", "text_encoder": "int8", "shell": "int8", "vae": "fp32"},
+        "graph_weights": {"group": "int4", "trained": "int8", "text_encoder": "int8", "shell": "int8", "vae": "fp32"},
         "int4_rounding": "gptq"}
     # a Jetson target without --weights gets its default, which is part of the key
     assert bd.CompileOptions(**opts, target="orin-nx-16gb").fingerprint_args()["weights"] == "fp16"  # the Jetson default

@@ -1,7 +1,8 @@
-"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the text encoder (each of its parts) and
-the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), the trainable
-runs' inference graphs at fp16, each measured against its fp32 self on real feeds; the training artifacts and the VAE
-stay fp32 (edge_runtime.weights.graph_precision).
+"""Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the trainable runs' inference graphs
+(whose base weights export put on this grid, compile/base_grid.py), the text encoder (each of its parts) and the
+prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
+against its fp32 self on real feeds; the training artifacts and the VAE stay fp32
+(edge_runtime.weights.graph_precision).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
             by.setdefault(graph_precision(precision, role), []).append(ROLE_NAMES[role])
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "") + ": "
             + "; ".join(f"{', '.join(names)} {p}" for p, names in by.items() if p != FP32)
-            + f"; {' and '.join(by.get(FP32, []) + ['the training artifacts'])} stay fp32")
+            + f"; {' and '.join(by.get(FP32, []) + ['the training artifacts'])} stay fp32"
+            + (" (the trainable blocks' base on its grid)" if graph_precision(precision, TRAINED) != FP32 else ""))
     graphs: dict[str, dict[str, Any]] = {}
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
     text = ctx.extra.get("text_encoder")
@@ -67,15 +69,16 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
 
 
 def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
-    """Prologue, frozen groups, epilogue at the generation shape: each on the fp32 chain's inputs. int4 graphs are
-    rounded with their inputs' Hessians on the calibration draws (_calibration_inputs) and to nearest, and measured
-    on the verification draw, which is not one of them; the rounding with the smaller error is kept."""
+    """Prologue, frozen groups, trainable runs, epilogue at the generation shape: each on the fp32 chain's inputs.
+    int4 frozen groups are rounded with their inputs' Hessians on the calibration draws (_calibration_inputs) and to
+    nearest, and measured on the verification draw, which is not one of them; the rounding with the smaller error is
+    kept. The trainable runs' on-grid base is rounded to nearest (its own codes)."""
     from . import onnx_export as ox
 
     zero = {n: np.zeros(d["shape"], np.float32) for s in ctx.specs for n, d in s.lora.items()}
     feeds0 = {k: ox._np(v) for k, v in {**ox.prologue_inputs(ctx.x_gen), **zero}.items()}
     acc: dict[str, Any] = dict(feeds0)
-    calibrate = any(graph_precision(precision, r) == INT4 for r in set(CHAIN_ROLES.values()))
+    calibrate = any(graph_precision(precision, r) == INT4 for r in set(CHAIN_ROLES.values()) - {TRAINED})
     cal = [{k: ox._np(v) for k, v in {**ox.prologue_inputs(x), **zero}.items()}
            for x in (_calibration_inputs(ctx) if calibrate else [])]
     for spec in ctx.specs:
@@ -86,7 +89,10 @@ def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
         w = graph_precision(precision, CHAIN_ROLES[spec.kind]) if spec.kind in CHAIN_ROLES else FP32
         if w != FP32:
             feeds = {n: acc[n] for n in spec.inputs if n in acc}
-            cal_feeds = [{n: a[n] for n in spec.inputs if n in a} for a in cal] if w == INT4 else []
+            # a trainable run's base is already on its grid (compile/base_grid.py): rounding to nearest gives back
+            # those codes, where calibrated rounding would move the base its adapter trains against
+            calibrated = w == INT4 and CHAIN_ROLES[spec.kind] != TRAINED
+            cal_feeds = [{n: a[n] for n in spec.inputs if n in a} for a in cal] if calibrated else []
             spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], w, feeds, graphs, cal_feeds)
         gn.fold_outputs(acc, out, spec.state_in, spec.state_out)
         for a, o in zip(cal, cal_out):

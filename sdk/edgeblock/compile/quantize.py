@@ -23,6 +23,7 @@ from edge_runtime.weights import COPY_BLOCK_BYTES, SESSION_SETTINGS, WEIGHTS  # 
 
 _INT4_MAX = 15  # uint4 codes 0..15, asymmetric with a zero point per block
 _INT8_MAX = 127  # int8 codes -127..127, symmetric (zero point 0) per output channel
+MIN_ELEMENTS = 4096  # a smaller MatMul/Gemm weight keeps fp32 (its bytes are negligible)
 
 
 # ---------------------------------------------------------------- numpy packing and its reference
@@ -144,7 +145,7 @@ class _Rewrite:
 
 
 def quantize_model(
-    model: onnx.ModelProto, weights: str, block_size: int = 32, min_elements: int = 4096,
+    model: onnx.ModelProto, weights: str, block_size: int = 32, min_elements: int = MIN_ELEMENTS,
     hessians: dict[str, np.ndarray] | None = None, copy_block_bytes: int = COPY_BLOCK_BYTES,
 ) -> tuple[onnx.ModelProto, dict]:
     """Rewrite each MatMul/Gemm of the main graph whose B is a constant 2-D float32 initializer.
@@ -223,7 +224,7 @@ def _weight_hessians(nodes, hessians: dict[str, np.ndarray]) -> dict[str, np.nda
     return {w: sum(parts.values()) for w, parts in by_weight.items()}
 
 
-def quantized_inputs(model: onnx.ModelProto, min_elements: int = 4096) -> list[str]:
+def quantized_inputs(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS) -> list[str]:
     """The A inputs of the MatMul/Gemm nodes quantize_model rewrites (what int4 calibration measures), in order."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}

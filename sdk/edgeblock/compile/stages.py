@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.manifest import ManifestError, load_manifest, write_manifest
+from edge_runtime.weights import TRAINED, graph_precision
 
 from .checks import (
     check_blocks,
@@ -146,10 +147,13 @@ def export(ctx: CompileContext) -> None:
     from ..method.lora import LoRASpec
     from ..models.pipeline_parts import load_text_stack
     from . import onnx_export as ox
+    from .base_grid import base_rounding
 
     adapter, recipe = ctx.adapter, ctx.recipe
     ctx.plan = SkipPlan.make(adapter.num_blocks, ctx.blocks)
     ctx.lora = LoRASpec(rank=recipe.lora_rank, alpha=recipe.alpha)
+    # under a quantized --weights the trainable blocks train against the base their inference graphs will hold
+    adapter.set_base_rounding(ctx.plan.trainable, base_rounding(graph_precision(ctx.opts.weight_precision(), TRAINED)))
     ctx.text = load_text_stack(ctx.opts.model)
     ctx.cond = ctx.text.encode([PROMPT])
     ctx.generator = torch.Generator().manual_seed(ctx.opts.seed)

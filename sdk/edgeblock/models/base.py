@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -166,6 +167,7 @@ class DiTAdapter:
         for name in self.prologue_names + self.epilogue_names:
             self._load_part(name)
         self.latent_channels = latent_channels or self.default_latent_channels()
+        self._base_rounding: dict[int, Callable[[nn.Module], Any]] = {}
 
     # ---- construction helpers -------------------------------------------------
     def _init_keys(self) -> set[str]:
@@ -208,7 +210,19 @@ class DiTAdapter:
         left = [n for n, t in list(block.named_parameters()) + list(block.named_buffers()) if t.is_meta]
         if left:
             raise ValueError(f"{self.block_names[i]}: tensors {left[:5]} were not in the weights")
+        if i in self._base_rounding:
+            self._base_rounding[i](block)
         return block.eval().requires_grad_(False)
+
+    def set_base_rounding(self, blocks: Iterable[int], fn: Callable[[nn.Module], Any] | None) -> None:
+        """From now on build_block(i), for i in `blocks`, applies fn to the loaded block (in place: compile puts a
+        trainable block's base weights on its bundle's quantization grid, compile/base_grid.py); None: as stored."""
+        for i in blocks:
+            self.check_block_index(i)
+            if fn is None:
+                self._base_rounding.pop(i, None)
+            else:
+                self._base_rounding[i] = fn
 
     def block_param_count(self, i: int) -> int:
         return sum(p.numel() for p in self.skeleton_block(i).parameters())
