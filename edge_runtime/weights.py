@@ -43,8 +43,8 @@ SESSION_SETTINGS: dict[str, dict[str, Any]] = {
 GROUP, TRAINED, TEXT, SHELL, VAE = "group", "trained", "text_encoder", "shell", "vae"  # frozen DiT groups; the
 # trainable runs' inference graphs (trainable/infer*.onnx: generation and the job's frozen pass, LoRA as inputs);
 # text encoders; prologue and epilogue; VAE encoder and decoder. What trains (the training artifacts: the trainable
-# blocks' base weights in training precision, LoRA in fp32) is none of these: --weights only puts the base on the
-# TRAINED graphs' grid (graph_precision).
+# blocks' base weights in training precision, LoRA in fp32) is none of these; under int4 its base is put on the
+# int8 grid of the TRAINED graphs (below).
 GRAPH_ROLES: tuple[str, ...] = (GROUP, TRAINED, TEXT, SHELL, VAE)
 
 # int4 is for the frozen DiT groups, where nearly all the weights are and each block's error is added to a
@@ -54,13 +54,16 @@ GRAPH_ROLES: tuple[str, ...] = (GROUP, TRAINED, TEXT, SHELL, VAE)
 # 0.063 subject fidelity with them at int4). They hold few weights beside the DiT's (FLUX.1-dev: T5-XXL's 4.8B
 # are streamed part by part; prologue and epilogue ~0.04B).
 _INT4_KEEPS_INT8 = (TEXT, SHELL, TRAINED)
-# The trainable runs' inference graphs take the bundle's precision (int8 under int4), and their blocks train against
-# that base: compile puts each trainable block's base weights on the grid of that precision before anything is
-# exported (sdk compile/base_grid.py: quantized, then stored back as fp32 values), so the training artifacts hold in
-# training precision exactly the base that generation computes. Measured with `edgeblock eval --runtime device
-# --rows blockskip_device_int4 --seed 0` (the built-in model, blocks 1-5 trained; docs/results.md): with them at int4
-# on an int4-grid base, 0.468 subject fidelity (-0.023 against fp32: not within 0.02); fp16 over the fp32-trained
-# base (0.7.0 - 0.7.2) 0.479; int8 / int4 over the fp32-trained base 0.457 / 0.460.
+# The trainable runs' inference graphs (generation, the job's frozen pass) hold the base that an adapter is applied
+# to. Under int4 they take int8, and compile trains their blocks against that base: it puts each trainable block's
+# base weights on the int8 grid before anything is exported (sdk compile/base_grid.py: quantized, then stored back
+# as fp32 values), so the training artifacts hold, in training precision, exactly the base that generation
+# computes. Under int8 and fp16 they take fp16 over the fp32 base (fp16 moves it by ~1e-4: 5e-5 - 9e-5 relative
+# on the built-in model's trainable graphs). Measured with `edgeblock eval --runtime device --rows
+# blockskip_device_int4[,blockskip_device_int8] --seed 0` (the built-in model, blocks 1-5 trained; fp32 row 0.491;
+# docs/results.md), subject fidelity of the int4 / int8 rows: these graphs at int8 on their grid 0.485 / 0.457 (the
+# int8 row's prompt fidelity 0.975: not met there); at int4 on the int4 grid 0.468 (int4 row); fp16 over the fp32
+# base (shipped until 0.7.2 for both) 0.479 / 0.483; int4 / int8 over the fp32 base 0.460 / 0.457.
 _ALWAYS_FP32 = (VAE,)
 # A VAE stays fp32 under every --weights: it is convolutions (weight-only quantization rewrites MatMul/Gemm weights:
 # in a VAE its mid blocks' few attention matrices, 2 % of latent-fit's int8 encoder bytes), and a quantized graph runs
@@ -70,14 +73,16 @@ _ALWAYS_FP32 = (VAE,)
 
 def graph_precision(weights: str, role: str) -> str:
     """The precision compile gives a graph of `role` (GRAPH_ROLES) in a bundle compiled with `--weights weights`:
-    `weights` itself, except int8 for text encoders, prologue, epilogue and the trainable runs under int4 and fp32
-    for the VAE."""
+    `weights` itself, except: int8 for the text encoders, prologue, epilogue and trainable runs under int4; fp16 for
+    the trainable runs under int8; fp32 for the VAE."""
     check_weights(weights)
     if role not in GRAPH_ROLES:
         raise ValueError(f"graph role {role!r} is not one of {', '.join(GRAPH_ROLES)}")
     if role in _ALWAYS_FP32 or weights == FP32:
         return FP32
-    return INT8 if weights == INT4 and role in _INT4_KEEPS_INT8 else weights
+    if weights == INT4:
+        return INT8 if role in _INT4_KEEPS_INT8 else INT4
+    return FP16 if role == TRAINED else weights
 
 
 def check_weights(weights: str) -> str:

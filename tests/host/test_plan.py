@@ -185,7 +185,7 @@ def test_a_streamed_generation_that_does_not_fit_names_its_largest_stage(config,
 
 
 def test_the_trainable_runs_generate_at_their_roles_precision():
-    """The trainable runs' inference graphs take the bundle's precision, int8 under int4
+    """The trainable runs' inference graphs take int8 under int4, fp16 under int8 and fp16, fp32 under fp32
     (edge_runtime.weights.TRAINED): each block that trains moves its bytes from the frozen groups' precision to
     that one in a resident generation."""
     from edgeblock.plan.calibration import HOST_CPU
@@ -194,7 +194,7 @@ def test_the_trainable_runs_generate_at_their_roles_precision():
     from edge_runtime.weights import TRAINED, bytes_per_weight, graph_precision
 
     inv = load_inventory("flux1-dev")
-    for w, trained in (("fp32", "fp32"), ("fp16", "fp16"), ("int8", "int8"), ("int4", "int8")):
+    for w, trained in (("fp32", "fp32"), ("fp16", "fp16"), ("int8", "fp16"), ("int4", "int8")):
         assert graph_precision(w, TRAINED) == trained
         few, many = (plan(PlanOptions("flux1-dev", "orin-nx-16gb", weights=w, blocks=b), inv=inv)
                      for b in ((9, 10), tuple(range(4, 16))))

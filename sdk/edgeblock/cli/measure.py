@@ -284,7 +284,7 @@ def register(sub) -> None:
     pl.add_argument("--weights", choices=list(WEIGHTS), default=None,
                     help="as `edgeblock compile --weights`: the frozen groups, text encoders and generation graphs "
                          "(default: fp16 on Jetson, fp32 on host-cpu; the trainable blocks' inference graphs take "
-                         "fp16 under int8 / int4, their training stays fp32)")
+                         "int8 under int4 and fp16 under int8 / fp16, their training stays fp32)")
     pl.add_argument("--generation", choices=list(GENERATION_MODES), default=RESIDENT,
                     help="resident: every graph held while sampling (fast); streamed: one graph at a time, as the "
                          "daemon generates when its memory budget is short (default: resident)")

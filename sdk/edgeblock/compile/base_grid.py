@@ -1,13 +1,13 @@
-"""The trainable blocks' base weights on the grid of the bundle's weight precision.
+"""The trainable blocks' base weights on the grid of their inference graphs' integer precision.
 
-Under `edgeblock compile --weights fp16|int8|int4` the trainable runs' inference graphs (generation, the job's
-frozen pass) hold their weights at the bundle's precision, like the frozen groups. An adapter learns against the
-base it is trained on, so compile makes that base the quantized one before any graph is exported: each weight the
-quantizer will rewrite (a Linear's 2-D weight of at least MIN_ELEMENTS) becomes the fp32 values of its own codes
-(quantize, then dequantize, in the quantizer's layout). The training artifacts hold those values in fp32, the
-training precision, and LoRA trains in fp32 against exactly the base that generation computes; quantizing an
-on-grid weight again gives back its codes, so compile's error for those graphs is at float rounding level
-(docs/quantization.md).
+Under `edgeblock compile --weights int4` the trainable runs' inference graphs (generation, the job's frozen pass)
+hold their weights at int8 (edge_runtime.weights.graph_precision). An adapter learns against the base it is trained
+on, so compile makes that base the quantized one before any graph is exported: each weight the quantizer will
+rewrite (a Linear's 2-D weight of at least MIN_ELEMENTS) becomes the fp32 values of its own codes (quantize, then
+dequantize, in the quantizer's layout). The training artifacts hold those values in fp32, the training precision,
+and LoRA trains in fp32 against exactly the base that generation computes; quantizing an on-grid weight again gives
+back its codes, so compile's error for those graphs is at float rounding level (docs/compile.md, Weights). An fp16
+graph (the trainable runs under int8 and fp16) moves its base by ~1e-4 and keeps the fp32 base.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_runtime.weights import FP16, FP32, INT4_BLOCK_SIZE, INT8, check_weights
+from edge_runtime.weights import FP16, FP32, INT4_BLOCK_SIZE, INT8, TRAINED, check_weights, graph_precision
 
 from .quantize import MIN_ELEMENTS, dequantize_int4, dequantize_int8, pack_int4, quantize_int8
 
@@ -51,9 +51,31 @@ def on_grid(module: nn.Module, precision: str, block_size: int = INT4_BLOCK_SIZE
     return n
 
 
-def base_rounding(precision: str) -> Callable[[nn.Module], int] | None:
-    """What compile applies to each trainable block as it is built (DiTAdapter.set_base_rounding): None at fp32."""
-    if check_weights(precision) == FP32:
+def trained_on_grid(weights: str) -> bool:
+    """Does a bundle compiled with `--weights weights` train its blocks on their inference graphs' grid?"""
+    return graph_precision(weights, TRAINED) not in (FP32, FP16)
+
+
+def base_rounding(weights: str) -> Callable[[nn.Module], int] | None:
+    """What compile applies to each trainable block as it is built (DiTAdapter.set_base_rounding) in a bundle compiled
+    with `--weights weights`: its base onto the int8 / int4 grid of its inference graphs; None where those are fp32 or
+    fp16 (the fp32 base)."""
+    if not trained_on_grid(weights):
         return None
+    precision = graph_precision(weights, TRAINED)
     return lambda module: on_grid(module, precision)
 
+
+
+def grid_move(adapter, blocks, weights: str) -> dict:
+    """How far compile moved the trainable blocks' base (adapter.build_block with its rounding on) from the stored
+    weights: {"precision", "matrices", "rel_error": max over the moved weights of ||w - grid(w)|| / ||w||}."""
+    worst, n = 0.0, 0
+    for i in blocks:
+        stored = adapter.weights.load(adapter.block_names[i])
+        for name, m in adapter.build_block(i).named_modules():
+            if isinstance(m, nn.Linear) and m.weight.numel() >= MIN_ELEMENTS:
+                w = stored[f"{name}.weight"].to(torch.float64)
+                d = float(torch.linalg.vector_norm(w - m.weight.to(torch.float64)) / torch.linalg.vector_norm(w).clamp_min(1e-30))
+                worst, n = max(worst, d), n + 1
+    return {"precision": graph_precision(weights, TRAINED), "matrices": n, "rel_error": worst}

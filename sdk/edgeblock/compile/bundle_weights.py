@@ -1,7 +1,7 @@
 """Compile's weights step (`--weights fp16|int8|int4`): the frozen groups, the trainable runs' inference graphs
-(whose base weights export put on this grid, compile/base_grid.py), the text encoder (each of its parts) and the
-prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each measured
-against its fp32 self on real feeds; the training artifacts and the VAE stay fp32
+(under int4 on the int8 grid that export put their base on, compile/base_grid.py), the text encoder (each of its
+parts) and the prologue and epilogue rewritten with weight-only quantized MatMul weights (compile/quantize.py), each
+measured against its fp32 self on real feeds; the training artifacts and the VAE stay fp32
 (edge_runtime.weights.graph_precision).
 """
 
@@ -19,6 +19,7 @@ from edge_runtime.patch_sampling import with_grid_crop
 from edge_runtime.weights import (FP32, GRAPH_ROLES, GROUP, INT4, INT4_BLOCK_SIZE, SHELL, TEXT, TRAINED, VAE,
                                   graph_precision)
 
+from .base_grid import grid_move, trained_on_grid
 from .context import PROMPT, CompileContext
 
 # the chain graphs by the role that sets their precision (graph_precision)
@@ -31,7 +32,7 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     """Quantize the bundle in ctx.tmp in place; returns the manifest's `weights` ({} for fp32).
 
     {"precision", "block_size" (int4) , "graphs": {graph key: {"precision", "rel_error", "max_abs", "bytes_fp32",
-    "bytes", "matrices"}}, "chain": {"rel_error", "max_abs"}}: each graph at the precision its role takes
+    "bytes", "matrices"}}, "chain": {"rel_error", "max_abs"}, "trained_base" (int4: compile/base_grid.grid_move)}: each graph at the precision its role takes
     (edge_runtime.weights.graph_precision: under int4 the text encoders, prologue and epilogue take int8);
     rel_error = max over the graph's outputs of ||fp32 - quantized|| / ||fp32||, on the generation-shape feeds the
     fp32 graphs compute (each graph on fp32 inputs); chain: the prediction of the quantized chain (zero LoRA)
@@ -49,8 +50,12 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     ctx.say(f"[compile]   weights {precision}" + (f" (blocks of {block})" if block else "") + ": "
             + "; ".join(f"{', '.join(names)} {p}" for p, names in by.items() if p != FP32)
             + f"; {' and '.join(by.get(FP32, []) + ['the training artifacts'])} stay fp32"
-            + (" (the trainable blocks' base on its grid)" if graph_precision(precision, TRAINED) != FP32 else ""))
+            + (" (the trainable blocks' base on their graphs' grid)" if trained_on_grid(precision) else ""))
     graphs: dict[str, dict[str, Any]] = {}
+    moved = grid_move(ctx.adapter, ctx.plan.trainable, precision) if trained_on_grid(precision) else None
+    if moved:
+        ctx.say(f"[compile]   trainable blocks' base on the {moved['precision']} grid: {moved['matrices']} matrices "
+                f"moved by at most {moved['rel_error']:.2e} relative")
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
     text = ctx.extra.get("text_encoder")
     text_w = graph_precision(precision, TEXT)
@@ -63,6 +68,8 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
             f"max abs {chain['max_abs']:.2e}")
     _refresh_plan_hashes(ctx)
     out: dict[str, Any] = {"precision": precision, "graphs": graphs, "chain": chain}
+    if moved:
+        out["trained_base"] = moved
     if block:
         out["block_size"] = block
     return out

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.manifest import ManifestError, load_manifest, write_manifest
-from edge_runtime.weights import TRAINED, graph_precision
 
 from .checks import (
     check_blocks,
@@ -152,8 +151,8 @@ def export(ctx: CompileContext) -> None:
     adapter, recipe = ctx.adapter, ctx.recipe
     ctx.plan = SkipPlan.make(adapter.num_blocks, ctx.blocks)
     ctx.lora = LoRASpec(rank=recipe.lora_rank, alpha=recipe.alpha)
-    # under a quantized --weights the trainable blocks train against the base their inference graphs will hold
-    adapter.set_base_rounding(ctx.plan.trainable, base_rounding(graph_precision(ctx.opts.weight_precision(), TRAINED)))
+    # under --weights int4 the trainable blocks train against the int8 base their inference graphs will hold
+    adapter.set_base_rounding(ctx.plan.trainable, base_rounding(ctx.opts.weight_precision()))
     ctx.text = load_text_stack(ctx.opts.model)
     ctx.cond = ctx.text.encode([PROMPT])
     ctx.generator = torch.Generator().manual_seed(ctx.opts.seed)
