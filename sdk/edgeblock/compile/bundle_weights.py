@@ -32,8 +32,9 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
     """Quantize the bundle in ctx.tmp in place; returns the manifest's `weights` ({} for fp32).
 
     {"precision", "block_size" (int4) , "graphs": {graph key: {"precision", "rel_error", "max_abs", "bytes_fp32",
-    "bytes", "matrices"}}, "chain": {"rel_error", "max_abs"}, "trained_base" (int4: compile/base_grid.grid_move)}: each graph at the precision its role takes
-    (edge_runtime.weights.graph_precision: under int4 the text encoders, prologue and epilogue take int8);
+    "bytes", "matrices"}}, "chain": {"rel_error", "max_abs"}, "trained_base" (int4: compile/base_grid.grid_move)}:
+    each graph at the precision its role takes (edge_runtime.weights.graph_precision: under int4 the text encoders,
+    prologue, epilogue and trainable runs take int8);
     rel_error = max over the graph's outputs of ||fp32 - quantized|| / ||fp32||, on the generation-shape feeds the
     fp32 graphs compute (each graph on fp32 inputs); chain: the prediction of the quantized chain (zero LoRA)
     against the fp32 chain's. A non-finite error fails the compile.
