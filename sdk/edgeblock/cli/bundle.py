@@ -63,7 +63,8 @@ def register(sub) -> None:
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="TensorRT engine precision (ONNX graphs are fp32)")
     c.add_argument("--weights", default=None, choices=list(WEIGHTS),
                    help="weight precision of the frozen groups, text encoder and generation graphs (the trainable "
-                        "blocks train in fp32, under int4 on their inference graphs' int8 base): default what --target needs (cpu fp32, AGX Orin fp16, Orin NX int8, "
+                        "blocks train in fp32, under int4 on their inference graphs' int8 base): default what "
+                        "--target needs (cpu fp32, AGX Orin fp16, Orin NX int8, "
                         "Orin Nano int4); the error against fp32 is measured and recorded in the manifest")
     c.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch verification")
     c.add_argument("--seed", type=int, default=0)

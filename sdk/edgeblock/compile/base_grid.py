@@ -38,16 +38,26 @@ def grid_values(w: np.ndarray, precision: str, block_size: int = INT4_BLOCK_SIZE
     return dequantize_int4(*pack_int4(w, block_size), w.shape[0])
 
 
+def _gridded(module: nn.Module):
+    """(name, Linear) of the layers whose weights compile quantizes: 2-D, at least MIN_ELEMENTS."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.numel() >= MIN_ELEMENTS:
+            yield name, m
+
+
+def _grid_tensor(w: torch.Tensor, precision: str, block_size: int = INT4_BLOCK_SIZE) -> torch.Tensor:
+    """grid_values of a Linear's weight (N, K), the MatMul weight (K, N) transposed; w's dtype and device."""
+    g = grid_values(w.detach().to(torch.float32).cpu().numpy().T, precision, block_size).T
+    return torch.from_numpy(np.ascontiguousarray(g)).to(dtype=w.dtype, device=w.device)
+
+
 def on_grid(module: nn.Module, precision: str, block_size: int = INT4_BLOCK_SIZE) -> int:
     """Put the weights of `module`'s Linear layers that compile quantizes onto the `precision` grid, in place;
-    returns how many. A Linear's weight (N, K) is the MatMul weight (K, N) transposed."""
+    returns how many."""
     n = 0
-    for m in module.modules():
-        if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.numel() >= MIN_ELEMENTS:
-            w = m.weight.detach()
-            g = grid_values(w.to(torch.float32).cpu().numpy().T, precision, block_size).T
-            m.weight.data = torch.from_numpy(np.ascontiguousarray(g)).to(dtype=w.dtype, device=w.device)
-            n += 1
+    for _, m in _gridded(module):
+        m.weight.data = _grid_tensor(m.weight, precision, block_size)
+        n += 1
     return n
 
 
@@ -66,16 +76,15 @@ def base_rounding(weights: str) -> Callable[[nn.Module], int] | None:
     return lambda module: on_grid(module, precision)
 
 
-
 def grid_move(adapter, blocks, weights: str) -> dict:
-    """How far compile moved the trainable blocks' base (adapter.build_block with its rounding on) from the stored
-    weights: {"precision", "matrices", "rel_error": max over the moved weights of ||w - grid(w)|| / ||w||}."""
+    """How far compile's rounding moves the trainable blocks' base from the stored weights (each block's weights read
+    once): {"precision", "matrices", "rel_error": max over the moved weights of ||w - grid(w)|| / ||w||}."""
+    precision = graph_precision(weights, TRAINED)
     worst, n = 0.0, 0
     for i in blocks:
         stored = adapter.weights.load(adapter.block_names[i])
-        for name, m in adapter.build_block(i).named_modules():
-            if isinstance(m, nn.Linear) and m.weight.numel() >= MIN_ELEMENTS:
-                w = stored[f"{name}.weight"].to(torch.float64)
-                d = float(torch.linalg.vector_norm(w - m.weight.to(torch.float64)) / torch.linalg.vector_norm(w).clamp_min(1e-30))
-                worst, n = max(worst, d), n + 1
-    return {"precision": graph_precision(weights, TRAINED), "matrices": n, "rel_error": worst}
+        for name, _ in _gridded(adapter.skeleton_block(i)):
+            w = stored[f"{name}.weight"].to(torch.float64)
+            d = torch.linalg.vector_norm(w - _grid_tensor(w, precision)) / torch.linalg.vector_norm(w).clamp_min(1e-30)
+            worst, n = max(worst, float(d)), n + 1
+    return {"precision": precision, "matrices": n, "rel_error": worst}

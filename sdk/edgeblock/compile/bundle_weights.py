@@ -54,7 +54,7 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
             + (" (the trainable blocks' base on their graphs' grid)" if trained_on_grid(precision) else ""))
     graphs: dict[str, dict[str, Any]] = {}
     moved = grid_move(ctx.adapter, ctx.plan.trainable, precision) if trained_on_grid(precision) else None
-    if moved:
+    if moved is not None:
         ctx.say(f"[compile]   trainable blocks' base on the {moved['precision']} grid: {moved['matrices']} matrices "
                 f"moved by at most {moved['rel_error']:.2e} relative")
     pred_fp32, feeds0 = _quantize_chain(ctx, precision, graphs)
@@ -69,7 +69,7 @@ def quantize_bundle(ctx: CompileContext) -> dict[str, Any]:
             f"max abs {chain['max_abs']:.2e}")
     _refresh_plan_hashes(ctx)
     out: dict[str, Any] = {"precision": precision, "graphs": graphs, "chain": chain}
-    if moved:
+    if moved is not None:
         out["trained_base"] = moved
     if block:
         out["block_size"] = block
@@ -80,13 +80,13 @@ def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
     """Prologue, frozen groups, trainable runs, epilogue at the generation shape: each on the fp32 chain's inputs.
     int4 frozen groups are rounded with their inputs' Hessians on the calibration draws (_calibration_inputs) and to
     nearest, and measured on the verification draw, which is not one of them; the rounding with the smaller error is
-    kept. The trainable runs' on-grid base is rounded to nearest (its own codes)."""
+    kept (the trainable runs are never int4: graph_precision)."""
     from . import onnx_export as ox
 
     zero = {n: np.zeros(d["shape"], np.float32) for s in ctx.specs for n, d in s.lora.items()}
     feeds0 = {k: ox._np(v) for k, v in {**ox.prologue_inputs(ctx.x_gen), **zero}.items()}
     acc: dict[str, Any] = dict(feeds0)
-    calibrate = any(graph_precision(precision, r) == INT4 for r in set(CHAIN_ROLES.values()) - {TRAINED})
+    calibrate = any(graph_precision(precision, r) == INT4 for r in set(CHAIN_ROLES.values()))
     cal = [{k: ox._np(v) for k, v in {**ox.prologue_inputs(x), **zero}.items()}
            for x in (_calibration_inputs(ctx) if calibrate else [])]
     for spec in ctx.specs:
@@ -97,10 +97,7 @@ def _quantize_chain(ctx: CompileContext, precision: str, graphs: dict):
         w = graph_precision(precision, CHAIN_ROLES[spec.kind]) if spec.kind in CHAIN_ROLES else FP32
         if w != FP32:
             feeds = {n: acc[n] for n in spec.inputs if n in acc}
-            # a trainable run's base is already on its grid (compile/base_grid.py): rounding to nearest gives back
-            # those codes, where calibrated rounding would move the base its adapter trains against
-            calibrated = w == INT4 and CHAIN_ROLES[spec.kind] != TRAINED
-            cal_feeds = [{n: a[n] for n in spec.inputs if n in a} for a in cal] if calibrated else []
+            cal_feeds = [{n: a[n] for n in spec.inputs if n in a} for a in cal] if w == INT4 else []
             spec.external_data = _quantize_file(ctx, ctx.rel[spec.path], w, feeds, graphs, cal_feeds)
         gn.fold_outputs(acc, out, spec.state_in, spec.state_out)
         for a, o in zip(cal, cal_out):
