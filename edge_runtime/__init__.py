@@ -4,4 +4,4 @@ Code both sides need (patch sampling, samplers, manifest schema) lives here,
 numpy-only, and the host imports it.
 """
 
-__version__ = "0.8.0"
+__version__ = "0.8.1"

@@ -8,8 +8,11 @@ manifest.memory = {
   "weights": "fp32" | "fp16" | "int8" | "int4",
   "runtime_bytes": int,                       # the daemon process before any model tensor
   "job_peak_bytes": {"bank": int, "online": int},          # a personalization job, by precompute mode
-  "generate": {"resident": {"<size px>": {"peak_bytes", "weights_bytes"}}, "streamed": {...}},
+  "generate": {"resident": {"<size px>": {"peak_bytes", "weights_bytes", "rows_peak_bytes"}}, "streamed": {...}},
 }
+A resident figure's rows_peak_bytes (optional: bundles compiled before it have none) is the peak of the same
+generation with its classifier-free guidance rows run one after the other through the open graphs (one row's
+activations; equal to peak_bytes where generation has one row).
 Every figure is the whole daemon process's peak resident bytes (runtime included) with that one operation running.
 """
 
@@ -24,6 +27,11 @@ RESIDENT, STREAMED = "resident", "streamed"
 # how generation holds the graphs: every session open and kept (fast), or each graph loaded for its own run
 # (one graph's weights at a time; slower by the loads); the daemon picks per request from its budget
 GENERATION_MODES: tuple[str, ...] = (RESIDENT, STREAMED)
+# a resident generation whose guidance rows run one after the other through the open graphs: one row's
+# activations instead of the pair's, slower per step (each graph runs twice; on this host's CPU +7 % fp32, +49 %
+# int4, docs/bench.md); the daemon picks it when the budget admits it but not the pair (admission.py)
+RESIDENT_ROWS = "resident_rows"
+ROWS_PEAK = "rows_peak_bytes"
 
 
 def text_encoder_streamed(desc: Any) -> bool:
@@ -101,6 +109,9 @@ class MemoryPlan:
             for size, fig in gen[mode].items():
                 if not 0 < fig.get("weights_bytes", 0) <= fig.get("peak_bytes", 0):
                     raise MemoryPlanError(f"manifest memory: generate {mode} {size}: bad figures {fig}")
+                if not fig.get("weights_bytes", 0) <= fig.get(ROWS_PEAK, fig["peak_bytes"]) <= fig["peak_bytes"]:
+                    raise MemoryPlanError(f"manifest memory: generate {mode} {size}: {ROWS_PEAK} must lie between "
+                                          f"weights_bytes and peak_bytes: {fig}")
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,3 +133,9 @@ class MemoryPlan:
             return by[size]
         larger = [s for s in by if s >= size]
         return by[min(larger)] if larger else by[max(by)]
+
+    def resident_rows_peak(self, size: int) -> int:
+        """The predicted peak of a resident generation at `size` px with its guidance rows one after the other
+        (the resident peak itself where the manifest has no such figure)."""
+        fig = self.generation(RESIDENT, size)
+        return fig.get(ROWS_PEAK, fig["peak_bytes"])

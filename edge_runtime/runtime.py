@@ -227,28 +227,32 @@ class Bundle:
         gn.fold_outputs(acc, out, g.get("state_in") or [], g.get("state_out") or [])
 
     def predict(self, feeds: Mapping[str, np.ndarray], lora: Mapping[str, np.ndarray] | None = None,
-                names: Iterable[str] | None = None, streamed: bool = False) -> np.ndarray:
+                names: Iterable[str] | None = None, streamed: bool = False, rows: bool = False) -> np.ndarray:
         """The model's prediction (B, C, h, w) for prologue feeds (latents, timestep, text, ...).
 
         streamed: each graph not already open is opened once, runs the batch's rows one after the other (a
-        guidance pair's activations are one row's), and is released before the next graph."""
+        guidance pair's activations are one row's), and is released before the next graph.
+        rows (resident): each row of the batch runs the whole chain of open graphs before the next row starts
+        (edge_runtime.memory_plan.RESIDENT_ROWS): one row's activations and carried tensors at a time."""
         names = list(names or self.chain_names)
         batch = len(feeds["latents"]) if "latents" in feeds else 1
-        if not streamed or batch < 2:
+        if batch < 2 or not (streamed or rows):
             acc = dict(feeds)
             for name in names:
                 self.advance(name, acc, self.run(name, acc, lora, streamed))
             return acc[gn.PREDICTION]
-        rows = [{k: v[r : r + 1] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
-                for r in range(batch)]
+        split = [{k: v[r : r + 1] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
+                 for r in range(batch)]
+        if not streamed:
+            return np.concatenate([self.predict(row, lora, names) for row in split])
 
         def each_row(name: str, sess) -> None:
-            for acc in rows:
+            for acc in split:
                 self.advance(name, acc, self._run_session(name, sess, acc, lora))
 
         for name in names:
             self._on_graph(name, True, lambda sess, name=name: each_row(name, sess))
-        return np.concatenate([acc[gn.PREDICTION] for acc in rows])
+        return np.concatenate([acc[gn.PREDICTION] for acc in split])
 
     # ------------------------------------------------------------------ text, VAE
     def text_encoder(self):
@@ -366,7 +370,7 @@ class Bundle:
                  size: int | None = None, lora: Mapping[str, np.ndarray] | None = None,
                  noise: np.ndarray | None = None, on_step: Callable[[int, int], None] | None = None,
                  streamed: bool = False, negative_prompt: str = "", width: int | None = None,
-                 height: int | None = None) -> np.ndarray:
+                 height: int | None = None, rows: bool = False) -> np.ndarray:
         """One image (H, W, 3) uint8 for `prompt`.
 
         Models with a guidance embedding (FLUX-dev) take `guidance` as an input; the others use
@@ -379,6 +383,8 @@ class Bundle:
         sessions' load time per step. Resident (the default): the sessions stay open for the next request. A text
         encoder compiled in parts (text_streamed) is loaded part by part and released before sampling in either
         mode.
+        rows (resident, edge_runtime.memory_plan.RESIDENT_ROWS): the classifier-free guidance pair's rows run one
+        after the other through the open graphs at each step (one row's activations; each graph runs twice).
         """
         size = int(size or self.manifest.gen_res)
         width, height = int(width or size), int(height or size)  # width x height, or a square of `size`
@@ -402,7 +408,7 @@ class Bundle:
                      **text}
             if embedded:
                 feeds["guidance"] = np.full((x.shape[0],), guidance, np.float32)
-            pred = self.predict(feeds, lora, streamed=streamed)
+            pred = self.predict(feeds, lora, streamed=streamed, rows=rows)
             if cfg_on:
                 c, u = pred[:1], pred[1:]
                 return u + guidance * (c - u)

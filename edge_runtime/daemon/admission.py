@@ -9,8 +9,9 @@ Accounting, in predicted bytes of the daemon process (every prediction includes 
   (the sessions are kept open for the next request: the "cache") until an operation that needs the room
   evicts them while no generation uses them;
 - a streamed generation holds its streamed peak above the runtime (one graph at a time).
-A generation runs resident when that fits, else streamed; an operation that fits the budget alone but not beside
-what runs waits (a generation until its deadline).
+A generation runs resident when that fits; else resident with its guidance rows one after the other
+(memory_plan.RESIDENT_ROWS: one row's activations, slower) when that fits; else streamed. An operation that fits
+the budget alone but not beside what runs waits (a generation until its deadline).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from ..memory_plan import RESIDENT, STREAMED, MemoryPlan, format_size
+from ..memory_plan import RESIDENT, RESIDENT_ROWS, STREAMED, MemoryPlan, format_size
 from .errors import ResourceExhausted
 
 MEMORY_RETRY_S = 5.0  # RetryInfo when running operations hold the memory budget: they end in seconds to minutes
@@ -152,21 +153,24 @@ class Admission:
     @contextlib.contextmanager
     def generation(self, size: int, deadline: float | None) -> Iterator[str]:
         """Hold a generation's predicted memory while it runs; yields the mode it runs in (resident when that
-        fits beside what runs, else streamed). Waits until one fits, up to the deadline."""
+        fits beside what runs, else resident with its guidance rows one after the other (RESIDENT_ROWS) when that
+        does, else streamed). Waits until one fits, up to the deadline."""
         if not self.enabled:
             yield RESIDENT
             return
         self.check_generation(size)
         res, st = self.plan.generation(RESIDENT, size), self.plan.generation(STREAMED, size)
         runtime = self.plan.runtime_bytes
+        act = res["peak_bytes"] - runtime - res["weights_bytes"]
+        act_rows = self.plan.resident_rows_peak(size) - runtime - res["weights_bytes"]
         until = deadline if deadline is not None else time.time() + WAIT_S
         with self._cond:
             while True:
                 free = self._free()
-                act = res["peak_bytes"] - runtime - res["weights_bytes"]
                 more_cache = max(0, res["weights_bytes"] - self.cache_bytes)
-                if free >= act + more_cache:
-                    mode, ticket = RESIDENT, self._take(act)
+                if free >= min(act, act_rows) + more_cache:
+                    mode, held = (RESIDENT, act) if free >= act + more_cache else (RESIDENT_ROWS, act_rows)
+                    ticket = self._take(held)
                     self.cache_bytes += more_cache
                     self._resident_running += 1
                     break
@@ -186,7 +190,7 @@ class Admission:
             yield mode
         finally:
             with self._cond:
-                if mode == RESIDENT:
+                if mode != STREAMED:
                     self._resident_running -= 1
             self._give_back(ticket)
 

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..memory_plan import STREAMED, equivalent_side
+from ..memory_plan import RESIDENT_ROWS, STREAMED, equivalent_side
 from .admission import Admission
 from .config import Defaults, Limits
 from .errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -130,6 +130,9 @@ class Generator:
         images = []
         try:
             with self.admission.generation(size, deadline) as mode:  # resident when it fits, else streamed
+                if mode == RESIDENT_ROWS:
+                    log.info("generate: resident, the guidance rows one after the other (the memory budget admits "
+                             "one row's activations, not the pair's)")
                 t0 = time.perf_counter()
                 for k in range(count):
                     def on_step(i: int, n: int, k: int = k) -> None:
@@ -143,7 +146,7 @@ class Generator:
 
                     img = self.bundle.generate(request.prompt, seed=seed + k, steps=steps, guidance=g, width=width,
                                                height=height, lora=lora, on_step=on_step, streamed=mode == STREAMED,
-                                               negative_prompt=request.negative_prompt)
+                                               negative_prompt=request.negative_prompt, rows=mode == RESIDENT_ROWS)
                     images.append((png_bytes(img), seed + k))
                 dt = time.perf_counter() - t0
         finally:

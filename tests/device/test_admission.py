@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from edge_runtime.daemon.admission import Admission
@@ -15,12 +16,13 @@ from edge_runtime.memory_plan import MemoryPlan
 MiB = 2**20
 
 
-def _plan(job=400, resident=700, weights=300, streamed=350) -> MemoryPlan:
+def _plan(job=400, resident=700, weights=300, streamed=350, rows=None) -> MemoryPlan:
     fig = lambda p, w: {"peak_bytes": p * MiB, "weights_bytes": w * MiB}  # noqa: E731
+    res = {**fig(resident, weights), **({"rows_peak_bytes": rows * MiB} if rows is not None else {})}
     return MemoryPlan.from_dict({
         "planner_target": "host-cpu", "measured_on_target": True, "weights": "fp32", "runtime_bytes": 200 * MiB,
         "job_peak_bytes": {"bank": job * MiB, "online": (job + 100) * MiB},
-        "generate": {"resident": {"64": fig(resident, weights)}, "streamed": {"64": fig(streamed, 50)}}})
+        "generate": {"resident": {"64": res}, "streamed": {"64": fig(streamed, 50)}}})
 
 
 class Evictions:
@@ -46,6 +48,33 @@ def test_resident_when_it_fits_streamed_when_not_refused_when_never():
     with pytest.raises(ResourceExhausted, match=r"predicted peak is 350.00 MiB streamed .* budget is 300.00 MiB"):
         with Admission(_plan(), 300 * MiB, evict=ev).generation(64, None):
             pass
+
+
+def test_resident_rows_between_the_resident_and_the_rows_peak():
+    """600 MiB predicted with the guidance rows one after the other, 700 with the pair: a budget between them
+    generates resident_rows, holding the rows' activations; the kept graphs serve either."""
+    ev = Evictions()
+    plan = _plan(rows=600)
+    assert plan.resident_rows_peak(64) == 600 * MiB and _plan().resident_rows_peak(64) == 700 * MiB
+    a = Admission(plan, 650 * MiB, evict=ev)
+    with a.generation(64, None) as mode:
+        assert mode == "resident_rows"
+        assert a.in_use_bytes() == 600 * MiB
+    assert a.cache_bytes == 300 * MiB and a.in_use_bytes() == 500 * MiB
+    with Admission(plan, 700 * MiB, evict=ev).generation(64, None) as mode:
+        assert mode == "resident"
+    with Admission(plan, 599 * MiB, evict=ev).generation(64, None) as mode:
+        assert mode == "streamed"
+    with Admission(_plan(), 650 * MiB, evict=ev).generation(64, None) as mode:  # no rows figure: as before
+        assert mode == "streamed"
+
+
+def test_a_rows_figure_outside_weights_and_peak_is_refused():
+    from edge_runtime.memory_plan import MemoryPlanError
+
+    for rows in (701, 299):
+        with pytest.raises(MemoryPlanError, match="rows_peak_bytes must lie between"):
+            _plan(rows=rows)
 
 
 def test_a_job_evicts_the_kept_graphs_and_is_refused_when_it_never_fits():
@@ -139,8 +168,9 @@ def test_daemon_streams_below_the_resident_peak_and_refuses_below_the_streamed_o
     p = m.memory_plan()
     size = m.gen_res
     resident, streamed = p.generation("resident", size)["peak_bytes"], p.generation("streamed", size)["peak_bytes"]
-    assert streamed < resident
-    between = (streamed + resident) // 2
+    rows = p.resident_rows_peak(size)  # the built-in model guides by classifier-free guidance: two rows
+    assert streamed < rows < resident
+    between = (streamed + rows) // 2
     d, c = _start(bundle, tmp_path / "a", "--memory-budget", str(between))
     try:
         info = c.info().memory
@@ -149,6 +179,16 @@ def test_daemon_streams_below_the_resident_peak_and_refuses_below_the_streamed_o
         assert info.in_use_bytes == p.runtime_bytes
         g = c.generate("a red ring on a blue background", steps=2, seed=1)
         assert g.mode == "streamed" and g.size == size
+        streamed_png = g.png
+    finally:
+        c.close()
+        d.stop()
+    d, c = _start(bundle, tmp_path / "r", "--memory-budget", str((rows + resident) // 2))
+    try:
+        g = c.generate("a red ring on a blue background", steps=2, seed=1)
+        assert g.mode == "resident_rows" and g.size == size
+        assert _pixels(g.png).shape == _pixels(streamed_png).shape
+        assert np.abs(_pixels(g.png).astype(int) - _pixels(streamed_png)).max() <= 1  # the same rows, held open
     finally:
         c.close()
         d.stop()
@@ -173,6 +213,14 @@ def test_daemon_streams_below_the_resident_peak_and_refuses_below_the_streamed_o
     finally:
         c.close()
         d.stop()
+
+
+def _pixels(png: bytes):
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)))
 
 
 def test_bad_memory_budget_is_a_clear_error(bundle, tmp_path):

@@ -271,3 +271,24 @@ def test_streamed_generation_is_the_resident_image_and_keeps_no_session(builtin_
     # sessions a resident generation left open are used, not reopened or dropped, by a streamed one
     c = resident.generate(prompt, seed=3, steps=3, streamed=True)
     assert np.array_equal(c, b) and set(resident._sessions) == set(resident.chain_names)
+
+
+def test_resident_rows_generation_is_the_resident_image_one_row_at_a_time(builtin_bundle):
+    """rows: the sessions open and kept, each guidance row through the whole chain before the next one starts;
+    the image is the batched one's."""
+    pytest.importorskip("onnxruntime.training")
+    from edge_runtime.runtime import Bundle
+
+    b = Bundle(builtin_bundle[0], threads=1)
+    prompt = "a small green square on a white background, top left"
+    batched = b.generate(prompt, seed=3, steps=2)
+    runs, opened, run_session, open_ = [], [], b._run_session, b._open
+    b._run_session = lambda name, sess, acc, lora: runs.append(
+        (name, len(acc["latents"]) if "latents" in acc else None)) or run_session(name, sess, acc, lora)
+    b._open = lambda name: opened.append(name) or open_(name)
+    rows = b.generate(prompt, seed=3, steps=2, rows=True)
+    assert opened == [] and set(b._sessions) == set(b.chain_names)  # nothing reopened, nothing released
+    chain = b.chain_names
+    assert [n for n, _ in runs] == (chain + chain) * 2  # per step: row 0's whole chain, then row 1's
+    assert all(n in (None, 1) for _, n in runs)
+    assert np.abs(rows.astype(int) - batched).max() <= 1

@@ -24,6 +24,8 @@ def test_builtin_bundle_predicts_every_operation(builtin_bundle):
         res, st = p.generation("resident", size), p.generation("streamed", size)
         assert p.runtime_bytes < st["peak_bytes"] <= res["peak_bytes"]
         assert st["weights_bytes"] < res["weights_bytes"]
+        # classifier-free guidance (two rows): one row's activations through the open graphs are predicted lower
+        assert res["weights_bytes"] < res["rows_peak_bytes"] == p.resident_rows_peak(size) < res["peak_bytes"]
     # the resident generation holds the MiniLM text encoder's session (22.7M parameters, fp32, less its 11.7M-row
     # token table, a lookup read from disk) besides the transformer (2.4M)
     table = sum(d["rows"] * d["dim"] for d in m.graphs["text_encoder"]["lookups"])

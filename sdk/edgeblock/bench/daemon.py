@@ -104,6 +104,16 @@ def streamed_budget(plan, size: int, job_bytes: int = 0) -> int | None:
     return (res + low) // 2 if low < res else None
 
 
+def rows_budget(plan, size: int, job_bytes: int = 0) -> int | None:
+    """A `--memory-budget` under which the daemon generates resident with the guidance rows one after the other
+    (edge_runtime.memory_plan.RESIDENT_ROWS) at `size` px and still admits a job predicted at `job_bytes` run
+    before it: midway between the larger of the rows peak and the job and the resident peak. None when there is no
+    such budget (one row: no rows figure below the resident peak, or the job as large as resident generation)."""
+    res = plan.generation("resident", size)["peak_bytes"]
+    low = max(plan.resident_rows_peak(size), int(job_bytes))
+    return (res + low) // 2 if low < res else None
+
+
 def job_prediction(plan, manifest, precompute: str = "") -> int:
     """The bundle's predicted peak of a job the daemon runs with `precompute` ("": the daemon's own choice)."""
     from edge_runtime.precompute import precompute_mode

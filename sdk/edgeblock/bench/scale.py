@@ -5,9 +5,10 @@ Per configuration, on an otherwise idle machine:
 - the torch standard-LoRA training step (a child process, batch 1, the generation resolution): peak RSS;
 - per weights precision (fp32, int8, int4 bundles) and generation mode, one daemon as the product runs it: a
   personalization job (request to adapter; a phase of its own), then one generation in the same daemon:
-  resident (the daemon's default budget) and streamed (`--memory-budget` between the larger of the bundle's
-  predicted streamed peak and its job, and its resident peak, so the daemon's own admission admits the job and
-  picks streaming): peak RSS of each phase;
+  resident (the daemon's default budget), resident_rows and streamed (a `--memory-budget` between the larger of
+  the bundle's predicted peak in that mode and its job, and its resident peak, so the daemon's own admission
+  admits the job and picks that mode; the guidance rows one after the other through the open graphs, or each
+  graph loaded for its own run): peak RSS of each phase;
 - beside each figure, the bundle's prediction (manifest.memory, the planner's), measured before it was known.
 
 The peaks are the kernel's RSS high-water mark per phase (demo.RssSampler), exact under CPU load; times are not
@@ -21,7 +22,8 @@ import json
 import os
 import tempfile
 
-from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, job_prediction, pixel_model_dir, streamed_budget
+from .daemon import (BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, job_prediction, pixel_model_dir, rows_budget,
+                     streamed_budget)
 
 # name -> (attention heads of 128 channels, double-stream blocks, single-stream blocks)
 SCALE_CONFIGS = {
@@ -30,6 +32,7 @@ SCALE_CONFIGS = {
     "flux-1b": (16, 4, 8),  # 1127M
 }
 WEIGHTS = ("fp32", "int8", "int4")
+MODES = ("resident", "resident_rows", "streamed")  # generation modes measured (edge_runtime.memory_plan)
 
 
 def scale_config(name: str) -> dict:
@@ -130,9 +133,11 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         jobs: dict = {}
         for w in weights:
             gen[w], jobs[w] = {}, {}
-            streaming = streamed_budget(plans[w], gen_res, job_prediction(plans[w], man[w]))  # the job runs first
-            for mode, budget in (("resident", None), ("streamed", streaming)):
-                if mode == "streamed" and budget is None:
+            job = job_prediction(plans[w], man[w])  # the job runs first
+            budgets = {"resident": None, "resident_rows": rows_budget(plans[w], gen_res, job),
+                       "streamed": streamed_budget(plans[w], gen_res, job)}
+            for mode, budget in budgets.items():
+                if mode != "resident" and budget is None:
                     continue
                 say(f"[bench scale] {name}: {w} weights, {mode}: daemon job ({steps} steps), then generate")
                 jobs[w][mode], peak, ran = measure_after_job(bundles[w], steps, gen_steps, budget)
@@ -148,8 +153,7 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         r["predicted"] = {
             "job_peak_bytes": job_prediction(base, first),
             "job_peak_bytes_by_weights": {w: job_prediction(plans[w], man[w]) for w in weights},
-            "generate_peak_bytes": {w: {m: plans[w].generation(m, gen_res)["peak_bytes"] for m in gen[w]}
-                                    for w in weights},
+            "generate_peak_bytes": {w: {m: _predicted(plans[w], m, gen_res) for m in gen[w]} for w in weights},
         }
         fp32_res = gen.get("fp32", {}).get("resident")
         r["ratios"] = {"job_vs_standard_lora": r["job_peak_bytes"] / r["standard_lora_peak_bytes"]}
@@ -158,9 +162,18 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
                 for m, v in gen[w].items():
                     if (w, m) != ("fp32", "resident"):
                         r["ratios"][f"generate_{w}_{m}_vs_fp32_resident"] = v / fp32_res
+        fp32_rows = gen.get("fp32", {}).get("resident_rows")
+        if fp32_rows:  # like for like: the same mode at fp32
+            for w in weights:
+                if w != "fp32" and "resident_rows" in gen[w]:
+                    r["ratios"][f"generate_{w}_resident_rows_vs_fp32_resident_rows"] = gen[w]["resident_rows"] / fp32_rows
         r["prediction_errors"] = _errors(r)
         out[name] = r
     return out
+
+
+def _predicted(plan, mode: str, size: int) -> int:
+    return plan.resident_rows_peak(size) if mode == "resident_rows" else plan.generation(mode, size)["peak_bytes"]
 
 
 def _errors(r: dict) -> dict:
@@ -176,12 +189,12 @@ def _errors(r: dict) -> dict:
 def format_table(results: dict) -> str:
     mb = 2**20
     lines = ["| config | params | standard LoRA | job (ratio) | " + " | ".join(
-        f"gen {w} {m}" for w in WEIGHTS for m in ("resident", "streamed")) + " |",
-             "|---|---|---|---|" + "---|" * (2 * len(WEIGHTS))]
+        f"gen {w} {m}" for w in WEIGHTS for m in MODES) + " |",
+             "|---|---|---|---|" + "---|" * (len(MODES) * len(WEIGHTS))]
     for name, r in results.items():
         cells = []
         for w in WEIGHTS:
-            for m in ("resident", "streamed"):
+            for m in MODES:
                 v = r["generate_peak_bytes"].get(w, {}).get(m)
                 e = r["prediction_errors"].get(f"generate_{w}_{m}")
                 cells.append("-" if v is None else f"{v / mb:.0f} ({e:+.0%})")

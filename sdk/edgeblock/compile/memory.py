@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edge_runtime.memory_plan import (GENERATION_MODES, RESIDENT, STREAMED, MemoryPlan, equivalent_side,
+from edge_runtime.memory_plan import (GENERATION_MODES, RESIDENT, ROWS_PEAK, STREAMED, MemoryPlan, equivalent_side,
                                       text_encoder_streamed)
 from edge_runtime.precompute import PRECOMPUTE_MODES
 from edge_runtime.targets import CPU, HOST_CPU
@@ -89,7 +89,8 @@ def predict_memory(ctx) -> dict[str, Any]:
     generate: dict[str, dict] = {m: {} for m in GENERATION_MODES}
     for size, g in sorted(by_size.items()):
         for m in GENERATION_MODES:
-            generate[m][size] = {"peak_bytes": g[m]["peak_bytes"], "weights_bytes": g[m]["parts"]["weights_bytes"]}
+            generate[m][size] = {"peak_bytes": g[m]["peak_bytes"], "weights_bytes": g[m]["parts"]["weights_bytes"],
+                                 **({ROWS_PEAK: g[m][ROWS_PEAK]} if ROWS_PEAK in g[m] else {})}
     plan_ = MemoryPlan(target, bool(r["target"]["measured"]), opts.weight_precision(),
                        int(r["target"]["daemon_runtime_bytes"]), jobs, generate)
     return plan_.to_dict()

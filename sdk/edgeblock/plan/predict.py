@@ -326,17 +326,24 @@ def _generation(inv: Inventory, t: Target, cal: Calibration, groups, trainable, 
     # (a streamed text encoder's part is held while it encodes, before sampling: the largest of the three)
     kept_text = text_w is not None
     sessions = 2 + kept_text + len(groups) + len(trained_graphs) + (0 if inv.pixel_space else 1)
-    resident = _phase(t.daemon_runtime_bytes, (text_w if kept_text else 0.0) + frozen * group_b
-                      + inv.shell_params * shell_b + trained * tw + vae_dec_w,
-                      max(act, vae_act, 0.0 if kept_text else text_held),
+    held = (text_w if kept_text else 0.0) + frozen * group_b + inv.shell_params * shell_b + trained * tw + vae_dec_w
+
+    def resident_at(a: float) -> dict:
+        return _phase(t.daemon_runtime_bytes, held, max(a, vae_act, 0.0 if kept_text else text_held),
                       sessions_bytes=sessions * cal.graph_session_bytes)
+
+    resident = resident_at(act)
+    # the same with the guidance rows one after the other through the open graphs (edge_runtime.memory_plan
+    # RESIDENT_ROWS): one row's activations
+    one_row = chain(1) if batch > 1 else runs
+    resident["rows_peak_bytes"] = resident_at(max((a for _, a in one_row), default=0.0))["peak_bytes"]
     # streamed: the text encoder, then at each step every chain graph in turn, its guidance rows one after the other
     # (edge_runtime.runtime.Bundle.predict), then the VAE decoder
     shell = (inv.shell_params - inv.epilogue_params) * shell_b
     chain_names = [*(f"{STAGE_GROUP} {j}" for j in range(len(groups))),
                    *(f"{STAGE_TRAINABLE} {r[0]}" for r in trained_graphs)]  # chain()'s order
     stages = [(STAGE_TEXT, text_held, 0.0), (STAGE_VAE, vae_dec_w, vae_act), (STAGE_PROLOGUE, shell, 0.0),
-              *((n, w, a) for n, (w, a) in zip(chain_names, chain(1) if batch > 1 else runs))]
+              *((n, w, a) for n, (w, a) in zip(chain_names, one_row))]
     name, w, a = max(stages, key=lambda s: s[1] + s[2])
     streamed = _phase(t.daemon_runtime_bytes, w, a, sessions_bytes=cal.graph_session_bytes)
     streamed["largest_stage"] = name  # what streaming's peak holds (the advice names its lever)
