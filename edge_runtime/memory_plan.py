@@ -139,3 +139,8 @@ class MemoryPlan:
         (the resident peak itself where the manifest has no such figure)."""
         fig = self.generation(RESIDENT, size)
         return fig.get(ROWS_PEAK, fig["peak_bytes"])
+
+    def mode_peak(self, mode: str, size: int) -> int:
+        """The predicted peak of a generation at `size` px the daemon runs in `mode` (GENERATION_MODES or
+        RESIDENT_ROWS)."""
+        return self.resident_rows_peak(size) if mode == RESIDENT_ROWS else self.generation(mode, size)["peak_bytes"]

@@ -56,6 +56,7 @@ def test_resident_rows_between_the_resident_and_the_rows_peak():
     ev = Evictions()
     plan = _plan(rows=600)
     assert plan.resident_rows_peak(64) == 600 * MiB and _plan().resident_rows_peak(64) == 700 * MiB
+    assert plan.mode_peak("resident_rows", 64) == 600 * MiB and plan.mode_peak("streamed", 64) == 350 * MiB
     a = Admission(plan, 650 * MiB, evict=ev)
     with a.generation(64, None) as mode:
         assert mode == "resident_rows"

@@ -94,11 +94,11 @@ def test_bench_daemon_streams_under_a_budget_between_the_predicted_peaks():
 
     from edge_runtime.memory_plan import MemoryPlan
 
-    def plan(streamed: int) -> MemoryPlan:
+    def plan(streamed: int, rows: int = 100) -> MemoryPlan:
         return MemoryPlan.from_dict({
             "planner_target": "host-cpu", "measured_on_target": True, "weights": "fp32", "runtime_bytes": 1,
             "job_peak_bytes": {"bank": 5, "online": 5},
-            "generate": {"resident": {"64": {"peak_bytes": 100, "weights_bytes": 1}},
+            "generate": {"resident": {"64": {"peak_bytes": 100, "weights_bytes": 1, "rows_peak_bytes": rows}},
                          "streamed": {"64": {"peak_bytes": streamed, "weights_bytes": 1}}}})
 
     assert daemon.streamed_budget(plan(100), 64) is None
@@ -106,5 +106,9 @@ def test_bench_daemon_streams_under_a_budget_between_the_predicted_peaks():
     # the job the benchmark runs first in the same daemon must be admitted under the budget too
     assert daemon.streamed_budget(plan(60), 64, job_bytes=90) == 95
     assert daemon.streamed_budget(plan(60), 64, job_bytes=100) is None
+    # resident_rows: between the rows peak and the resident one; streamed below the rows peak
+    assert daemon.rows_budget(plan(60), 64) is None and daemon.rows_budget(plan(60, rows=80), 64) == 90
+    assert daemon.rows_budget(plan(60, rows=80), 64, job_bytes=90) == 95
+    assert daemon.streamed_budget(plan(60, rows=80), 64) == 70
     with pytest.raises(ValueError, match="generation 'sometimes'"):
         daemon.run("builtin", generation="sometimes")

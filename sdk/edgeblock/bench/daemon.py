@@ -25,7 +25,7 @@ import signal
 import subprocess
 import time
 
-from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, STREAMED
+from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, RESIDENT_ROWS
 
 BENCH_PIXEL = dict(  # BENCH_FLUX's transformer width and depth, with the built-in model's text and pixel I/O
     patch_size=1, in_channels=48, out_channels=48, num_layers=3, num_single_layers=6, attention_head_dim=128,
@@ -96,10 +96,11 @@ def bundle_for(model: str, blocks: tuple[int, ...] | None, progress, weights: st
 
 def streamed_budget(plan, size: int, job_bytes: int = 0) -> int | None:
     """A `--memory-budget` under which the daemon's own admission control generates streamed at `size` px (below
-    the bundle's predicted resident peak) and still admits what the benchmark runs before it in the same daemon (a
-    job predicted at `job_bytes`): midway between the larger of the streamed peak and the job and the resident peak.
-    None when there is no such budget (streaming not predicted smaller, or the job as large as resident generation)."""
-    res, st = plan.generation("resident", size)["peak_bytes"], plan.generation("streamed", size)["peak_bytes"]
+    the bundle's predicted resident peaks, the guidance rows' one after the other included) and still admits what
+    the benchmark runs before it in the same daemon (a job predicted at `job_bytes`): midway between the larger of
+    the streamed peak and the job and the lower resident peak. None when there is no such budget (streaming not
+    predicted smaller, or the job as large as resident generation)."""
+    res, st = plan.resident_rows_peak(size), plan.generation("streamed", size)["peak_bytes"]
     low = max(st, int(job_bytes))
     return (res + low) // 2 if low < res else None
 
@@ -128,10 +129,11 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
     """Compile `model` (cached), run one daemon job then one generation in that daemon, and the torch references.
 
     weights / train_res / gen_res: `edgeblock compile`'s --weights, --train-res, --gen-res (None: its defaults).
-    generation: the mode to generate in: resident under the daemon's default budget, or streamed under a
-    `--memory-budget` that its admission control answers with streaming (streamed_budget); where every such budget
-    would refuse the job (its prediction above the resident generation's), the job runs under the default budget
-    and a second daemon on the same state generates with its adapter (`daemon.generate_after_job`: false).
+    generation: the mode to generate in: resident under the daemon's default budget, or resident_rows / streamed
+    under a `--memory-budget` that its admission control answers with that mode (rows_budget, streamed_budget);
+    where every such budget would refuse the job (its prediction above the resident generation's), the job runs
+    under the default budget and a second daemon on the same state generates with its adapter
+    (`daemon.generate_after_job`: false).
     Beside the measured peaks, `predicted` holds the bundle's own predictions (the figures the daemon's admission
     control reads) and `prediction_errors` predicted / measured - 1."""
     from ..client import EdgeClient, kind_name
@@ -140,8 +142,9 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
 
     say = progress or (lambda m: None)
     say(f"[bench daemon] compile {model} (cached after the first run)")
-    if generation not in GENERATION_MODES:
-        raise ValueError(f"generation {generation!r} is not one of {', '.join(GENERATION_MODES)}")
+    modes = (*GENERATION_MODES, RESIDENT_ROWS)
+    if generation not in modes:
+        raise ValueError(f"generation {generation!r} is not one of {', '.join(modes)}")
     bundle = bundle_for(model, blocks, lambda m: say("  " + m), weights, train_res, gen_res)
     from edge_runtime.manifest import load_manifest
 
@@ -150,20 +153,21 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
     plan = man.memory_plan()
     extra: list[str] = []
     restart: list[str] = []  # a second daemon's flags: it generates with the first one's adapter
-    if generation == STREAMED:
-        budget = (streamed_budget(plan, int(man.gen_res), job_prediction(plan, man, precompute))
+    if generation != RESIDENT:
+        budget_for = rows_budget if generation == RESIDENT_ROWS else streamed_budget
+        budget = (budget_for(plan, int(man.gen_res), job_prediction(plan, man, precompute))
                   if plan is not None else None)
         if budget is not None:
             extra = ["--memory-budget", str(budget)]
-        else:  # every budget that streams refuses the job: on a board such a daemon streams adapters made elsewhere
-            alone = streamed_budget(plan, int(man.gen_res)) if plan is not None else None
+        else:  # every budget for that mode refuses the job: on a board such a daemon serves adapters made elsewhere
+            alone = budget_for(plan, int(man.gen_res)) if plan is not None else None
             if alone is None:
-                raise ValueError(f"{model}: the bundle predicts no streamed generation below its resident one at "
-                                 f"{man.gen_res} px; generate resident")
+                raise ValueError(f"{model}: the bundle predicts no {generation} generation below its resident one "
+                                 f"at {man.gen_res} px; generate resident")
             restart = ["--memory-budget", str(alone)]
-            say("[bench daemon] the job is predicted above the resident generation, so no budget admits it and "
-                "streams: the job runs under the default budget, the generation in a second daemon under "
-                f"--memory-budget {alone} (the first one's adapter)")
+            say(f"[bench daemon] the job is predicted above the resident generation, so no budget admits it and "
+                f"generates {generation}: the job runs under the default budget, the generation in a second daemon "
+                f"under --memory-budget {alone} (the first one's adapter)")
     result: dict = {"model": {"name": model, "path": model_dir(model), "parameters": man.model["parameters"],
                               "num_blocks": man.model["num_blocks"], "trainable_blocks": list(trainable),
                               "train_res": man.train_res, "gen_res": man.gen_res, "bundle": bundle,
@@ -205,7 +209,7 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
         rss.stop()
         stop_daemon(proc)
     if restart:
-        say("[bench daemon] second daemon: generate streamed")
+        say(f"[bench daemon] second daemon: generate {generation}")
         proc, address = start_daemon(bundle, state, os.path.join(state, "daemon.log"), *restart)
         second = RssSampler(proc.pid, every=0.01)
         try:
@@ -240,7 +244,7 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
     if plan is not None:
         d = result["daemon"]
         result["predicted"] = {"job_peak_bytes": plan.job_peak(d["precompute"]),
-                               "generate_peak_bytes": plan.generation(g.mode, int(man.gen_res))["peak_bytes"]}
+                               "generate_peak_bytes": plan.mode_peak(g.mode, int(man.gen_res))}
         result["prediction_errors"] = {
             "job": result["predicted"]["job_peak_bytes"] / d["peak_rss_personalize_bytes"] - 1,
             "generate": result["predicted"]["generate_peak_bytes"] / d["peak_rss_generate_bytes"] - 1}

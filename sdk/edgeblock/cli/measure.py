@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT
+from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, RESIDENT_ROWS
 from edge_runtime.precompute import PRECOMPUTE_MODES
 from edge_runtime.targets import HOST_CPU, JETSONS
 from edge_runtime.weights import WEIGHTS
@@ -71,7 +71,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if given and args.what != "daemon":
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise ValueError(f"{flags}: only `edgeblock bench daemon` takes these (bench scale compiles every weights "
-                         "precision and measures both generation modes itself)")
+                         "precision and measures every generation mode itself)")
     if args.what == "daemon":
         return _bench_daemon(args)
     if args.what == "scale":
@@ -241,7 +241,8 @@ def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks that print figures")
     b.add_argument("what", choices=["memory", "daemon", "scale"],
                    help="memory: the method's training variants; daemon: the edge daemon beside torch; scale: the "
-                        "daemon's job and generation peaks (fp32/int8/int4, resident/streamed) on 0.1B-1.1B models")
+                        "daemon's job and generation peaks (fp32/int8/int4; resident, resident_rows, streamed) on 0.1B-1.1B "
+                        "models")
     b.add_argument("--model", default=None,
                    help="memory: default the FLUX-shaped >=100M benchmark config; daemon: builtin, bench (the >=100M "
                         "FLUX-shaped config laid out like builtin) or a builtin-layout directory (default: both)")
@@ -260,11 +261,11 @@ def register(sub) -> None:
                    help="daemon: compile's --train-res (default: the model's recipe)")
     b.add_argument("--gen-res", type=argtypes.positive_int, default=None,
                    help="daemon: compile's --gen-res (default: the model's own resolution)")
-    b.add_argument("--generation", choices=list(GENERATION_MODES), default=None,
-                   help="daemon: generate resident (default: the daemon's default budget) or streamed (under a "
-                        "--memory-budget between the bundle's predicted streamed and resident peaks, so that the "
-                        "daemon's admission control streams; in a second daemon, with the job's adapter, where "
-                        "the job is predicted above the resident generation)")
+    b.add_argument("--generation", choices=[*GENERATION_MODES, RESIDENT_ROWS], default=None,
+                   help="daemon: generate resident (default: the daemon's default budget), resident_rows or streamed "
+                        "(under a --memory-budget between the bundle's predicted peak in that mode and its resident "
+                        "peak, so that the daemon's admission control picks it; in a second daemon, with the job's "
+                        "adapter, where the job is predicted above the resident generation)")
     b.add_argument("--no-torch", action="store_true",
                    help="daemon: skip the torch reference processes (they train at the model's own resolution)")
     b.add_argument("--json", action="store_true")
