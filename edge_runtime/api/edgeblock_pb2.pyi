@@ -510,7 +510,7 @@ class Settings(_message.Message):
     def __init__(self, config_file: _Optional[str] = ..., listen: _Optional[str] = ..., state_dir: _Optional[str] = ..., auth: _Optional[bool] = ..., tls: _Optional[bool] = ..., mtls: _Optional[bool] = ..., allow_insecure_remote: _Optional[bool] = ..., trainer: _Optional[str] = ..., train_device: _Optional[str] = ..., threads: _Optional[int] = ..., workers: _Optional[int] = ..., prompt_cache_mb: _Optional[float] = ..., log_level: _Optional[str] = ..., log_format: _Optional[str] = ..., keepalive_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Memory(_message.Message):
-    __slots__ = ("budget_bytes", "in_use_bytes", "admission", "planner_target", "job_peak_bytes", "generate_resident_bytes", "generate_streamed_bytes")
+    __slots__ = ("budget_bytes", "in_use_bytes", "admission", "planner_target", "job_peak_bytes", "generate_resident_bytes", "generate_streamed_bytes", "generate_resident_rows_bytes")
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     IN_USE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADMISSION_FIELD_NUMBER: _ClassVar[int]
@@ -518,6 +518,7 @@ class Memory(_message.Message):
     JOB_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     GENERATE_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     GENERATE_STREAMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_RESIDENT_ROWS_BYTES_FIELD_NUMBER: _ClassVar[int]
     budget_bytes: int
     in_use_bytes: int
     admission: bool
@@ -525,4 +526,5 @@ class Memory(_message.Message):
     job_peak_bytes: int
     generate_resident_bytes: int
     generate_streamed_bytes: int
-    def __init__(self, budget_bytes: _Optional[int] = ..., in_use_bytes: _Optional[int] = ..., admission: _Optional[bool] = ..., planner_target: _Optional[str] = ..., job_peak_bytes: _Optional[int] = ..., generate_resident_bytes: _Optional[int] = ..., generate_streamed_bytes: _Optional[int] = ...) -> None: ...
+    generate_resident_rows_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., in_use_bytes: _Optional[int] = ..., admission: _Optional[bool] = ..., planner_target: _Optional[str] = ..., job_peak_bytes: _Optional[int] = ..., generate_resident_bytes: _Optional[int] = ..., generate_streamed_bytes: _Optional[int] = ..., generate_resident_rows_bytes: _Optional[int] = ...) -> None: ...

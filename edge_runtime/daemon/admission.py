@@ -196,10 +196,12 @@ class Admission:
 
     def summary(self, precompute: str, size: int) -> dict:
         """What GetInfo reports (and the daemon logs at start): the budget, what is held, and the predicted job (of
-        `precompute`) and resident / streamed generation (at `size`) peaks; no predictions without a plan."""
+        `precompute`) and resident / resident_rows / streamed generation (at `size`) peaks; no predictions without a
+        plan."""
         out = {"budget_bytes": self.budget or 0, "in_use_bytes": self.in_use_bytes(), "enabled": self.enabled}
         if self.plan is not None:
             out.update(planner_target=self.plan.planner_target, job_peak_bytes=self.plan.job_peak(precompute),
                        generate_resident_bytes=self.plan.generation(RESIDENT, size)["peak_bytes"],
-                       generate_streamed_bytes=self.plan.generation(STREAMED, size)["peak_bytes"])
+                       generate_streamed_bytes=self.plan.generation(STREAMED, size)["peak_bytes"],
+                       generate_resident_rows_bytes=self.plan.resident_rows_peak(size))
         return out

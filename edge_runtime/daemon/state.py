@@ -93,9 +93,10 @@ def make_admission(bundle, budget: int | None) -> Admission:
                     "recompile it to have it")
     else:
         p = adm.summary(choose_precompute(bundle), int(m.gen_res))
-        log.info("memory budget %s; predicted on %s: job %s, generation at %dpx %s resident / %s streamed",
-                 format_size(budget) if budget else "unknown", p["planner_target"], format_size(p["job_peak_bytes"]),
-                 m.gen_res, format_size(p["generate_resident_bytes"]), format_size(p["generate_streamed_bytes"]))
+        log.info("memory budget %s; predicted on %s: job %s, generation at %dpx %s resident / %s resident_rows / "
+                 "%s streamed", format_size(budget) if budget else "unknown", p["planner_target"],
+                 format_size(p["job_peak_bytes"]), m.gen_res, format_size(p["generate_resident_bytes"]),
+                 format_size(p["generate_resident_rows_bytes"]), format_size(p["generate_streamed_bytes"]))
     return adm
 
 

@@ -177,6 +177,7 @@ def test_daemon_streams_below_the_resident_peak_and_refuses_below_the_streamed_o
         info = c.info().memory
         assert info.admission and info.budget_bytes == between and info.planner_target == "host-cpu"
         assert info.generate_resident_bytes == resident and info.generate_streamed_bytes == streamed
+        assert info.generate_resident_rows_bytes == rows
         assert info.in_use_bytes == p.runtime_bytes
         g = c.generate("a red ring on a blue background", steps=2, seed=1)
         assert g.mode == "streamed" and g.size == size
