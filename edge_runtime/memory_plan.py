@@ -28,8 +28,8 @@ RESIDENT, STREAMED = "resident", "streamed"
 # (one graph's weights at a time; slower by the loads); the daemon picks per request from its budget
 GENERATION_MODES: tuple[str, ...] = (RESIDENT, STREAMED)
 # a resident generation whose guidance rows run one after the other through the open graphs: one row's
-# activations instead of the pair's, slower per step (each graph runs twice; on this host's CPU +10-19 % fp32,
-# +15-17 % int4, docs/bench.md); the daemon picks it when the budget admits it but not the pair (admission.py)
+# activations instead of the pair's, slower per step (each graph runs twice; on this host's CPU +7-19 % fp32,
+# +10-49 % int4, docs/bench.md); the daemon picks it when the budget admits it but not the pair (admission.py)
 RESIDENT_ROWS = "resident_rows"
 ROWS_PEAK = "rows_peak_bytes"
 

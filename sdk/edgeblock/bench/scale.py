@@ -178,7 +178,8 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         if fp32_rows:  # like for like: the same mode at fp32
             for w in weights:
                 if w != "fp32" and "resident_rows" in gen[w]:
-                    r["ratios"][f"generate_{w}_resident_rows_vs_fp32_resident_rows"] = gen[w]["resident_rows"] / fp32_rows
+                    rows = gen[w]["resident_rows"]
+                    r["ratios"][f"generate_{w}_resident_rows_vs_fp32_resident_rows"] = rows / fp32_rows
         r["prediction_errors"] = _errors(r)
         out[name] = r
     return out

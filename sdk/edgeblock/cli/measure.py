@@ -241,8 +241,8 @@ def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks that print figures")
     b.add_argument("what", choices=["memory", "daemon", "scale"],
                    help="memory: the method's training variants; daemon: the edge daemon beside torch; scale: the "
-                        "daemon's job and generation peaks (fp32/int8/int4; resident, resident_rows, streamed) on 0.1B-1.1B "
-                        "models")
+                        "daemon's job and generation peaks (fp32/int8/int4; resident, resident_rows, streamed) on "
+                        "0.1B-1.1B models")
     b.add_argument("--model", default=None,
                    help="memory: default the FLUX-shaped >=100M benchmark config; daemon: builtin, bench (the >=100M "
                         "FLUX-shaped config laid out like builtin) or a builtin-layout directory (default: both)")
