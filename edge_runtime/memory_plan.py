@@ -32,6 +32,7 @@ GENERATION_MODES: tuple[str, ...] = (RESIDENT, STREAMED)
 # +10-49 % int4, docs/bench.md); the daemon picks it when the budget admits it but not the pair (admission.py)
 RESIDENT_ROWS = "resident_rows"
 ROWS_PEAK = "rows_peak_bytes"
+DAEMON_MODES: tuple[str, ...] = (RESIDENT, RESIDENT_ROWS, STREAMED)  # what a daemon's generation runs in
 
 
 def text_encoder_streamed(desc: Any) -> bool:

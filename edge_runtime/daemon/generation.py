@@ -129,7 +129,7 @@ class Generator:
                 retry_after_s=SLOT_RETRY_S)
         images = []
         try:
-            with self.admission.generation(size, deadline) as mode:  # resident when it fits, else streamed
+            with self.admission.generation(size, deadline) as mode:  # resident, resident_rows or streamed
                 if mode == RESIDENT_ROWS:
                     log.info("generate: resident, the guidance rows one after the other (the memory budget admits "
                              "one row's activations, not the pair's)")

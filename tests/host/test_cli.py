@@ -101,14 +101,15 @@ def test_bench_daemon_streams_under_a_budget_between_the_predicted_peaks():
             "generate": {"resident": {"64": {"peak_bytes": 100, "weights_bytes": 1, "rows_peak_bytes": rows}},
                          "streamed": {"64": {"peak_bytes": streamed, "weights_bytes": 1}}}})
 
-    assert daemon.streamed_budget(plan(100), 64) is None
-    assert daemon.streamed_budget(plan(60), 64) == 80
+    assert daemon.mode_budget(plan(100), "streamed", 64) is None
+    assert daemon.mode_budget(plan(60), "streamed", 64) == 80
     # the job the benchmark runs first in the same daemon must be admitted under the budget too
-    assert daemon.streamed_budget(plan(60), 64, job_bytes=90) == 95
-    assert daemon.streamed_budget(plan(60), 64, job_bytes=100) is None
+    assert daemon.mode_budget(plan(60), "streamed", 64, job_bytes=90) == 95
+    assert daemon.mode_budget(plan(60), "streamed", 64, job_bytes=100) is None
     # resident_rows: between the rows peak and the resident one; streamed below the rows peak
-    assert daemon.rows_budget(plan(60), 64) is None and daemon.rows_budget(plan(60, rows=80), 64) == 90
-    assert daemon.rows_budget(plan(60, rows=80), 64, job_bytes=90) == 95
-    assert daemon.streamed_budget(plan(60, rows=80), 64) == 70
+    assert daemon.mode_budget(plan(60), "resident_rows", 64) is None
+    assert daemon.mode_budget(plan(60, rows=80), "resident_rows", 64) == 90
+    assert daemon.mode_budget(plan(60, rows=80), "resident_rows", 64, job_bytes=90) == 95
+    assert daemon.mode_budget(plan(60, rows=80), "streamed", 64) == 70
     with pytest.raises(ValueError, match="generation 'sometimes'"):
         daemon.run("builtin", generation="sometimes")

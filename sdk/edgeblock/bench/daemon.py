@@ -25,7 +25,7 @@ import signal
 import subprocess
 import time
 
-from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, RESIDENT_ROWS
+from edge_runtime.memory_plan import DAEMON_MODES, RESIDENT, RESIDENT_ROWS
 
 BENCH_PIXEL = dict(  # BENCH_FLUX's transformer width and depth, with the built-in model's text and pixel I/O
     patch_size=1, in_channels=48, out_channels=48, num_layers=3, num_single_layers=6, attention_head_dim=128,
@@ -94,25 +94,15 @@ def bundle_for(model: str, blocks: tuple[int, ...] | None, progress, weights: st
     return out
 
 
-def streamed_budget(plan, size: int, job_bytes: int = 0) -> int | None:
-    """A `--memory-budget` under which the daemon's own admission control generates streamed at `size` px (below
-    the bundle's predicted resident peaks, the guidance rows' one after the other included) and still admits what
-    the benchmark runs before it in the same daemon (a job predicted at `job_bytes`): midway between the larger of
-    the streamed peak and the job and the lower resident peak. None when there is no such budget (streaming not
-    predicted smaller, or the job as large as resident generation)."""
-    res, st = plan.resident_rows_peak(size), plan.generation("streamed", size)["peak_bytes"]
-    low = max(st, int(job_bytes))
-    return (res + low) // 2 if low < res else None
-
-
-def rows_budget(plan, size: int, job_bytes: int = 0) -> int | None:
-    """A `--memory-budget` under which the daemon generates resident with the guidance rows one after the other
-    (edge_runtime.memory_plan.RESIDENT_ROWS) at `size` px and still admits a job predicted at `job_bytes` run
-    before it: midway between the larger of the rows peak and the job and the resident peak. None when there is no
-    such budget (one row: no rows figure below the resident peak, or the job as large as resident generation)."""
-    res = plan.generation("resident", size)["peak_bytes"]
-    low = max(plan.resident_rows_peak(size), int(job_bytes))
-    return (res + low) // 2 if low < res else None
+def mode_budget(plan, mode: str, size: int, job_bytes: int = 0) -> int | None:
+    """A `--memory-budget` under which the daemon's own admission control generates in `mode` (resident_rows or
+    streamed) at `size` px and still admits what the benchmark runs before it in the same daemon (a job predicted
+    at `job_bytes`): midway between the larger of the mode's predicted peak and the job, and the peak of the mode
+    the daemon prefers to it (resident for resident_rows; the rows peak for streamed). None when there is no such
+    budget (the mode not predicted smaller, or the job as large as the preferred mode's peak)."""
+    above = plan.generation(RESIDENT, size)["peak_bytes"] if mode == RESIDENT_ROWS else plan.resident_rows_peak(size)
+    low = max(plan.mode_peak(mode, size), int(job_bytes))
+    return (above + low) // 2 if low < above else None
 
 
 def job_prediction(plan, manifest, precompute: str = "") -> int:
@@ -130,7 +120,7 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
 
     weights / train_res / gen_res: `edgeblock compile`'s --weights, --train-res, --gen-res (None: its defaults).
     generation: the mode to generate in: resident under the daemon's default budget, or resident_rows / streamed
-    under a `--memory-budget` that its admission control answers with that mode (rows_budget, streamed_budget);
+    under a `--memory-budget` that its admission control answers with that mode (mode_budget);
     where every such budget would refuse the job (its prediction above the resident generation's), the job runs
     under the default budget and a second daemon on the same state generates with its adapter
     (`daemon.generate_after_job`: false).
@@ -142,9 +132,8 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
 
     say = progress or (lambda m: None)
     say(f"[bench daemon] compile {model} (cached after the first run)")
-    modes = (*GENERATION_MODES, RESIDENT_ROWS)
-    if generation not in modes:
-        raise ValueError(f"generation {generation!r} is not one of {', '.join(modes)}")
+    if generation not in DAEMON_MODES:
+        raise ValueError(f"generation {generation!r} is not one of {', '.join(DAEMON_MODES)}")
     bundle = bundle_for(model, blocks, lambda m: say("  " + m), weights, train_res, gen_res)
     from edge_runtime.manifest import load_manifest
 
@@ -154,13 +143,12 @@ def run(model: str = "builtin", steps: int = 20, gen_steps: int = 10, blocks: tu
     extra: list[str] = []
     restart: list[str] = []  # a second daemon's flags: it generates with the first one's adapter
     if generation != RESIDENT:
-        budget_for = rows_budget if generation == RESIDENT_ROWS else streamed_budget
-        budget = (budget_for(plan, int(man.gen_res), job_prediction(plan, man, precompute))
+        budget = (mode_budget(plan, generation, int(man.gen_res), job_prediction(plan, man, precompute))
                   if plan is not None else None)
         if budget is not None:
             extra = ["--memory-budget", str(budget)]
         else:  # every budget for that mode refuses the job: on a board such a daemon serves adapters made elsewhere
-            alone = budget_for(plan, int(man.gen_res)) if plan is not None else None
+            alone = mode_budget(plan, generation, int(man.gen_res)) if plan is not None else None
             if alone is None:
                 raise ValueError(f"{model}: the bundle predicts no {generation} generation below its resident one "
                                  f"at {man.gen_res} px; generate resident")

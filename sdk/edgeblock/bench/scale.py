@@ -22,8 +22,10 @@ import json
 import os
 import tempfile
 
-from .daemon import (BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, job_prediction, pixel_model_dir, rows_budget,
-                     streamed_budget)
+from edge_runtime.memory_plan import DAEMON_MODES as MODES  # the generation modes measured
+from edge_runtime.memory_plan import RESIDENT, RESIDENT_ROWS
+
+from .daemon import BENCH_PIXEL, BENCH_PIXEL_META, _cache_root, job_prediction, mode_budget, pixel_model_dir
 
 # name -> (attention heads of 128 channels, double-stream blocks, single-stream blocks)
 SCALE_CONFIGS = {
@@ -32,7 +34,6 @@ SCALE_CONFIGS = {
     "flux-1b": (16, 4, 8),  # 1127M
 }
 WEIGHTS = ("fp32", "int8", "int4")
-MODES = ("resident", "resident_rows", "streamed")  # generation modes measured (edge_runtime.memory_plan)
 
 
 def scale_config(name: str) -> dict:
@@ -137,16 +138,17 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
         for w in weights:
             gen[w], jobs[w] = {}, {}
             job = job_prediction(plans[w], man[w])  # the job runs first
-            for mode, budget_for in (("resident", None), ("resident_rows", rows_budget),
-                                     ("streamed", streamed_budget)):
-                budget, after_job = (budget_for(plans[w], gen_res, job) if budget_for else None), True
-                if budget_for and budget is None:
-                    # every budget that picks this mode refuses the job (predicted above the mode's peak): the
-                    # generation alone, in a fresh daemon (a board that serves adapters made elsewhere)
-                    budget, after_job = budget_for(plans[w], gen_res), False
+            for mode in MODES:
+                budget, after_job = None, True  # resident: the daemon's default budget
+                if mode != RESIDENT:
+                    budget = mode_budget(plans[w], mode, gen_res, job)
                     if budget is None:
-                        continue
-                    fresh.append(f"{w} {mode}")
+                        # every budget that picks this mode refuses the job (predicted above the mode's peak): the
+                        # generation alone, in a fresh daemon (a board that serves adapters made elsewhere)
+                        budget, after_job = mode_budget(plans[w], mode, gen_res), False
+                        if budget is None:
+                            continue
+                        fresh.append(f"{w} {mode}")
                 say(f"[bench scale] {name}: {w} weights, {mode}: daemon "
                     + (f"job ({steps} steps), then generate" if after_job else "generate (no job before)"))
                 j, peak, ran = measure_after_job(bundles[w], steps, gen_steps, budget, job=after_job)
@@ -174,11 +176,11 @@ def run(names=tuple(SCALE_CONFIGS), steps: int = 2, gen_steps: int = 1, weights=
                 for m, v in gen[w].items():
                     if (w, m) != ("fp32", "resident"):
                         r["ratios"][f"generate_{w}_{m}_vs_fp32_resident"] = v / fp32_res
-        fp32_rows = gen.get("fp32", {}).get("resident_rows")
+        fp32_rows = gen.get("fp32", {}).get(RESIDENT_ROWS)
         if fp32_rows:  # like for like: the same mode at fp32
             for w in weights:
-                if w != "fp32" and "resident_rows" in gen[w]:
-                    rows = gen[w]["resident_rows"]
+                if w != "fp32" and RESIDENT_ROWS in gen[w]:
+                    rows = gen[w][RESIDENT_ROWS]
                     r["ratios"][f"generate_{w}_resident_rows_vs_fp32_resident_rows"] = rows / fp32_rows
         r["prediction_errors"] = _errors(r)
         out[name] = r

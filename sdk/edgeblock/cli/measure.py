@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from edge_runtime.memory_plan import GENERATION_MODES, RESIDENT, RESIDENT_ROWS
+from edge_runtime.memory_plan import DAEMON_MODES, GENERATION_MODES, RESIDENT
 from edge_runtime.precompute import PRECOMPUTE_MODES
 from edge_runtime.targets import HOST_CPU, JETSONS
 from edge_runtime.weights import WEIGHTS
@@ -261,7 +261,7 @@ def register(sub) -> None:
                    help="daemon: compile's --train-res (default: the model's recipe)")
     b.add_argument("--gen-res", type=argtypes.positive_int, default=None,
                    help="daemon: compile's --gen-res (default: the model's own resolution)")
-    b.add_argument("--generation", choices=[*GENERATION_MODES, RESIDENT_ROWS], default=None,
+    b.add_argument("--generation", choices=list(DAEMON_MODES), default=None,
                    help="daemon: generate resident (default: the daemon's default budget), resident_rows or streamed "
                         "(under a --memory-budget between the bundle's predicted peak in that mode and its resident "
                         "peak, so that the daemon's admission control picks it; in a second daemon, with the job's "
